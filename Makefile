@@ -1,0 +1,26 @@
+# Carapace developer entry points. Only python3 (>= 3.11) and make are assumed.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: test demo lint bench clean test-interop
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+demo: $(STAMP)
+	$(BIN)/python -m carapace.debug.demo $(DEMO_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check server agent protocol debug tests
+	$(BIN)/mypy --strict protocol
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,81 @@
+"""Per-stream credit windows: the arithmetic, not the waiting.
+
+Each stream direction has a window of bytes the sender may have in flight.
+The sender spends credit with every payload frame (``flow_cost``) and may
+overdraw by at most one frame (so an event larger than the window still
+moves); it must wait while its credit is not positive. The receiver returns
+credit as its consumer drains the data, in batches of at least half the
+window, so credit frames stay rare.
+"""
+
+from __future__ import annotations
+
+from .messages import Data, Message, Output, SseComment, SseEvent
+
+DEFAULT_WINDOW = 256 * 1024
+"""Initial per-stream window in bytes (each direction)."""
+
+FRAME_OVERHEAD = 16
+"""What every payload frame costs beyond its payload, so empty events are not free."""
+
+
+def flow_cost(msg: Message) -> int:
+    """Bytes a message spends from its stream's window (0 for control frames)."""
+    if isinstance(msg, Data | Output):
+        return len(msg.data) + FRAME_OVERHEAD
+    if isinstance(msg, SseEvent):
+        return (
+            len(msg.data or "")
+            + len(msg.event or "")
+            + len(msg.sse_id or "")
+            + FRAME_OVERHEAD
+        )
+    if isinstance(msg, SseComment):
+        return len(msg.text) + FRAME_OVERHEAD
+    return 0
+
+
+class SendWindow:
+    """Sender's side: how much it may still send before waiting for credit."""
+
+    def __init__(self, window: int = DEFAULT_WINDOW) -> None:
+        self.credit = window
+
+    @property
+    def open(self) -> bool:
+        """True while the sender may send another payload frame."""
+        return self.credit > 0
+
+    def spend(self, cost: int) -> None:
+        self.credit -= cost
+
+    def grant(self, amount: int) -> None:
+        if amount <= 0:
+            raise ValueError("credit must be positive")
+        self.credit += amount
+
+
+class ReceiveWindow:
+    """Receiver's side: counts consumed bytes and says when to return credit."""
+
+    def __init__(self, window: int = DEFAULT_WINDOW) -> None:
+        self.window = window
+        self._consumed = 0
+        self.outstanding = 0
+        """Bytes received and not yet returned as credit."""
+
+    def received(self, cost: int) -> None:
+        self.outstanding += cost
+
+    def consumed(self, cost: int) -> int:
+        """Record ``cost`` bytes drained; return the credit to send now (0 for none yet)."""
+        self._consumed += cost
+        if self._consumed * 2 >= self.window:
+            amount, self._consumed = self._consumed, 0
+            self.outstanding -= amount
+            return amount
+        return 0
+
+    def over_limit(self) -> bool:
+        """The sender overdrew beyond one window plus one maximal frame: a protocol violation."""
+        return self.outstanding > 2 * self.window + 16 * 1024 * 1024

@@ -1,0 +1,454 @@
+"""The message catalogue: one frozen dataclass per message type on the wire.
+
+A message travels as a msgpack map: ``{"t": <type>, <field>: <value>, ...}``.
+Decoding is strict — the schema of each field is derived from its annotation
+once, at import, and every map from the peer is checked against it: unknown
+types, unknown or missing fields and wrong value types (``True`` is not an
+int, ``"x"`` is not bytes) raise :class:`ProtocolError`. Nothing is coerced.
+Locally built messages are trusted (mypy checks them) and not re-validated,
+which keeps the hot path cheap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeAlias
+
+from .errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+"""Wire version; the handshake refuses peers that share no version."""
+
+SUPPORTED_VERSIONS: tuple[int, ...] = (PROTOCOL_VERSION,)
+
+MAX_REQUEST_ID = 2**63 - 1
+
+Headers: TypeAlias = tuple[tuple[bytes, bytes], ...]
+"""HTTP headers (or environment entries) as raw ``(name, value)`` byte pairs."""
+
+
+class Message:
+    """Base of every wire message. ``TYPE`` is the value of the ``"t"`` key."""
+
+    TYPE: ClassVar[str]
+    __slots__ = ()
+
+
+class RequestMessage(Message):
+    """A message that belongs to one request and carries its ``id``."""
+
+    __slots__ = ()
+    id: int
+
+
+# --------------------------------------------------------------------------
+# Handshake (before the session starts). See protocol/README.md.
+
+
+@dataclass(frozen=True, slots=True)
+class Hello(Message):
+    """Agent → server: first frame on a new link."""
+
+    TYPE: ClassVar[str] = "hello"
+    versions: tuple[int, ...]
+    agent: str
+    nonce: bytes
+    resume: bytes | None = None
+    received: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Challenge(Message):
+    """Server → agent: chosen version, server nonce and the server's proof."""
+
+    TYPE: ClassVar[str] = "challenge"
+    version: int
+    nonce: bytes
+    proof: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Auth(Message):
+    """Agent → server: the agent's proof that it holds its token."""
+
+    TYPE: ClassVar[str] = "auth"
+    proof: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome(Message):
+    """Server → agent: the session is open."""
+
+    TYPE: ClassVar[str] = "welcome"
+    session: bytes
+    window: int
+    max_frame: int
+    server: str
+    resumed: bool = False
+    received: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Reject(Message):
+    """Either side: the handshake failed; the link closes after this frame."""
+
+    TYPE: ClassVar[str] = "reject"
+    code: str
+    message: str
+
+
+# --------------------------------------------------------------------------
+# Session-wide messages.
+
+
+@dataclass(frozen=True, slots=True)
+class Ping(Message):
+    TYPE: ClassVar[str] = "ping"
+    nonce: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pong(Message):
+    TYPE: ClassVar[str] = "pong"
+    nonce: int
+
+
+@dataclass(frozen=True, slots=True)
+class GoAway(Message):
+    """Server → agent: stop sending new requests; the server is shutting down."""
+
+    TYPE: ClassVar[str] = "goaway"
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ack(Message):
+    """Either side: how many session frames it has received (for resumption)."""
+
+    TYPE: ClassVar[str] = "ack"
+    received: int
+
+
+# --------------------------------------------------------------------------
+# Request messages. Every one carries the request id the agent chose.
+
+
+@dataclass(frozen=True, slots=True)
+class HttpRequest(RequestMessage):
+    """Agent → server: a whole HTTP request for an HTTP tool."""
+
+    TYPE: ClassVar[str] = "http_request"
+    id: int
+    tool: str
+    method: str
+    target: str
+    headers: Headers
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class HttpHead(RequestMessage):
+    """Server → agent: the upstream's status and headers; body frames follow."""
+
+    TYPE: ClassVar[str] = "http_head"
+    id: int
+    status: int
+    headers: Headers
+    sse: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Data(RequestMessage):
+    """A body chunk (server → agent) or a stdin chunk (agent → server)."""
+
+    TYPE: ClassVar[str] = "data"
+    id: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SseEvent(RequestMessage):
+    """Server → agent: one complete SSE event block, as parsed.
+
+    ``None`` means the field was absent from the block (which differs from
+    present-but-empty for ``sse_id`` and ``data``).
+    """
+
+    TYPE: ClassVar[str] = "sse_event"
+    id: int
+    event: str | None = None
+    data: str | None = None
+    sse_id: str | None = None
+    retry: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SseComment(RequestMessage):
+    """Server → agent: an SSE comment line from the upstream."""
+
+    TYPE: ClassVar[str] = "sse_comment"
+    id: int
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class End(RequestMessage):
+    """End of a response body (server → agent) or of stdin (agent → server)."""
+
+    TYPE: ClassVar[str] = "end"
+    id: int
+
+
+@dataclass(frozen=True, slots=True)
+class CliRequest(RequestMessage):
+    """Agent → server (and shim → agent): run a CLI tool."""
+
+    TYPE: ClassVar[str] = "cli_request"
+    id: int
+    tool: str
+    argv: tuple[bytes, ...]
+    cwd: bytes
+    env: Headers
+    tty: tuple[bool, ...]
+    peer_uid: int | None = None
+    peer_gid: int | None = None
+    peer_pid: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Output(RequestMessage):
+    """Server → agent: a chunk of the process's stdout (fd 1) or stderr (fd 2)."""
+
+    TYPE: ClassVar[str] = "output"
+    id: int
+    fd: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Exit(RequestMessage):
+    """Server → agent: the process ended; ``code`` is what the shim exits with."""
+
+    TYPE: ClassVar[str] = "exit"
+    id: int
+    code: int
+    signal: int | None = None
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Signal(RequestMessage):
+    """Agent → server: deliver a signal to the remote process group."""
+
+    TYPE: ClassVar[str] = "signal"
+    id: int
+    signum: int
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel(RequestMessage):
+    """Agent → server: the local client went away; stop the request now."""
+
+    TYPE: ClassVar[str] = "cancel"
+    id: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Credit(RequestMessage):
+    """Either side: the receiver consumed ``amount`` more bytes of this stream."""
+
+    TYPE: ClassVar[str] = "credit"
+    id: int
+    amount: int
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFailed(RequestMessage):
+    """Server → agent: the request ended with an error before (or instead of) a result.
+
+    ``status`` is the HTTP status to answer a local HTTP client with; ``code``
+    is a stable machine-readable reason (see protocol/README.md) that the shim
+    maps to its exit status.
+    """
+
+    TYPE: ClassVar[str] = "failed"
+    id: int
+    status: int
+    code: str
+    message: str
+    retry_after: int | None = None
+
+
+ALL_MESSAGES: tuple[type[Message], ...] = (
+    Hello,
+    Challenge,
+    Auth,
+    Welcome,
+    Reject,
+    Ping,
+    Pong,
+    GoAway,
+    Ack,
+    HttpRequest,
+    HttpHead,
+    Data,
+    SseEvent,
+    SseComment,
+    End,
+    CliRequest,
+    Output,
+    Exit,
+    Signal,
+    Cancel,
+    Credit,
+    RequestFailed,
+)
+
+HANDSHAKE_MESSAGES: frozenset[type[Message]] = frozenset({Hello, Challenge, Auth, Welcome, Reject})
+
+BY_TYPE: dict[str, type[Message]] = {cls.TYPE: cls for cls in ALL_MESSAGES}
+
+
+# --------------------------------------------------------------------------
+# Schema: validators derived from annotations.
+
+_Check = Callable[[Any], Any]
+
+
+def _fail(what: str) -> ProtocolError:
+    return ProtocolError(what)
+
+
+def _check_int(v: Any) -> int:
+    if type(v) is not int:
+        raise _fail(f"expected an integer, got {type(v).__name__}")
+    return v
+
+
+def _check_str(v: Any) -> str:
+    if type(v) is not str:
+        raise _fail(f"expected a string, got {type(v).__name__}")
+    return v
+
+
+def _check_bytes(v: Any) -> bytes:
+    if type(v) is not bytes:
+        raise _fail(f"expected binary data, got {type(v).__name__}")
+    return v
+
+
+def _check_bool(v: Any) -> bool:
+    if type(v) is not bool:
+        raise _fail(f"expected a boolean, got {type(v).__name__}")
+    return v
+
+
+_SCALARS: dict[Any, _Check] = {
+    int: _check_int,
+    str: _check_str,
+    bytes: _check_bytes,
+    bool: _check_bool,
+}
+
+
+def _checker_for(annotation: Any) -> _Check:
+    if annotation in _SCALARS:
+        return _SCALARS[annotation]
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (types.UnionType, typing.Union) and len(args) == 2 and type(None) in args:
+        inner = _checker_for(next(a for a in args if a is not type(None)))
+
+        def check_optional(v: Any) -> Any:
+            return None if v is None else inner(v)
+
+        return check_optional
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        item = _checker_for(args[0])
+
+        def check_list(v: Any) -> tuple[Any, ...]:
+            if type(v) is not list:
+                raise _fail(f"expected an array, got {type(v).__name__}")
+            return tuple(item(x) for x in v)
+
+        return check_list
+    if origin is tuple:
+        items = [_checker_for(a) for a in args]
+
+        def check_fixed(v: Any) -> tuple[Any, ...]:
+            if type(v) is not list or len(v) != len(items):
+                raise _fail(f"expected an array of {len(items)} items")
+            return tuple(c(x) for c, x in zip(items, v, strict=True))
+
+        return check_fixed
+    raise TypeError(f"no wire schema for annotation {annotation!r}")  # pragma: no cover
+
+
+@dataclass(frozen=True, slots=True)
+class _Field:
+    name: str
+    check: _Check
+    required: bool
+
+
+def _schema(cls: type[Message]) -> tuple[_Field, ...]:
+    hints = typing.get_type_hints(cls)
+    fields = []
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        fields.append(_Field(f.name, _checker_for(hints[f.name]), required))
+    return tuple(fields)
+
+
+_SCHEMAS: dict[type[Message], tuple[_Field, ...]] = {cls: _schema(cls) for cls in ALL_MESSAGES}
+_FIELD_NAMES: dict[type[Message], tuple[str, ...]] = {
+    cls: tuple(f.name for f in schema) for cls, schema in _SCHEMAS.items()
+}
+
+
+def message_to_map(msg: Message) -> dict[str, Any]:
+    """The msgpack-ready map for ``msg`` (tuples pack as arrays)."""
+    out: dict[str, Any] = {"t": msg.TYPE}
+    for name in _FIELD_NAMES[type(msg)]:
+        out[name] = getattr(msg, name)
+    return out
+
+
+def message_from_map(obj: Any) -> Message:
+    """Validate a decoded msgpack object and build its message, or raise ProtocolError."""
+    if type(obj) is not dict:
+        raise ProtocolError(f"a frame must hold a map, not {type(obj).__name__}")
+    kind = obj.get("t")
+    if type(kind) is not str:
+        raise ProtocolError("frame has no message type (string key 't')")
+    cls = BY_TYPE.get(kind)
+    if cls is None:
+        raise ProtocolError(f"unknown message type {kind[:40]!r}")
+    schema = _SCHEMAS[cls]
+    if len(obj) - 1 > len(schema):
+        known = {"t", *_FIELD_NAMES[cls]}
+        extra = sorted(str(k)[:40] for k in obj if k not in known)
+        raise ProtocolError(f"{kind}: unknown field(s) {', '.join(extra)}")
+    values: dict[str, Any] = {}
+    seen = 1
+    for field in schema:
+        if field.name in obj:
+            seen += 1
+            try:
+                values[field.name] = field.check(obj[field.name])
+            except ProtocolError as exc:
+                raise ProtocolError(f"{kind}.{field.name}: {exc}") from None
+        elif field.required:
+            raise ProtocolError(f"{kind}: missing field {field.name!r}")
+    if seen != len(obj):
+        known = {"t", *_FIELD_NAMES[cls]}
+        extra = sorted(str(k)[:40] for k in obj if k not in known)
+        raise ProtocolError(f"{kind}: unknown field(s) {', '.join(extra)}")
+    if "id" in values and not 1 <= values["id"] <= MAX_REQUEST_ID:
+        raise ProtocolError(f"{kind}.id: request id {values['id']} out of range")
+    return cls(**values)
