@@ -1,0 +1,27 @@
+"""carapace-debug: the operator's command line.
+
+Each command lives in its own module and is registered here, so importing
+this file stays cheap and a broken command cannot hide the others.
+"""
+
+from __future__ import annotations
+
+import click
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="carapace")
+def cli() -> None:
+    """Inspect and test a Carapace deployment."""
+
+
+def _register() -> None:
+    # Commands register themselves here, one import each.
+    pass
+
+
+_register()
+
+
+def main() -> None:
+    cli()
