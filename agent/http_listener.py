@@ -1,0 +1,320 @@
+"""Local HTTP/1.1 listeners (h11): every request on one goes to one HTTP tool.
+
+Paths and query strings pass unchanged, so a signal-cli client just points
+its base URL here. SSE answers are re-served as real ``text/event-stream``
+with one write per event the moment its frame arrives.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from http import HTTPStatus
+
+import h11
+import trio
+from carapace.protocol.flow import flow_cost
+from carapace.protocol.messages import (
+    Data,
+    End,
+    HttpHead,
+    HttpRequest,
+    Message,
+    RequestFailed,
+    SseComment,
+    SseEvent,
+)
+from carapace.protocol.sse import Comment, Event, serialize
+
+from .multiplexer import AgentStream, LinkDown, Multiplexer, StreamLost
+
+log = logging.getLogger("carapace.agent")
+
+READ_SIZE = 64 * 1024
+SSE_HEADERS_DROP = frozenset({b"cache-control", b"x-accel-buffering", b"content-length",
+                              b"transfer-encoding", b"connection", b"keep-alive"})
+PLAIN_HEADERS_DROP = frozenset({b"transfer-encoding", b"connection", b"keep-alive"})
+MAX_PIPELINED = 64 * 1024
+
+
+@dataclass
+class HttpListenerConfig:
+    tool: str
+    host: str
+    port: int
+    keepalive_interval: float = 15.0
+    header_timeout: float = 10.0
+    idle_timeout: float = 120.0
+    max_header_bytes: int = 64 * 1024
+    max_body_bytes: int = 8 * 1024 * 1024
+    link_wait: float = 2.0
+
+
+class _ClientGone(Exception):
+    pass
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
+
+
+def _error_body(code: str, message: str) -> bytes:
+    return json.dumps({"error": code, "message": message}).encode() + b"\n"
+
+
+class HttpToolListener:
+    """Serves one ``--expose TOOL=[HOST:]PORT``."""
+
+    def __init__(self, config: HttpListenerConfig, mux: Multiplexer) -> None:
+        self.config = config
+        self.mux = mux
+        self.open_connections = 0
+
+    async def serve(self, *, task_status: trio.TaskStatus[list[trio.SocketListener]]
+                    = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(self.config.port, host=self.config.host)
+        for listener in listeners:
+            host, port = listener.socket.getsockname()[:2]
+            log.info("tool %s served on http://%s:%d", self.config.tool, host, port)
+        task_status.started(listeners)
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, sock: trio.SocketStream) -> None:
+        self.open_connections += 1
+        try:
+            await _Connection(self, sock).run()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, _ClientGone):
+            pass
+        except Exception:
+            log.exception("local HTTP connection for tool %s failed", self.config.tool)
+        finally:
+            self.open_connections -= 1
+            with trio.move_on_after(1) as scope:
+                scope.shield = True
+                await sock.aclose()
+
+
+class _Connection:
+    def __init__(self, listener: HttpToolListener, sock: trio.SocketStream) -> None:
+        self.listener = listener
+        self.cfg = listener.config
+        self.sock = sock
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.cfg.max_header_bytes)
+
+    async def _send(self, event: h11.Event) -> None:
+        data = self.conn.send(event)
+        if data:
+            await self.sock.send_all(data)
+
+    async def _next_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
+        while True:
+            event = self.conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            data = await self.sock.receive_some(READ_SIZE)
+            self.conn.receive_data(data)
+
+    async def run(self) -> None:
+        first = True
+        while True:
+            timeout = self.cfg.header_timeout if first else self.cfg.idle_timeout
+            try:
+                with trio.fail_after(timeout):
+                    event = await self._next_event()
+                    if isinstance(event, h11.ConnectionClosed):
+                        return
+                    if not isinstance(event, h11.Request):
+                        return
+                    # The headers are in; the body must follow promptly too.
+                    body = await self._read_body()
+            except trio.TooSlowError:
+                if first or self.conn.their_state is not h11.IDLE:
+                    log.warning("tool %s: closing a local client that did not send its request "
+                                "within %.0f s", self.cfg.tool, timeout)
+                    await self._simple(408, "request_timeout",
+                                       "the request was not received in time")
+                return
+            except h11.RemoteProtocolError as exc:
+                log.info("tool %s: bad HTTP from a local client: %s", self.cfg.tool, exc)
+                status = exc.error_status_hint
+                await self._simple(status, "bad_request", f"malformed HTTP request: {exc}")
+                return
+            except _BodyTooLarge:
+                await self._simple(413, "body_too_large",
+                                   f"request body over {self.cfg.max_body_bytes} bytes")
+                return
+            first = False
+            await self._respond(event, body)
+            if self.conn.our_state is h11.MUST_CLOSE or self.conn.their_state is h11.MUST_CLOSE:
+                return
+            if self.conn.our_state is not h11.DONE or self.conn.their_state is not h11.DONE:
+                return
+            try:
+                self.conn.start_next_cycle()
+            except h11.LocalProtocolError:
+                return
+
+    async def _read_body(self) -> bytes:
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            event = await self._next_event()
+            if isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > self.cfg.max_body_bytes:
+                    raise _BodyTooLarge
+                parts.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                return b"".join(parts)
+            else:
+                raise h11.RemoteProtocolError("connection closed in the middle of the body")
+
+    async def _simple(self, status: int, code: str, message: str,
+                      extra: list[tuple[bytes, bytes]] | None = None) -> None:
+        """A complete small JSON answer, if the connection can still take one."""
+        if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        body = _error_body(code, message)
+        headers = [(b"content-type", b"application/json"),
+                   (b"content-length", str(len(body)).encode())]
+        headers += extra or []
+        try:
+            await self._send(h11.Response(status_code=status, headers=headers, reason=_reason(status)))
+            await self._send(h11.Data(data=body))
+            await self._send(h11.EndOfMessage())
+        except (h11.LocalProtocolError, trio.BrokenResourceError, trio.ClosedResourceError,
+                OSError):
+            pass
+
+    async def _respond(self, req: h11.Request, body: bytes) -> None:
+        cfg = self.cfg
+        target = req.target.decode("latin-1")
+        method = req.method.decode("latin-1")
+        headers = tuple((bytes(k), bytes(v)) for k, v in req.headers.raw_items())
+        try:
+            stream = await self.listener.mux.open(
+                lambda rid: HttpRequest(id=rid, tool=cfg.tool, method=method, target=target,
+                                        headers=headers, body=body),
+                wait=cfg.link_wait,
+            )
+        except LinkDown as exc:
+            await self._simple(502, "tunnel_down", f"{exc}; the agent keeps reconnecting")
+            return
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_client, nursery.cancel_scope, stream)
+                await self._relay(stream)
+                nursery.cancel_scope.cancel()
+        finally:
+            if not stream.done:
+                stream.cancel("local client went away")
+
+    async def _watch_client(self, scope: trio.CancelScope, stream: AgentStream) -> None:
+        """Notice at once when the local client hangs up, to cancel the upstream."""
+        taken = 0
+        while taken < MAX_PIPELINED:
+            data = await self.sock.receive_some(READ_SIZE)
+            if not data:
+                stream.cancel("local client closed the connection")
+                scope.cancel()
+                return
+            taken += len(data)
+            self.conn.receive_data(data)  # a pipelined next request; h11 keeps it
+        await trio.sleep_forever()
+
+    async def _relay(self, stream: AgentStream) -> None:
+        try:
+            first = await stream.receive()
+        except StreamLost as exc:
+            await self._simple(502, "tunnel_down", f"tunnel link lost before the answer: {exc}")
+            return
+        if isinstance(first, RequestFailed):
+            stream.close()
+            extra = []
+            if first.retry_after is not None:
+                extra.append((b"retry-after", str(first.retry_after).encode()))
+            await self._simple(first.status, first.code, first.message, extra)
+            return
+        if not isinstance(first, HttpHead):
+            log.warning("unexpected %s before the response head; answering 502", first.TYPE)
+            await self._simple(502, "protocol", "the server answered out of order")
+            stream.cancel("protocol violation")
+            return
+        if first.sse:
+            await self._relay_sse(stream, first)
+        else:
+            await self._relay_body(stream, first)
+
+    async def _relay_body(self, stream: AgentStream, head: HttpHead) -> None:
+        headers = [(k, v) for k, v in head.headers if k.lower() not in PLAIN_HEADERS_DROP]
+        await self._send(h11.Response(status_code=head.status, headers=headers, reason=_reason(head.status)))
+        while True:
+            try:
+                msg = await stream.receive()
+            except StreamLost:
+                self._abort("tunnel link lost in the middle of the body")
+                return
+            if isinstance(msg, Data):
+                await self._send(h11.Data(data=msg.data))
+                stream.consumed(flow_cost(msg))
+            elif isinstance(msg, End):
+                stream.close()
+                await self._send(h11.EndOfMessage())
+                return
+            else:
+                # A failure after the head: cut the connection so the truncation is visible.
+                stream.close()
+                self._abort(getattr(msg, "message", msg.TYPE))
+                return
+
+    def _abort(self, why: str) -> None:
+        log.info("tool %s: aborting a local response: %s", self.cfg.tool, why)
+        raise _ClientGone(why)
+
+    async def _relay_sse(self, stream: AgentStream, head: HttpHead) -> None:
+        headers = [(k, v) for k, v in head.headers if k.lower() not in SSE_HEADERS_DROP]
+        headers += [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+        await self._send(h11.Response(status_code=head.status, headers=headers, reason=_reason(head.status)))
+        keepalive = self.cfg.keepalive_interval
+        while True:
+            msg: Message | None = None
+            try:
+                with trio.move_on_after(keepalive):
+                    msg = await stream.receive()
+            except StreamLost:
+                # End cleanly: EventSource clients reconnect with Last-Event-ID.
+                await self._send(h11.EndOfMessage())
+                return
+            if msg is None:
+                await self._send(h11.Data(data=b": keepalive\n\n"))
+                continue
+            # One write per wake-up: this event plus any that are already queued behind it.
+            out: list[bytes] = []
+            cost = 0
+            while msg is not None:
+                if isinstance(msg, SseEvent):
+                    out.append(serialize(Event(event=msg.event, data=msg.data, id=msg.sse_id,
+                                               retry=msg.retry)))
+                    cost += flow_cost(msg)
+                elif isinstance(msg, SseComment):
+                    out.append(serialize(Comment(text=msg.text)))
+                    cost += flow_cost(msg)
+                else:
+                    break
+                msg = stream.receive_nowait()
+            if out:
+                await self._send(h11.Data(data=b"".join(out)))
+                stream.consumed(cost)
+            if msg is None or isinstance(msg, SseEvent | SseComment):
+                continue
+            stream.close()
+            await self._send(h11.EndOfMessage())
+            return
+
+
+class _BodyTooLarge(Exception):
+    pass

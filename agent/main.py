@@ -1,0 +1,140 @@
+"""carapace-agent: the VM side. Flags and env vars are fixed by DESIGN.md."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import click
+import trio
+from carapace.server.logconfig import setup_logging
+from carapace.server.options import HOST_PORT, find_oserror, parse_hostport
+from carapace.server.tokens import TokenFileError, load_agent_token
+
+from .http_listener import HttpListenerConfig, HttpToolListener
+from .link import LinkConfig, TunnelClient
+from .multiplexer import Multiplexer
+
+log = logging.getLogger("carapace.agent")
+
+
+def _parse_expose(value: str) -> tuple[str, str, int]:
+    tool, sep, where = value.partition("=")
+    if not sep or not tool:
+        raise click.BadParameter(f"{value!r}: expected TOOL=[HOST:]PORT", param_hint="--expose")
+    try:
+        host, port = parse_hostport(where)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--expose") from None
+    return tool, host, port
+
+
+def _server_address(server: tuple[str, int] | None) -> tuple[str, int]:
+    if server is not None:
+        return server
+    host = os.environ.get("CARAPACE_SERVER_HOST")
+    port = os.environ.get("CARAPACE_SERVER_PORT")
+    if host and port:
+        try:
+            return parse_hostport(f"{host}:{port}")
+        except ValueError as exc:
+            raise click.UsageError(f"CARAPACE_SERVER_HOST/PORT: {exc}") from None
+    raise click.UsageError(
+        "no server address: pass --server HOST:PORT "
+        "(or set CARAPACE_SERVER_HOST and CARAPACE_SERVER_PORT)"
+    )
+
+
+async def run_agent(
+    link_config: LinkConfig,
+    listeners: list[HttpListenerConfig],
+    cli_socket: str | None,
+) -> None:
+    mux = Multiplexer()
+    client = TunnelClient(link_config, mux)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.run)
+        for cfg in listeners:
+            await nursery.start(HttpToolListener(cfg, mux).serve)
+        if cli_socket:
+            from .cli_listener import CliSocketListener
+
+            await nursery.start(CliSocketListener(cli_socket, mux).serve)
+        with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
+            async for _ in signals:
+                log.info("stopping")
+                nursery.cancel_scope.cancel()
+                break
+
+
+_STOP_SIGNALS = (15, 2)  # SIGTERM, SIGINT
+
+
+@click.group(invoke_without_command=True,
+             context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--server", type=HOST_PORT, default=None,
+              help="The carapace-server address (or CARAPACE_SERVER_HOST + CARAPACE_SERVER_PORT).")
+@click.option("--token-file", envvar="CARAPACE_TOKEN_FILE", default=None,
+              help="This agent's NAME:TOKEN line (a bare token is agent 'default').")
+@click.option("--expose", multiple=True, metavar="TOOL=[HOST:]PORT",
+              help="Serve HTTP tool TOOL on a local port; repeatable.")
+@click.option("--cli-socket", envvar="CARAPACE_CLI_SOCKET", default=None,
+              help="Unix socket for tool shims.")
+@click.option("--sse-keepalive", type=float, default=15.0, show_default=True,
+              help="Seconds of idle before an SSE comment keepalive.")
+@click.option("--link-wait", type=float, default=2.0, show_default=True,
+              help="How long a local request waits for the tunnel before failing with 502.")
+@click.option("--header-timeout", type=float, default=10.0, show_default=True,
+              help="Close local HTTP clients that do not send their request in time.")
+@click.option("--log-level", default="info", envvar="CARAPACE_LOG_LEVEL", show_default=True)
+@click.option("--log-json", is_flag=True, envvar="CARAPACE_LOG_JSON")
+@click.pass_context
+def main(
+    ctx: click.Context,
+    server: tuple[str, int] | None,
+    token_file: str | None,
+    expose: tuple[str, ...],
+    cli_socket: str | None,
+    sse_keepalive: float,
+    link_wait: float,
+    header_timeout: float,
+    log_level: str,
+    log_json: bool,
+) -> None:
+    """Connect to a carapace-server and serve its tools to this VM."""
+    if ctx.invoked_subcommand is not None:
+        return
+    setup_logging(log_level, log_json)
+    host, port = _server_address(server)
+    if not token_file:
+        raise click.UsageError("--token-file (or CARAPACE_TOKEN_FILE) is required")
+    try:
+        agent, token = load_agent_token(token_file)
+    except TokenFileError as exc:
+        log.error("%s", exc)
+        sys.exit(2)
+    listeners = []
+    for item in expose:
+        tool, lhost, lport = _parse_expose(item)
+        listeners.append(HttpListenerConfig(
+            tool=tool, host=lhost, port=lport, keepalive_interval=sse_keepalive,
+            header_timeout=header_timeout, link_wait=link_wait,
+        ))
+    if not listeners and not cli_socket:
+        raise click.UsageError("nothing to serve: give --expose TOOL=PORT and/or --cli-socket")
+    link_config = LinkConfig(server_host=host, server_port=port, agent=agent, token=token)
+    try:
+        trio.run(run_agent, link_config, listeners, cli_socket)
+    except KeyboardInterrupt:
+        pass
+    except BaseException as exc:
+        err = find_oserror(exc)
+        if err is None:
+            raise
+        log.error("cannot open a local listener: %s", err.strerror or err)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""The agent's multiplexer: one trio memory channel per request on the tunnel.
+
+The link's reader hands each frame to its request's channel and never waits
+(channels are unbounded; the server cannot send past a stream's credit, so
+each holds at most about one window). A consumer that stops reading holds
+back only its own stream: credit is returned only as it drains.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import Protocol
+
+import trio
+from carapace.protocol.errors import ProtocolError
+from carapace.protocol.flow import ReceiveWindow, SendWindow, flow_cost
+from carapace.protocol.messages import Cancel, Credit, Message, RequestMessage
+
+log = logging.getLogger("carapace.agent")
+
+
+class LinkDown(Exception):
+    """No tunnel link is up; the message says why, for the local client."""
+
+
+class StreamLost(Exception):
+    """The link under this request dropped before the request ended."""
+
+
+class Link(Protocol):
+    """What the multiplexer needs from the current tunnel link."""
+
+    window: int
+
+    def send(self, msg: Message) -> None: ...
+
+
+class AgentStream:
+    """One request as the local side sees it."""
+
+    def __init__(self, mux: Multiplexer, request_id: int, window: int) -> None:
+        self.mux = mux
+        self.id = request_id
+        self._inbox_send, self._inbox = trio.open_memory_channel[Message](math.inf)
+        self._receive_window = ReceiveWindow(window)
+        self._send_window = SendWindow(window)
+        self._credit_changed = trio.Event()
+        self.lost: str | None = None
+        self.done = False
+
+    # -- fed by the link reader ------------------------------------------------------
+    def deliver(self, msg: RequestMessage) -> None:
+        if isinstance(msg, Credit):
+            if msg.amount <= 0:
+                raise ProtocolError(f"credit of {msg.amount} bytes for request {msg.id}")
+            self._send_window.grant(msg.amount)
+            self._credit_changed.set()
+            self._credit_changed = trio.Event()
+            return
+        cost = flow_cost(msg)
+        if cost:
+            self._receive_window.received(cost)
+            if self._receive_window.over_limit():
+                raise ProtocolError(f"request {msg.id}: server ignored flow control")
+        self._inbox_send.send_nowait(msg)
+
+    def link_lost(self, reason: str) -> None:
+        self.lost = reason
+        self._inbox_send.close()
+        self._credit_changed.set()
+
+    # -- used by the local side ----------------------------------------------------------
+    async def receive(self) -> Message:
+        """The next frame for this request; StreamLost if the link dropped first."""
+        try:
+            return await self._inbox.receive()
+        except trio.EndOfChannel:
+            raise StreamLost(self.lost or "tunnel link lost") from None
+
+    def receive_nowait(self) -> Message | None:
+        try:
+            return self._inbox.receive_nowait()
+        except (trio.WouldBlock, trio.EndOfChannel):
+            return None
+
+    def consumed(self, cost: int) -> None:
+        """``cost`` bytes were delivered to the local client: return credit in batches."""
+        amount = self._receive_window.consumed(cost)
+        if amount and self.lost is None and not self.done:
+            self.mux.send(Credit(id=self.id, amount=amount))
+
+    async def send(self, msg: RequestMessage) -> None:
+        """Send a payload frame (stdin) once the server has granted credit."""
+        cost = flow_cost(msg)
+        while not self._send_window.open:
+            if self.lost is not None:
+                raise StreamLost(self.lost)
+            await self._credit_changed.wait()
+        if self.lost is not None:
+            raise StreamLost(self.lost)
+        self._send_window.spend(cost)
+        self.mux.send(msg)
+
+    def send_control(self, msg: RequestMessage) -> None:
+        if self.lost is not None:
+            raise StreamLost(self.lost)
+        self.mux.send(msg)
+
+    def cancel(self, reason: str) -> None:
+        """Tell the server to stop this request at once (local client went away)."""
+        if not self.done and self.lost is None:
+            try:
+                self.mux.send(Cancel(id=self.id, reason=reason))
+            except LinkDown:
+                pass
+        self.close()
+
+    def close(self) -> None:
+        self.done = True
+        self.mux.forget(self.id)
+
+
+class Multiplexer:
+    def __init__(self) -> None:
+        self.streams: dict[int, AgentStream] = {}
+        self._next_id = 1
+        self.link: Link | None = None
+        self.down_reason = "not connected to the Carapace server yet"
+        self._link_changed = trio.Event()
+        self.requests_started = 0
+
+    # -- link lifecycle ----------------------------------------------------------------
+    def link_up(self, link: Link) -> None:
+        self.link = link
+        self._link_changed.set()
+        self._link_changed = trio.Event()
+
+    def link_down(self, reason: str) -> None:
+        self.link = None
+        self.down_reason = reason
+        for stream in list(self.streams.values()):
+            stream.link_lost(reason)
+        self.streams.clear()
+        self._link_changed.set()
+        self._link_changed = trio.Event()
+
+    def send(self, msg: Message) -> None:
+        link = self.link
+        if link is None:
+            raise LinkDown(self.down_reason)
+        link.send(msg)
+
+    # -- requests ------------------------------------------------------------------------
+    async def open(
+        self, first: Callable[[int], RequestMessage], wait: float = 0.0
+    ) -> AgentStream:
+        """Start a request; ``first(id)`` builds its opening frame.
+
+        Waits up to ``wait`` seconds for a link, then raises LinkDown.
+        """
+        if self.link is None and wait > 0:
+            with trio.move_on_after(wait):
+                while self.link is None:
+                    await self._link_changed.wait()
+        link = self.link
+        if link is None:
+            raise LinkDown(self.down_reason)
+        request_id = self._next_id
+        self._next_id += 1
+        stream = AgentStream(self, request_id, link.window)
+        self.streams[request_id] = stream
+        self.requests_started += 1
+        link.send(first(request_id))
+        return stream
+
+    def forget(self, request_id: int) -> None:
+        self.streams.pop(request_id, None)
+
+    def dispatch(self, msg: RequestMessage) -> None:
+        """Called by the link reader for every request frame; never blocks."""
+        stream = self.streams.get(msg.id)
+        if stream is None:
+            log.debug("frame %s for finished request %d dropped", msg.TYPE, msg.id)
+            return
+        stream.deliver(msg)

@@ -1,0 +1,228 @@
+"""The host-side server: accepts agent links and decides, runs and audits their requests."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from typing import Literal
+
+import httpx
+import trio
+from carapace.protocol.flow import DEFAULT_WINDOW
+from carapace.protocol.framing import DEFAULT_MAX_FRAME
+from carapace.protocol.messages import CliRequest, HttpRequest, Message, RequestFailed
+
+from . import policy as policy_mod
+from .http_dispatch import forward_http, make_client
+from .session import AgentSession
+from .streams import ServerStream
+
+log = logging.getLogger("carapace.server")
+
+try:
+    SERVER_VERSION = version("carapace")
+except PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+    SERVER_VERSION = "0+unknown"
+
+Direction = Literal["in", "out"]
+FrameObserver = Callable[[AgentSession, Direction, Message], None]
+
+
+@dataclass
+class ServerConfig:
+    """Everything the server needs, parsed once at the edge (see main.py)."""
+
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8765
+    policy_file: str = "/etc/carapace/policy.yaml"
+    token_file: str = ""
+    debug_host: str | None = None
+    debug_port: int | None = None
+    audit_log: str | None = None
+    handshake_timeout: float = 5.0
+    ping_interval: float = 5.0
+    idle_timeout: float = 15.0
+    window: int = DEFAULT_WINDOW
+    max_frame: int = DEFAULT_MAX_FRAME
+    max_requests_per_agent: int = 10_000
+    max_agents: int = 64
+    drain_timeout: float = 10.0
+
+
+@dataclass
+class Stats:
+    """Real counters, read by health, connections and /metrics."""
+
+    started: float = field(default_factory=time.time)
+    connections: int = 0
+    handshake_failures: int = 0
+    protocol_errors: int = 0
+    frames_in: int = 0
+    frames_out: int = 0
+    unknown_id_frames: int = 0
+    errors: int = 0
+    requests: dict[tuple[str, str], int] = field(default_factory=dict)
+    sse_events: int = 0
+
+    def count_request(self, kind: str, decision: str) -> None:
+        key = (kind, decision)
+        self.requests[key] = self.requests.get(key, 0) + 1
+
+
+class Server:
+    def __init__(
+        self,
+        config: ServerConfig,
+        policy: policy_mod.Policy,
+        tokens: dict[str, bytes],
+    ) -> None:
+        self.config = config
+        self.policy = policy
+        self.tokens = tokens
+        self.version = SERVER_VERSION
+        self.decoy_key = os.urandom(32)
+        self.sessions: dict[str, AgentSession] = {}
+        self.stats = Stats()
+        self.frame_observers: list[FrameObserver] = []
+        self.draining = False
+        self.http_client: httpx.AsyncClient | None = None
+        self.listeners: list[trio.SocketListener] = []
+        self._accept_scope = trio.CancelScope()
+
+    # -- sessions ---------------------------------------------------------------
+    def register(self, session: AgentSession) -> None:
+        old = self.sessions.get(session.agent)
+        if old is not None and old is not session:
+            log.warning("agent %s reconnected from %s; closing its old link from %s",
+                        session.agent, session.peer, old.peer)
+            old.close()
+        self.sessions[session.agent] = session
+
+    def unregister(self, session: AgentSession) -> None:
+        if self.sessions.get(session.agent) is session:
+            del self.sessions[session.agent]
+
+    def observe(self, session: AgentSession, direction: Direction, msg: Message) -> None:
+        for observer in list(self.frame_observers):
+            observer(session, direction, msg)
+
+    async def _handle_connection(self, stream: trio.SocketStream) -> None:
+        try:
+            host, port = stream.socket.getpeername()[:2]
+            peer = f"{host}:{port}"
+        except OSError:
+            peer = "?"
+        self.stats.connections += 1
+        if len(self.sessions) >= self.config.max_agents:
+            log.warning("refusing connection from %s: %d agents connected (--max-agents)",
+                        peer, len(self.sessions))
+            await stream.aclose()
+            return
+        await AgentSession(self, stream, peer).run()
+
+    # -- requests ---------------------------------------------------------------
+    async def handle_request(
+        self, session: AgentSession, stream: ServerStream, msg: HttpRequest | CliRequest
+    ) -> None:
+        policy = self.policy  # a request finishes under the policy it began with
+        if isinstance(msg, HttpRequest):
+            await self._handle_http(session, stream, msg, policy)
+        else:
+            await self._handle_cli(session, stream, msg, policy)
+
+    async def _handle_http(
+        self,
+        session: AgentSession,
+        stream: ServerStream,
+        req: HttpRequest,
+        policy: policy_mod.Policy,
+    ) -> None:
+        decision = policy_mod.decide_http(
+            policy, session.agent, req.tool, req.method, req.target, list(req.headers), req.body
+        )
+        self.stats.count_request("http", "allow" if decision.allow else "deny")
+        if not decision.allow:
+            log.info("denied http %s %s on tool %s for agent %s: %s", req.method,
+                     req.target[:200], req.tool, session.agent, decision.reason)
+            stream.finished = True
+            stream.send_control(RequestFailed(
+                id=req.id, status=403 if req.tool in policy.tools else 404,
+                code="denied" if req.tool in policy.tools else "unknown_tool",
+                message=f"denied by policy: {decision.reason}",
+            ))
+            return
+        tool = policy.tools[req.tool]
+        assert isinstance(tool, policy_mod.HttpTool)
+        headers = policy_mod.prepare_http_headers(tool, list(req.headers))
+        assert self.http_client is not None
+        events = await forward_http(self.http_client, stream, req, req.tool, tool, headers)
+        self.stats.sse_events += events
+
+    async def _handle_cli(
+        self,
+        session: AgentSession,
+        stream: ServerStream,
+        req: CliRequest,
+        policy: policy_mod.Policy,
+    ) -> None:
+        stream.finished = True
+        stream.send_control(RequestFailed(
+            id=req.id, status=501, code="internal", message="CLI tools are not implemented yet"))
+
+    # -- running ------------------------------------------------------------------
+    def reload(self) -> bool:
+        """Re-read the policy; keep the old one if the new file is invalid."""
+        try:
+            new = policy_mod.load_policy_file(self.config.policy_file)
+        except policy_mod.PolicyError as exc:
+            log.error("policy reload rejected, keeping the previous policy: %s", exc)
+            return False
+        self.policy = new
+        log.info("policy reloaded from %s (%d tools)", self.config.policy_file, len(new.tools))
+        return True
+
+    async def run(self, *, task_status: trio.TaskStatus[list[trio.SocketListener]]
+                  = trio.TASK_STATUS_IGNORED) -> None:
+        async with make_client() as client, trio.open_nursery() as nursery:
+            self.http_client = client
+            self.listeners = await trio.open_tcp_listeners(
+                self.config.listen_port, host=self.config.listen_host
+            )
+            nursery.start_soon(self._accept, self.listeners)
+            for listener in self.listeners:
+                host, port = listener.socket.getsockname()[:2]
+                log.info("carapace-server %s listening on %s:%d", self.version, host, port)
+            nursery.start_soon(self._signals, nursery.cancel_scope)
+            task_status.started(self.listeners)
+
+    async def _accept(self, listeners: list[trio.SocketListener]) -> None:
+        with self._accept_scope:
+            await trio.serve_listeners(self._handle_connection, listeners)
+
+    async def _signals(self, scope: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    self.reload()
+                else:
+                    await self.shutdown(scope)
+                    return
+
+    async def shutdown(self, scope: trio.CancelScope) -> None:
+        """Stop accepting, tell agents, let requests finish up to the drain timeout."""
+        log.info("shutting down: draining %d agent link(s)", len(self.sessions))
+        self.draining = True
+        self._accept_scope.cancel()
+        for session in list(self.sessions.values()):
+            session.go_away("server shutting down")
+        with trio.move_on_after(self.config.drain_timeout):
+            while any(s.streams for s in self.sessions.values()):
+                await trio.sleep(0.05)
+        for session in list(self.sessions.values()):
+            session.close()
+        scope.cancel()

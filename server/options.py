@@ -1,0 +1,53 @@
+"""Command-line value types shared by the daemons and the debug CLI."""
+
+from __future__ import annotations
+
+import click
+
+
+def parse_hostport(value: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    """``HOST:PORT``, ``[V6]:PORT`` or ``PORT`` → (host, port); ValueError if malformed."""
+    value = value.strip()
+    host, port = default_host, value
+    if value.startswith("["):
+        end = value.find("]")
+        if end < 0 or value[end + 1 : end + 2] != ":":
+            raise ValueError(f"{value!r} is not [HOST]:PORT")
+        host, port = value[1:end], value[end + 2 :]
+    elif ":" in value:
+        host, _, port = value.rpartition(":")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r}: port must be a number from 0 to 65535")
+    return host or default_host, int(port)
+
+
+class HostPort(click.ParamType):
+    name = "HOST:PORT"
+
+    def convert(self, value: object, param: click.Parameter | None,
+                ctx: click.Context | None) -> tuple[str, int]:
+        if isinstance(value, tuple):
+            return value  # type: ignore[return-value]
+        try:
+            return parse_hostport(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+HOST_PORT = HostPort()
+
+
+def find_oserror(exc: BaseException) -> OSError | None:
+    """The OSError inside a (possibly nested) exception group, if any.
+
+    trio wraps errors that escape a nursery in groups; a daemon that cannot
+    bind its port should still say so in one plain line.
+    """
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = find_oserror(inner)
+            if found is not None:
+                return found
+    return None

@@ -1,0 +1,84 @@
+"""One request's half of the tunnel on the server: credit, inbox, cancellation."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import trio
+from carapace.protocol.flow import ReceiveWindow, SendWindow, flow_cost
+from carapace.protocol.messages import Credit, Message, RequestMessage
+
+if TYPE_CHECKING:
+    from .session import AgentSession
+
+
+class StreamGone(Exception):
+    """The link under this request is gone; nothing more can be sent on it."""
+
+
+class ServerStream:
+    """What a request handler sees: ``send`` (credit-aware), ``inbox``, ``consumed``.
+
+    Payload frames wait for credit, so a local reader that stalls holds back
+    only its own stream; control frames (head, end, exit, failed) never wait.
+    """
+
+    def __init__(self, session: AgentSession, request_id: int, window: int) -> None:
+        self.session = session
+        self.id = request_id
+        self.cancel_scope = trio.CancelScope()
+        self.cancel_reason: str | None = None
+        self._send_window = SendWindow(window)
+        self._receive_window = ReceiveWindow(window)
+        self._credit_changed = trio.Event()
+        self._inbox_send, self.inbox = trio.open_memory_channel[Message](math.inf)
+        self.finished = False
+        self.bytes_out = 0
+        self.events_out = 0
+
+    # -- called by the session's reader ------------------------------------------
+    def grant(self, amount: int) -> None:
+        self._send_window.grant(amount)
+        self._credit_changed.set()
+        self._credit_changed = trio.Event()
+
+    def deliver(self, msg: Message) -> bool:
+        """Queue an agent → server frame (stdin, signal); False if the sender overdrew."""
+        cost = flow_cost(msg)
+        if cost:
+            self._receive_window.received(cost)
+            if self._receive_window.over_limit():
+                return False
+        try:
+            self._inbox_send.send_nowait(msg)
+        except trio.ClosedResourceError:
+            pass
+        return True
+
+    def cancel(self, reason: str) -> None:
+        self.cancel_reason = reason
+        self.cancel_scope.cancel()
+
+    def close_inbox(self) -> None:
+        self._inbox_send.close()
+
+    # -- called by the handler -----------------------------------------------------
+    async def send(self, msg: RequestMessage) -> None:
+        """Send a payload frame once this stream has credit."""
+        cost = flow_cost(msg)
+        while not self._send_window.open:
+            await self._credit_changed.wait()
+        self._send_window.spend(cost)
+        self.bytes_out += cost
+        self.session.send(msg)
+
+    def send_control(self, msg: RequestMessage) -> None:
+        """Send a frame that needs no credit (head, end, exit, failed)."""
+        self.session.send(msg)
+
+    def consumed(self, msg: Message) -> None:
+        """The handler has passed ``msg`` on (e.g. to stdin): return its credit."""
+        amount = self._receive_window.consumed(flow_cost(msg))
+        if amount:
+            self.session.send(Credit(id=self.id, amount=amount))
