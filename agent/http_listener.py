@@ -62,6 +62,10 @@ def _reason(status: int) -> bytes:
         return b""
 
 
+def _response(status: int, headers: list[tuple[bytes, bytes]]) -> h11.Response:
+    return h11.Response(status_code=status, headers=headers, reason=_reason(status))
+
+
 def _error_body(code: str, message: str) -> bytes:
     return json.dumps({"error": code, "message": message}).encode() + b"\n"
 
@@ -183,7 +187,7 @@ class _Connection:
                    (b"content-length", str(len(body)).encode())]
         headers += extra or []
         try:
-            await self._send(h11.Response(status_code=status, headers=headers, reason=_reason(status)))
+            await self._send(_response(status, headers))
             await self._send(h11.Data(data=body))
             await self._send(h11.EndOfMessage())
         except (h11.LocalProtocolError, trio.BrokenResourceError, trio.ClosedResourceError,
@@ -251,7 +255,7 @@ class _Connection:
 
     async def _relay_body(self, stream: AgentStream, head: HttpHead) -> None:
         headers = [(k, v) for k, v in head.headers if k.lower() not in PLAIN_HEADERS_DROP]
-        await self._send(h11.Response(status_code=head.status, headers=headers, reason=_reason(head.status)))
+        await self._send(_response(head.status, headers))
         while True:
             try:
                 msg = await stream.receive()
@@ -278,7 +282,7 @@ class _Connection:
     async def _relay_sse(self, stream: AgentStream, head: HttpHead) -> None:
         headers = [(k, v) for k, v in head.headers if k.lower() not in SSE_HEADERS_DROP]
         headers += [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
-        await self._send(h11.Response(status_code=head.status, headers=headers, reason=_reason(head.status)))
+        await self._send(_response(head.status, headers))
         keepalive = self.cfg.keepalive_interval
         while True:
             msg: Message | None = None
