@@ -55,6 +55,16 @@ class _ClientGone(Exception):
     pass
 
 
+_DISCONNECTS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError, _ClientGone)
+
+
+def _only(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> bool:
+    """True if ``exc`` (or every leaf of an exception group) is one of ``kinds``."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only(inner, kinds) for inner in exc.exceptions)
+    return isinstance(exc, kinds)
+
+
 def _reason(status: int) -> bytes:
     try:
         return HTTPStatus(status).phrase.encode()
@@ -91,10 +101,9 @@ class HttpToolListener:
         self.open_connections += 1
         try:
             await _Connection(self, sock).run()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, _ClientGone):
-            pass
-        except Exception:
-            log.exception("local HTTP connection for tool %s failed", self.config.tool)
+        except Exception as exc:
+            if not _only(exc, _DISCONNECTS):
+                log.exception("local HTTP connection for tool %s failed", self.config.tool)
         finally:
             self.open_connections -= 1
             with trio.move_on_after(1) as scope:

@@ -22,7 +22,7 @@ from carapace.protocol.messages import (
 )
 from carapace.server.framelink import FrameReader, FrameWriter, LinkClosed
 
-from .multiplexer import Multiplexer
+from .multiplexer import LinkDown, Multiplexer
 
 log = logging.getLogger("carapace.agent")
 
@@ -51,7 +51,10 @@ class ActiveLink:
         self.accepting = True
 
     def send(self, msg: Message) -> None:
-        self.writer.send(msg)
+        try:
+            self.writer.send(msg)
+        except LinkClosed:
+            raise LinkDown("the tunnel link is closing") from None
 
 
 class TunnelClient:

@@ -89,7 +89,10 @@ class AgentStream:
         """``cost`` bytes were delivered to the local client: return credit in batches."""
         amount = self._receive_window.consumed(cost)
         if amount and self.lost is None and not self.done:
-            self.mux.send(Credit(id=self.id, amount=amount))
+            try:
+                self.mux.send(Credit(id=self.id, amount=amount))
+            except LinkDown:
+                pass  # the link is going; link_lost() will end this stream
 
     async def send(self, msg: RequestMessage) -> None:
         """Send a payload frame (stdin) once the server has granted credit."""
@@ -101,12 +104,18 @@ class AgentStream:
         if self.lost is not None:
             raise StreamLost(self.lost)
         self._send_window.spend(cost)
-        self.mux.send(msg)
+        try:
+            self.mux.send(msg)
+        except LinkDown as exc:
+            raise StreamLost(str(exc)) from None
 
     def send_control(self, msg: RequestMessage) -> None:
         if self.lost is not None:
             raise StreamLost(self.lost)
-        self.mux.send(msg)
+        try:
+            self.mux.send(msg)
+        except LinkDown as exc:
+            raise StreamLost(str(exc)) from None
 
     def cancel(self, reason: str) -> None:
         """Tell the server to stop this request at once (local client went away)."""
@@ -158,22 +167,27 @@ class Multiplexer:
     ) -> AgentStream:
         """Start a request; ``first(id)`` builds its opening frame.
 
-        Waits up to ``wait`` seconds for a link, then raises LinkDown.
+        Waits up to ``wait`` seconds for a usable link, then raises LinkDown.
         """
-        if self.link is None and wait > 0:
-            with trio.move_on_after(wait):
-                while self.link is None:
-                    await self._link_changed.wait()
-        link = self.link
-        if link is None:
-            raise LinkDown(self.down_reason)
-        request_id = self._next_id
-        self._next_id += 1
-        stream = AgentStream(self, request_id, link.window)
-        self.streams[request_id] = stream
-        self.requests_started += 1
-        link.send(first(request_id))
-        return stream
+        deadline = trio.current_time() + wait
+        while True:
+            link = self.link
+            if link is not None and getattr(link, "accepting", True):
+                request_id = self._next_id
+                self._next_id += 1
+                stream = AgentStream(self, request_id, link.window)
+                self.streams[request_id] = stream
+                try:
+                    link.send(first(request_id))
+                except LinkDown:
+                    self.forget(request_id)
+                else:
+                    self.requests_started += 1
+                    return stream
+            if trio.current_time() >= deadline:
+                raise LinkDown(self.down_reason)
+            with trio.move_on_at(deadline):
+                await self._link_changed.wait()
 
     def forget(self, request_id: int) -> None:
         self.streams.pop(request_id, None)

@@ -112,8 +112,12 @@ class AgentSession:
             return
         except (ProtocolError, LinkClosed, trio.BrokenResourceError, trio.ClosedResourceError,
                 OSError) as exc:
-            log.warning("handshake from %s failed: %s", self.peer, exc)
-            self.server.stats.handshake_failures += 1
+            if self.reader.bytes_received == 0:
+                # A port probe or health check, not an agent.
+                log.info("connection from %s closed before the handshake", self.peer)
+            else:
+                log.warning("handshake from %s failed: %s", self.peer, exc)
+                self.server.stats.handshake_failures += 1
             return
         if ok:
             try:
