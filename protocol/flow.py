@@ -25,14 +25,23 @@ def flow_cost(msg: Message) -> int:
         return len(msg.data) + FRAME_OVERHEAD
     if isinstance(msg, SseEvent):
         return (
-            len(msg.data or "")
-            + len(msg.event or "")
-            + len(msg.sse_id or "")
+            _utf8_len(msg.data)
+            + _utf8_len(msg.event)
+            + _utf8_len(msg.sse_id)
             + FRAME_OVERHEAD
         )
     if isinstance(msg, SseComment):
-        return len(msg.text) + FRAME_OVERHEAD
+        return _utf8_len(msg.text) + FRAME_OVERHEAD
     return 0
+
+
+def _utf8_len(text: str | None) -> int:
+    """Length in bytes on the wire (the spec counts UTF-8 bytes, not characters)."""
+    if not text:
+        return 0
+    if text.isascii():
+        return len(text)
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 class SendWindow:
@@ -77,5 +86,5 @@ class ReceiveWindow:
         return 0
 
     def over_limit(self) -> bool:
-        """The sender overdrew beyond one window plus one maximal frame: a protocol violation."""
+        """The sender overdrew beyond two windows plus one maximal frame: a protocol violation."""
         return self.outstanding > 2 * self.window + 16 * 1024 * 1024

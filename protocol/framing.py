@@ -103,8 +103,8 @@ class FrameDecoder:
         if self._pos == len(self._buf):
             self._buf.clear()
             self._pos = 0
-        else:
-            self._check_header()
+        # A bad header right behind this frame is reported by the next call, so
+        # this good frame is still delivered first (iterating reaches it at once).
         return payload
 
     def next_message(self) -> Message | None:

@@ -451,4 +451,65 @@ def message_from_map(obj: Any) -> Message:
         raise ProtocolError(f"{kind}: unknown field(s) {', '.join(extra)}")
     if "id" in values and not 1 <= values["id"] <= MAX_REQUEST_ID:
         raise ProtocolError(f"{kind}.id: request id {values['id']} out of range")
+    rule = _VALUE_RULES.get(cls)
+    if rule is not None:
+        problem = rule(values)
+        if problem is not None:
+            raise ProtocolError(f"{kind}.{problem}")
     return cls(**values)
+
+
+# --------------------------------------------------------------------------
+# Value rules the annotations cannot express (protocol/README.md), checked on
+# decode so that no consumer meets a value it cannot act on: a shim that would
+# index tty[2], an SSE serializer asked to put a line break in an event type.
+# Each returns "field: problem" or None.
+
+
+def _single_line(value: str | None) -> bool:
+    return value is None or ("\n" not in value and "\r" not in value)
+
+
+def _cli_request_rule(values: dict[str, Any]) -> str | None:
+    if len(values["tty"]) != 3:
+        return "tty: expected [stdin, stdout, stderr], 3 booleans"
+    return None
+
+
+def _output_rule(values: dict[str, Any]) -> str | None:
+    if values["fd"] not in (1, 2):
+        return f"fd: {values['fd']} is neither 1 (stdout) nor 2 (stderr)"
+    return None
+
+
+def _credit_rule(values: dict[str, Any]) -> str | None:
+    if values["amount"] <= 0:
+        return f"amount: credit must be positive, got {values['amount']}"
+    return None
+
+
+def _sse_event_rule(values: dict[str, Any]) -> str | None:
+    retry = values.get("retry")
+    if retry is not None and retry < 0:
+        return f"retry: must not be negative, got {retry}"
+    if not _single_line(values.get("event")):
+        return "event: contains a line break"
+    sse_id = values.get("sse_id")
+    if not _single_line(sse_id) or (sse_id is not None and "\x00" in sse_id):
+        return "sse_id: contains a line break or NUL"
+    return None
+
+
+def _sse_comment_rule(values: dict[str, Any]) -> str | None:
+    if not _single_line(values["text"]):
+        return "text: contains a line break"
+    return None
+
+
+_VALUE_RULES: dict[type[Message], Callable[[dict[str, Any]], str | None]] = {
+    CliRequest: _cli_request_rule,
+    Output: _output_rule,
+    Credit: _credit_rule,
+    SseEvent: _sse_event_rule,
+    SseComment: _sse_comment_rule,
+}
