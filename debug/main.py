@@ -17,7 +17,9 @@ def cli() -> None:
 
 def _register() -> None:
     # Commands register themselves here, one import each.
-    pass
+    from carapace.debug.sse_test import sse_test
+
+    cli.add_command(sse_test)
 
 
 _register()
