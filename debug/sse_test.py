@@ -13,7 +13,7 @@ import functools
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -281,11 +281,12 @@ async def collect(
     count: int,
     timeout: float,
     headers: Sequence[tuple[str, str]] = (),
-    on_event: Any = None,
+    on_event: Callable[[int], None] | None = None,
 ) -> Collection:
     """Consume the SSE stream at ``url`` until ``count`` events (0: until it ends) or timeout."""
     import httpx
     import trio
+
     from carapace.protocol.errors import ProtocolError
     from carapace.protocol.sse import Comment, SseParser
 
@@ -460,6 +461,7 @@ def serve(
     Query parameters count= and interval_ms= override the defaults per request.
     """
     import trio
+
     from carapace.debug.upstream import UpstreamServer, serve_upstream
 
     async def run() -> None:
@@ -546,7 +548,7 @@ def measure(
     parsed_headers = [_parse_header(h) for h in headers]
     ctx = click.get_current_context()
 
-    def run(on_event: Any = None) -> Collection:
+    def run(on_event: Callable[[int], None] | None = None) -> Collection:
         return trio.run(
             functools.partial(
                 collect, url, count=count, timeout=timeout, headers=parsed_headers,

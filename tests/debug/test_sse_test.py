@@ -8,7 +8,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
 from carapace.debug.sse_test import Collection, Sample, analyse, percentile, sample_from_event
+from helpers.deployment import Deployment, deployment
 from helpers.procs import free_port, running, script
 
 # ---------------------------------------------------------------- analysis (no I/O)
@@ -163,3 +165,26 @@ def test_measure_unreachable_exits_2() -> None:
 def test_measure_non_sse_endpoint_exits_2(served: str) -> None:
     code, report = measure_json(f"{served}/echo")
     assert code == 2 and "text/event-stream" in report["error"]
+
+
+# ---------------------------------------------------------------- through the tunnel
+
+
+@pytest.fixture(scope="module")
+def tunnel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    with deployment(tmp_path_factory.mktemp("sse-test")) as d:
+        yield d
+
+
+def test_measure_through_the_tunnel_is_real_time(tunnel: Deployment) -> None:
+    code, report = measure_json(tunnel.url("/events?interval_ms=30"), "--count", "15")
+    assert code == 0, report
+    assert report["verdict"] == "real-time" and report["events"] == 15
+    assert report["p99_ms"] < 250 and report["bursts"]["count"] == 0
+
+
+def test_measure_through_the_tunnel_catches_a_buffering_upstream(tunnel: Deployment) -> None:
+    url = tunnel.url("/sse-buffered?count=10&interval_ms=80&hold_ms=400")
+    code, report = measure_json(url, "--count", "10")
+    assert code == 1, report
+    assert report["buffered"] is True and report["bursts"]["largest"] >= 3

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+
 from carapace.debug.upstream import UpstreamServer, pattern_bytes, serve_upstream
 from carapace.protocol.sse import Comment, Event, SseParser
 from helpers.procs import free_port, running
