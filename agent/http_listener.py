@@ -14,6 +14,7 @@ from http import HTTPStatus
 
 import h11
 import trio
+
 from carapace.protocol.flow import flow_cost
 from carapace.protocol.messages import (
     Data,

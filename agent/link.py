@@ -8,6 +8,7 @@ import random
 from dataclasses import dataclass
 
 import trio
+
 from carapace.protocol.errors import ProtocolError
 from carapace.protocol.handshake import NONCE_SIZE, AgentHandshake, HandshakeError
 from carapace.protocol.messages import (

@@ -8,6 +8,7 @@ import sys
 
 import click
 import trio
+
 from carapace.server.logconfig import setup_logging
 from carapace.server.options import HOST_PORT, find_oserror, parse_hostport
 from carapace.server.tokens import TokenFileError, load_agent_token
@@ -87,6 +88,8 @@ _STOP_SIGNALS = (15, 2)  # SIGTERM, SIGINT
               help="How long a local request waits for the tunnel before failing with 502.")
 @click.option("--header-timeout", type=float, default=10.0, show_default=True,
               help="Close local HTTP clients that do not send their request in time.")
+@click.option("--idle-timeout", type=float, default=15.0, show_default=True,
+              help="Drop a tunnel link silent for this long (pings every third of it).")
 @click.option("--log-level", default="info", envvar="CARAPACE_LOG_LEVEL", show_default=True)
 @click.option("--log-json", is_flag=True, envvar="CARAPACE_LOG_JSON")
 @click.pass_context
@@ -99,6 +102,7 @@ def main(
     sse_keepalive: float,
     link_wait: float,
     header_timeout: float,
+    idle_timeout: float,
     log_level: str,
     log_json: bool,
 ) -> None:
@@ -123,7 +127,8 @@ def main(
         ))
     if not listeners and not cli_socket:
         raise click.UsageError("nothing to serve: give --expose TOOL=PORT and/or --cli-socket")
-    link_config = LinkConfig(server_host=host, server_port=port, agent=agent, token=token)
+    link_config = LinkConfig(server_host=host, server_port=port, agent=agent, token=token,
+                             idle_timeout=idle_timeout, ping_interval=idle_timeout / 3)
     try:
         trio.run(run_agent, link_config, listeners, cli_socket)
     except KeyboardInterrupt:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 import trio
+
 from carapace.protocol.errors import ProtocolError
 from carapace.protocol.flow import ReceiveWindow, SendWindow, flow_cost
 from carapace.protocol.messages import Cancel, Credit, Message, RequestMessage

@@ -13,6 +13,7 @@ from typing import Literal
 
 import httpx
 import trio
+
 from carapace.protocol.flow import DEFAULT_WINDOW
 from carapace.protocol.framing import DEFAULT_MAX_FRAME
 from carapace.protocol.messages import CliRequest, HttpRequest, Message, RequestFailed

@@ -16,6 +16,7 @@ import math
 from collections.abc import AsyncIterator
 
 import trio
+
 from carapace.protocol.errors import ProtocolError
 from carapace.protocol.framing import FrameDecoder, encode
 from carapace.protocol.messages import Message

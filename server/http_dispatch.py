@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 import trio
+
 from carapace.protocol.messages import (
     Data,
     End,

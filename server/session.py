@@ -8,6 +8,7 @@ import time
 from typing import TYPE_CHECKING
 
 import trio
+
 from carapace.protocol.errors import ProtocolError
 from carapace.protocol.handshake import NONCE_SIZE, HandshakeError, ServerHandshake
 from carapace.protocol.messages import (

@@ -6,6 +6,7 @@ import math
 from typing import TYPE_CHECKING
 
 import trio
+
 from carapace.protocol.flow import ReceiveWindow, SendWindow, flow_cost
 from carapace.protocol.messages import Credit, Message, RequestMessage
 

@@ -34,8 +34,8 @@ tools:
     timeout_secs: 1
   nowhere:
     type: http
-    upstream: "http://127.0.0.1:%d"
-""" % free_port()
+    upstream: "http://127.0.0.1:PORT"
+""".replace("PORT", str(free_port()))
 
 
 @pytest.fixture(scope="module")
