@@ -17,9 +17,11 @@ def cli() -> None:
 
 def _register() -> None:
     # Commands register themselves here, one import each.
+    from carapace.debug.policy_cmd import policy
     from carapace.debug.sse_test import sse_test
 
     cli.add_command(sse_test)
+    cli.add_command(policy)
 
 
 _register()
