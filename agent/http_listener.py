@@ -244,7 +244,8 @@ class _Connection:
         try:
             first = await stream.receive()
         except StreamLost as exc:
-            await self._simple(502, "tunnel_down", f"tunnel link lost before the answer: {exc}")
+            await self._simple(502, "tunnel_down", f"no answer: {exc}; the agent keeps "
+                               "reconnecting, retry shortly")
             return
         if isinstance(first, RequestFailed):
             stream.close()

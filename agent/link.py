@@ -1,4 +1,12 @@
-"""The agent's tunnel link: dial, authenticate, keep alive, reconnect forever."""
+"""The agent's tunnel: dial, authenticate, keep alive, reconnect and resume, forever.
+
+A *session* (:class:`ClientSession`) outlives links. When a link drops, local
+requests keep their connections and their streams stay open; the agent
+reconnects with the session id and the count of frames it has received, and
+both sides resend what the other missed (``protocol/resume.py``). Only if the
+server cannot resume (it restarted, its grace expired, it said goodbye, or it
+is plainly not running) do the open streams end — cleanly and at once.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +18,10 @@ from dataclasses import dataclass
 import trio
 
 from carapace.protocol.errors import ProtocolError
+from carapace.protocol.framing import encode
 from carapace.protocol.handshake import NONCE_SIZE, AgentHandshake, HandshakeError
 from carapace.protocol.messages import (
+    Ack,
     Challenge,
     GoAway,
     Message,
@@ -20,6 +30,13 @@ from carapace.protocol.messages import (
     Reject,
     RequestMessage,
     Welcome,
+)
+from carapace.protocol.resume import (
+    DEFAULT_REPLAY_LIMIT,
+    ReceiveCounter,
+    ReplayBuffer,
+    ReplayOverflow,
+    is_numbered,
 )
 from carapace.server.framelink import FrameReader, FrameWriter, LinkClosed
 
@@ -41,21 +58,54 @@ class LinkConfig:
     backoff_initial: float = 0.2
     backoff_max: float = 10.0
     max_frame: int = 16 * 1024 * 1024
+    resume_timeout: float = 30.0
+    replay_limit: int = DEFAULT_REPLAY_LIMIT
 
 
-class ActiveLink:
-    """One authenticated connection; what the multiplexer sends through."""
+class ClientSession:
+    """The agent's side of one server session; what the multiplexer sends through."""
 
-    def __init__(self, writer: FrameWriter, window: int) -> None:
-        self.writer = writer
+    def __init__(self, session_id: bytes, window: int, replay_limit: int) -> None:
+        self.session_id = session_id
         self.window = window
+        self.replay = ReplayBuffer(replay_limit)
+        self.counter = ReceiveCounter()
+        self.writer: FrameWriter | None = None
         self.accepting = True
+        self.broken: str | None = None
 
     def send(self, msg: Message) -> None:
-        try:
-            self.writer.send(msg)
-        except LinkClosed:
-            raise LinkDown("the tunnel link is closing") from None
+        if self.broken is not None:
+            raise LinkDown(self.broken)
+        frame = encode(msg)
+        if is_numbered(msg):
+            try:
+                self.replay.record(frame)
+            except ReplayOverflow as exc:
+                self.broken = f"too much unacknowledged data for the server ({exc})"
+                raise LinkDown(self.broken) from None
+        writer = self.writer
+        if writer is not None:
+            try:
+                writer.send_bytes(frame)
+            except LinkClosed:
+                pass  # replayed on the next link
+
+    def attach(self, writer: FrameWriter, peer_received: int) -> int:
+        """Make ``writer`` current and resend what the server missed; return how many."""
+        frames = self.replay.replay_after(peer_received)
+        for frame in frames:
+            writer.send_bytes(frame)
+        self.writer = writer
+        return len(frames)
+
+
+class _Outcome:
+    """How one connection attempt ended, for the reconnect loop."""
+
+    def __init__(self, reason: str, *, resumable: bool = True) -> None:
+        self.reason = reason
+        self.resumable = resumable
 
 
 class TunnelClient:
@@ -64,25 +114,63 @@ class TunnelClient:
         self.mux = mux
         self.connected = trio.Event()
         self.sessions = 0
+        self.links = 0
         self.last_rtt: float | None = None
+        self.session: ClientSession | None = None
+        self._suspended_since: float | None = None
+        self._session_ok = False
 
     async def run(self) -> None:
         """Connect, serve, and on any failure reconnect with backoff and jitter, forever."""
         cfg = self.config
         delay = cfg.backoff_initial
-        while True:
-            reason = await self._connect_once()
-            if self.mux.link is not None or reason is None:
-                reason = reason or "link closed"
-            self.mux.link_down(f"tunnel to the Carapace server is down ({reason})")
-            if self._session_ok:
-                delay = cfg.backoff_initial
-            sleep = delay * random.uniform(0.5, 1.0)
-            log.info("reconnecting to %s:%d in %.1f s", cfg.server_host, cfg.server_port, sleep)
-            await trio.sleep(sleep)
-            delay = min(delay * 2, cfg.backoff_max)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._expire_suspended)
+            while True:
+                outcome = await self._connect_once()
+                self._after_link(outcome)
+                if self._session_ok:
+                    delay = cfg.backoff_initial
+                sleep = delay * random.uniform(0.5, 1.0)
+                log.info("reconnecting to %s:%d in %.1f s", cfg.server_host, cfg.server_port,
+                         sleep)
+                await trio.sleep(sleep)
+                delay = min(delay * 2, cfg.backoff_max)
 
-    async def _connect_once(self) -> str | None:
+    def _after_link(self, outcome: _Outcome) -> None:
+        session = self.session
+        reason = f"tunnel to the Carapace server is down ({outcome.reason})"
+        if session is None:
+            self.mux.link_down(reason)
+            return
+        if not outcome.resumable or session.broken is not None or not session.accepting:
+            self._end_session(reason if session.broken is None else session.broken)
+            return
+        session.writer = None
+        if self._suspended_since is None:
+            self._suspended_since = trio.current_time()
+            log.warning("tunnel link lost (%s); keeping %d open request(s) for up to %.0f s "
+                        "while reconnecting", outcome.reason, len(self.mux.streams),
+                        self.config.resume_timeout)
+        self.mux.link_suspended(reason)
+
+    def _end_session(self, reason: str) -> None:
+        if self.mux.streams:
+            log.warning("ending %d open request(s): %s", len(self.mux.streams), reason)
+        self.session = None
+        self._suspended_since = None
+        self.mux.link_down(reason)
+
+    async def _expire_suspended(self) -> None:
+        while True:
+            await trio.sleep(0.25)
+            since = self._suspended_since
+            if since is not None and trio.current_time() - since > self.config.resume_timeout:
+                self._end_session(
+                    f"the tunnel was down for more than {self.config.resume_timeout:.0f} s"
+                )
+
+    async def _connect_once(self) -> _Outcome:
         cfg = self.config
         self._session_ok = False
         try:
@@ -91,40 +179,49 @@ class TunnelClient:
         except (OSError, trio.TooSlowError) as exc:
             reason = f"cannot connect to {cfg.server_host}:{cfg.server_port}: {_why(exc)}"
             log.warning("%s", reason)
-            return reason
+            # Refused: nothing listens there, so the server restarted or is gone and
+            # no session of ours survives; anything else may be a passing outage.
+            refused = _is_refused(exc)
+            return _Outcome(reason, resumable=not refused)
+        self.links += 1
         async with stream:
             writer = FrameWriter(stream)
             reader = FrameReader(stream, cfg.max_frame)
-            result: list[str] = []
+            result: list[_Outcome] = []
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._write, writer, nursery.cancel_scope, result)
                 try:
-                    reason = await self._session(stream, reader, writer, nursery)
+                    outcome = await self._session(reader, writer, nursery, result)
                 except (ProtocolError, LinkClosed, trio.BrokenResourceError,
                         trio.ClosedResourceError, OSError) as exc:
-                    reason = _why(exc)
-                    log.warning("tunnel link lost: %s", reason)
-                result.append(reason)
+                    outcome = _Outcome(_why(exc))
+                    log.warning("tunnel link lost: %s", outcome.reason)
+                result.append(outcome)
                 writer.close()
                 nursery.cancel_scope.deadline = trio.current_time() + 1.0
-            return result[0] if result else "link closed"
+            if self.session is not None and self.session.writer is writer:
+                self.session.writer = None
+            return result[0] if result else _Outcome("link closed")
 
     async def _write(self, writer: FrameWriter, scope: trio.CancelScope,
-                     result: list[str]) -> None:
+                     result: list[_Outcome]) -> None:
         try:
             await writer.run()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             writer.closed = True
-            result.append(f"write failed: {_why(exc)}")
+            result.append(_Outcome(f"write failed: {_why(exc)}"))
             scope.cancel()
 
-    async def _session(self, stream: trio.SocketStream, reader: FrameReader,
-                       writer: FrameWriter, nursery: trio.Nursery) -> str:
+    async def _handshake(self, reader: FrameReader, writer: FrameWriter) -> Welcome | _Outcome:
         cfg = self.config
         hs = AgentHandshake(cfg.agent, cfg.token, os.urandom(NONCE_SIZE))
+        session = self.session
         try:
             with trio.fail_after(cfg.handshake_timeout):
-                writer.send(hs.hello())
+                writer.send(hs.hello(
+                    resume=session.session_id if session is not None else None,
+                    received=session.counter.received if session is not None else 0,
+                ))
                 challenge = await reader.receive()
                 if isinstance(challenge, Reject):
                     return self._rejected(challenge)
@@ -135,49 +232,82 @@ class TunnelClient:
                 except HandshakeError as exc:
                     log.error("%s", exc)
                     writer.send(Reject(code=exc.code, message="server proof did not verify"))
-                    return str(exc)
+                    return _Outcome(str(exc))
                 welcome = await reader.receive()
                 if isinstance(welcome, Reject):
                     return self._rejected(welcome)
                 if not isinstance(welcome, Welcome):
                     raise ProtocolError(f"expected welcome, got {welcome.TYPE}")
+                return welcome
         except trio.TooSlowError:
             log.warning("handshake with the server timed out after %.0f s", cfg.handshake_timeout)
-            return "handshake timed out"
+            return _Outcome("handshake timed out")
+
+    async def _session(self, reader: FrameReader, writer: FrameWriter, nursery: trio.Nursery,
+                       result: list[_Outcome]) -> _Outcome:
+        cfg = self.config
+        welcome = await self._handshake(reader, writer)
+        if isinstance(welcome, _Outcome):
+            return welcome
         self._session_ok = True
-        self.sessions += 1
-        link = ActiveLink(writer, welcome.window)
-        log.info("connected to carapace-server %s at %s:%d as agent %s (protocol v%d)",
-                 welcome.server, cfg.server_host, cfg.server_port, cfg.agent, hs.version)
-        self.mux.link_up(link)
+        session = self.session
+        if session is not None and welcome.resumed and session.broken is None:
+            try:
+                replayed = session.attach(writer, welcome.received)
+            except ValueError as exc:
+                raise ProtocolError(f"server resumed at an impossible frame: {exc}") from None
+            log.info("resumed the session with carapace-server at %s:%d (%d frame(s) resent)",
+                     cfg.server_host, cfg.server_port, replayed)
+        else:
+            if session is not None:
+                self._end_session("the server could not resume the session (it restarted, or "
+                                  "the link was down longer than its resume grace)")
+            session = ClientSession(welcome.session, welcome.window, cfg.replay_limit)
+            session.writer = writer
+            self.session = session
+            self.sessions += 1
+            log.info("connected to carapace-server %s at %s:%d as agent %s",
+                     welcome.server, cfg.server_host, cfg.server_port, cfg.agent)
+        self._suspended_since = None
+        self.mux.link_up(session)
         self.connected.set()
         state = {"last_heard": trio.current_time()}
-        nursery.start_soon(self._keepalive, writer, state, nursery.cancel_scope)
+        nursery.start_soon(self._keepalive, writer, session, state, nursery.cancel_scope, result)
         async for msg in reader:
             state["last_heard"] = trio.current_time()
-            if isinstance(msg, RequestMessage):
-                self.mux.dispatch(msg)
-            elif isinstance(msg, Ping):
+            if isinstance(msg, Ping):
                 writer.send(Pong(nonce=msg.nonce))
-            elif isinstance(msg, Pong):
+                continue
+            if isinstance(msg, Pong):
                 sent = state.get(f"ping{msg.nonce}")
                 if sent is not None:
                     self.last_rtt = trio.current_time() - sent
+                continue
+            session.counter.count(msg)
+            if isinstance(msg, RequestMessage):
+                self.mux.dispatch(msg)
+            elif isinstance(msg, Ack):
+                try:
+                    session.replay.ack(msg.received)
+                except ValueError as exc:
+                    raise ProtocolError(str(exc)) from None
             elif isinstance(msg, GoAway):
                 log.info("server is going away: %s", msg.reason)
-                link.accepting = False
-            elif msg.TYPE == "ack":
-                pass
+                session.accepting = False
+                self.mux.link_suspended(f"the server is shutting down ({msg.reason})")
             else:
                 raise ProtocolError(f"unexpected {msg.TYPE} from the server")
-        return "server closed the connection"
+            if session.counter.ack_due():
+                writer.send(session.counter.make_ack())
+        return _Outcome("server closed the connection", resumable=session.accepting)
 
-    def _rejected(self, msg: Reject) -> str:
+    def _rejected(self, msg: Reject) -> _Outcome:
         log.error("server refused this agent (%s): %s", msg.code, msg.message)
-        return f"server refused the handshake: {msg.message}"
+        return _Outcome(f"server refused the handshake: {msg.message}", resumable=False)
 
-    async def _keepalive(self, writer: FrameWriter, state: dict[str, float],
-                         scope: trio.CancelScope) -> None:
+    async def _keepalive(self, writer: FrameWriter, session: ClientSession,
+                         state: dict[str, float], scope: trio.CancelScope,
+                         result: list[_Outcome]) -> None:
         cfg = self.config
         nonce = 0
         while True:
@@ -185,12 +315,29 @@ class TunnelClient:
             if trio.current_time() - state["last_heard"] > cfg.idle_timeout:
                 log.warning("no frame from the server for %.0f s; dropping the link",
                             cfg.idle_timeout)
+                result.append(_Outcome("keepalive timeout"))
                 scope.cancel()
                 return
             nonce += 1
             state[f"ping{nonce}"] = trio.current_time()
             state.pop(f"ping{nonce - 8}", None)
-            writer.send(Ping(nonce=nonce))
+            try:
+                if session.counter.received:
+                    writer.send(session.counter.make_ack())
+                writer.send(Ping(nonce=nonce))
+            except LinkClosed:
+                return
+
+
+def _is_refused(exc: BaseException | None) -> bool:
+    """True if every address we tried refused the connection (trio groups the attempts)."""
+    if isinstance(exc, ConnectionRefusedError):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_is_refused(inner) for inner in exc.exceptions)
+    if isinstance(exc, OSError) and exc.__cause__ is not None:
+        return _is_refused(exc.__cause__)
+    return False
 
 
 def _why(exc: BaseException) -> str:
@@ -198,4 +345,6 @@ def _why(exc: BaseException) -> str:
         return "timed out"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
+    if isinstance(exc, OSError) and isinstance(exc.__cause__, BaseExceptionGroup):
+        return "; ".join(sorted({_why(inner) for inner in exc.__cause__.exceptions}))
     return str(exc) or type(exc).__name__

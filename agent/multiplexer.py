@@ -31,9 +31,10 @@ class StreamLost(Exception):
 
 
 class Link(Protocol):
-    """What the multiplexer needs from the current tunnel link."""
+    """What the multiplexer sends through: the agent's session with the server."""
 
     window: int
+    accepting: bool
 
     def send(self, msg: Message) -> None: ...
 
@@ -137,6 +138,8 @@ class Multiplexer:
         self.streams: dict[int, AgentStream] = {}
         self._next_id = 1
         self.link: Link | None = None
+        self.ready = False
+        """A link is up and the server takes new requests."""
         self.down_reason = "not connected to the Carapace server yet"
         self._link_changed = trio.Event()
         self.requests_started = 0
@@ -144,11 +147,23 @@ class Multiplexer:
     # -- link lifecycle ----------------------------------------------------------------
     def link_up(self, link: Link) -> None:
         self.link = link
+        self.ready = True
+        self._signal()
+
+    def link_suspended(self, reason: str) -> None:
+        """The link dropped but the session may resume: keep streams, buffer what they send."""
+        self.ready = False
+        self.down_reason = reason
+        self._signal()
+
+    def _signal(self) -> None:
         self._link_changed.set()
         self._link_changed = trio.Event()
 
     def link_down(self, reason: str) -> None:
+        """The session is gone: every open stream ends now."""
         self.link = None
+        self.ready = False
         self.down_reason = reason
         for stream in list(self.streams.values()):
             stream.link_lost(reason)
@@ -173,7 +188,7 @@ class Multiplexer:
         deadline = trio.current_time() + wait
         while True:
             link = self.link
-            if link is not None and getattr(link, "accepting", True):
+            if link is not None and self.ready and link.accepting:
                 request_id = self._next_id
                 self._next_id += 1
                 stream = AgentStream(self, request_id, link.window)

@@ -20,7 +20,7 @@ from carapace.protocol.messages import CliRequest, HttpRequest, Message, Request
 
 from . import policy as policy_mod
 from .http_dispatch import forward_http, make_client
-from .session import AgentSession
+from .session import AgentSession, ServerLink, TooManyAgents
 from .streams import ServerStream
 
 log = logging.getLogger("carapace.server")
@@ -53,6 +53,8 @@ class ServerConfig:
     max_requests_per_agent: int = 10_000
     max_agents: int = 64
     drain_timeout: float = 10.0
+    resume_grace: float = 30.0
+    replay_limit: int = 64 * 1024 * 1024
 
 
 @dataclass
@@ -94,15 +96,39 @@ class Server:
         self.http_client: httpx.AsyncClient | None = None
         self.listeners: list[trio.SocketListener] = []
         self._accept_scope = trio.CancelScope()
+        self._nursery: trio.Nursery | None = None
 
     # -- sessions ---------------------------------------------------------------
-    def register(self, session: AgentSession) -> None:
-        old = self.sessions.get(session.agent)
-        if old is not None and old is not session:
-            log.warning("agent %s reconnected from %s; closing its old link from %s",
-                        session.agent, session.peer, old.peer)
-            old.close()
-        self.sessions[session.agent] = session
+    def resumable(self, agent: str, session_id: bytes | None,
+                  received: int) -> AgentSession | None:
+        """The agent's live session, if the one it asks to resume is still here."""
+        session = self.sessions.get(agent)
+        if session is None or session_id is None or session.ended:
+            return None
+        if session.session_id != session_id:
+            return None
+        if not session.replay.acked <= received <= session.replay.sent:
+            log.warning("agent %s asked to resume from frame %d, outside %d..%d; "
+                        "starting a new session", agent, received, session.replay.acked,
+                        session.replay.sent)
+            return None
+        return session
+
+    async def new_session(self, agent: str, version: int) -> AgentSession:
+        old = self.sessions.get(agent)
+        if old is None and len(self.sessions) >= self.config.max_agents:
+            raise TooManyAgents(
+                f"{len(self.sessions)} agents already have sessions (--max-agents); "
+                "try again later or raise the limit"
+            )
+        if old is not None:
+            log.warning("agent %s started a new session; ending its old one", agent)
+            old.end("the agent started a new session")
+        session = AgentSession(self, agent, version)
+        self.sessions[agent] = session
+        assert self._nursery is not None
+        await self._nursery.start(session.run)
+        return session
 
     def unregister(self, session: AgentSession) -> None:
         if self.sessions.get(session.agent) is session:
@@ -119,12 +145,7 @@ class Server:
         except OSError:
             peer = "?"
         self.stats.connections += 1
-        if len(self.sessions) >= self.config.max_agents:
-            log.warning("refusing connection from %s: %d agents connected (--max-agents)",
-                        peer, len(self.sessions))
-            await stream.aclose()
-            return
-        await AgentSession(self, stream, peer).run()
+        await ServerLink(self, stream, peer).run()
 
     # -- requests ---------------------------------------------------------------
     async def handle_request(
@@ -194,6 +215,7 @@ class Server:
             self.listeners = await trio.open_tcp_listeners(
                 self.config.listen_port, host=self.config.listen_host
             )
+            self._nursery = nursery
             nursery.start_soon(self._accept, self.listeners)
             for listener in self.listeners:
                 host, port = listener.socket.getsockname()[:2]

@@ -37,6 +37,9 @@ log = logging.getLogger("carapace.server")
 @click.option("--max-agents", type=int, default=64, show_default=True)
 @click.option("--drain-timeout", type=float, default=10.0, show_default=True,
               help="On SIGTERM, how long in-flight requests may finish.")
+@click.option("--resume-grace", type=float, default=30.0, show_default=True,
+              help="How long a dropped agent's session (its requests and processes) waits "
+              "for the agent to reconnect and resume.")
 @click.option("--log-level", default="info", envvar="CARAPACE_LOG_LEVEL", show_default=True)
 @click.option("--log-json", is_flag=True, envvar="CARAPACE_LOG_JSON",
               help="Log JSON lines (for journald/Loki pipelines).")
@@ -52,6 +55,7 @@ def main(
     max_requests_per_agent: int,
     max_agents: int,
     drain_timeout: float,
+    resume_grace: float,
     log_level: str,
     log_json: bool,
 ) -> None:
@@ -78,6 +82,7 @@ def main(
         max_requests_per_agent=max_requests_per_agent,
         max_agents=max_agents,
         drain_timeout=drain_timeout,
+        resume_grace=resume_grace,
     )
     server = Server(config, policy, tokens)
     log.info("loaded policy %s (%d tools) and %d agent token(s)", policy_file,

@@ -1,4 +1,13 @@
-"""One authenticated agent link on the server: handshake, reader, writer, requests."""
+"""Agent links and agent sessions on the server.
+
+A *link* is one TCP connection: handshake, reader, writer, keepalive. A
+*session* is what an authenticated agent has on this server — its requests,
+their upstream calls and child processes — and it outlives links: when a link
+drops, the session waits ``--resume-grace`` seconds for the agent to come back
+and then replays every frame the agent has not acknowledged
+(``protocol/resume.py``). Only when the grace runs out are its requests
+cancelled.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +19,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from carapace.protocol.errors import ProtocolError
+from carapace.protocol.framing import encode
 from carapace.protocol.handshake import NONCE_SIZE, HandshakeError, ServerHandshake
 from carapace.protocol.messages import (
     HANDSHAKE_MESSAGES,
@@ -32,6 +42,7 @@ from carapace.protocol.messages import (
     Signal,
     Welcome,
 )
+from carapace.protocol.resume import ReceiveCounter, ReplayBuffer, ReplayOverflow, is_numbered
 
 from .framelink import FrameReader, FrameWriter, LinkClosed
 from .streams import ServerStream
@@ -42,175 +53,134 @@ if TYPE_CHECKING:
 log = logging.getLogger("carapace.server")
 
 
-class AgentSession:
-    """A live link to one agent. Owns the socket's writer task and the requests on it."""
+class TooManyAgents(Exception):
+    """The server already holds ``--max-agents`` sessions."""
 
-    def __init__(self, server: Server, stream: trio.SocketStream, peer: str) -> None:
+
+class AgentSession:
+    """One agent's session: its requests survive link drops for the resume grace."""
+
+    def __init__(self, server: Server, agent: str, version: int) -> None:
         self.server = server
-        self.stream = stream
-        self.peer = peer
-        self.agent = "?"
-        self.version = 0
-        self.session_id = b""
+        self.agent = agent
+        self.version = version
+        self.session_id = os.urandom(16)
         self.connected_at = time.time()
-        self.writer = FrameWriter(stream)
-        self.reader = FrameReader(stream, server.config.max_frame)
+        self.peer = "?"
         self.streams: dict[int, ServerStream] = {}
         self.highest_id = 0
         self.last_rtt: float | None = None
-        self._ping_sent: dict[int, float] = {}
-        self._last_heard = trio.current_time()
+        self.replay = ReplayBuffer(server.config.replay_limit)
+        self.counter = ReceiveCounter()
+        self.link: ServerLink | None = None
+        # The last link's reader and writer, for byte and frame counters.
+        self.reader: FrameReader | None = None
+        self.writer: FrameWriter | None = None
+        self.links = 0
         self.cancel_scope = trio.CancelScope()
-        self._writer_scope = trio.CancelScope()
-        self.close_reason = ""
         self.nursery: trio.Nursery | None = None
+        self.close_reason = ""
+        self.ended = False
+        self._link_changed = trio.Event()
+
+    @property
+    def attached(self) -> bool:
+        return self.link is not None
 
     # -- sending ---------------------------------------------------------------
     def send(self, msg: Message) -> None:
+        """Queue a frame to the agent; kept for replay until acknowledged."""
+        if self.ended:
+            raise LinkClosed("session ended")
         if self.server.frame_observers:
             self.server.observe(self, "out", msg)
-        self.writer.send(msg)
+        frame = encode(msg)
+        if is_numbered(msg):
+            try:
+                self.replay.record(frame)
+            except ReplayOverflow as exc:
+                self.end(f"too much unacknowledged data, cannot resume: {exc}")
+                raise LinkClosed("session ended") from None
         self.server.stats.frames_out += 1
+        link = self.link
+        if link is not None:
+            try:
+                link.writer.send_bytes(frame)
+            except LinkClosed:
+                pass  # kept in the replay buffer for the next link
 
     # -- lifecycle ---------------------------------------------------------------
-    async def run(self) -> None:
-        """Handshake, then serve until the link ends. Never raises for peer misbehaviour."""
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._write)
-            try:
-                with self.cancel_scope:
-                    await self._run_link()
-            finally:
-                for stream in list(self.streams.values()):
-                    stream.cancel("link lost")
-                self.writer.close()
-                # Let queued frames (a Reject, a GoAway) out, but never wait on a dead peer.
-                self._writer_scope.deadline = trio.current_time() + 1.0
-        with trio.move_on_after(1) as scope:
-            scope.shield = True
-            await self.stream.aclose()
-
-    async def _write(self) -> None:
-        with self._writer_scope:
-            try:
-                await self.writer.run()
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                self.writer.closed = True
-                self.close_reason = self.close_reason or f"write failed: {exc}"
-                self.cancel_scope.cancel()
-
-    async def _run_link(self) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The session's own task: hosts its requests until it ends."""
         try:
-            with trio.fail_after(self.server.config.handshake_timeout):
-                ok = await self._handshake()
-        except trio.TooSlowError:
-            log.warning(
-                "handshake from %s timed out after %.0f s; closing",
-                self.peer,
-                self.server.config.handshake_timeout,
-            )
-            self.server.stats.handshake_failures += 1
-            return
-        except (ProtocolError, LinkClosed, trio.BrokenResourceError, trio.ClosedResourceError,
-                OSError) as exc:
-            if self.reader.bytes_received == 0:
-                # A port probe or health check, not an agent.
-                log.info("connection from %s closed before the handshake", self.peer)
-            else:
-                log.warning("handshake from %s failed: %s", self.peer, exc)
-                self.server.stats.handshake_failures += 1
-            return
-        if ok:
-            try:
-                await self._serve()
-            finally:
-                log.info("agent %s (%s) disconnected: %s", self.agent, self.peer,
-                         self.close_reason or "closed")
-
-    async def _handshake(self) -> bool:
-        first = await self.reader.receive()
-        if not isinstance(first, Hello):
-            raise ProtocolError(f"expected hello, got {first.TYPE}")
-        server = self.server
-        token = server.tokens.get(first.agent)
-        try:
-            hs = ServerHandshake(first, token, os.urandom(NONCE_SIZE), server.decoy_key)
-            self.writer.send(hs.challenge())
-            auth = await self.reader.receive()
-            if isinstance(auth, Reject):
-                log.warning(
-                    "agent %r at %s refused our proof: %r", first.agent[:40], self.peer,
-                    auth.message[:200],
-                )
-                server.stats.handshake_failures += 1
-                return False
-            if not isinstance(auth, Auth):
-                raise ProtocolError(f"expected auth, got {auth.TYPE}")
-            hs.verify(auth)
-        except HandshakeError as exc:
-            log.warning(
-                "handshake from %s (agent %r) failed: %s", self.peer, first.agent[:40], exc
-            )
-            server.stats.handshake_failures += 1
-            self.writer.send(Reject(code=exc.code, message=str(exc)))
-            return False
-        self.agent = first.agent
-        self.version = hs.version
-        self.session_id = os.urandom(16)
-        self.writer.send(
-            Welcome(
-                session=self.session_id,
-                window=server.config.window,
-                max_frame=server.config.max_frame,
-                server=server.version,
-            )
-        )
-        server.register(self)
-        log.info("agent %s connected from %s (protocol v%d)", self.agent, self.peer, self.version)
-        return True
-
-    async def _serve(self) -> None:
-        try:
-            async with trio.open_nursery() as nursery:
-                self.nursery = nursery
-                nursery.start_soon(self._keepalive)
-                try:
-                    async for msg in self.reader:
-                        self._last_heard = trio.current_time()
-                        if self.server.frame_observers:
-                            self.server.observe(self, "in", msg)
-                        self.server.stats.frames_in += 1
-                        self._dispatch(msg)
-                    self.close_reason = "agent closed the connection"
-                except ProtocolError as exc:
-                    self.server.stats.protocol_errors += 1
-                    self.close_reason = f"protocol error: {exc}"
-                    log.warning("agent %s (%s) broke the protocol: %s; closing its link",
-                                self.agent, self.peer, exc)
-                except (LinkClosed, trio.BrokenResourceError, trio.ClosedResourceError,
-                        OSError) as exc:
-                    self.close_reason = f"link broken: {exc}"
-                nursery.cancel_scope.cancel()
+            with self.cancel_scope:
+                async with trio.open_nursery() as nursery:
+                    self.nursery = nursery
+                    task_status.started()
+                    nursery.start_soon(self._expire_when_abandoned)
         finally:
+            self.ended = True
+            for stream in list(self.streams.values()):
+                stream.cancel("session ended")
             self.server.unregister(self)
+            log.info("session of agent %s ended: %s", self.agent, self.close_reason or "closed")
 
-    async def _keepalive(self) -> None:
-        cfg = self.server.config
-        nonce = 0
+    async def _expire_when_abandoned(self) -> None:
+        grace = self.server.config.resume_grace
         while True:
-            await trio.sleep(cfg.ping_interval)
-            if trio.current_time() - self._last_heard > cfg.idle_timeout:
-                self.close_reason = f"no frame for {cfg.idle_timeout:.0f} s (keepalive timeout)"
-                self.cancel_scope.cancel()
-                return
-            nonce += 1
-            self._ping_sent[nonce] = trio.current_time()
-            if len(self._ping_sent) > 8:
-                self._ping_sent.pop(min(self._ping_sent))
-            self.send(Ping(nonce=nonce))
+            while self.link is not None:
+                await self._link_changed.wait()
+            with trio.move_on_after(grace):
+                while self.link is None:
+                    await self._link_changed.wait()
+                continue
+            self.end(f"the agent did not come back within {grace:.0f} s")
+            return
 
-    # -- dispatch --------------------------------------------------------------
-    def _dispatch(self, msg: Message) -> None:
+    def attach(self, link: ServerLink, peer_received: int) -> None:
+        """Make ``link`` current and resend what the agent has not received."""
+        if self.link is not None and self.link is not link:
+            self.link.close("replaced by a newer link of the same session")
+        self.link = link
+        self.peer = link.peer
+        self.reader = link.reader
+        self.writer = link.writer
+        self.links += 1
+        for frame in self.replay.replay_after(peer_received):
+            link.writer.send_bytes(frame)
+        self._link_changed.set()
+        self._link_changed = trio.Event()
+
+    def detach(self, link: ServerLink) -> None:
+        if self.link is link:
+            self.link = None
+            self._link_changed.set()
+            self._link_changed = trio.Event()
+
+    def end(self, reason: str) -> None:
+        """End the session now: cancel its requests and close its link."""
+        if not self.close_reason:
+            self.close_reason = reason
+        if self.link is not None:
+            self.link.close(reason)
+        self.cancel_scope.cancel()
+
+    def close(self) -> None:
+        self.end("closed by the server")
+
+    def go_away(self, reason: str) -> None:
+        try:
+            self.send(GoAway(reason=reason))
+        except LinkClosed:
+            pass
+
+    # -- receiving -------------------------------------------------------------
+    def receive(self, msg: Message) -> None:
+        """Handle one frame from the agent (called by the current link's reader)."""
+        self.counter.count(msg)
+        if self.server.frame_observers:
+            self.server.observe(self, "in", msg)
+        self.server.stats.frames_in += 1
         if isinstance(msg, RequestMessage):
             if isinstance(msg, HttpRequest | CliRequest):
                 self._start_request(msg)
@@ -232,14 +202,11 @@ class AgentSession:
                     raise ProtocolError(f"request {msg.id}: agent ignored flow control")
             else:
                 raise ProtocolError(f"agent sent a server-only message: {msg.TYPE}")
-        elif isinstance(msg, Ping):
-            self.send(Pong(nonce=msg.nonce))
-        elif isinstance(msg, Pong):
-            sent = self._ping_sent.pop(msg.nonce, None)
-            if sent is not None:
-                self.last_rtt = trio.current_time() - sent
         elif isinstance(msg, Ack):
-            pass
+            try:
+                self.replay.ack(msg.received)
+            except ValueError as exc:
+                raise ProtocolError(str(exc)) from None
         elif type(msg) in HANDSHAKE_MESSAGES:
             raise ProtocolError(f"handshake message {msg.TYPE} after the session started")
         else:
@@ -288,11 +255,182 @@ class AgentSession:
             stream.close_inbox()
             self.streams.pop(msg.id, None)
 
-    def go_away(self, reason: str) -> None:
-        try:
-            self.send(GoAway(reason=reason))
-        except LinkClosed:
-            pass
 
-    def close(self) -> None:
+class ServerLink:
+    """One TCP connection from an agent: handshake, then frames for its session."""
+
+    def __init__(self, server: Server, stream: trio.SocketStream, peer: str) -> None:
+        self.server = server
+        self.stream = stream
+        self.peer = peer
+        self.writer = FrameWriter(stream)
+        self.reader = FrameReader(stream, server.config.max_frame)
+        self.session: AgentSession | None = None
+        self.cancel_scope = trio.CancelScope()
+        self._writer_scope = trio.CancelScope()
+        self.close_reason = ""
+        self._ping_sent: dict[int, float] = {}
+        self._last_heard = trio.current_time()
+
+    def close(self, reason: str) -> None:
+        if not self.close_reason:
+            self.close_reason = reason
         self.cancel_scope.cancel()
+
+    async def run(self) -> None:
+        """Handshake, then serve until the link ends. Never raises for peer misbehaviour."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._write)
+            try:
+                with self.cancel_scope:
+                    await self._run()
+            finally:
+                if self.session is not None:
+                    self.session.detach(self)
+                self.writer.close()
+                # Let queued frames (a Reject, a GoAway) out, but never wait on a dead peer.
+                self._writer_scope.deadline = trio.current_time() + 1.0
+        with trio.move_on_after(1) as scope:
+            scope.shield = True
+            await self.stream.aclose()
+
+    async def _write(self) -> None:
+        with self._writer_scope:
+            try:
+                await self.writer.run()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                self.writer.closed = True
+                self.close(f"write failed: {exc}")
+
+    async def _run(self) -> None:
+        try:
+            with trio.fail_after(self.server.config.handshake_timeout):
+                session = await self._handshake()
+        except trio.TooSlowError:
+            log.warning(
+                "handshake from %s timed out after %.0f s; closing",
+                self.peer,
+                self.server.config.handshake_timeout,
+            )
+            self.server.stats.handshake_failures += 1
+            return
+        except (ProtocolError, LinkClosed, trio.BrokenResourceError, trio.ClosedResourceError,
+                OSError) as exc:
+            if self.reader.bytes_received == 0:
+                # A port probe or health check, not an agent.
+                log.info("connection from %s closed before the handshake", self.peer)
+            else:
+                log.warning("handshake from %s failed: %s", self.peer, exc)
+                self.server.stats.handshake_failures += 1
+            return
+        if session is None:
+            return
+        try:
+            await self._serve(session)
+        finally:
+            log.info("agent %s (%s) link closed: %s", session.agent, self.peer,
+                     self.close_reason or "closed")
+
+    async def _handshake(self) -> AgentSession | None:
+        first = await self.reader.receive()
+        if not isinstance(first, Hello):
+            raise ProtocolError(f"expected hello, got {first.TYPE}")
+        server = self.server
+        token = server.tokens.get(first.agent)
+        try:
+            hs = ServerHandshake(first, token, os.urandom(NONCE_SIZE), server.decoy_key)
+            self.writer.send(hs.challenge())
+            auth = await self.reader.receive()
+            if isinstance(auth, Reject):
+                log.warning(
+                    "agent %r at %s refused our proof: %r", first.agent[:40], self.peer,
+                    auth.message[:200],
+                )
+                server.stats.handshake_failures += 1
+                return None
+            if not isinstance(auth, Auth):
+                raise ProtocolError(f"expected auth, got {auth.TYPE}")
+            hs.verify(auth)
+        except HandshakeError as exc:
+            log.warning(
+                "handshake from %s (agent %r) failed: %s", self.peer, first.agent[:40], exc
+            )
+            server.stats.handshake_failures += 1
+            self.writer.send(Reject(code=exc.code, message=str(exc)))
+            return None
+        session = server.resumable(first.agent, first.resume, first.received)
+        resumed = session is not None
+        if session is None:
+            try:
+                session = await server.new_session(first.agent, hs.version)
+            except TooManyAgents as exc:
+                log.warning("refusing agent %s from %s: %s", first.agent, self.peer, exc)
+                self.writer.send(Reject(code="limit", message=str(exc)))
+                return None
+        self.session = session
+        self.writer.send(
+            Welcome(
+                session=session.session_id,
+                window=server.config.window,
+                max_frame=server.config.max_frame,
+                server=server.version,
+                resumed=resumed,
+                received=session.counter.received,
+            )
+        )
+        session.attach(self, first.received if resumed else 0)
+        if resumed:
+            log.info("agent %s resumed its session from %s (%d frames replayed)",
+                     session.agent, self.peer, session.replay.sent - session.replay.acked)
+        else:
+            log.info("agent %s connected from %s (protocol v%d)", session.agent, self.peer,
+                     session.version)
+        return session
+
+    async def _serve(self, session: AgentSession) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._keepalive, session)
+            try:
+                async for msg in self.reader:
+                    self._last_heard = trio.current_time()
+                    if isinstance(msg, Ping):
+                        self.writer.send(Pong(nonce=msg.nonce))
+                        continue
+                    if isinstance(msg, Pong):
+                        sent = self._ping_sent.pop(msg.nonce, None)
+                        if sent is not None:
+                            session.last_rtt = trio.current_time() - sent
+                        continue
+                    session.receive(msg)
+                    if session.counter.ack_due():
+                        self.writer.send(session.counter.make_ack())
+                self.close("agent closed the connection")
+            except ProtocolError as exc:
+                self.server.stats.protocol_errors += 1
+                self.close(f"protocol error: {exc}")
+                log.warning("agent %s (%s) broke the protocol: %s; ending its session",
+                            session.agent, self.peer, exc)
+                session.end(f"protocol error: {exc}")
+            except (LinkClosed, trio.BrokenResourceError, trio.ClosedResourceError,
+                    OSError) as exc:
+                self.close(f"link broken: {exc}")
+            nursery.cancel_scope.cancel()
+
+    async def _keepalive(self, session: AgentSession) -> None:
+        cfg = self.server.config
+        nonce = 0
+        while True:
+            await trio.sleep(cfg.ping_interval)
+            if trio.current_time() - self._last_heard > cfg.idle_timeout:
+                self.close(f"no frame for {cfg.idle_timeout:.0f} s (keepalive timeout)")
+                return
+            nonce += 1
+            self._ping_sent[nonce] = trio.current_time()
+            if len(self._ping_sent) > 8:
+                self._ping_sent.pop(min(self._ping_sent))
+            try:
+                if session.counter.received:
+                    self.writer.send(session.counter.make_ack())
+                self.writer.send(Ping(nonce=nonce))
+            except LinkClosed:
+                return
