@@ -4,8 +4,10 @@ Used by the demo, the end-to-end tests, the benchmarks and
 ``carapace-debug sse-test serve``. Run it alone with
 ``python -m carapace.debug.upstream --port P``.
 
-Routes (query parameters in brackets; all SSE streams honour ``Last-Event-ID``
-by resuming at the id after it):
+Routes (query parameters in brackets). Every SSE stream numbers its events
+1, 2, ... (``id`` and ``seq``), ``count`` being the last id, and honours
+``Last-Event-ID: N`` by carrying on at N+1 (so a resumed stream still ends at
+``count``):
 
 signal-cli-like
     ``POST /api/v1/rpc``      JSON-RPC 2.0, single object or batch array: ``version``,
@@ -24,6 +26,9 @@ generic
                               when generated but written in bursts every hold_ms: a
                               deliberately buffering upstream.
     ``GET /sse-forever``      [interval_ms=100] never ends.
+    ``GET /sse-flood``        [count=10000, size=300, batch=32] events as fast as the
+                              client takes them, ``batch`` events per write, each
+                              stamped with its own ``ts``: the throughput benchmark.
     ``GET /echo-header-sse``  [name, interval_ms=10] 3 events whose data carries the
                               value of request header ``name``.
     ``ANY /echo...``          200 JSON: method, path (raw target), headers as received,
@@ -509,7 +514,7 @@ class Upstream:
     def _route(path: str) -> tuple[_Handler | None, tuple[str, ...]]:
         if path in _ROUTES:
             return _ROUTES[path]
-        if path.startswith("/echo") and not path.startswith("/echo-header-sse"):
+        if path.startswith("/echo"):
             return _echo, ()
         if path.startswith("/status/"):
             return _status, ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH")
@@ -531,7 +536,7 @@ class Upstream:
         Event ``first`` goes out at once, each next one ``interval_ms`` later
         (deadline based, so the rate does not drift); each with one send_all.
         """
-        await self._sse_start(resp)
+        await self.sse_start(resp)
         try:
             start = trio.current_time()
             i = first
@@ -542,13 +547,13 @@ class Upstream:
                 i += 1
             await resp.end()
         finally:
-            self._sse_done(resp)
+            self.sse_done(resp)
 
-    async def _sse_start(self, resp: _Responder) -> None:
+    async def sse_start(self, resp: _Responder) -> None:
         self.stats.open_streams += 1
         await resp.start(200, list(_SSE_HEADERS))
 
-    def _sse_done(self, resp: _Responder) -> None:
+    def sse_done(self, resp: _Responder) -> None:
         self.stats.open_streams -= 1
         if resp.finished:
             self.stats.completed_streams += 1
@@ -713,12 +718,43 @@ async def _sse_forever(up: Upstream, req: _Request, resp: _Responder) -> None:
     await _sse_generic(up, req, resp, count=None, interval_ms=req.q_ms("interval_ms", 100.0))
 
 
+async def _sse_flood(up: Upstream, req: _Request, resp: _Responder) -> None:
+    # No timer and no per-event write: the per-event path (sleep_until, h11,
+    # send_all) tops out near 10,000 events/s, far below what a benchmark of
+    # the tunnel needs from its upstream.
+    count = req.q_int("count", 10_000, 0)
+    size = req.q_int("size", 300, 0, 1024 * 1024)
+    batch = req.q_int("batch", 32, 1, 100_000)
+    first = req.last_event_id() + 1
+    # The same bytes as _sse_block(data=_padded_json(...), id=...), formatted in one go.
+    pad = "x" * max(0, size - len(json.dumps({"seq": count, "ts": time.time(), "pad": ""})))
+    up.stats.open_streams += 1
+    await resp.start(200, list(_SSE_HEADERS))
+    try:
+        i = first
+        while i <= count:
+            last = min(count, i + batch - 1)
+            await resp.write("".join([
+                f'id: {seq}\ndata: {{"seq": {seq}, "ts": {time.time()!r}, "pad": "{pad}"}}\n\n'
+                for seq in range(i, last + 1)
+            ]).encode())
+            up.stats.events_sent += last - i + 1
+            i = last + 1
+        await resp.end()
+    finally:
+        up.stats.open_streams -= 1
+        if resp.finished:
+            up.stats.completed_streams += 1
+        else:
+            up.stats.cancelled_streams += 1
+
+
 async def _sse_buffered(up: Upstream, req: _Request, resp: _Responder) -> None:
     count = req.q_count("count", 10)
     interval = req.q_ms("interval_ms", 100.0) / 1000.0
     hold = req.q_ms("hold_ms", 500.0) / 1000.0
     first = req.last_event_id() + 1
-    await up._sse_start(resp)
+    await up.sse_start(resp)
     try:
         start = trio.current_time()
         pending: list[bytes] = []
@@ -748,7 +784,7 @@ async def _sse_buffered(up: Upstream, req: _Request, resp: _Responder) -> None:
             up.stats.events_sent += len(pending)
         await resp.end()
     finally:
-        up._sse_done(resp)
+        up.sse_done(resp)
 
 
 async def _echo_header_sse(up: Upstream, req: _Request, resp: _Responder) -> None:
@@ -836,6 +872,7 @@ _ROUTES: dict[str, tuple[_Handler, tuple[str, ...]]] = {
     "/sse": (_sse, _GET),
     "/sse-buffered": (_sse_buffered, _GET),
     "/sse-forever": (_sse_forever, _GET),
+    "/sse-flood": (_sse_flood, _GET),
     "/echo-header-sse": (_echo_header_sse, _GET),
     "/bytes": (_bytes, _GET),
     "/slow": (_slow, _GET),
