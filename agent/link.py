@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import ssl
 from dataclasses import dataclass
 
 import trio
@@ -60,6 +61,8 @@ class LinkConfig:
     max_frame: int = 16 * 1024 * 1024
     resume_timeout: float = 30.0
     replay_limit: int = DEFAULT_REPLAY_LIMIT
+    ssl_context: ssl.SSLContext | None = None
+    tls_server_name: str | None = None
 
 
 class ClientSession:
@@ -173,9 +176,23 @@ class TunnelClient:
     async def _connect_once(self) -> _Outcome:
         cfg = self.config
         self._session_ok = False
+        stream: trio.abc.Stream
         try:
             with trio.fail_after(cfg.connect_timeout):
-                stream = await trio.open_tcp_stream(cfg.server_host, cfg.server_port)
+                tcp = await trio.open_tcp_stream(cfg.server_host, cfg.server_port)
+                stream = tcp
+                if cfg.ssl_context is not None:
+                    tls = trio.SSLStream(tcp, cfg.ssl_context,
+                                         server_hostname=cfg.tls_server_name or cfg.server_host)
+                    try:
+                        await tls.do_handshake()
+                    except trio.BrokenResourceError as exc:
+                        await tcp.aclose()
+                        reason = f"TLS handshake with {cfg.server_host}:{cfg.server_port} " \
+                                 f"failed: {exc.__cause__ or exc}"
+                        log.error("%s", reason)
+                        return _Outcome(reason)
+                    stream = tls
         except (OSError, trio.TooSlowError) as exc:
             reason = f"cannot connect to {cfg.server_host}:{cfg.server_port}: {_why(exc)}"
             log.warning("%s", reason)
@@ -195,7 +212,13 @@ class TunnelClient:
                 except (ProtocolError, LinkClosed, trio.BrokenResourceError,
                         trio.ClosedResourceError, OSError) as exc:
                     outcome = _Outcome(_why(exc))
-                    log.warning("tunnel link lost: %s", outcome.reason)
+                    if not self._session_ok:
+                        hint = " (does the server expect TLS? then pass --tls-ca)" if (
+                            cfg.ssl_context is None) else ""
+                        log.warning("handshake with the server failed: %s%s", outcome.reason,
+                                    hint)
+                    else:
+                        log.warning("tunnel link lost: %s", outcome.reason)
                 result.append(outcome)
                 writer.close()
                 nursery.cancel_scope.deadline = trio.current_time() + 1.0

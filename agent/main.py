@@ -11,6 +11,7 @@ import trio
 
 from carapace.server.logconfig import setup_logging
 from carapace.server.options import HOST_PORT, find_oserror, parse_hostport
+from carapace.server.tls import TlsConfigError, agent_context
 from carapace.server.tokens import TokenFileError, load_agent_token
 
 from .http_listener import HttpListenerConfig, HttpToolListener
@@ -88,6 +89,18 @@ _STOP_SIGNALS = (15, 2)  # SIGTERM, SIGINT
               help="How long a local request waits for the tunnel before failing with 502.")
 @click.option("--header-timeout", type=float, default=10.0, show_default=True,
               help="Close local HTTP clients that do not send their request in time.")
+@click.option("--tls", "use_tls", is_flag=True, envvar="CARAPACE_TLS",
+              help="Connect over TLS, trusting the system CAs (implied by --tls-ca).")
+@click.option("--tls-ca", default=None, envvar="CARAPACE_TLS_CA",
+              help="Connect over TLS, trusting this CA (PEM) for the server certificate.")
+@click.option("--tls-cert", default=None, envvar="CARAPACE_TLS_CERT",
+              help="Client certificate (PEM) for servers that require one.")
+@click.option("--tls-key", default=None, envvar="CARAPACE_TLS_KEY",
+              help="Private key for --tls-cert (PEM).")
+@click.option("--tls-server-name", default=None,
+              help="Name to check in the server certificate (default: the --server host).")
+@click.option("--resume-timeout", type=float, default=30.0, show_default=True,
+              help="How long open requests wait for a dropped link to come back.")
 @click.option("--idle-timeout", type=float, default=15.0, show_default=True,
               help="Drop a tunnel link silent for this long (pings every third of it).")
 @click.option("--log-level", default="info", envvar="CARAPACE_LOG_LEVEL", show_default=True)
@@ -102,6 +115,12 @@ def main(
     sse_keepalive: float,
     link_wait: float,
     header_timeout: float,
+    use_tls: bool,
+    tls_ca: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+    tls_server_name: str | None,
+    resume_timeout: float,
     idle_timeout: float,
     log_level: str,
     log_json: bool,
@@ -127,8 +146,17 @@ def main(
         ))
     if not listeners and not cli_socket:
         raise click.UsageError("nothing to serve: give --expose TOOL=PORT and/or --cli-socket")
+    ssl_context = None
+    if use_tls or tls_ca or tls_cert:
+        try:
+            ssl_context = agent_context(tls_ca, tls_cert, tls_key)
+        except TlsConfigError as exc:
+            log.error("%s", exc)
+            sys.exit(2)
     link_config = LinkConfig(server_host=host, server_port=port, agent=agent, token=token,
-                             idle_timeout=idle_timeout, ping_interval=idle_timeout / 3)
+                             idle_timeout=idle_timeout, ping_interval=idle_timeout / 3,
+                             resume_timeout=resume_timeout, ssl_context=ssl_context,
+                             tls_server_name=tls_server_name)
     try:
         trio.run(run_agent, link_config, listeners, cli_socket)
     except KeyboardInterrupt:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -97,6 +98,7 @@ class Server:
         self.listeners: list[trio.SocketListener] = []
         self._accept_scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
+        self.ssl_context: ssl.SSLContext | None = None
 
     # -- sessions ---------------------------------------------------------------
     def resumable(self, agent: str, session_id: bytes | None,
@@ -145,7 +147,11 @@ class Server:
         except OSError:
             peer = "?"
         self.stats.connections += 1
-        await ServerLink(self, stream, peer).run()
+        link_stream: trio.abc.Stream = stream
+        if self.ssl_context is not None:
+            # The TLS handshake runs on first use, inside the link's handshake timeout.
+            link_stream = trio.SSLStream(stream, self.ssl_context, server_side=True)
+        await ServerLink(self, link_stream, peer).run()
 
     # -- requests ---------------------------------------------------------------
     async def handle_request(

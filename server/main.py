@@ -12,6 +12,7 @@ from .app import Server, ServerConfig
 from .logconfig import setup_logging
 from .options import HOST_PORT, find_oserror
 from .policy import PolicyError, load_policy_file
+from .tls import TlsConfigError, server_context
 from .tokens import TokenFileError, load_server_tokens
 
 log = logging.getLogger("carapace.server")
@@ -37,6 +38,12 @@ log = logging.getLogger("carapace.server")
 @click.option("--max-agents", type=int, default=64, show_default=True)
 @click.option("--drain-timeout", type=float, default=10.0, show_default=True,
               help="On SIGTERM, how long in-flight requests may finish.")
+@click.option("--tls-cert", default=None, envvar="CARAPACE_TLS_CERT",
+              help="Serve agents over TLS with this certificate (PEM).")
+@click.option("--tls-key", default=None, envvar="CARAPACE_TLS_KEY",
+              help="Private key for --tls-cert (PEM).")
+@click.option("--tls-client-ca", default=None, envvar="CARAPACE_TLS_CLIENT_CA",
+              help="Require agents to present a certificate signed by this CA (PEM).")
 @click.option("--resume-grace", type=float, default=30.0, show_default=True,
               help="How long a dropped agent's session (its requests and processes) waits "
               "for the agent to reconnect and resume.")
@@ -55,6 +62,9 @@ def main(
     max_requests_per_agent: int,
     max_agents: int,
     drain_timeout: float,
+    tls_cert: str | None,
+    tls_key: str | None,
+    tls_client_ca: str | None,
     resume_grace: float,
     log_level: str,
     log_json: bool,
@@ -85,6 +95,15 @@ def main(
         resume_grace=resume_grace,
     )
     server = Server(config, policy, tokens)
+    if tls_cert or tls_key or tls_client_ca:
+        if not (tls_cert and tls_key):
+            log.error("TLS needs both --tls-cert and --tls-key")
+            sys.exit(2)
+        try:
+            server.ssl_context = server_context(tls_cert, tls_key, tls_client_ca)
+        except TlsConfigError as exc:
+            log.error("%s", exc)
+            sys.exit(2)
     log.info("loaded policy %s (%d tools) and %d agent token(s)", policy_file,
              len(policy.tools), len(tokens))
     try:

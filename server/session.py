@@ -259,7 +259,7 @@ class AgentSession:
 class ServerLink:
     """One TCP connection from an agent: handshake, then frames for its session."""
 
-    def __init__(self, server: Server, stream: trio.SocketStream, peer: str) -> None:
+    def __init__(self, server: Server, stream: trio.abc.Stream, peer: str) -> None:
         self.server = server
         self.stream = stream
         self.peer = peer
