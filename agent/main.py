@@ -17,6 +17,8 @@ from carapace.server.tokens import TokenFileError, load_agent_token
 from .http_listener import HttpListenerConfig, HttpToolListener
 from .link import LinkConfig, TunnelClient
 from .multiplexer import Multiplexer
+from .shim import default_socket_path
+from .shims import shims_group
 
 log = logging.getLogger("carapace.agent")
 
@@ -81,8 +83,10 @@ _STOP_SIGNALS = (15, 2)  # SIGTERM, SIGINT
               help="This agent's NAME:TOKEN line (a bare token is agent 'default').")
 @click.option("--expose", multiple=True, metavar="TOOL=[HOST:]PORT",
               help="Serve HTTP tool TOOL on a local port; repeatable.")
-@click.option("--cli-socket", envvar="CARAPACE_CLI_SOCKET", default=None,
-              help="Unix socket for tool shims.")
+@click.option("--cli-socket", envvar="CARAPACE_CLI_SOCKET", default=None, is_flag=False,
+              flag_value=default_socket_path(), metavar="[PATH]",
+              help="Unix socket for tool shims; a bare --cli-socket uses the path shims "
+              f"look for by default ({default_socket_path()}).")
 @click.option("--sse-keepalive", type=float, default=15.0, show_default=True,
               help="Seconds of idle before an SSE comment keepalive.")
 @click.option("--link-wait", type=float, default=2.0, show_default=True,
@@ -167,6 +171,9 @@ def main(
             raise
         log.error("cannot open a local listener: %s", err.strerror or err)
         sys.exit(1)
+
+
+main.add_command(shims_group)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from carapace.protocol.framing import DEFAULT_MAX_FRAME
 from carapace.protocol.messages import CliRequest, HttpRequest, Message, RequestFailed
 
 from . import policy as policy_mod
+from .exec import ExitInfo, run_cli
 from .http_dispatch import forward_http, make_client
 from .session import AgentSession, ServerLink, TooManyAgents
 from .streams import ServerStream
@@ -198,9 +199,29 @@ class Server:
         req: CliRequest,
         policy: policy_mod.Policy,
     ) -> None:
-        stream.finished = True
-        stream.send_control(RequestFailed(
-            id=req.id, status=501, code="internal", message="CLI tools are not implemented yet"))
+        """Decide under ``policy``, then run the tool with its output streamed (server/exec.py)."""
+        decision = policy_mod.decide_cli(
+            policy, session.agent, req.tool, list(req.argv), req.cwd, list(req.env)
+        )
+        self.stats.count_request("cli", "allow" if decision.allow else "deny")
+        # Audit (issue 4): the "decided" record goes here, written before anything runs.
+        if not decision.allow:
+            code = decision.code or "denied"
+            status = {"unknown_tool": 404, "bad_request": 400, "rate_limited": 429}.get(code, 403)
+            log.info("denied cli tool %s for agent %s (peer uid %s pid %s): %s", req.tool,
+                     session.agent, req.peer_uid, req.peer_pid, decision.reason)
+            stream.finished = True
+            stream.send_control(RequestFailed(
+                id=req.id, status=status, code=code,
+                message=f"denied by policy: {decision.reason}",
+            ))
+            return
+        tool = policy.tools[req.tool]
+        assert isinstance(tool, policy_mod.CliTool)
+        # Audit (issue 4): ``info`` is filled in place, also when the run is cancelled,
+        # so the "completed" record belongs in a ``finally`` around this call.
+        info = ExitInfo()
+        await run_cli(stream, req, decision, tool, info=info)
 
     # -- running ------------------------------------------------------------------
     def reload(self) -> bool:
