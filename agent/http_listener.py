@@ -28,7 +28,7 @@ from carapace.protocol.messages import (
 )
 from carapace.protocol.sse import Comment, Event, serialize
 
-from .multiplexer import AgentStream, LinkDown, Multiplexer, StreamLost
+from .multiplexer import AgentStream, FrameTooLarge, LinkDown, Multiplexer, StreamLost
 
 log = logging.getLogger("carapace.agent")
 
@@ -66,6 +66,12 @@ def _only(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> bool:
     return isinstance(exc, kinds)
 
 
+def _head_size(req: h11.Request) -> int:
+    return len(req.method) + len(req.target) + sum(
+        len(name) + len(value) + 4 for name, value in req.headers.raw_items()
+    )
+
+
 def _reason(status: int) -> bytes:
     try:
         return HTTPStatus(status).phrase.encode()
@@ -90,13 +96,16 @@ class HttpToolListener:
         self.open_connections = 0
 
     async def serve(self, *, task_status: trio.TaskStatus[list[trio.SocketListener]]
-                    = trio.TASK_STATUS_IGNORED) -> None:
+                    = trio.TASK_STATUS_IGNORED,
+                    handler_nursery: trio.Nursery | None = None) -> None:
+        """Accept until cancelled; connections run in ``handler_nursery`` if given, so
+        that stopping the accept loop lets them finish."""
         listeners = await trio.open_tcp_listeners(self.config.port, host=self.config.host)
         for listener in listeners:
             host, port = listener.socket.getsockname()[:2]
             log.info("tool %s served on http://%s:%d", self.config.tool, host, port)
         task_status.started(listeners)
-        await trio.serve_listeners(self._handle, listeners)
+        await trio.serve_listeners(self._handle, listeners, handler_nursery=handler_nursery)
 
     async def _handle(self, sock: trio.SocketStream) -> None:
         self.open_connections += 1
@@ -143,6 +152,10 @@ class _Connection:
                         return
                     if not isinstance(event, h11.Request):
                         return
+                    if _head_size(event) > self.cfg.max_header_bytes:
+                        # h11 only bounds a head that arrives in pieces; bound them all.
+                        raise h11.RemoteProtocolError("request head too large",
+                                                      error_status_hint=431)
                     # The headers are in; the body must follow promptly too.
                     body = await self._read_body()
             except trio.TooSlowError:
@@ -155,7 +168,12 @@ class _Connection:
             except h11.RemoteProtocolError as exc:
                 log.info("tool %s: bad HTTP from a local client: %s", self.cfg.tool, exc)
                 status = exc.error_status_hint
-                await self._simple(status, "bad_request", f"malformed HTTP request: {exc}")
+                if status == 431:
+                    await self._simple(431, "header_too_large",
+                                       f"request head over {self.cfg.max_header_bytes} bytes "
+                                       "(the agent's --max-header-bytes)")
+                else:
+                    await self._simple(status, "bad_request", f"malformed HTTP request: {exc}")
                 return
             except _BodyTooLarge:
                 await self._simple(413, "body_too_large",
@@ -217,6 +235,9 @@ class _Connection:
             )
         except LinkDown as exc:
             await self._simple(502, "tunnel_down", f"{exc}; the agent keeps reconnecting")
+            return
+        except FrameTooLarge as exc:
+            await self._simple(413, "body_too_large", f"request too large for the tunnel: {exc}")
             return
         try:
             async with trio.open_nursery() as nursery:
@@ -291,6 +312,7 @@ class _Connection:
         raise _ClientGone(why)
 
     async def _relay_sse(self, stream: AgentStream, head: HttpHead) -> None:
+        stream.sse = True
         headers = [(k, v) for k, v in head.headers if k.lower() not in SSE_HEADERS_DROP]
         headers += [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
         await self._send(_response(head.status, headers))

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import trio
 
 from carapace.protocol.errors import ProtocolError
-from carapace.protocol.framing import encode
+from carapace.protocol.framing import DEFAULT_MAX_FRAME, HEADER_SIZE, encode
 from carapace.protocol.handshake import NONCE_SIZE, AgentHandshake, HandshakeError
 from carapace.protocol.messages import (
     Ack,
@@ -41,7 +41,7 @@ from carapace.protocol.resume import (
 )
 from carapace.server.framelink import FrameReader, FrameWriter, LinkClosed
 
-from .multiplexer import LinkDown, Multiplexer
+from .multiplexer import FrameTooLarge, LinkDown, Multiplexer
 
 log = logging.getLogger("carapace.agent")
 
@@ -68,9 +68,11 @@ class LinkConfig:
 class ClientSession:
     """The agent's side of one server session; what the multiplexer sends through."""
 
-    def __init__(self, session_id: bytes, window: int, replay_limit: int) -> None:
+    def __init__(self, session_id: bytes, window: int, replay_limit: int,
+                 max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self.session_id = session_id
         self.window = window
+        self.max_frame = max_frame
         self.replay = ReplayBuffer(replay_limit)
         self.counter = ReceiveCounter()
         self.writer: FrameWriter | None = None
@@ -81,6 +83,11 @@ class ClientSession:
         if self.broken is not None:
             raise LinkDown(self.broken)
         frame = encode(msg)
+        if len(frame) - HEADER_SIZE > self.max_frame:
+            raise FrameTooLarge(
+                f"{msg.TYPE} of {len(frame)} bytes exceeds the server's "
+                f"{self.max_frame}-byte frame limit"
+            )
         if is_numbered(msg):
             try:
                 self.replay.record(frame)
@@ -285,7 +292,8 @@ class TunnelClient:
             if session is not None:
                 self._end_session("the server could not resume the session (it restarted, or "
                                   "the link was down longer than its resume grace)")
-            session = ClientSession(welcome.session, welcome.window, cfg.replay_limit)
+            session = ClientSession(welcome.session, welcome.window, cfg.replay_limit,
+                                    welcome.max_frame)
             session.writer = writer
             self.session = session
             self.sessions += 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from functools import partial
 
 import click
 import trio
@@ -54,22 +55,54 @@ async def run_agent(
     link_config: LinkConfig,
     listeners: list[HttpListenerConfig],
     cli_socket: str | None,
+    drain_timeout: float = 10.0,
 ) -> None:
     mux = Multiplexer()
     client = TunnelClient(link_config, mux)
+    accepting = trio.CancelScope()
+
+    async def accept(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with accepting:
+            async with trio.open_nursery() as listeners_nursery:
+                for cfg in listeners:
+                    listener = HttpToolListener(cfg, mux)
+                    await listeners_nursery.start(
+                        partial(listener.serve, handler_nursery=nursery)
+                    )
+                task_status.started()
+
     async with trio.open_nursery() as nursery:
         nursery.start_soon(client.run)
-        for cfg in listeners:
-            await nursery.start(HttpToolListener(cfg, mux).serve)
+        await nursery.start(accept)
         if cli_socket:
             from .cli_listener import CliSocketListener
 
             await nursery.start(CliSocketListener(cli_socket, mux).serve)
         with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
             async for _ in signals:
-                log.info("stopping")
+                accepting.cancel()
+                await drain(mux, drain_timeout)
                 nursery.cancel_scope.cancel()
                 break
+
+
+async def drain(mux: Multiplexer, timeout: float) -> None:
+    """Stop cleanly: end event streams now (clients reconnect with Last-Event-ID), let
+    other requests finish for up to ``timeout`` seconds."""
+    log.info("stopping: %d request(s) in flight; draining for up to %.0f s",
+             len(mux.streams), timeout)
+    for stream in list(mux.streams.values()):
+        if stream.sse:
+            # Stop the upstream now; the local response ends cleanly once its
+            # relay sees the stream end, and only then is the stream forgotten.
+            stream.stop("the agent is shutting down")
+    with trio.move_on_after(timeout) as scope:
+        while mux.streams:
+            await mux.stream_closed.wait()
+    if scope.cancelled_caught:
+        log.warning("drain timeout: cutting %d unfinished request(s)", len(mux.streams))
+    # Give the writer a moment to send the cancels and the last frames.
+    await trio.sleep(0)
 
 
 _STOP_SIGNALS = (15, 2)  # SIGTERM, SIGINT
@@ -93,6 +126,10 @@ _STOP_SIGNALS = (15, 2)  # SIGTERM, SIGINT
               help="How long a local request waits for the tunnel before failing with 502.")
 @click.option("--header-timeout", type=float, default=10.0, show_default=True,
               help="Close local HTTP clients that do not send their request in time.")
+@click.option("--max-header-bytes", type=int, default=64 * 1024, show_default=True,
+              help="Largest request head a local HTTP client may send (431 beyond).")
+@click.option("--max-body-bytes", type=int, default=8 * 1024 * 1024, show_default=True,
+              help="Largest request body a local HTTP client may send (413 beyond).")
 @click.option("--tls", "use_tls", is_flag=True, envvar="CARAPACE_TLS",
               help="Connect over TLS, trusting the system CAs (implied by --tls-ca).")
 @click.option("--tls-ca", default=None, envvar="CARAPACE_TLS_CA",
@@ -105,6 +142,8 @@ _STOP_SIGNALS = (15, 2)  # SIGTERM, SIGINT
               help="Name to check in the server certificate (default: the --server host).")
 @click.option("--resume-timeout", type=float, default=30.0, show_default=True,
               help="How long open requests wait for a dropped link to come back.")
+@click.option("--drain-timeout", type=float, default=10.0, show_default=True,
+              help="On SIGTERM, how long in-flight local requests may finish.")
 @click.option("--idle-timeout", type=float, default=15.0, show_default=True,
               help="Drop a tunnel link silent for this long (pings every third of it).")
 @click.option("--log-level", default="info", envvar="CARAPACE_LOG_LEVEL", show_default=True)
@@ -119,12 +158,15 @@ def main(
     sse_keepalive: float,
     link_wait: float,
     header_timeout: float,
+    max_header_bytes: int,
+    max_body_bytes: int,
     use_tls: bool,
     tls_ca: str | None,
     tls_cert: str | None,
     tls_key: str | None,
     tls_server_name: str | None,
     resume_timeout: float,
+    drain_timeout: float,
     idle_timeout: float,
     log_level: str,
     log_json: bool,
@@ -147,6 +189,7 @@ def main(
         listeners.append(HttpListenerConfig(
             tool=tool, host=lhost, port=lport, keepalive_interval=sse_keepalive,
             header_timeout=header_timeout, link_wait=link_wait,
+            max_header_bytes=max_header_bytes, max_body_bytes=max_body_bytes,
         ))
     if not listeners and not cli_socket:
         raise click.UsageError("nothing to serve: give --expose TOOL=PORT and/or --cli-socket")
@@ -162,7 +205,7 @@ def main(
                              resume_timeout=resume_timeout, ssl_context=ssl_context,
                              tls_server_name=tls_server_name)
     try:
-        trio.run(run_agent, link_config, listeners, cli_socket)
+        trio.run(run_agent, link_config, listeners, cli_socket, drain_timeout)
     except KeyboardInterrupt:
         pass
     except BaseException as exc:

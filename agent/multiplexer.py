@@ -26,6 +26,10 @@ class LinkDown(Exception):
     """No tunnel link is up; the message says why, for the local client."""
 
 
+class FrameTooLarge(Exception):
+    """A message would exceed the server's frame limit; the request cannot be sent."""
+
+
 class StreamLost(Exception):
     """The link under this request dropped before the request ended."""
 
@@ -51,6 +55,7 @@ class AgentStream:
         self._credit_changed = trio.Event()
         self.lost: str | None = None
         self.done = False
+        self.sse = False
 
     # -- fed by the link reader ------------------------------------------------------
     def deliver(self, msg: RequestMessage) -> None:
@@ -132,6 +137,15 @@ class AgentStream:
         self.done = True
         self.mux.forget(self.id)
 
+    def stop(self, reason: str) -> None:
+        """Cancel upstream and end this stream for its local reader, who then closes it."""
+        if not self.done and self.lost is None:
+            try:
+                self.mux.send(Cancel(id=self.id, reason=reason))
+            except LinkDown:
+                pass
+        self.link_lost(reason)
+
 
 class Multiplexer:
     def __init__(self) -> None:
@@ -143,6 +157,8 @@ class Multiplexer:
         self.down_reason = "not connected to the Carapace server yet"
         self._link_changed = trio.Event()
         self.requests_started = 0
+        self.stream_closed = trio.Event()
+        """Set (and replaced) whenever a stream is forgotten."""
 
     # -- link lifecycle ----------------------------------------------------------------
     def link_up(self, link: Link) -> None:
@@ -168,6 +184,8 @@ class Multiplexer:
         for stream in list(self.streams.values()):
             stream.link_lost(reason)
         self.streams.clear()
+        self.stream_closed.set()
+        self.stream_closed = trio.Event()
         self._link_changed.set()
         self._link_changed = trio.Event()
 
@@ -197,6 +215,9 @@ class Multiplexer:
                     link.send(first(request_id))
                 except LinkDown:
                     self.forget(request_id)
+                except FrameTooLarge:
+                    self.forget(request_id)
+                    raise
                 else:
                     self.requests_started += 1
                     return stream
@@ -206,7 +227,9 @@ class Multiplexer:
                 await self._link_changed.wait()
 
     def forget(self, request_id: int) -> None:
-        self.streams.pop(request_id, None)
+        if self.streams.pop(request_id, None) is not None:
+            self.stream_closed.set()
+            self.stream_closed = trio.Event()
 
     def dispatch(self, msg: RequestMessage) -> None:
         """Called by the link reader for every request frame; never blocks."""

@@ -100,6 +100,7 @@ class Server:
         self._accept_scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
         self.ssl_context: ssl.SSLContext | None = None
+        self.stream_done = trio.Event()
 
     # -- sessions ---------------------------------------------------------------
     def resumable(self, agent: str, session_id: bytes | None,
@@ -252,7 +253,10 @@ class Server:
 
     async def _accept(self, listeners: list[trio.SocketListener]) -> None:
         with self._accept_scope:
-            await trio.serve_listeners(self._handle_connection, listeners)
+            # Links run in the server's nursery, so that stopping the accept loop on
+            # shutdown does not cut the links whose requests are draining.
+            await trio.serve_listeners(self._handle_connection, listeners,
+                                       handler_nursery=self._nursery)
 
     async def _signals(self, scope: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
@@ -264,15 +268,35 @@ class Server:
                     return
 
     async def shutdown(self, scope: trio.CancelScope) -> None:
-        """Stop accepting, tell agents, let requests finish up to the drain timeout."""
-        log.info("shutting down: draining %d agent link(s)", len(self.sessions))
+        """Stop accepting, tell agents, let requests finish up to the drain timeout.
+
+        Event streams never finish by themselves: they end at once, cleanly, so
+        that clients reconnect (with Last-Event-ID) to wherever the service comes back.
+        """
+        open_streams = sum(len(s.streams) for s in self.sessions.values())
+        log.info("shutting down: %d agent session(s), %d request(s) in flight; draining for "
+                 "up to %.0f s", len(self.sessions), open_streams, self.config.drain_timeout)
         self.draining = True
         self._accept_scope.cancel()
         for session in list(self.sessions.values()):
             session.go_away("server shutting down")
-        with trio.move_on_after(self.config.drain_timeout):
+            for stream in list(session.streams.values()):
+                if stream.sse:
+                    stream.cancel("server shutting down")
+        with trio.move_on_after(self.config.drain_timeout) as drain:
             while any(s.streams for s in self.sessions.values()):
-                await trio.sleep(0.05)
+                await self.stream_done.wait()
+        if drain.cancelled_caught:
+            log.warning("drain timeout: cancelling %d unfinished request(s)",
+                        sum(len(s.streams) for s in self.sessions.values()))
         for session in list(self.sessions.values()):
-            session.close()
+            session.end("server shut down")
+        self.on_shutdown()
         scope.cancel()
+
+    def on_shutdown(self) -> None:
+        """Last words before exit (flush the audit trail)."""
+
+    def request_finished(self) -> None:
+        self.stream_done.set()
+        self.stream_done = trio.Event()

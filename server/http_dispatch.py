@@ -128,6 +128,7 @@ async def forward_http(
         return 0
     try:
         sse = is_event_stream(response.headers.get("content-type"))
+        stream.sse = sse
         stream.send_control(HttpHead(
             id=req.id,
             status=response.status_code,

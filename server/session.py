@@ -252,8 +252,16 @@ class AgentSession:
                 except LinkClosed:
                     pass
         finally:
+            if stream.sse and not stream.finished and self.server.draining:
+                # Shutdown ends event streams cleanly, so clients reconnect with Last-Event-ID.
+                stream.finished = True
+                try:
+                    stream.send_control(End(id=msg.id))
+                except LinkClosed:
+                    pass
             stream.close_inbox()
             self.streams.pop(msg.id, None)
+            self.server.request_finished()
 
 
 class ServerLink:

@@ -35,6 +35,7 @@ class ServerStream:
         self._credit_changed = trio.Event()
         self._inbox_send, self.inbox = trio.open_memory_channel[Message](math.inf)
         self.finished = False
+        self.sse = False
         self.bytes_out = 0
         self.events_out = 0
 

@@ -1,0 +1,83 @@
+"""Graceful shutdown: SIGTERM drains in-flight requests and ends event streams cleanly."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from helpers.deployment import deployment
+
+
+def stream_until_end(url: str, result: dict[str, object]) -> None:
+    """Read an SSE response to its end; record whether it ended cleanly."""
+    try:
+        with httpx.stream("GET", url, timeout=30) as r:
+            result["status"] = r.status_code
+            result["body"] = b"".join(r.iter_raw())
+            result["clean"] = True
+    except httpx.HTTPError as exc:
+        result["clean"] = False
+        result["error"] = repr(exc)
+
+
+def both_in_flight(upstream: str) -> bool:
+    stats = httpx.get(upstream + "/stats").json()
+    return bool(stats["open_streams"] >= 1 and stats["paths"].get("/slow", 0) >= 1)
+
+
+def wait_for(predicate: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_server_sigterm_drains_requests_and_ends_streams_cleanly(tmp_path: Path) -> None:
+    with deployment(tmp_path, server_args=["--drain-timeout", "5"]) as d:
+        assert d.server is not None
+        sse: dict[str, object] = {}
+        slow: dict[str, object] = {}
+        t_sse = threading.Thread(target=stream_until_end,
+                                 args=(d.url("/sse-forever?interval_ms=20"), sse))
+        t_sse.start()
+        t_slow = threading.Thread(target=lambda: slow.update(
+            r=httpx.get(d.url("/slow?delay_ms=1500"), timeout=30)))
+        t_slow.start()
+        wait_for(lambda: both_in_flight(d.upstream_url), 10,
+                 "both requests to reach the upstream")
+        d.server.send_signal(signal.SIGTERM)
+        t_sse.join(10)
+        assert sse.get("clean") is True, sse
+        assert b"id: 1" in sse["body"]  # type: ignore[operator]
+        t_slow.join(10)
+        assert slow["r"].status_code == 200  # type: ignore[attr-defined]
+        assert d.server.wait(10) == 0
+        assert "shutting down" in d.server.stderr_text()
+
+
+def test_agent_sigterm_ends_local_streams_cleanly_and_exits(tmp_path: Path) -> None:
+    with deployment(tmp_path) as d:
+        assert d.agent is not None
+        sse: dict[str, object] = {}
+        slow: dict[str, object] = {}
+        t_sse = threading.Thread(target=stream_until_end,
+                                 args=(d.url("/sse-forever?interval_ms=20"), sse))
+        t_sse.start()
+        t_slow = threading.Thread(target=lambda: slow.update(
+            r=httpx.get(d.url("/slow?delay_ms=1000"), timeout=30)))
+        t_slow.start()
+        wait_for(lambda: both_in_flight(d.upstream_url), 10,
+                 "both requests to reach the upstream")
+        d.agent.send_signal(signal.SIGTERM)
+        t_sse.join(10)
+        assert sse.get("clean") is True, sse
+        t_slow.join(10)
+        assert slow["r"].status_code == 200  # type: ignore[attr-defined]
+        assert d.agent.wait(10) == 0
+        # The upstream's event stream was cancelled, not left running.
+        wait_for(lambda: httpx.get(d.upstream_url + "/stats").json()["open_streams"] == 0,
+                 5, "the upstream stream to be cancelled")
