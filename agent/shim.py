@@ -89,6 +89,11 @@ FAILURE_EXIT: Mapping[str, int] = {
     "internal": EX_SOFTWARE,
 }
 
+_STATUS_EXIT: Mapping[int, int] = {
+    400: EX_USAGE, 403: EX_NOPERM, 404: EX_NOPERM, 429: EX_TEMPFAIL,
+    502: EX_UNAVAILABLE, 503: EX_UNAVAILABLE, 504: EXIT_TIMEOUT,
+}
+
 _HINTS: Mapping[str, str] = {
     "denied": "the host's Carapace policy decides what may run; ask its operator",
     "unknown_tool": "the host's Carapace policy has no such tool; ask its operator",
@@ -276,7 +281,10 @@ def _failure_status(tool: str, msg: RequestFailed) -> int:
     if msg.code == "rate_limited" and msg.retry_after is not None:
         hint = f"retry in {msg.retry_after} s"
     _say(tool, f"{text} ({hint})" if hint else text)
-    return FAILURE_EXIT.get(msg.code, EX_SOFTWARE)
+    if msg.code in FAILURE_EXIT:
+        return FAILURE_EXIT[msg.code]
+    # A code newer than this shim: its HTTP status still says what kind of failure it is.
+    return _STATUS_EXIT.get(msg.status, EX_SOFTWARE)
 
 
 def _relay_output(tool: str, conn: _Connection, forwarder: _SignalForwarder) -> int:

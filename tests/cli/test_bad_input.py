@@ -70,7 +70,7 @@ def test_denied_by_policy_exits_77_with_the_reason(cli: CliDeployment) -> None:
 def test_unknown_tool_exits_77(cli: CliDeployment) -> None:
     r = cli.run("nosuchtool")
     assert r.returncode == 77
-    assert b"carapace: nosuchtool: denied by policy: unknown tool" in r.stderr
+    assert r.stderr.startswith(b"carapace: nosuchtool: denied by policy")
 
 
 def test_non_utf8_argument_is_a_clean_error(cli: CliDeployment) -> None:
