@@ -23,6 +23,12 @@ def _register() -> None:
     cli.add_command(sse_test)
     cli.add_command(policy)
 
+    from carapace.debug.ops import audit, connections, health
+    from carapace.debug.sniff import sniff
+
+    for command in (health, connections, audit, sniff):
+        cli.add_command(command)
+
 
 _register()
 

@@ -20,8 +20,10 @@ from carapace.protocol.framing import DEFAULT_MAX_FRAME
 from carapace.protocol.messages import CliRequest, HttpRequest, Message, RequestFailed
 
 from . import policy as policy_mod
+from .debug_listener import serve_debug
 from .exec import ExitInfo, run_cli
 from .http_dispatch import forward_http, make_client
+from .metrics import ServerMetrics
 from .session import AgentSession, ServerLink, TooManyAgents
 from .streams import ServerStream
 
@@ -176,6 +178,7 @@ class Server:
             policy, session.agent, req.tool, req.method, req.target, list(req.headers), req.body
         )
         self.stats.count_request("http", "allow" if decision.allow else "deny")
+        self.metrics.count_request("http", decision.allow, session.agent, req.tool)
         if not decision.allow:
             log.info("denied http %s %s on tool %s for agent %s: %s", req.method,
                      req.target[:200], req.tool, session.agent, decision.reason)
@@ -240,6 +243,7 @@ class Server:
                   = trio.TASK_STATUS_IGNORED) -> None:
         async with make_client() as client, trio.open_nursery() as nursery:
             self.http_client = client
+            self.metrics = ServerMetrics(self)
             self.listeners = await trio.open_tcp_listeners(
                 self.config.listen_port, host=self.config.listen_host
             )
@@ -248,6 +252,8 @@ class Server:
             for listener in self.listeners:
                 host, port = listener.socket.getsockname()[:2]
                 log.info("carapace-server %s listening on %s:%d", self.version, host, port)
+            if self.config.debug_host is not None:
+                await nursery.start(serve_debug, self)
             nursery.start_soon(self._signals, nursery.cancel_scope)
             task_status.started(self.listeners)
 

@@ -25,6 +25,7 @@ from carapace.protocol.messages import (
 )
 from carapace.protocol.sse import Comment, SseParser
 
+from .metrics import event_forwarded
 from .streams import ServerStream
 
 if TYPE_CHECKING:
@@ -173,6 +174,7 @@ async def _relay_events(
     parser = SseParser()
     sent = 0
     async for chunk in response.aiter_bytes():
+        arrived = trio.current_time()
         for item in parser.feed(chunk):
             if isinstance(item, Comment):
                 await stream.send(SseComment(id=request_id, text=item.text))
@@ -182,6 +184,7 @@ async def _relay_events(
                     retry=item.retry,
                 ))
                 sent += 1
+                event_forwarded(stream, arrived)
     for item in parser.close():
         if not isinstance(item, Comment):
             await stream.send(SseEvent(
@@ -189,5 +192,6 @@ async def _relay_events(
                 retry=item.retry,
             ))
             sent += 1
+            event_forwarded(stream)
     stream.events_out += sent
     return sent

@@ -9,6 +9,7 @@ import click
 import trio
 
 from .app import Server, ServerConfig
+from .debug_listener import DebugConfigError, debug_access, set_debug_token
 from .logconfig import setup_logging
 from .options import HOST_PORT, find_oserror
 from .policy import PolicyError, load_policy_file
@@ -27,6 +28,9 @@ log = logging.getLogger("carapace.server")
               help="Shared token, or NAME:TOKEN lines (one per agent), or a directory of them.")
 @click.option("--debug-listen", type=HOST_PORT, default=None, envvar="CARAPACE_DEBUG_LISTEN",
               help="Address of the debug/metrics listener (off by default).")
+@click.option("--debug-token-file", default=None, envvar="CARAPACE_DEBUG_TOKEN_FILE",
+              help="Bearer token (one line) the debug listener requires; mandatory when "
+              "--debug-listen is not a loopback address.")
 @click.option("--audit-log", default=None, envvar="CARAPACE_AUDIT_LOG",
               help="Append audit records (JSON lines) to this file.")
 @click.option("--handshake-timeout", type=float, default=5.0, show_default=True)
@@ -55,6 +59,7 @@ def main(
     policy_file: str,
     token_file: str,
     debug_listen: tuple[str, int] | None,
+    debug_token_file: str | None,
     audit_log: str | None,
     handshake_timeout: float,
     idle_timeout: float,
@@ -95,6 +100,12 @@ def main(
         resume_grace=resume_grace,
     )
     server = Server(config, policy, tokens)
+    if debug_listen is not None:
+        try:
+            set_debug_token(server, debug_access(*debug_listen, debug_token_file))
+        except DebugConfigError as exc:
+            log.error("%s", exc)
+            sys.exit(2)
     if tls_cert or tls_key or tls_client_ca:
         if not (tls_cert and tls_key):
             log.error("TLS needs both --tls-cert and --tls-key")

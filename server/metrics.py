@@ -1,0 +1,224 @@
+"""Prometheus metrics for one Server, served as text at ``GET /metrics``.
+
+Each :class:`ServerMetrics` owns its own ``CollectorRegistry`` (never the
+global one), so several servers can run in one process — the tests do.
+Counters that change at a point in the code (requests decided, SSE events
+forwarded, their latency) are prometheus-client objects incremented right
+there; numbers the server already keeps (sessions, open streams, bytes on
+each link, :class:`~carapace.server.app.Stats`) are read when scraped, so
+the hot path pays nothing for them. Frames by direction and type are counted
+by a frame observer installed when the debug listener starts.
+
+The ``tool`` label of requests only takes the names the policy knows; any
+other name an agent sends is counted as ``(unknown)``, so a hostile VM
+cannot grow the label set without bound.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import trio
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from carapace.protocol.messages import PROTOCOL_VERSION, Message
+
+if TYPE_CHECKING:
+    from .app import Server
+    from .session import AgentSession
+
+__all__ = ["CONTENT_TYPE_LATEST", "ServerMetrics", "event_forwarded"]
+
+UNKNOWN_TOOL = "(unknown)"
+
+# Event latency inside the server is normally tens of microseconds; the upper
+# buckets catch a stream held back by a reader that returns no credit.
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
+)
+
+
+class ServerMetrics:
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.registry = CollectorRegistry(auto_describe=True)
+        reg = self.registry
+        self.requests = Counter(
+            "carapace_requests", "Requests decided by the policy.",
+            ["kind", "decision", "agent", "tool"], registry=reg,
+        )
+        self.denials = Counter(
+            "carapace_denials", "Requests denied by the policy.",
+            ["kind", "agent", "tool"], registry=reg,
+        )
+        self.sse_events = Counter(
+            "carapace_sse_events", "SSE events forwarded to agents.", registry=reg,
+        )
+        self.event_latency = Histogram(
+            "carapace_event_latency_seconds",
+            "Time from an SSE event's last byte arriving from the upstream to its frame "
+            "being queued on the agent link (includes waiting for the stream's credit).",
+            buckets=LATENCY_BUCKETS, registry=reg,
+        )
+        self.events_forwarded = 0
+        self.frames: dict[tuple[str, str], int] = {}
+        """(direction, frame type) → count, from the frame observer."""
+        self.sniff_dropped = 0
+        """Sniff records dropped because a subscriber read too slowly (set by the listener)."""
+        self.sniff_subscribers = 0
+        self._links: dict[int, tuple[Any, Any]] = {}
+        """id(reader) → (FrameReader, FrameWriter) of links seen, until folded."""
+        self._closed_bytes = {"in": 0, "out": 0}
+        self._attached = False
+        reg.register(_LiveCollector(self))
+
+    # -- called where things happen -------------------------------------------------
+    def count_request(self, kind: str, allowed: bool, agent: str, tool: str) -> None:
+        """One request decided (``kind``: ``http`` or ``cli``)."""
+        tools = getattr(self.server.policy, "tools", None) or {}
+        label = tool if tool in tools else UNKNOWN_TOOL
+        self.requests.labels(kind, "allow" if allowed else "deny", agent, label).inc()
+        if not allowed:
+            self.denials.labels(kind, agent, label).inc()
+
+    def event_forwarded(self, arrived: float | None) -> None:
+        self.events_forwarded += 1
+        self.sse_events.inc()
+        if arrived is not None:
+            self.event_latency.observe(max(0.0, trio.current_time() - arrived))
+
+    # -- frame observer ---------------------------------------------------------------
+    def attach(self) -> None:
+        """Start counting frames (once; the debug listener calls this)."""
+        if not self._attached:
+            self._attached = True
+            self.server.frame_observers.append(self.observe)
+
+    def observe(self, session: AgentSession, direction: str, msg: Message) -> None:
+        key = (direction, msg.TYPE)
+        self.frames[key] = self.frames.get(key, 0) + 1
+        reader = session.reader
+        if reader is not None and id(reader) not in self._links:
+            self._links[id(reader)] = (reader, session.writer)
+            if len(self._links) > len(self.server.sessions) + 32:
+                self._fold_closed()
+
+    def _current_links(self) -> dict[int, tuple[Any, Any]]:
+        return {id(s.reader): (s.reader, s.writer) for s in self.server.sessions.values()
+                if s.reader is not None}
+
+    def _fold_closed(self) -> None:
+        """Move the final counts of links no session uses any more into the closed totals.
+
+        A session keeps its requests across reconnects, but each link has its own
+        reader and writer (and counters); the ones seen here are kept until folded.
+        """
+        current = self._current_links()
+        for key in [k for k in self._links if k not in current]:
+            reader, writer = self._links.pop(key)
+            self._closed_bytes["in"] += reader.bytes_received
+            self._closed_bytes["out"] += writer.bytes_sent if writer is not None else 0
+
+    def link_bytes(self) -> dict[str, int]:
+        """Bytes received from and sent to agents on authenticated links since the start."""
+        self._fold_closed()
+        links = {**self._links, **self._current_links()}
+        return {
+            "in": self._closed_bytes["in"] + sum(r.bytes_received for r, _ in links.values()),
+            "out": self._closed_bytes["out"]
+            + sum(w.bytes_sent for _, w in links.values() if w is not None),
+        }
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of everything above."""
+        data: bytes = generate_latest(self.registry)
+        return data
+
+
+def event_forwarded(stream: Any, arrived: float | None = None) -> None:
+    """One SSE event's frame was queued on the link (``arrived``: trio time its bytes came).
+
+    Takes the request's ServerStream; a stand-in without a server is ignored.
+    """
+    session = getattr(stream, "session", None)
+    metrics = getattr(getattr(session, "server", None), "metrics", None)
+    if isinstance(metrics, ServerMetrics):
+        metrics.event_forwarded(arrived)
+
+
+class _LiveCollector(Collector):
+    """Values read from the server when scraped."""
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> Iterator[Metric]:
+        """The names this collector exports (so registering it does not collect)."""
+        for name in ("carapace_build_info", "carapace_start_time_seconds",
+                     "carapace_agents_connected", "carapace_inflight_streams",
+                     "carapace_sniff_subscribers"):
+            yield GaugeMetricFamily(name, "")
+        for name in ("carapace_frames", "carapace_frame_bytes", "carapace_connections",
+                     "carapace_handshake_failures", "carapace_protocol_errors",
+                     "carapace_errors", "carapace_sniff_dropped"):
+            yield CounterMetricFamily(name, "")
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.metrics
+        server = m.server
+        stats = server.stats
+        info = GaugeMetricFamily(
+            "carapace_build_info", "Server version and wire protocol version.",
+            labels=["version", "protocol"],
+        )
+        info.add_metric([server.version, str(PROTOCOL_VERSION)], 1)
+        yield info
+        yield GaugeMetricFamily(
+            "carapace_start_time_seconds", "When the server started (Unix time).",
+            value=stats.started,
+        )
+        yield GaugeMetricFamily(
+            "carapace_agents_connected", "Agents with an authenticated link.",
+            value=len(server.sessions),
+        )
+        inflight = GaugeMetricFamily(
+            "carapace_inflight_streams", "Requests in flight, per agent.", labels=["agent"],
+        )
+        for name, session in sorted(server.sessions.items()):
+            inflight.add_metric([name], len(session.streams))
+        yield inflight
+        frames = CounterMetricFamily(
+            "carapace_frames", "Frames on agent links after the handshake.",
+            labels=["direction", "type"],
+        )
+        for (direction, kind), count in sorted(m.frames.items()):
+            frames.add_metric([direction, kind], count)
+        yield frames
+        link_bytes = CounterMetricFamily(
+            "carapace_frame_bytes", "Bytes on authenticated agent links (in: from agents).",
+            labels=["direction"],
+        )
+        for direction, count in m.link_bytes().items():
+            link_bytes.add_metric([direction], count)
+        yield link_bytes
+        for name, doc, value in (
+            ("carapace_connections", "TCP connections accepted from agents.",
+             stats.connections),
+            ("carapace_handshake_failures", "Agent handshakes that failed.",
+             stats.handshake_failures),
+            ("carapace_protocol_errors", "Agent links closed for breaking the protocol.",
+             stats.protocol_errors),
+            ("carapace_errors", "Requests that failed with an internal error.", stats.errors),
+            ("carapace_sniff_dropped", "Sniff feed records dropped for slow subscribers.",
+             m.sniff_dropped),
+        ):
+            yield CounterMetricFamily(name, doc, value=value)
+        yield GaugeMetricFamily(
+            "carapace_sniff_subscribers", "Clients reading the sniff feed.",
+            value=m.sniff_subscribers,
+        )
