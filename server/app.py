@@ -208,6 +208,7 @@ class Server:
             policy, session.agent, req.tool, list(req.argv), req.cwd, list(req.env)
         )
         self.stats.count_request("cli", "allow" if decision.allow else "deny")
+        self.metrics.count_request("cli", decision.allow, session.agent, req.tool)
         # Audit (issue 4): the "decided" record goes here, written before anything runs.
         if not decision.allow:
             code = decision.code or "denied"

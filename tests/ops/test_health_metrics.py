@@ -8,7 +8,7 @@ import socket
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from carapace.protocol.messages import HttpRequest, Ping, RequestFailed
+from carapace.protocol.messages import CliRequest, HttpRequest, Ping, RequestFailed
 from helpers.deployment import Deployment
 from helpers.procs import free_port
 from helpers.rawlink import RawLink
@@ -106,6 +106,12 @@ def test_metrics_count_invented_tools_under_one_label(dep: Deployment) -> None:
             while isinstance(reply, Ping):
                 reply = link.receive()
             assert isinstance(reply, RequestFailed) and reply.status in (403, 404)
+        link.send(CliRequest(id=10, tool="invented-cli", argv=(b"--version",), cwd=b"/",
+                             env=(), tty=(False, False, False)))
+        reply = link.receive()
+        while isinstance(reply, Ping):
+            reply = link.receive()
+        assert isinstance(reply, RequestFailed)
     finally:
         link.close()
     after = metrics(dep)
@@ -113,6 +119,8 @@ def test_metrics_count_invented_tools_under_one_label(dep: Deployment) -> None:
     assert tools <= {"signal-cli", "(unknown)"}
     assert value(after, "carapace_denials_total", kind="http", agent="prober",
                  tool="(unknown)") >= 3
+    assert value(after, "carapace_requests_total", kind="cli", decision="deny",
+                 agent="prober", tool="(unknown)") >= 1
 
 
 def test_connections_lists_the_agent(dep: Deployment) -> None:
