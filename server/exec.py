@@ -207,7 +207,8 @@ class _Run:
                 info.timed_out = True
                 info.code, info.signal = 124, None
                 info.reason = (f"timed out after {timeout:g} s on the host and was stopped "
-                               "(the policy's timeout_secs for this tool)")
+                               "(the tool's timeout_secs in the host policy; its operator can "
+                               "raise it)")
                 log.info("request %d (pid %d): %s", self.id, self.proc.pid, info.reason)
                 await self._stop_group()
                 with trio.move_on_after(self.grace):  # pass on what is still in the pipes
