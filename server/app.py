@@ -20,12 +20,23 @@ from carapace.protocol.framing import DEFAULT_MAX_FRAME
 from carapace.protocol.messages import CliRequest, HttpRequest, Message, RequestFailed
 
 from . import policy as policy_mod
+from .audit import (
+    DEFAULT_BACKUPS,
+    DEFAULT_MAX_BYTES,
+    AuditEntry,
+    AuditError,
+    AuditLog,
+    AuditTrail,
+    ResponseTap,
+)
 from .debug_listener import serve_debug
 from .exec import ExitInfo, run_cli
 from .http_dispatch import forward_http, make_client
 from .metrics import ServerMetrics
+from .ratelimit import RateLimiter, apply_rate_limits
 from .session import AgentSession, ServerLink, TooManyAgents
 from .streams import ServerStream
+from .tokens import TokenFileError, load_server_tokens
 
 log = logging.getLogger("carapace.server")
 
@@ -59,6 +70,9 @@ class ServerConfig:
     drain_timeout: float = 10.0
     resume_grace: float = 30.0
     replay_limit: int = 64 * 1024 * 1024
+    audit_max_bytes: int = DEFAULT_MAX_BYTES
+    audit_backups: int = DEFAULT_BACKUPS
+    audit_fsync: bool = False
 
 
 @dataclass
@@ -103,6 +117,17 @@ class Server:
         self._nursery: trio.Nursery | None = None
         self.ssl_context: ssl.SSLContext | None = None
         self.stream_done = trio.Event()
+        # Audit and rate limits (issue 4). The AuditLog opens the file now, so a bad
+        # --audit-log path stops the server before it serves anything (AuditError).
+        self.audit = AuditTrail(AuditLog(
+            config.audit_log, max_bytes=config.audit_max_bytes, backups=config.audit_backups,
+            fsync=config.audit_fsync) if config.audit_log else None)
+        self.audit.add_secrets(policy.secrets())
+        self.audit.add_secrets(tokens.values())
+        self.rate_limiter = RateLimiter()
+        self.clock: Callable[[], float] = time.monotonic
+        self.on_reload: Callable[[bool, str], None] | None = None
+        """Called after each reload attempt with (accepted, message); main.py reports it."""
 
     # -- sessions ---------------------------------------------------------------
     def resumable(self, agent: str, session_id: bytes | None,
@@ -177,24 +202,60 @@ class Server:
         decision = policy_mod.decide_http(
             policy, session.agent, req.tool, req.method, req.target, list(req.headers), req.body
         )
+        decision = apply_rate_limits(self.rate_limiter, decision, policy, session.agent,
+                                     req.tool, self.clock())
         self.stats.count_request("http", "allow" if decision.allow else "deny")
         self.metrics.count_request("http", decision.allow, session.agent, req.tool)
+        entry = self.audit.http(session.agent, session.session_id, req, policy, decision)
+        if not await self._audited(entry, stream, req.id):
+            return
         if not decision.allow:
-            log.info("denied http %s %s on tool %s for agent %s: %s", req.method,
-                     req.target[:200], req.tool, session.agent, decision.reason)
-            stream.finished = True
-            stream.send_control(RequestFailed(
-                id=req.id, status=403 if req.tool in policy.tools else 404,
-                code="denied" if req.tool in policy.tools else "unknown_tool",
-                message=f"denied by policy: {decision.reason}",
-            ))
+            log.info("denied http %s %s on tool %s for agent %s (%s): %s", req.method,
+                     req.target[:200], req.tool, session.agent, entry.request_id,
+                     decision.reason)
+            self._deny(stream, req.id, decision, session.agent, req.tool)
             return
         tool = policy.tools[req.tool]
         assert isinstance(tool, policy_mod.HttpTool)
         headers = policy_mod.prepare_http_headers(tool, list(req.headers))
         assert self.http_client is not None
-        events = await forward_http(self.http_client, stream, req, req.tool, tool, headers)
-        self.stats.sse_events += events
+        tap = ResponseTap(stream)
+        events = 0
+        aborted: str | None = "cancelled"  # unless forward_http returns or raises
+        try:
+            events = await forward_http(self.http_client, stream, req, req.tool, tool, headers)
+            aborted = None
+            self.stats.sse_events += events
+        except Exception:
+            aborted = "error"
+            raise
+        finally:
+            entry.completed_http(tap, len(req.body), events or stream.events_out, aborted,
+                                 stream.cancel_reason)
+
+    async def _audited(self, entry: AuditEntry, stream: ServerStream, rid: int) -> bool:
+        """Write the decision record before anything runs; if that fails, refuse (fail closed)."""
+        try:
+            await entry.decided()
+        except AuditError as exc:
+            log.error("refusing request %s: %s", entry.request_id, exc)
+            stream.finished = True
+            stream.send_control(RequestFailed(
+                id=rid, status=503, code="audit_unavailable",
+                message="the Carapace server cannot write its audit trail, so nothing was run; "
+                "its operator must check the server log",
+            ))
+            return False
+        return True
+
+    @staticmethod
+    def _deny(stream: ServerStream, rid: int, decision: policy_mod.Decision, agent: str,
+              tool: str) -> None:
+        """Tell the VM no: unknown and not-granted tools look alike (policy.vm_denial)."""
+        status, code, message = policy_mod.vm_denial(decision, agent, tool)
+        stream.finished = True
+        stream.send_control(RequestFailed(id=rid, status=status, code=code, message=message,
+                                          retry_after=decision.retry_after))
 
     async def _handle_cli(
         self,
@@ -204,40 +265,71 @@ class Server:
         policy: policy_mod.Policy,
     ) -> None:
         """Decide under ``policy``, then run the tool with its output streamed (server/exec.py)."""
-        decision = policy_mod.decide_cli(
+        cli_decision = policy_mod.decide_cli(
             policy, session.agent, req.tool, list(req.argv), req.cwd, list(req.env)
         )
+        decision = apply_rate_limits(self.rate_limiter, cli_decision, policy, session.agent,
+                                     req.tool, self.clock())
         self.stats.count_request("cli", "allow" if decision.allow else "deny")
         self.metrics.count_request("cli", decision.allow, session.agent, req.tool)
-        # Audit (issue 4): the "decided" record goes here, written before anything runs.
+        entry = self.audit.cli(session.agent, session.session_id, req, policy, decision)
+        if not await self._audited(entry, stream, req.id):
+            return
         if not decision.allow:
-            code = decision.code or "denied"
-            status = {"unknown_tool": 404, "bad_request": 400, "rate_limited": 429}.get(code, 403)
-            log.info("denied cli tool %s for agent %s (peer uid %s pid %s): %s", req.tool,
-                     session.agent, req.peer_uid, req.peer_pid, decision.reason)
-            stream.finished = True
-            stream.send_control(RequestFailed(
-                id=req.id, status=status, code=code,
-                message=f"denied by policy: {decision.reason}",
-            ))
+            log.info("denied cli tool %s for agent %s (peer uid %s pid %s, %s): %s", req.tool,
+                     session.agent, req.peer_uid, req.peer_pid, entry.request_id,
+                     decision.reason)
+            self._deny(stream, req.id, decision, session.agent, req.tool)
             return
         tool = policy.tools[req.tool]
         assert isinstance(tool, policy_mod.CliTool)
-        # Audit (issue 4): ``info`` is filled in place, also when the run is cancelled,
-        # so the "completed" record belongs in a ``finally`` around this call.
+        # ``info`` is filled in place, also when the run is cancelled.
         info = ExitInfo()
-        await run_cli(stream, req, decision, tool, info=info)
+        try:
+            await run_cli(stream, req, cli_decision, tool, info=info)
+        finally:
+            entry.completed_cli(info)
 
     # -- running ------------------------------------------------------------------
     def reload(self) -> bool:
-        """Re-read the policy; keep the old one if the new file is invalid."""
+        """Re-read the policy and the token file (SIGHUP, ``carapace-server reload``).
+
+        All or nothing: if either file is invalid, both old ones stay in force,
+        the server keeps serving, and the error is logged. Requests in flight
+        finish under the policy they began with (handle_request took it).
+        An agent whose token was removed or changed has its live session
+        ended at once, so a revoked VM is cut off now, not at its next
+        reconnect; its next handshake is refused. The audit log is reopened
+        (for an external logrotate).
+        """
         try:
             new = policy_mod.load_policy_file(self.config.policy_file)
-        except policy_mod.PolicyError as exc:
-            log.error("policy reload rejected, keeping the previous policy: %s", exc)
+            tokens = load_server_tokens(self.config.token_file) if self.config.token_file \
+                else self.tokens
+        except (policy_mod.PolicyError, TokenFileError) as exc:
+            message = f"reload rejected, the previous policy and tokens stay in force: {exc}"
+            log.error("%s", message)
+            if self.on_reload is not None:
+                self.on_reload(False, message)
             return False
+        revoked = sorted(name for name, token in self.tokens.items()
+                         if tokens.get(name) != token)
+        self.audit.add_secrets(new.secrets())
+        self.audit.add_secrets(tokens.values())
         self.policy = new
-        log.info("policy reloaded from %s (%d tools)", self.config.policy_file, len(new.tools))
+        self.tokens = tokens
+        for name in revoked:
+            session = self.sessions.get(name)
+            if session is not None:
+                log.warning("token of agent %s was revoked or changed: ending its session", name)
+                session.end("token revoked")
+        self.audit.reopen()
+        message = (f"reloaded policy {self.config.policy_file} ({len(new.tools)} tools) and "
+                   f"{len(tokens)} agent token(s)"
+                   + (f"; revoked: {', '.join(revoked)}" if revoked else ""))
+        log.info("%s", message)
+        if self.on_reload is not None:
+            self.on_reload(True, message)
         return True
 
     async def run(self, *, task_status: trio.TaskStatus[list[trio.SocketListener]]
@@ -269,6 +361,7 @@ class Server:
         with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 if signum == signal.SIGHUP:
+                    log.info("SIGHUP: reloading the policy and tokens")
                     self.reload()
                 else:
                     await self.shutdown(scope)

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
+import signal
 import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import click
 import trio
 
 from .app import Server, ServerConfig
+from .audit import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES, AuditError, utc_timestamp
 from .debug_listener import DebugConfigError, debug_access, set_debug_token
 from .logconfig import setup_logging
 from .options import HOST_PORT, find_oserror
@@ -19,7 +28,24 @@ from .tokens import TokenFileError, load_server_tokens
 log = logging.getLogger("carapace.server")
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+class ServerCommand(click.Command):
+    """``carapace-server [FLAGS]``, plus ``carapace-server reload [--pid-file F]``.
+
+    The server is one command whose flags are fixed, so ``reload`` is
+    recognised as the first argument before the flags are parsed (the
+    server takes no positional arguments, so nothing else can mean it).
+    """
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        given = kwargs.get("args", args[0] if args else None)
+        argv = list(sys.argv[1:] if given is None else given)
+        if argv[:1] == ["reload"]:
+            prog = kwargs.get("prog_name") or "carapace-server"
+            return reload_command.main(argv[1:], prog_name=f"{prog} reload")
+        return super().main(*args, **kwargs)
+
+
+@click.command(cls=ServerCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--listen", type=HOST_PORT, default="127.0.0.1:8765", envvar="CARAPACE_LISTEN",
               show_default=True, help="Address agents connect to.")
 @click.option("--policy", "policy_file", default="/etc/carapace/policy.yaml",
@@ -33,6 +59,19 @@ log = logging.getLogger("carapace.server")
               "--debug-listen is not a loopback address.")
 @click.option("--audit-log", default=None, envvar="CARAPACE_AUDIT_LOG",
               help="Append audit records (JSON lines) to this file.")
+@click.option("--audit-max-bytes", type=click.IntRange(min=0), default=DEFAULT_MAX_BYTES,
+              envvar="CARAPACE_AUDIT_MAX_BYTES", show_default=True,
+              help="Rotate the audit log before it grows past this size (0: never rotate; "
+              "SIGHUP reopens it for an external logrotate).")
+@click.option("--audit-backups", type=click.IntRange(min=0), default=DEFAULT_BACKUPS,
+              envvar="CARAPACE_AUDIT_BACKUPS", show_default=True,
+              help="Rotated audit logs to keep (FILE.1 is the newest).")
+@click.option("--audit-fsync", is_flag=True, envvar="CARAPACE_AUDIT_FSYNC",
+              help="fsync each decision record before the request runs, so that even a host "
+              "crash loses none (costs a disk sync per request; records are always flushed "
+              "to the OS).")
+@click.option("--pid-file", default=None, envvar="CARAPACE_PID_FILE",
+              help="Write the server's pid here while it runs (for 'carapace-server reload').")
 @click.option("--handshake-timeout", type=float, default=5.0, show_default=True)
 @click.option("--idle-timeout", type=float, default=15.0, show_default=True,
               help="Drop an agent link silent for this long (pings every third of it).")
@@ -73,8 +112,16 @@ def main(
     resume_grace: float,
     log_level: str,
     log_json: bool,
+    audit_max_bytes: int = DEFAULT_MAX_BYTES,
+    audit_backups: int = DEFAULT_BACKUPS,
+    audit_fsync: bool = False,
+    pid_file: str | None = None,
 ) -> None:
-    """Serve Carapace agents: decide, run and audit their tool requests on this host."""
+    """Serve Carapace agents: decide, run and audit their tool requests on this host.
+
+    SIGHUP (or 'carapace-server reload --pid-file FILE') re-reads the policy
+    and the token file; an invalid file is rejected and the old ones stay.
+    """
     setup_logging(log_level, log_json)
     try:
         policy = load_policy_file(policy_file)
@@ -98,8 +145,15 @@ def main(
         max_agents=max_agents,
         drain_timeout=drain_timeout,
         resume_grace=resume_grace,
+        audit_max_bytes=audit_max_bytes,
+        audit_backups=audit_backups,
+        audit_fsync=audit_fsync,
     )
-    server = Server(config, policy, tokens)
+    try:
+        server = Server(config, policy, tokens)
+    except AuditError as exc:
+        log.error("%s", exc)
+        sys.exit(2)
     if debug_listen is not None:
         try:
             set_debug_token(server, debug_access(*debug_listen, debug_token_file))
@@ -117,8 +171,11 @@ def main(
             sys.exit(2)
     log.info("loaded policy %s (%d tools) and %d agent token(s)", policy_file,
              len(policy.tools), len(tokens))
+    # A SIGHUP before the server's own handler is installed must not kill it.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
-        trio.run(server.run)
+        with _pid_file(pid_file, server):
+            trio.run(server.run)
     except KeyboardInterrupt:
         pass
     except BaseException as exc:
@@ -128,6 +185,145 @@ def main(
         log.error("cannot listen on %s:%d: %s", config.listen_host, config.listen_port,
                   err.strerror or err)
         sys.exit(1)
+
+
+# -- pid file and `carapace-server reload` --------------------------------------------
+#
+# The server writes its pid to --pid-file, and after every reload attempt a status
+# file beside it, FILE.reload: {"pid", "seq", "ok", "message", "ts"}. `reload` reads
+# the pid, checks that it is a carapace-server, sends SIGHUP and waits for the status
+# to change, so it can say whether the new policy was accepted.
+
+
+def _status_path(pid_file: str) -> Path:
+    return Path(f"{pid_file}.reload")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _read_pid(pid_file: str) -> int | None:
+    try:
+        text = Path(pid_file).read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _is_carapace_server(pid: int) -> bool | None:
+    """Whether ``pid`` runs carapace-server (None: it runs, but /proc cannot tell what)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return b"carapace-server" in cmdline or b"carapace.server" in cmdline
+
+
+@contextlib.contextmanager
+def _pid_file(pid_file: str | None, server: Server) -> Iterator[None]:
+    if not pid_file:
+        yield
+        return
+    other = _read_pid(pid_file)
+    if other is not None and other != os.getpid() and _is_carapace_server(other):
+        log.error("another carapace-server (pid %d) is running with --pid-file %s; stop it "
+                  "or use another pid file", other, pid_file)
+        sys.exit(2)
+    try:
+        _write_atomically(Path(pid_file), f"{os.getpid()}\n")
+    except OSError as exc:
+        log.error("cannot write --pid-file %s: %s", pid_file, exc.strerror or exc)
+        sys.exit(2)
+    seq = 0
+
+    def report(ok: bool, message: str) -> None:
+        nonlocal seq
+        seq += 1
+        status = {"pid": os.getpid(), "seq": seq, "ok": ok, "message": message,
+                  "ts": utc_timestamp()}
+        try:
+            _write_atomically(_status_path(pid_file), json.dumps(status) + "\n")
+        except OSError as exc:
+            log.warning("cannot write the reload status %s: %s", _status_path(pid_file),
+                        exc.strerror or exc)
+
+    server.on_reload = report
+    try:
+        yield
+    finally:
+        if _read_pid(pid_file) == os.getpid():
+            with contextlib.suppress(OSError):
+                os.unlink(pid_file)
+            with contextlib.suppress(OSError):
+                os.unlink(_status_path(pid_file))
+
+
+def _read_status(pid_file: str) -> dict[str, object] | None:
+    try:
+        doc = json.loads(_status_path(pid_file).read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+@click.command("reload", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--pid-file", envvar="CARAPACE_PID_FILE", default=None,
+              help="The --pid-file the server was started with.  [env: CARAPACE_PID_FILE]")
+@click.option("--timeout", type=float, default=5.0, show_default=True,
+              help="How long to wait for the server to report the outcome.")
+def reload_command(pid_file: str | None, timeout: float) -> None:
+    """Make the running carapace-server re-read its policy and token file (SIGHUP).
+
+    Exits 0 when the server accepted the new files, 1 when it rejected them
+    (it keeps the old ones and says why) or no server is running.
+    """
+    if not pid_file:
+        click.echo("carapace-server reload: which server? Give --pid-file FILE (or set "
+                   "CARAPACE_PID_FILE) as the server was started with, or send it SIGHUP "
+                   "yourself (kill -HUP PID).", err=True)
+        sys.exit(2)
+    pid = _read_pid(pid_file)
+    if pid is None:
+        click.echo(f"carapace-server reload: no carapace-server is running with pid file "
+                   f"{pid_file} (it does not exist or holds no pid).", err=True)
+        sys.exit(1)
+    running = _is_carapace_server(pid)
+    if running is False:
+        click.echo(f"carapace-server reload: pid {pid} from {pid_file} is not a running "
+                   "carapace-server (a stale pid file?); nothing was signalled.", err=True)
+        sys.exit(1)
+    before = _read_status(pid_file)
+    before_key = (before or {}).get("pid"), (before or {}).get("seq")
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except OSError as exc:
+        click.echo(f"carapace-server reload: cannot signal pid {pid}: {exc.strerror or exc}",
+                   err=True)
+        sys.exit(1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = _read_status(pid_file)
+        if status is not None and (status.get("pid"), status.get("seq")) != before_key:
+            if status.get("ok"):
+                click.echo(f"carapace-server (pid {pid}): {status.get('message')}")
+                return
+            click.echo(f"carapace-server (pid {pid}): {status.get('message')}", err=True)
+            sys.exit(1)
+        time.sleep(0.05)
+    click.echo(f"carapace-server reload: sent SIGHUP to pid {pid}, but it reported no outcome "
+               f"within {timeout:g} s; check its log.", err=True)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -145,6 +145,7 @@ __all__ = [
     "BASE_ENV",
     "DEFAULT_CWD",
     "DEFAULT_MIN_SECRET_LENGTH",
+    "UNAVAILABLE_CODES",
     "AgentGrant",
     "AuditConfig",
     "CliDecision",
@@ -169,6 +170,7 @@ __all__ = [
     "passthrough_refusal",
     "prepare_http_headers",
     "upstream_url",
+    "vm_denial",
 ]
 
 BASE_PATH: Final = "/usr/local/bin:/usr/bin:/bin"
@@ -929,15 +931,28 @@ class Decision:
     ``rule`` names what decided: a policy entry such as
     ``tools.op.argv_allow_patterns[0] "item get *"`` or a default such as
     ``default deny: no tools.op.argv_allow_patterns entry matches``. ``code``
-    is the wire failure code for a deny (``denied``, ``unknown_tool``,
-    ``bad_request``) and ``""`` for an allow. Reasons never quote parameter
-    values, argv or bodies, which the audit settings may want kept out.
+    says why a deny happened (``denied``, ``unknown_tool``, ``not_granted``,
+    ``wrong_type``, ``bad_request``) and is ``""`` for an allow. Reasons never
+    quote parameter values, argv or bodies, which the audit settings may want
+    kept out.
+
+    The server does not send ``unknown_tool``, ``not_granted`` and
+    ``wrong_type`` apart to the VM (see :attr:`tool_unavailable`): telling
+    them apart would let a VM enumerate the host's tools and other agents'
+    grants. The precise reason goes to the audit trail and the log only.
     """
 
     allow: bool
     reason: str
     rule: str
     code: str = ""
+    retry_after: int | None = None
+    """For a ``rate_limited`` deny: whole seconds until a retry can succeed."""
+
+    @property
+    def tool_unavailable(self) -> bool:
+        """Denied because the agent has no such tool (unknown, not granted, other type)."""
+        return self.code in UNAVAILABLE_CODES
 
     @property
     def decision(self) -> str:
@@ -963,12 +978,44 @@ class CliDecision(Decision):
     cwd: bytes = DEFAULT_CWD
 
 
+UNAVAILABLE_CODES: Final = frozenset({"unknown_tool", "not_granted", "wrong_type"})
+"""Deny codes meaning "no such tool for you"; the VM sees them all as one."""
+
+
 def _deny(reason: str, rule: str, code: str = "denied") -> Decision:
     return Decision(allow=False, reason=reason, rule=rule, code=code)
 
 
 def _cli_deny(reason: str, rule: str, code: str = "denied") -> CliDecision:
     return CliDecision(allow=False, reason=reason, rule=rule, code=code)
+
+
+def _quoted_name(name: str) -> str:
+    """A VM-supplied name for a message: as is if it is a valid name, else escaped."""
+    if isinstance(name, str) and _NAME_RE.match(name):
+        return f"'{name}'"
+    return _show(str(name), 60)
+
+
+def vm_denial(decision: Decision, agent: str, tool: str) -> tuple[int, str, str]:
+    """What the VM is told about a deny: (HTTP status, wire code, message).
+
+    An unknown tool, a tool the agent is not granted and a tool of the other
+    type all read the same — 403, ``denied``, "denied by policy: tool 'X' is
+    not available to agent 'Y'" — so a VM cannot probe which tools exist or
+    what other agents may use; the precise reason stays in the audit trail.
+    A malformed request is 400 ``bad_request``, a rate-limited one 429
+    ``rate_limited`` (with ``decision.retry_after``), any other deny 403
+    ``denied`` with the reason (which never quotes request content).
+    """
+    if decision.tool_unavailable:
+        return (403, "denied", f"denied by policy: tool {_quoted_name(tool)} is not available "
+                f"to agent {_quoted_name(agent)}")
+    if decision.code == "bad_request":
+        return 400, "bad_request", f"bad request, denied by policy: {decision.reason}"
+    if decision.code == "rate_limited":
+        return 429, "rate_limited", f"rate limited: {decision.reason}"
+    return 403, "denied", f"denied by policy: {decision.reason}"
 
 
 def _show(text: str, limit: int = 60) -> str:
@@ -1030,10 +1077,11 @@ def _lookup(
         return _deny(
             f"tool {_show(tool)} is a {found.type} tool, not a {asked} tool",
             f"default deny: tools.{tool}.type is {found.type}",
+            "wrong_type",
         )
     denial = _grant_denial(policy, agent, tool)
     if denial is not None:
-        return _deny(*denial)
+        return _deny(*denial, "not_granted")
     return found
 
 

@@ -11,17 +11,19 @@ Memory is bounded: each key keeps at most ``max_requests`` timestamps (only
 the newest ``max_requests`` can ever decide), keys whose window has passed
 are swept out as time advances, and at most ``max_keys`` keys are kept (the
 least recently used one is forgotten first). Nothing here reads a clock or
-sleeps; the server passes ``trio.current_time()`` and tests pass numbers.
+sleeps; the server passes ``time.monotonic()`` and tests pass numbers.
 """
 
 from __future__ import annotations
 
 import math
 from collections import OrderedDict, deque
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["RateLimiter", "retry_after_header"]
+from .policy import Decision, Policy
+
+__all__ = ["RateLimiter", "apply_rate_limits", "retry_after_header"]
 
 
 @dataclass
@@ -83,6 +85,41 @@ class RateLimiter:
         wait = min(stamps[0] + window_secs - now, window_secs)
         return float(max(1, math.ceil(wait)))
 
+    def wait(
+        self, key: Hashable, max_requests: int, window_secs: float, now: float
+    ) -> float | None:
+        """What :meth:`check` would answer, without counting anything."""
+        log = self._logs.get(key)
+        if log is None:
+            return None
+        cutoff = now - window_secs
+        live = [t for t in log.stamps if t > cutoff][-max_requests:]
+        if len(live) < max_requests:
+            return None
+        return float(max(1, math.ceil(min(live[0] + window_secs - now, window_secs))))
+
+    def check_all(
+        self, limits: Sequence[tuple[Hashable, int, float]], now: float
+    ) -> tuple[int, float] | None:
+        """Count one request against several keys at once, or against none.
+
+        ``limits`` is ``(key, max_requests, window_secs)`` for each limit that
+        applies. If any is full, nothing is counted and the answer is
+        ``(index of the first full limit, longest wait)``; otherwise every key
+        is counted and the answer is None. So a request refused by one limit
+        does not use up another.
+        """
+        blocked: tuple[int, float] | None = None
+        for i, (key, max_requests, window_secs) in enumerate(limits):
+            wait = self.wait(key, max_requests, window_secs, now)
+            if wait is not None:
+                blocked = (i, wait) if blocked is None else (blocked[0], max(blocked[1], wait))
+        if blocked is not None:
+            return blocked
+        for key, max_requests, window_secs in limits:
+            self.check(key, max_requests, window_secs, now)
+        return None
+
     def reset(self, key: Hashable | None = None) -> None:
         """Forget one key's history, or every key's."""
         if key is None:
@@ -107,3 +144,45 @@ class RateLimiter:
 def retry_after_header(wait: float) -> bytes:
     """The ``Retry-After`` header value for a wait returned by :meth:`RateLimiter.check`."""
     return str(max(1, math.ceil(wait))).encode("ascii")
+
+
+def apply_rate_limits(
+    limiter: RateLimiter, decision: Decision, policy: Policy, agent: str, tool: str, now: float
+) -> Decision:
+    """Turn an allowed ``decision`` into a ``rate_limited`` deny if a limit is full.
+
+    Two limits apply to an allowed request: the tool's ``rate_limit``
+    (shared by every agent: it protects the service and the account behind
+    the tool) and the agent's ``agents.NAME.rate_limit`` (across all its
+    tools). A request is counted against both or neither. Denied requests
+    are returned unchanged and never counted. The limits are read from
+    ``policy`` on every call, so a reload changes them at once while the
+    history of recent requests is kept.
+    """
+    if not decision.allow:
+        return decision
+    limits: list[tuple[Hashable, int, float]] = []
+    rules: list[tuple[str, str]] = []
+    tool_obj = policy.tools.get(tool)
+    if tool_obj is not None and tool_obj.rate_limit is not None:
+        rl = tool_obj.rate_limit
+        limits.append((("tool", tool), rl.max_requests, rl.window_secs))
+        rules.append((f"tool {tool} allows {rl.max_requests} requests per {rl.window_secs:g} s",
+                      f"tools.{tool}.rate_limit"))
+    agent_rl = policy.agent_rate_limit(agent)
+    if agent_rl is not None:
+        limits.append((("agent", agent), agent_rl.max_requests, agent_rl.window_secs))
+        rules.append((f"agent {agent} may make {agent_rl.max_requests} requests per "
+                      f"{agent_rl.window_secs:g} s", f"agents.{agent}.rate_limit"))
+    if not limits:
+        return decision
+    blocked = limiter.check_all(limits, now)
+    if blocked is None:
+        return decision
+    index, wait = blocked
+    reason, rule = rules[index]
+    retry = max(1, math.ceil(wait))
+    return Decision(
+        allow=False, reason=f"{reason}; retry in {retry} s", rule=rule, code="rate_limited",
+        retry_after=retry,
+    )
