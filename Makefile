@@ -18,6 +18,17 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m carapace.debug.demo $(DEMO_ARGS)
 
+# Benchmarks (never part of `make test`): direct vs ssh -L vs Carapace, one run.
+# BENCH_ARGS, e.g. --quick, --only sse-latency, --json out.json, --png out.png.
+BENCH_STAMP := $(VENV)/.installed-bench
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check server agent protocol debug tests
 	$(BIN)/mypy --strict protocol

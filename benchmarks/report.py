@@ -1,0 +1,275 @@
+"""Turning results into the terminal table, the targets, markdown, JSON and a PNG."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from .common import PEER_TITLES, PEERS, Row, ScenarioResult
+
+Results = dict[str, ScenarioResult]
+
+
+# ----------------------------------------------------------------------------- formatting
+
+
+def fmt(value: float | None, decimals: int) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if decimals == 0:
+        return f"{value:,.0f}"
+    return f"{value:,.{decimals}f}"
+
+
+def fmt_vs(row: Row, peer: str) -> str:
+    v = row.versus_direct(peer)
+    if v is None:
+        return ""
+    if row.compare == "ratio":
+        return f"{v:.2f}×"
+    return f"{v:+.{max(2, row.decimals)}f}"
+
+
+def cell(row: Row, peer: str) -> str:
+    v = row.values.get(peer)
+    if v is None:
+        return "n/a" if peer in row.na else "–"
+    return fmt(v, row.decimals)
+
+
+# ----------------------------------------------------------------------------- targets
+
+
+@dataclass
+class Target:
+    name: str
+    measure: Callable[[Results], tuple[float | None, str]]  # value, shown text
+    check: Callable[[float], bool]
+    note: str = ""
+
+
+def _row(results: Results, scenario: str, key: str) -> Row | None:
+    res = results.get(scenario)
+    if res is None or res.skipped:
+        return None
+    return res.row(key)
+
+
+def _value(scenario: str, key: str, peer: str = "carapace",
+           unit: str = "", decimals: int = 2) -> Callable[[Results], tuple[float | None, str]]:
+    def f(results: Results) -> tuple[float | None, str]:
+        row = _row(results, scenario, key)
+        v = row.values.get(peer) if row else None
+        return v, (f"{fmt(v, decimals)} {unit}".strip() if v is not None else "–")
+    return f
+
+
+def _added(scenario: str, key: str) -> Callable[[Results], tuple[float | None, str]]:
+    def f(results: Results) -> tuple[float | None, str]:
+        row = _row(results, scenario, key)
+        v = row.versus_direct("carapace") if row else None
+        return v, (f"{v:+.2f} ms" if v is not None else "–")
+    return f
+
+
+def _ratio(scenario: str, key: str) -> Callable[[Results], tuple[float | None, str]]:
+    def f(results: Results) -> tuple[float | None, str]:
+        row = _row(results, scenario, key)
+        v = row.versus_direct("carapace") if row else None
+        return v, (f"{v * 100:.0f}% of direct" if v is not None else "–")
+    return f
+
+
+def _tail_vs_ssh(results: Results) -> tuple[float | None, str]:
+    row = _row(results, "sse-latency", "sse.p99")
+    if row is None or row.values.get("carapace") is None or row.values.get("ssh") is None:
+        return None, "–"
+    c, s = row.values["carapace"], row.values["ssh"]
+    assert c is not None and s is not None
+    return s - c, f"{c:.2f} vs {s:.2f} ms"
+
+
+def _max_of(scenario: str, keys: list[str], unit: str,
+            decimals: int = 1) -> Callable[[Results], tuple[float | None, str]]:
+    def f(results: Results) -> tuple[float | None, str]:
+        vals = []
+        for key in keys:
+            row = _row(results, scenario, key)
+            if row is None or row.values.get("carapace") is None:
+                return None, "–"
+            vals.append(row.values["carapace"])
+        shown = " / ".join(fmt(v, decimals) for v in vals) + f" {unit}"
+        return max(v for v in vals if v is not None), shown
+    return f
+
+
+TARGETS = [
+    Target("SSE added latency p50 ≤ 0.5 ms", _added("sse-latency", "sse.p50"),
+           lambda v: v <= 0.5),
+    Target("SSE added latency p99 ≤ 2 ms", _added("sse-latency", "sse.p99"),
+           lambda v: v <= 2.0),
+    Target("SSE p99 better than ssh -L", _tail_vs_ssh, lambda v: v > 0),
+    Target("1 SSE stream ≥ 50,000 events/s",
+           _value("sse-throughput", "throughput.single", unit="ev/s", decimals=0),
+           lambda v: v >= 50_000),
+    Target("100 SSE streams ≥ 100,000 events/s",
+           _value("sse-throughput", "throughput.multi", unit="ev/s", decimals=0),
+           lambda v: v >= 100_000),
+    Target("JSON-RPC c=32 ≥ 50% of direct req/s", _ratio("jsonrpc", "rpc.c32.rps"),
+           lambda v: v >= 0.5),
+    Target("idle streams ≤ 30 KB RSS each (agent / server)",
+           _max_of("idle-streams", ["idle.rss.agent", "idle.rss.server"], "KiB"),
+           lambda v: v <= 30 * 1000 / 1024),
+    Target("live stream p99 ≤ 5 ms with the idle streams open",
+           _value("idle-streams", "idle.live.p99", unit="ms"), lambda v: v <= 5.0),
+    Target("256 MiB download ≥ 200 MB/s",
+           _value("download", "download.mbps", unit="MB/s", decimals=0),
+           lambda v: v >= 200),
+    Target("download peak RSS growth ≤ 64 MB (agent / server)",
+           _max_of("download", ["download.rss.agent", "download.rss.server"], "MB"),
+           lambda v: v <= 64),
+    Target("shim round trip ≤ 25 ms over direct p50", _added("shim", "shim.p50"),
+           lambda v: v <= 25),
+    Target("masking costs < 10% of SSE throughput (issue 9)",
+           _value("masking", "masking.cost", unit="%"), lambda v: v < 10),
+]
+
+
+def evaluate_targets(results: Results, quick: bool) -> list[dict[str, Any]]:
+    out = []
+    for t in TARGETS:
+        value, shown = t.measure(results)
+        met = None if value is None else bool(t.check(value))
+        note = t.note
+        if quick and met is not None and "idle" in t.name:
+            note = "quick run: 1,000 streams, not 10,000"
+        if quick and met is not None and "download" in t.name:
+            note = "quick run: 64 MiB"
+        out.append({"target": t.name, "measured": shown, "met": met, "note": note})
+    return out
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def results_table(results: Results, ssh_available: bool) -> Table:
+    table = Table(title="Carapace benchmarks (each row measured side by side in one run)",
+                  title_justify="left", show_lines=False, header_style="bold")
+    table.add_column("scenario / metric")
+    table.add_column("unit", style="dim")
+    for peer in PEERS:
+        table.add_column(PEER_TITLES[peer], justify="right")
+    table.add_column("Carapace vs direct", justify="right", style="cyan")
+    table.add_column("ssh vs direct", justify="right", style="dim cyan")
+    for res in results.values():
+        if res.skipped:
+            table.add_row(Text(res.title, style="bold"), "", "", "", "",
+                          Text("skipped", style="yellow"), "")
+            continue
+        table.add_row(Text(res.title, style="bold"), "", "", "", "", "", "")
+        for row in res.rows:
+            table.add_row("  " + row.label, row.unit, *(cell(row, p) for p in PEERS),
+                          fmt_vs(row, "carapace"), fmt_vs(row, "ssh"))
+    return table
+
+
+def targets_table(targets: list[dict[str, Any]]) -> Table:
+    table = Table(title="Targets (issue 7)", title_justify="left", header_style="bold")
+    table.add_column("target")
+    table.add_column("Carapace measured", justify="right")
+    table.add_column("met?", justify="center")
+    for t in targets:
+        met = t["met"]
+        mark = (Text("met", style="green") if met else Text("not met", style="red")
+                if met is not None else Text("–", style="dim"))
+        measured = t["measured"] + (f"  ({t['note']})" if t["note"] else "")
+        table.add_row(t["target"], measured, mark)
+    return table
+
+
+def print_report(console: Console, results: Results, targets: list[dict[str, Any]],
+                 ssh_available: bool) -> None:
+    console.print(results_table(results, ssh_available))
+    for res in results.values():
+        if res.skipped:
+            console.print(f"[yellow]{res.name}[/yellow]: skipped — {res.skipped}")
+        for note in res.notes:
+            console.print(f"[dim]{res.name}: {note}[/dim]")
+    console.print(targets_table(targets))
+
+
+def markdown(results: Results, targets: list[dict[str, Any]]) -> str:
+    lines = ["| scenario / metric | unit | direct | ssh -L | Carapace | Carapace vs direct "
+             "| ssh vs direct |", "|---|---|--:|--:|--:|--:|--:|"]
+    for res in results.values():
+        if res.skipped:
+            lines.append(f"| **{res.title}** | | | | | skipped | |")
+            continue
+        lines.append(f"| **{res.title}** | | | | | | |")
+        for row in res.rows:
+            cells = " | ".join(cell(row, p) for p in PEERS)
+            lines.append(f"| {row.label} | {row.unit} | {cells} | {fmt_vs(row, 'carapace')} "
+                         f"| {fmt_vs(row, 'ssh')} |")
+    lines += ["", "| target (issue 7) | Carapace measured | met? |", "|---|--:|:-:|"]
+    for t in targets:
+        met = "–" if t["met"] is None else ("met" if t["met"] else "**not met**")
+        note = f" ({t['note']})" if t["note"] else ""
+        lines.append(f"| {t['target']} | {t['measured']}{note} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- plot
+
+
+def plot(results: Results, path: Path) -> str | None:
+    """A PNG of the latency distributions (CDFs); returns why not, if it could not."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install -e '.[bench]'); no plot"
+    panels: list[tuple[str, dict[str, list[float]]]] = []
+    for scenario, series, title in (
+        ("sse-latency", "sse_latency_ms", "SSE event latency, 200 events/s"),
+        ("jsonrpc", "rpc_c1_latency_ms", "JSON-RPC latency, c=1"),
+        ("jsonrpc", "rpc_c32_latency_ms", "JSON-RPC latency, c=32"),
+        ("idle-streams", "idle_live_latency_ms", "SSE latency with the idle streams open"),
+    ):
+        res = results.get(scenario)
+        if res is not None and not res.skipped and res.samples.get(series):
+            panels.append((title, res.samples[series]))
+    if not panels:
+        return "no latency samples to plot"
+    colors = {"direct": "#555555", "ssh": "#d08020", "carapace": "#2060c0"}
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
+    for ax, (title, series) in zip(axes[0], panels, strict=True):
+        for peer in PEERS:
+            values = sorted(series.get(peer) or [])
+            if not values:
+                continue
+            n = len(values)
+            ys = [(i + 1) / n for i in range(n)]
+            ax.step(values, ys, where="post", label=PEER_TITLES[peer], color=colors[peer])
+        ax.set_xscale("log")
+        ax.set_xlabel("ms (log scale)")
+        ax.set_ylabel("fraction of requests/events ≤ x")
+        ax.set_title(title, fontsize=10)
+        ax.axhline(0.99, color="#bbbbbb", linewidth=0.6, linestyle=":")
+        ax.axhline(0.5, color="#bbbbbb", linewidth=0.6, linestyle=":")
+        ax.grid(True, which="both", alpha=0.25)
+        ax.legend(loc="lower right", fontsize=8)
+    fig.suptitle("Carapace vs direct vs ssh -L: latency distributions (CDF)", fontsize=11)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None

@@ -1,0 +1,23 @@
+"""The scenarios, in the order a run measures them.
+
+Each module has ``NAME``, ``TITLE``, ``steps(ctx)`` (how many progress steps it
+reports) and ``run(ctx) -> ScenarioResult``.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from . import download, idle_streams, jsonrpc, masking, shim, sse_latency, sse_throughput
+
+SCENARIOS: list[ModuleType] = [
+    sse_latency,
+    sse_throughput,
+    jsonrpc,
+    download,
+    shim,
+    masking,
+    idle_streams,
+]
+
+BY_NAME = {m.NAME: m for m in SCENARIOS}

@@ -1,0 +1,115 @@
+"""A 256 MiB body through each peer: MB/s, and peak RSS growth of the processes between.
+
+Peak RSS: before each download the harness resets the kernel's high-water mark
+(``echo 5 > /proc/PID/clear_refs``) and also samples VmRSS every 10 ms; the
+growth is the larger of (VmHWM after − VmRSS before) and (sampled max − before).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from ..common import Ctx, Row, ScenarioError, ScenarioResult, median, timed
+from ..harness import proc_status, reset_peak_rss, rss_kib
+from ._peers import na_for_missing, ordered
+
+NAME = "download"
+TITLE = "256 MiB download"
+
+
+def size(ctx: Ctx) -> int:
+    return (64 if ctx.quick else 256) * 1024 * 1024
+
+
+def rounds(ctx: Ctx) -> int:
+    return 1 if ctx.quick else 2
+
+
+def steps(ctx: Ctx) -> int:
+    return (2 + (ctx.ssh is not None)) * rounds(ctx)
+
+
+@contextmanager
+def peak_rss(pids: dict[str, int]) -> Iterator[dict[str, int]]:
+    """Yields a dict that, on exit, holds each process's peak RSS growth in KiB."""
+    before = {name: rss_kib(pid) for name, pid in pids.items()}
+    hwm_ok = {name: reset_peak_rss(pid) for name, pid in pids.items()}
+    peak = dict(before)
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.01):
+            for name, pid in pids.items():
+                peak[name] = max(peak[name], rss_kib(pid))
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    growth: dict[str, int] = {}
+    try:
+        yield growth
+    finally:
+        stop.set()
+        thread.join(5)
+        for name, pid in pids.items():
+            hwm = proc_status(pid).get("VmHWM", 0) if hwm_ok[name] else 0
+            growth[name] = max(peak[name], hwm) - before[name]
+
+
+@timed
+def run(ctx: Ctx) -> ScenarioResult:
+    nbytes = size(ctx)
+    res = ScenarioResult(NAME, TITLE if not ctx.quick else f"{nbytes >> 20} MiB download")
+    path = f"/bytes?n={nbytes}"
+    speeds: dict[str, list[float]] = {}
+    growth: dict[str, list[int]] = {}
+    cpu: dict[str, list[float]] = {}
+    failures: list[str] = []
+    with ctx.carapace() as carapace:
+        ports = ctx.peer_ports(carapace)
+        for port in ports.values():  # warm-up
+            ctx.client({"mode": "download", "peer": ["127.0.0.1", port],
+                        "path": "/bytes?n=4194304", "bytes": 4194304}, 60)
+        for rnd in range(rounds(ctx)):
+            for peer, port in ports.items():
+                ctx.advance(f"download: via {peer}, round {rnd + 1}")
+                watched = (carapace.pids() if peer == "carapace"
+                           else ctx.ssh.pids() if peer == "ssh" and ctx.ssh else {})
+                try:
+                    with peak_rss(watched) as grew:
+                        out = ctx.measure(peer, carapace,
+                                          {"mode": "download", "peer": ["127.0.0.1", port],
+                                           "path": path, "bytes": nbytes}, 300)
+                except ScenarioError as exc:
+                    failures.append(f"via {peer}: {exc}")
+                    continue
+                speeds.setdefault(peer, []).append(out["mb_per_s"])
+                cpu.setdefault(peer, []).append(out["cpu_us_per_unit"] * 1000)  # µs/byte → ms/MB
+                for name, kib in grew.items():
+                    growth.setdefault(name, []).append(kib)
+    res.rows.append(na_for_missing(ctx, Row(
+        key="download.mbps", label="throughput", unit="MB/s",
+        values=ordered({p: median(v) for p, v in speeds.items()}), compare="ratio",
+        decimals=0)))
+    res.rows.append(na_for_missing(ctx, Row(
+        key="download.cpu", label="CPU per MB, all processes", unit="ms",
+        values=ordered({p: median(v) for p, v in cpu.items()}), compare="ratio",
+        decimals=1)))
+    peak_mb = {name: max(v) / 1024 for name, v in growth.items()}
+    res.rows.append(Row(
+        key="download.rss.agent", label="peak RSS growth, agent (ssh: client)", unit="MB",
+        values=ordered({"carapace": peak_mb.get("agent"), "ssh": peak_mb.get("ssh")}),
+        decimals=1, na={"direct": "no process between"}))
+    res.rows.append(Row(
+        key="download.rss.server", label="peak RSS growth, server", unit="MB",
+        values=ordered({"carapace": peak_mb.get("server")}), decimals=1,
+        na={"direct": "no process between", "ssh": "sshd not sampled"}))
+    res.notes += failures
+    res.notes.append(f"{nbytes >> 20} MiB from /bytes (64 KiB upstream writes); "
+                     f"best-of-rounds RSS is the max over {rounds(ctx)} round(s); "
+                     "throughput is the median")
+    res.raw = {"mb_per_s": speeds, "rss_growth_kib": growth}
+    if not speeds.get("direct"):
+        raise ScenarioError("direct download failed: " + "; ".join(failures))
+    return res
