@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Iterator
@@ -13,7 +14,7 @@ import httpx
 from carapace.protocol.sse import Event, SseParser
 from helpers.deployment import Deployment, deployment, free_port, start_agent
 from helpers.forwarder import Forwarder
-from helpers.procs import CapturedProcess
+from helpers.procs import CapturedProcess, wait_until
 
 
 @contextmanager
@@ -48,13 +49,6 @@ def read_events(url: str, out: list[Event], done: threading.Event,
         done.set()
 
 
-def wait_for(predicate: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
 def test_sse_stream_survives_two_link_cuts_exactly_once_in_order(tmp_path: Path) -> None:
     with deployment(tmp_path) as d, agent_via_forwarder(d, tmp_path) as (forwarder, agent):
         events: list[Event] = []
@@ -64,7 +58,7 @@ def test_sse_stream_survives_two_link_cuts_exactly_once_in_order(tmp_path: Path)
             d.url("/sse?count=1000&interval_ms=10"), events, done, connections))
         reader.start()
         for cut_at in (200, 600):
-            wait_for(lambda n=cut_at: len(events) >= n, 30, f"{cut_at} events")
+            wait_until(lambda n=cut_at: len(events) >= n, 30, f"{cut_at} events")
             with forwarder.outage():
                 # The outage lasts while events keep being produced upstream.
                 time.sleep(2)  # the outage itself, not synchronisation
@@ -72,7 +66,7 @@ def test_sse_stream_survives_two_link_cuts_exactly_once_in_order(tmp_path: Path)
         reader.join(5)
         ids = [int(e.id) for e in events if e.data is not None and e.id]
         assert ids == list(range(1, 1001)), f"{len(ids)} events, first gap near " + str(
-            next((i for i, (a, b) in enumerate(zip(ids, ids[1:], strict=False)) if b != a + 1),
+            next((i for i, (a, b) in enumerate(itertools.pairwise(ids)) if b != a + 1),
                  None))
         assert connections == [1], "the local client had to reconnect"
         assert agent.stderr_text().count("resumed the session") >= 2, agent.output()
@@ -85,7 +79,7 @@ def test_killing_the_server_ends_local_streams_cleanly_and_fast(tmp_path: Path) 
         reader = threading.Thread(target=read_events, args=(
             d.url("/sse-forever?interval_ms=20"), events, done, []))
         reader.start()
-        wait_for(lambda: len(events) >= 3, 10, "the first events")
+        wait_until(lambda: len(events) >= 3, 10, "the first events")
         assert d.server is not None
         d.server.kill()
         killed = time.monotonic()
@@ -103,10 +97,10 @@ def test_session_not_resumed_after_grace_ends_streams_cleanly(tmp_path: Path) ->
         reader = threading.Thread(target=read_events, args=(
             d.url("/sse-forever?interval_ms=20"), events, done, connections))
         reader.start()
-        wait_for(lambda: len(events) >= 3, 10, "the first events")
+        wait_until(lambda: len(events) >= 3, 10, "the first events")
         with forwarder.outage():
-            wait_for(lambda: "did not come back" in d.server.stderr_text(),  # type: ignore[union-attr]
-                     10, "the server to give up on the session")
+            wait_until(lambda: "did not come back" in d.server.stderr_text(),  # type: ignore[union-attr]
+                       10, "the server to give up on the session")
         # Back online: the server cannot resume, so the agent ends the stream cleanly.
         assert done.wait(15), agent.output()
         reader.join(5)

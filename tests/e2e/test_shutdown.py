@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import signal
 import threading
-import time
 from pathlib import Path
 
 import httpx
 
 from helpers.deployment import deployment
+from helpers.procs import wait_until
 
 
 def stream_until_end(url: str, result: dict[str, object]) -> None:
@@ -29,13 +29,6 @@ def both_in_flight(upstream: str) -> bool:
     return bool(stats["open_streams"] >= 1 and stats["paths"].get("/slow", 0) >= 1)
 
 
-def wait_for(predicate: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
 def test_server_sigterm_drains_requests_and_ends_streams_cleanly(tmp_path: Path) -> None:
     with deployment(tmp_path, server_args=["--drain-timeout", "5"]) as d:
         assert d.server is not None
@@ -47,7 +40,7 @@ def test_server_sigterm_drains_requests_and_ends_streams_cleanly(tmp_path: Path)
         t_slow = threading.Thread(target=lambda: slow.update(
             r=httpx.get(d.url("/slow?delay_ms=1500"), timeout=30)))
         t_slow.start()
-        wait_for(lambda: both_in_flight(d.upstream_url), 10,
+        wait_until(lambda: both_in_flight(d.upstream_url), 10,
                  "both requests to reach the upstream")
         d.server.send_signal(signal.SIGTERM)
         t_sse.join(10)
@@ -70,7 +63,7 @@ def test_agent_sigterm_ends_local_streams_cleanly_and_exits(tmp_path: Path) -> N
         t_slow = threading.Thread(target=lambda: slow.update(
             r=httpx.get(d.url("/slow?delay_ms=1000"), timeout=30)))
         t_slow.start()
-        wait_for(lambda: both_in_flight(d.upstream_url), 10,
+        wait_until(lambda: both_in_flight(d.upstream_url), 10,
                  "both requests to reach the upstream")
         d.agent.send_signal(signal.SIGTERM)
         t_sse.join(10)
@@ -79,5 +72,5 @@ def test_agent_sigterm_ends_local_streams_cleanly_and_exits(tmp_path: Path) -> N
         assert slow["r"].status_code == 200  # type: ignore[attr-defined]
         assert d.agent.wait(10) == 0
         # The upstream's event stream was cancelled, not left running.
-        wait_for(lambda: httpx.get(d.upstream_url + "/stats").json()["open_streams"] == 0,
+        wait_until(lambda: httpx.get(d.upstream_url + "/stats").json()["open_streams"] == 0,
                  5, "the upstream stream to be cancelled")

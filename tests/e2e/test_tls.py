@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import httpx
@@ -10,6 +9,7 @@ import pytest
 import trustme
 
 from helpers.deployment import deployment, free_port, start_agent
+from helpers.procs import CapturedProcess, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +32,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return {k: str(v) for k, v in paths.items()}
 
 
-def wait_for_log(proc: object, text: str, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in proc.stderr_text():  # type: ignore[attr-defined]
-        assert time.monotonic() < deadline, proc.output()  # type: ignore[attr-defined]
-        time.sleep(0.05)
+def logs(proc: CapturedProcess, text: str) -> None:
+    wait_until(lambda: text in proc.stderr_text(), 10, f"the agent to log {text!r}")
 
 
 def test_tunnel_over_tls(tmp_path: Path, pki: dict[str, str]) -> None:
@@ -60,7 +57,7 @@ def test_plaintext_agent_cannot_talk_to_a_tls_server(tmp_path: Path, pki: dict[s
     ) as d:
         assert httpx.get(d.url("/api/v1/check")).status_code == 502
         assert d.agent is not None
-        wait_for_log(d.agent, "reconnecting")
+        logs(d.agent, "reconnecting")
 
 
 def test_agent_refuses_a_server_certificate_from_another_ca(
@@ -73,7 +70,7 @@ def test_agent_refuses_a_server_certificate_from_another_ca(
         wait=False,
     ) as d:
         assert d.agent is not None
-        wait_for_log(d.agent, "CERTIFICATE_VERIFY_FAILED")
+        logs(d.agent, "CERTIFICATE_VERIFY_FAILED")
         assert httpx.get(d.url("/api/v1/check")).status_code == 502
 
 
@@ -93,7 +90,7 @@ def test_client_certificate_required_when_configured(
         agent = start_agent(d, ["--tls-ca", pki["ca"], "--link-wait", "0.1"], token_file=token)
         try:
             assert httpx.get(d.url("/api/v1/check")).status_code == 502
-            wait_for_log(agent, "reconnecting")
+            logs(agent, "reconnecting")
         finally:
             agent.terminate()
             agent.wait()

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -36,6 +36,7 @@ __all__ = [
     "stop_process",
     "wait_for_output",
     "wait_for_port",
+    "wait_until",
 ]
 
 
@@ -103,6 +104,15 @@ def start_process(
     proc.stderr_path = Path(err.name)
     proc._files = [out, err]
     return proc
+
+
+def wait_until(check: Callable[[], object], timeout: float, what: str) -> None:
+    """Poll ``check`` until it is truthy; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)
 
 
 def wait_for_port(
