@@ -50,6 +50,16 @@ def _check_tool_name(tool: str) -> None:
         raise ShimError(f"a shim cannot be named {SHIM_NAME}")
 
 
+def _check_ours(directory: Path, tools: list[str], refusal: str) -> None:
+    """Raise before anything changes if a tool name is invalid or its file is not a shim."""
+    for tool in tools:
+        _check_tool_name(tool)
+        path = directory / tool
+        if (path.exists() or path.is_symlink()) and not is_shim(path):
+            raise ShimError(f"{path} exists and is not a {SHIM_NAME} symlink; refusing to "
+                            f"{refusal}")
+
+
 def is_shim(path: Path) -> bool:
     """True if ``path`` is a symlink to a ``carapace-shim`` (ours to replace or remove)."""
     try:
@@ -62,12 +72,7 @@ def install(directory: Path, tools: list[str], target: Path | None = None) -> li
     """Link each tool to the shim. Idempotent; refuses (before changing anything) to
     replace a file that is not already a shim."""
     target = target or shim_executable()
-    for tool in tools:
-        _check_tool_name(tool)
-        path = directory / tool
-        if (path.exists() or path.is_symlink()) and not is_shim(path):
-            raise ShimError(f"{path} exists and is not a {SHIM_NAME} symlink; "
-                            "refusing to replace it (remove it yourself if it should go)")
+    _check_ours(directory, tools, "replace it (remove it yourself if it should go)")
     directory.mkdir(parents=True, exist_ok=True)
     changes = []
     for tool in tools:
@@ -101,11 +106,7 @@ def list_shims(directory: Path) -> list[tuple[str, Path]]:
 def remove(directory: Path, tools: list[str]) -> list[ShimChange]:
     """Remove the shims for ``tools``; refuses (before changing anything) to remove
     anything that is not a shim. A missing shim is not an error."""
-    for tool in tools:
-        _check_tool_name(tool)
-        path = directory / tool
-        if (path.exists() or path.is_symlink()) and not is_shim(path):
-            raise ShimError(f"{path} is not a {SHIM_NAME} symlink; refusing to remove it")
+    _check_ours(directory, tools, "remove it")
     changes = []
     for tool in tools:
         path = directory / tool
