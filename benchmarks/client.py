@@ -334,20 +334,27 @@ async def run_download(spec: dict[str, Any]) -> dict[str, Any]:
 
 async def hold_stream(host: str, port: int, path: str, opened: list[int],
                       all_open: trio.Event, target: int, errors: list[str],
-                      limiter: trio.CapacityLimiter) -> None:
+                      limiter: trio.CapacityLimiter, pending: trio.CancelScope) -> None:
     try:
-        async with limiter:
-            sock = await connect(host, port)
-            _, req = get_request(host, port, path)
-            await sock.send_all(req)
-            seen = b""
-            while b"\n\n" not in seen:  # headers end in CRLFs; the first event's blank line
-                data = await sock.receive_some(READ)
-                if not data:
-                    raise BenchError("closed before the first event")
-                if not seen and not data.startswith(b"HTTP/1.1 200 "):
-                    raise BenchError(f"bad answer: {data[:60]!r}")
-                seen = (seen + data)[-65536:]
+        with pending:  # cancelled when the harness stops waiting for the rest
+            async with limiter:
+                sock = await connect(host, port)
+                try:
+                    _, req = get_request(host, port, path)
+                    await sock.send_all(req)
+                    seen = b""
+                    while b"\n\n" not in seen:  # headers end in CRLFs; the event does not
+                        data = await sock.receive_some(READ)
+                        if not data:
+                            raise BenchError("closed before the first event")
+                        if not seen and not data.startswith(b"HTTP/1.1 200 "):
+                            raise BenchError(f"bad answer: {data[:60]!r}")
+                        seen = (seen + data)[-65536:]
+                except BaseException:
+                    sock.socket.close()
+                    raise
+        if pending.cancelled_caught:
+            return
     except (OSError, trio.BrokenResourceError, BenchError) as exc:
         errors.append(str(exc) or type(exc).__name__)
         return
@@ -378,11 +385,12 @@ async def run_idle(spec: dict[str, Any]) -> dict[str, Any]:
     limiter = trio.CapacityLimiter(int(spec.get("parallel_opens", 256)))
     stall = float(spec.get("stall_seconds", 15))
     result: dict[str, Any] = {}
+    pending = [trio.CancelScope() for _ in range(n)]
     async with trio.open_nursery() as nursery:
         start = time.perf_counter()
-        for _ in range(n):
+        for scope in pending:
             nursery.start_soon(hold_stream, host, int(port), path, opened, all_open, n,
-                               errors, limiter)
+                               errors, limiter, scope)
         curve: list[tuple[float, int]] = []
         last_change, last_count, next_sample = start, 0, start + 1.0
         with trio.move_on_after(float(spec["open_timeout"])):
@@ -397,6 +405,9 @@ async def run_idle(spec: dict[str, Any]) -> dict[str, Any]:
                     curve.append((round(now - start, 1), opened[0]))
                     next_sample += 1.0
         result["open_seconds"] = time.perf_counter() - start
+        for scope in pending:  # stop opening the rest: hold only what is open
+            scope.cancel()
+        await trio.sleep(0)
         result["opened"] = opened[0]
         result["open_errors"] = len(errors)
         result["first_errors"] = sorted(set(errors))[:5]

@@ -126,7 +126,7 @@ TARGETS = [
            lambda v: v >= 0.5),
     Target("idle streams ≤ 30 KB RSS each (agent / server)",
            _max_of("idle-streams", ["idle.rss.agent", "idle.rss.server"], "KiB"),
-           lambda v: v <= 30 * 1000 / 1024),
+           lambda v: v <= 30),  # KB as /proc counts them: KiB
     Target("live stream p99 ≤ 5 ms with the idle streams open",
            _value("idle-streams", "idle.live.p99", unit="ms"), lambda v: v <= 5.0),
     Target("256 MiB download ≥ 200 MB/s",
@@ -148,8 +148,13 @@ def evaluate_targets(results: Results, quick: bool) -> list[dict[str, Any]]:
         value, shown = t.measure(results)
         met = None if value is None else bool(t.check(value))
         note = t.note
-        if quick and met is not None and "idle" in t.name:
-            note = "quick run: 1,000 streams, not 10,000"
+        idle = results.get("idle-streams")
+        if "idle" in t.name and idle is not None and not idle.skipped and met is not None:
+            held = idle.raw.get("opened", {}).get("carapace")
+            if held is not None and held < idle.raw.get("streams", 0):
+                note = f"only {held:,} of {idle.raw['streams']:,} streams opened in time"
+            elif quick:
+                note = "quick run: 1,000 streams, not 10,000"
         if quick and met is not None and "download" in t.name:
             note = "quick run: 64 MiB"
         out.append({"target": t.name, "measured": shown, "met": met, "note": note})
@@ -250,8 +255,13 @@ def plot(results: Results, path: Path) -> str | None:
     if not panels:
         return "no latency samples to plot"
     colors = {"direct": "#555555", "ssh": "#d08020", "carapace": "#2060c0"}
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
-    for ax, (title, series) in zip(axes[0], panels, strict=True):
+    cols = min(2, len(panels))
+    rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(6.2 * cols, 4.3 * rows), squeeze=False)
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (title, series) in zip(flat, panels, strict=False):
         for peer in PEERS:
             values = sorted(series.get(peer) or [])
             if not values:

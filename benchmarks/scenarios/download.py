@@ -106,9 +106,8 @@ def run(ctx: Ctx) -> ScenarioResult:
         values=ordered({"carapace": peak_mb.get("server")}), decimals=1,
         na={"direct": "no process between", "ssh": "sshd not sampled"}))
     res.notes += failures
-    res.notes.append(f"{nbytes >> 20} MiB from /bytes (64 KiB upstream writes); "
-                     f"best-of-rounds RSS is the max over {rounds(ctx)} round(s); "
-                     "throughput is the median")
+    res.notes.append(f"{nbytes >> 20} MiB from /bytes (64 KiB upstream writes), "
+                     f"{rounds(ctx)} round(s): median throughput, largest peak RSS growth")
     res.raw = {"mb_per_s": speeds, "rss_growth_kib": growth}
     if not speeds.get("direct"):
         raise ScenarioError("direct download failed: " + "; ".join(failures))

@@ -5,7 +5,9 @@ first event arrived. Measured: the time to open all of them (also directly and
 through ssh -L, for scale), the RSS each costs the agent and the server
 ((VmRSS with the streams open − before) / N), and, while they stay open, the
 latency of one live 200 events/s stream through Carapace (and directly, as the
-reference), read by the same client process that holds the idle streams.
+reference), read by a second client process. Opening is bounded in time (and
+stops at 15 s without progress); streams still opening then are cancelled and
+the rest of the scenario runs with those that opened.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def live_events(ctx: Ctx) -> int:
 
 
 def steps(ctx: Ctx) -> int:
-    return 3 + (ctx.ssh is not None)
+    return 3 + ssh_open(ctx)
 
 
 def _read_phase(proc: subprocess.Popen[str], want: str, timeout: float) -> dict[str, Any]:
@@ -109,7 +111,13 @@ def _wait_upstream_idle(ctx: Ctx, timeout: float = 60) -> None:
 
 
 def open_timeout(ctx: Ctx) -> float:
-    return 60.0 if ctx.quick else 120.0
+    return 60.0 if ctx.quick else 90.0
+
+
+def ssh_open(ctx: Ctx) -> bool:
+    """Time-to-open through ssh -L only where it is cheap: at 10,000 streams it took
+    ~100 s on these machines and reset some channels, a third of the run's budget."""
+    return ctx.ssh is not None and ctx.quick
 
 
 @timed
@@ -134,7 +142,7 @@ def run(ctx: Ctx) -> ScenarioResult:
                             f"without progress){errs}")
 
     for peer, port in (("direct", ctx.upstream.port),
-                       ("ssh", ctx.ssh.port if ctx.ssh else None)):
+                       ("ssh", ctx.ssh.port if ctx.ssh and ssh_open(ctx) else None)):
         if port is None:
             continue
         ctx.advance(f"idle-streams: opening {n:,} via {peer}")
@@ -160,8 +168,9 @@ def run(ctx: Ctx) -> ScenarioResult:
         proc = ctx.start_client({"mode": "idle", "peer": ["127.0.0.1", carapace.port],
                                  "streams": n, "path": IDLE_PATH, "open_timeout": timeout})
         try:
-            record("carapace", _read_phase(proc, "open", timeout + 60))
-            time.sleep(1.0)  # let the last frames and buffers settle
+            with ctx.profile("idle-streams open", pids):
+                record("carapace", _read_phase(proc, "open", timeout + 60))
+            time.sleep(2.0)  # let the last frames (and any cancelled opens) settle
             rss["open"] = {name: rss_kib(pid) for name, pid in pids.items()}
             ctx.advance("idle-streams: live stream while they are open")
             # A separate client process reads the live streams, so the one holding
@@ -190,9 +199,11 @@ def run(ctx: Ctx) -> ScenarioResult:
     held = opened_n.get("carapace", 0)
     per_stream = {name: (rss["open"][name] - rss["before"][name]) / held
                   for name in rss.get("open", {})} if held else {}
+    ssh_na = ({} if ssh_open(ctx) else
+              {"ssh": ctx.ssh_reason or "no ssh"} if ctx.ssh is None else
+              {"ssh": "not at 10,000 (slow); --quick measures 1,000"})
     res.rows.append(Row(key="idle.open_s", label=f"time to open {n:,}", unit="s",
-                        values=ordered(open_s), compare="ratio", decimals=2,
-                        na={} if ctx.ssh else {"ssh": ctx.ssh_reason or "no ssh"}))
+                        values=ordered(open_s), compare="ratio", decimals=2, na=ssh_na))
     for name in ("agent", "server"):
         res.rows.append(Row(key=f"idle.rss.{name}", label=f"RSS per stream, {name}",
                             unit="KiB", values=ordered({"carapace": per_stream.get(name)}),
@@ -205,7 +216,8 @@ def run(ctx: Ctx) -> ScenarioResult:
     res.samples["idle_live_latency_ms"] = live
     res.notes += failures
     if held and held < n:
-        res.notes.append(f"RSS per stream over the {held:,} streams that did open")
+        res.notes.append(f"RSS per stream over the {held:,} streams that did open; the rest "
+                         "were cancelled before the live stream ran")
     res.notes.append(f"live: {count:,} events at 200/s through Carapace while the streams are "
                      "held, read by a separate client with direct as the reference")
     res.raw = {"rss_kib": rss, "open_seconds": open_s, "opened": opened_n, "streams": n,

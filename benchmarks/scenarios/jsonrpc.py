@@ -21,7 +21,7 @@ def plan(ctx: Ctx) -> dict[int, int]:
 
 def max_seconds(ctx: Ctx) -> float:
     """Time bound of one measured run: a slow peer is measured over fewer requests."""
-    return 4.0 if ctx.quick else 8.0
+    return 4.0 if ctx.quick else 6.0
 
 
 def rounds(ctx: Ctx) -> int:
