@@ -21,7 +21,6 @@ reaches any other connection.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import logging
 import os
@@ -45,6 +44,7 @@ from carapace.protocol.messages import (
     RequestFailed,
     RequestMessage,
     Signal,
+    replace,
 )
 
 from .multiplexer import AgentStream, LinkDown, Multiplexer, StreamLost
@@ -243,7 +243,7 @@ class _ShimConnection:
         if not isinstance(first, CliRequest):
             await self._refuse(f"the first frame must be cli_request, not {first.TYPE}")
             return None
-        return dataclasses.replace(first, peer_uid=self.uid, peer_gid=self.gid,
+        return replace(first, peer_uid=self.uid, peer_gid=self.gid,
                                    peer_pid=self.pid)
 
     # -- the request ---------------------------------------------------------------------
@@ -253,7 +253,7 @@ class _ShimConnection:
             return
         listener = self.listener
         try:
-            stream = await listener.mux.open(lambda rid: dataclasses.replace(req, id=rid),
+            stream = await listener.mux.open(lambda rid: replace(req, id=rid),
                                              wait=listener.link_wait)
         except LinkDown as exc:
             log.info("%s: tool %s refused: %s", self.who, req.tool, exc)
@@ -330,11 +330,11 @@ class _ShimConnection:
             final = False
             while msg is not None:
                 if isinstance(msg, Output):
-                    out.append(dataclasses.replace(msg, id=REQUEST_ID))
+                    out.append(replace(msg, id=REQUEST_ID))
                     cost += flow_cost(msg)
                     size += len(msg.data)
                 elif isinstance(msg, Exit | RequestFailed):
-                    out.append(dataclasses.replace(msg, id=REQUEST_ID))
+                    out.append(replace(msg, id=REQUEST_ID))
                     final = True
                     break
                 else:

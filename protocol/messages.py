@@ -1,4 +1,4 @@
-"""The message catalogue: one frozen dataclass per message type on the wire.
+"""The message catalogue: one frozen, slotted class per message type on the wire.
 
 A message travels as a msgpack map: ``{"t": <type>, <field>: <value>, ...}``.
 Decoding is strict — the schema of each field is derived from its annotation
@@ -7,18 +7,67 @@ types, unknown or missing fields and wrong value types (``True`` is not an
 int, ``"x"`` is not bytes) raise :class:`ProtocolError`. Nothing is coerced.
 Locally built messages are trusted (mypy checks them) and not re-validated,
 which keeps the hot path cheap.
+
+To type checkers the classes are dataclasses (``@message`` is a
+``dataclass_transform``). At run time ``@message`` is a small decorator of our
+own: ``dataclasses`` and ``typing`` cost the shim, which starts once per
+command, some 25 ms of imports and class generation. Use :func:`replace` and
+:func:`message_fields` where you would use ``dataclasses.replace``/``fields``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, ClassVar, TypeAlias
-
 from .errors import ProtocolError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any, ClassVar, TypeAlias, TypeVar, dataclass_transform
+
+    _T = TypeVar("_T")
+    _M = TypeVar("_M", bound="Message")
+
+    @dataclass_transform(frozen_default=True)
+    def message(cls: type[_T]) -> type[_T]: ...
+
+else:
+
+    def message(cls):
+        return _build_message_class(cls)
+
+
+def _build_message_class(cls: type) -> type:
+    annotations: dict[str, str] = cls.__dict__.get("__annotations__", {})  # noqa: RUF063
+    names = tuple(n for n, text in annotations.items() if not text.startswith("ClassVar"))
+    defaults = {n: cls.__dict__[n] for n in names if n in cls.__dict__}
+    namespace = {k: v for k, v in cls.__dict__.items()
+                 if k not in defaults and k not in ("__dict__", "__weakref__")}
+    namespace.update(
+        __slots__=names,
+        __match_args__=names,
+        _FIELDS=names,
+        _DEFAULTS=defaults,
+        _ANNOTATIONS={n: annotations[n] for n in names},
+        __init__=_first_init,
+    )
+    built = type(cls.__name__, cls.__bases__, namespace)
+    built.__qualname__ = cls.__qualname__
+    return built
+
+
+def _first_init(self: Message, *args: Any, **kwargs: Any) -> None:
+    """Compile this class's real ``__init__`` on first use, so import stays cheap."""
+    cls = type(self)
+    names: tuple[str, ...] = cls._FIELDS
+    defaults: dict[str, object] = cls._DEFAULTS  # type: ignore[attr-defined]
+    params = ", ".join(f"{n}=_d[{n!r}]" if n in defaults else n for n in names)
+    body = "".join(f"    _set(self, {n!r}, {n})\n" for n in names) or "    pass\n"
+    scope: dict[str, Any] = {"_set": object.__setattr__, "_d": defaults}
+    exec(f"def __init__(self, {params}):\n{body}", scope)  # our own field names only
+    init = scope["__init__"]
+    init.__qualname__ = f"{cls.__qualname__}.__init__"
+    type.__setattr__(cls, "__init__", init)
+    init(self, *args, **kwargs)
 
 PROTOCOL_VERSION = 1
 """Wire version; the handshake refuses peers that share no version."""
@@ -31,11 +80,37 @@ Headers: TypeAlias = tuple[tuple[bytes, bytes], ...]
 """HTTP headers (or environment entries) as raw ``(name, value)`` byte pairs."""
 
 
+class FrozenMessageError(AttributeError):
+    """Messages are immutable; build a new one with :func:`replace`."""
+
+
 class Message:
     """Base of every wire message. ``TYPE`` is the value of the ``"t"`` key."""
 
     TYPE: ClassVar[str]
+    _FIELDS: ClassVar[tuple[str, ...]] = ()
     __slots__ = ()
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise FrozenMessageError(f"cannot assign to field {name!r} of a {type(self).__name__}")
+
+    def __delattr__(self, name: str) -> None:
+        raise FrozenMessageError(f"cannot delete field {name!r} of a {type(self).__name__}")
+
+    def _values(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self._FIELDS)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash((self.__class__.__name__, *self._values()))
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._FIELDS)
+        return f"{type(self).__name__}({inner})"
 
 
 class RequestMessage(Message):
@@ -49,7 +124,7 @@ class RequestMessage(Message):
 # Handshake (before the session starts). See protocol/README.md.
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Hello(Message):
     """Agent → server: first frame on a new link."""
 
@@ -61,7 +136,7 @@ class Hello(Message):
     received: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Challenge(Message):
     """Server → agent: chosen version, server nonce and the server's proof."""
 
@@ -71,7 +146,7 @@ class Challenge(Message):
     proof: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Auth(Message):
     """Agent → server: the agent's proof that it holds its token."""
 
@@ -79,7 +154,7 @@ class Auth(Message):
     proof: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Welcome(Message):
     """Server → agent: the session is open."""
 
@@ -92,7 +167,7 @@ class Welcome(Message):
     received: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Reject(Message):
     """Either side: the handshake failed; the link closes after this frame."""
 
@@ -105,19 +180,19 @@ class Reject(Message):
 # Session-wide messages.
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Ping(Message):
     TYPE: ClassVar[str] = "ping"
     nonce: int
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Pong(Message):
     TYPE: ClassVar[str] = "pong"
     nonce: int
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class GoAway(Message):
     """Server → agent: stop sending new requests; the server is shutting down."""
 
@@ -125,7 +200,7 @@ class GoAway(Message):
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Ack(Message):
     """Either side: how many session frames it has received (for resumption)."""
 
@@ -137,7 +212,7 @@ class Ack(Message):
 # Request messages. Every one carries the request id the agent chose.
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class HttpRequest(RequestMessage):
     """Agent → server: a whole HTTP request for an HTTP tool."""
 
@@ -150,7 +225,7 @@ class HttpRequest(RequestMessage):
     body: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class HttpHead(RequestMessage):
     """Server → agent: the upstream's status and headers; body frames follow."""
 
@@ -161,7 +236,7 @@ class HttpHead(RequestMessage):
     sse: bool
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Data(RequestMessage):
     """A body chunk (server → agent) or a stdin chunk (agent → server)."""
 
@@ -170,7 +245,7 @@ class Data(RequestMessage):
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class SseEvent(RequestMessage):
     """Server → agent: one complete SSE event block, as parsed.
 
@@ -186,7 +261,7 @@ class SseEvent(RequestMessage):
     retry: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class SseComment(RequestMessage):
     """Server → agent: an SSE comment line from the upstream."""
 
@@ -195,7 +270,7 @@ class SseComment(RequestMessage):
     text: str
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class End(RequestMessage):
     """End of a response body (server → agent) or of stdin (agent → server)."""
 
@@ -203,7 +278,7 @@ class End(RequestMessage):
     id: int
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class CliRequest(RequestMessage):
     """Agent → server (and shim → agent): run a CLI tool."""
 
@@ -219,7 +294,7 @@ class CliRequest(RequestMessage):
     peer_pid: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Output(RequestMessage):
     """Server → agent: a chunk of the process's stdout (fd 1) or stderr (fd 2)."""
 
@@ -229,7 +304,7 @@ class Output(RequestMessage):
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Exit(RequestMessage):
     """Server → agent: the process ended; ``code`` is what the shim exits with."""
 
@@ -240,7 +315,7 @@ class Exit(RequestMessage):
     reason: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Signal(RequestMessage):
     """Agent → server: deliver a signal to the remote process group."""
 
@@ -249,7 +324,7 @@ class Signal(RequestMessage):
     signum: int
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Cancel(RequestMessage):
     """Agent → server: the local client went away; stop the request now."""
 
@@ -258,7 +333,7 @@ class Cancel(RequestMessage):
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Credit(RequestMessage):
     """Either side: the receiver consumed ``amount`` more bytes of this stream."""
 
@@ -267,7 +342,7 @@ class Credit(RequestMessage):
     amount: int
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class RequestFailed(RequestMessage):
     """Server → agent: the request ended with an error before (or instead of) a result.
 
@@ -315,9 +390,28 @@ BY_TYPE: dict[str, type[Message]] = {cls.TYPE: cls for cls in ALL_MESSAGES}
 
 
 # --------------------------------------------------------------------------
-# Schema: validators derived from annotations.
+# The run-time class builder behind @message, and the schema derived from the
+# (string) annotations: no dataclasses, no typing at import.
 
-_Check = Callable[[Any], Any]
+
+def message_fields(cls: type[Message]) -> tuple[tuple[str, str, bool], ...]:
+    """``(name, annotation, required)`` for each field of a message class, in order."""
+    annotations: dict[str, str] = cls._ANNOTATIONS  # type: ignore[attr-defined]
+    defaults: dict[str, object] = cls._DEFAULTS  # type: ignore[attr-defined]
+    return tuple((n, annotations[n], n not in defaults) for n in cls._FIELDS)
+
+
+def replace(msg: _M, **changes: Any) -> _M:
+    """A copy of ``msg`` with some fields changed (``dataclasses.replace`` for messages)."""
+    values = {name: getattr(msg, name) for name in msg._FIELDS}
+    unknown = set(changes) - set(values)
+    if unknown:
+        raise TypeError(f"{type(msg).__name__} has no field(s) {', '.join(sorted(unknown))}")
+    values.update(changes)
+    return type(msg)(**values)
+
+
+_Check: TypeAlias = "Callable[[Any], Any]"
 
 
 def _fail(what: str) -> ProtocolError:
@@ -348,36 +442,52 @@ def _check_bool(v: Any) -> bool:
     return v
 
 
-_SCALARS: dict[Any, _Check] = {
-    int: _check_int,
-    str: _check_str,
-    bytes: _check_bytes,
-    bool: _check_bool,
+_SCALARS: dict[str, _Check] = {
+    "int": _check_int,
+    "str": _check_str,
+    "bytes": _check_bytes,
+    "bool": _check_bool,
 }
+_ALIASES = {"Headers": "tuple[tuple[bytes, bytes], ...]"}
 
 
-def _checker_for(annotation: Any) -> _Check:
-    if annotation in _SCALARS:
-        return _SCALARS[annotation]
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (types.UnionType, typing.Union) and len(args) == 2 and type(None) in args:
-        inner = _checker_for(next(a for a in args if a is not type(None)))
+def _split_top_level(text: str) -> list[str]:
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    parts.append(text[start:].strip())
+    return parts
+
+
+def _checker_for(annotation: str) -> _Check:
+    text = annotation.strip()
+    text = _ALIASES.get(text, text)
+    if text in _SCALARS:
+        return _SCALARS[text]
+    if text.endswith("| None"):
+        inner = _checker_for(text[: -len("| None")])
 
         def check_optional(v: Any) -> Any:
             return None if v is None else inner(v)
 
         return check_optional
-    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
-        item = _checker_for(args[0])
+    if text.startswith("tuple[") and text.endswith("]"):
+        args = _split_top_level(text[len("tuple[") : -1])
+        if len(args) == 2 and args[1] == "...":
+            item = _checker_for(args[0])
 
-        def check_list(v: Any) -> tuple[Any, ...]:
-            if type(v) is not list:
-                raise _fail(f"expected an array, got {type(v).__name__}")
-            return tuple(item(x) for x in v)
+            def check_list(v: Any) -> tuple[Any, ...]:
+                if type(v) is not list:
+                    raise _fail(f"expected an array, got {type(v).__name__}")
+                return tuple(item(x) for x in v)
 
-        return check_list
-    if origin is tuple:
+            return check_list
         items = [_checker_for(a) for a in args]
 
         def check_fixed(v: Any) -> tuple[Any, ...]:
@@ -389,20 +499,20 @@ def _checker_for(annotation: Any) -> _Check:
     raise TypeError(f"no wire schema for annotation {annotation!r}")  # pragma: no cover
 
 
-@dataclass(frozen=True, slots=True)
 class _Field:
-    name: str
-    check: _Check
-    required: bool
+    __slots__ = ("check", "name", "required")
+
+    def __init__(self, name: str, check: _Check, required: bool) -> None:
+        self.name = name
+        self.check = check
+        self.required = required
 
 
 def _schema(cls: type[Message]) -> tuple[_Field, ...]:
-    hints = typing.get_type_hints(cls)
-    fields = []
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        fields.append(_Field(f.name, _checker_for(hints[f.name]), required))
-    return tuple(fields)
+    return tuple(
+        _Field(name, _checker_for(annotation), required)
+        for name, annotation, required in message_fields(cls)
+    )
 
 
 _SCHEMAS: dict[type[Message], tuple[_Field, ...]] = {cls: _schema(cls) for cls in ALL_MESSAGES}

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from carapace.protocol import messages as m
 from carapace.protocol.flow import (
     DEFAULT_WINDOW,
@@ -11,8 +14,6 @@ from carapace.protocol.flow import (
     SendWindow,
     flow_cost,
 )
-from hypothesis import given
-from hypothesis import strategies as st
 
 # --------------------------------------------------------------------------
 # flow_cost

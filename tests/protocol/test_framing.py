@@ -7,6 +7,9 @@ from typing import Any
 
 import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from carapace.protocol import messages as m
 from carapace.protocol.errors import ProtocolError
 from carapace.protocol.framing import (
@@ -18,8 +21,6 @@ from carapace.protocol.framing import (
     encode_payload,
 )
 from carapace.protocol.messages import ALL_MESSAGES, Message
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from .test_messages import any_message, message_strategy
 

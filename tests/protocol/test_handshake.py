@@ -8,6 +8,7 @@ import os
 
 import msgpack
 import pytest
+
 from carapace.protocol.errors import ProtocolError
 from carapace.protocol.framing import decode_payload, encode_payload
 from carapace.protocol.handshake import (

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
 import types
 import typing
 from typing import Any
 
 import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from carapace.protocol import messages as m
 from carapace.protocol.errors import ProtocolError
 from carapace.protocol.framing import decode_payload, encode_payload
@@ -22,8 +24,6 @@ from carapace.protocol.messages import (
     message_from_map,
     message_to_map,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 INT_MIN = -(2**63)
 UINT_MAX = 2**64 - 1
@@ -70,13 +70,15 @@ OVERRIDES: dict[tuple[type[Message], str], st.SearchStrategy[Any]] = {
 }
 
 
+def hints_of(cls: type[Message]) -> dict[str, Any]:
+    """The evaluated annotations of ``cls`` (typing names live only under TYPE_CHECKING)."""
+    return typing.get_type_hints(cls, localns={"ClassVar": typing.ClassVar})
+
+
 def fields_of(cls: type[Message]) -> list[tuple[str, Any, bool]]:
     """(name, annotation, required) for each field of ``cls``."""
-    hints = typing.get_type_hints(cls)
-    return [
-        (f.name, hints[f.name], f.default is dataclasses.MISSING)
-        for f in dataclasses.fields(cls)  # type: ignore[arg-type]
-    ]
+    hints = hints_of(cls)
+    return [(name, hints[name], required) for name, _, required in m.message_fields(cls)]
 
 
 def message_strategy(cls: type[Message]) -> st.SearchStrategy[Message]:
@@ -175,8 +177,21 @@ def test_catalogue_is_consistent() -> None:
     assert HANDSHAKE_MESSAGES <= set(ALL_MESSAGES)
     for cls in ALL_MESSAGES:
         assert BY_TYPE[cls.TYPE] is cls
-        assert dataclasses.is_dataclass(cls)
-        assert cls.__dataclass_params__.frozen  # type: ignore[union-attr]
+        assert "__dict__" not in dir(cls)  # slotted: no per-message dict
+
+
+@pytest.mark.parametrize("cls", ALL_MESSAGES, ids=lambda c: c.TYPE)
+def test_messages_are_frozen_and_compare_by_value(cls: type[Message]) -> None:
+    msg = decode_payload(pack(base_map(cls)))
+    twin = decode_payload(pack(base_map(cls)))
+    assert msg == twin and hash(msg) == hash(twin)
+    assert repr(msg).startswith(cls.__name__ + "(")
+    name = m.message_fields(cls)[0][0]
+    with pytest.raises(AttributeError):
+        setattr(msg, name, getattr(msg, name))
+    assert m.replace(msg) == msg
+    with pytest.raises(TypeError):
+        m.replace(msg, no_such_field=1)
 
 
 @pytest.mark.parametrize("cls", ALL_MESSAGES, ids=lambda c: c.TYPE)
@@ -215,10 +230,10 @@ def test_optional_fields_may_be_absent_or_nil(cls: type[Message]) -> None:
     optional = [name for name, _, required in fields_of(cls) if not required]
     absent = {k: v for k, v in full.items() if k not in optional}
     msg = decode_payload(pack(absent))
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        if f.name in optional:
-            assert getattr(msg, f.name) == f.default
-    hints = typing.get_type_hints(cls)
+    defaults = cls._DEFAULTS  # type: ignore[attr-defined]
+    for name in optional:
+        assert getattr(msg, name) == defaults[name]
+    hints = hints_of(cls)
     nil_ok = {
         n: None
         for n in optional

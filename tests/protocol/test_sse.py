@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from carapace.protocol.errors import ProtocolError
 from carapace.protocol.sse import (
     MAX_RETRY,
@@ -11,8 +14,6 @@ from carapace.protocol.sse import (
     SseParser,
     serialize,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 BOM = b"\xef\xbb\xbf"
 Item = Event | Comment
