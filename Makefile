@@ -29,6 +29,28 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
 
+# Interop tests with clients nobody on this team wrote: curl, the npm eventsource
+# package, headless Chromium, OpenClaw's Signal client, an sse-starlette upstream.
+# Installs them first: the pip extra `interop`, the npm packages pinned in
+# tests/interop/package-lock.json, and Debian's chromium if missing (as root).
+INTEROP_STAMP := $(VENV)/.installed-interop
+INTEROP_NODE  := tests/interop/node_modules/.installed
+
+$(INTEROP_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[dev,interop]'
+	touch $(INTEROP_STAMP)
+
+$(INTEROP_NODE): tests/interop/package.json tests/interop/package-lock.json
+	cd tests/interop && npm ci --ignore-scripts --no-audit --no-fund
+	touch $(INTEROP_NODE)
+
+test-interop: $(INTEROP_STAMP) $(INTEROP_NODE)
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
+	  || if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  else echo "chromium is missing and this is not root: its tests will skip"; fi
+	$(BIN)/python -m pytest -q -p no:cacheprovider -rs tests/interop
+
 lint: $(STAMP)
 	$(BIN)/ruff check server agent protocol debug tests
 	$(BIN)/mypy --strict protocol
