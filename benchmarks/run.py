@@ -141,8 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         with Progress(TextColumn("{task.description}"), BarColumn(),
                       TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
                       console=console, refresh_per_second=4, transient=False) as progress:
-            tasks = {name: progress.add_task(f"{name}: waiting",
-                                             total=max(1, BY_NAME[name].steps(ctx)))
+            tasks = {name: progress.add_task(f"{name}: waiting", start=False,
+                                             total=BY_NAME[name].steps(ctx) + 1)
                      for name in args.scenarios}
             for name in args.scenarios:
                 task = tasks[name]
@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                     progress.update(task, description=desc, advance=1)
 
                 ctx.advance = advance
+                progress.start_task(task)
                 progress.update(task, description=f"{name}: starting")
                 module = BY_NAME[name]
                 try:

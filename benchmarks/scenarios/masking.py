@@ -1,24 +1,74 @@
-"""Masking cost (issue 9): throughput and latency with secret scrubbing on vs off.
+"""Masking cost (issue 9): the tunnel with injected secrets scrubbed vs without.
 
-A slot until the server can mask injected secrets: when it can, this scenario
-runs sse-throughput and sse-latency through two Carapace pairs, one with an
-``headers_inject`` secret on the tool and one without, and reports the ratio
-(target: under 10% of throughput, no added latency beyond held-back bytes).
+Measured by ``benchmarks/masking.py`` (a colleague's module, run as is): two
+Carapace pairs that differ only in whether their tools inject secrets, in
+alternating rounds. This adapter maps its result into the table's Carapace
+column (there is nothing to mask on the direct and ssh paths). Skipped with a
+note while the module is absent or the server cannot mask yet.
 """
 
 from __future__ import annotations
 
-from ..common import Ctx, ScenarioResult, timed
+import importlib
+import importlib.util
+from typing import Any
+
+from ..common import Ctx, Row, ScenarioError, ScenarioResult, timed
 
 NAME = "masking"
 TITLE = "Secret masking cost (issue 9)"
+MODULE = "benchmarks.masking"
+NA = {"direct": "nothing to mask", "ssh": "nothing to mask"}
+
+
+def available() -> bool:
+    try:
+        return importlib.util.find_spec(MODULE) is not None
+    except ImportError:
+        return False
 
 
 def steps(ctx: Ctx) -> int:
-    return 0
+    return 1 if available() else 0
 
 
 @timed
 def run(ctx: Ctx) -> ScenarioResult:
-    return ScenarioResult(NAME, TITLE, skipped="secret masking is not implemented yet (issue 9); "
-                          "this scenario will compare the tunnel with and without it")
+    if not available():
+        return ScenarioResult(NAME, TITLE, skipped="benchmarks/masking.py is not here yet "
+                              "(issue 9); this scenario runs it once it exists")
+    module = importlib.import_module(MODULE)
+    ctx.advance("masking: plain vs masked pairs (benchmarks/masking.py)")
+    try:
+        out: dict[str, Any] = module.run(quick=ctx.quick)
+    except SystemExit as exc:
+        raise ScenarioError(f"benchmarks/masking.py: {exc}") from None
+    except Exception as exc:
+        raise ScenarioError(f"benchmarks/masking.py: {type(exc).__name__}: {exc}") from None
+    res = ScenarioResult(NAME, TITLE)
+    plain, masked = out.get("plain", {}), out.get("masked", {})
+
+    def added(key: str) -> float | None:
+        if key in plain and key in masked:
+            return float(masked[key]) - float(plain[key])
+        return None
+
+    for key, label, unit, value in (
+        ("masking.cost", "SSE throughput lost to masking", "%",
+         out.get("sse_throughput_cost_pct")),
+        ("masking.cli_cost", "CLI stdout throughput lost to masking", "%",
+         out.get("cli_throughput_cost_pct")),
+        ("masking.sse_p50", "SSE latency p50 added by masking", "ms",
+         added("sse_latency_p50_ms")),
+        ("masking.sse_p99", "SSE latency p99 added by masking", "ms",
+         added("sse_latency_p99_ms")),
+        ("masking.cli_p50", "CLI round trip p50 added by masking", "ms",
+         added("cli_roundtrip_p50_ms")),
+    ):
+        res.rows.append(Row(key=key, label=label, unit=unit,
+                            values={"direct": None, "ssh": None, "carapace": value},
+                            decimals=1 if unit == "%" else 2, na=dict(NA)))
+    res.notes.append(f"by benchmarks/masking.py: median of {out.get('rounds')} alternating "
+                     "rounds, masked pair vs plain pair")
+    res.raw = out
+    return res
