@@ -28,6 +28,7 @@ from .audit import (
     AuditLog,
     AuditTrail,
     ResponseTap,
+    utc_timestamp,
 )
 from .debug_listener import serve_debug
 from .exec import ExitInfo, run_cli
@@ -395,7 +396,17 @@ class Server:
         scope.cancel()
 
     def on_shutdown(self) -> None:
-        """Last words before exit (flush the audit trail)."""
+        """Last words before exit: the audit trail is flushed and closed."""
+        if self.audit.log is not None:
+            self.audit.log.close()
+
+    def audit_limit(self, limit: str, agent: str, peer: str, detail: str) -> None:
+        """Record that a limit was hit: which, by whom, and what was refused."""
+        try:
+            self.audit.emit({"ts": utc_timestamp(), "event": "limit", "limit": limit,
+                             "agent": agent, "peer": peer, "detail": detail})
+        except AuditError as exc:
+            log.error("audit: cannot record a %s limit: %s", limit, exc)
 
     def request_finished(self) -> None:
         self.stream_done.set()

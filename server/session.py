@@ -224,6 +224,8 @@ class AgentSession:
         if len(self.streams) >= cfg.max_requests_per_agent:
             log.warning("agent %s hit the limit of %d concurrent requests", self.agent,
                         cfg.max_requests_per_agent)
+            self.server.audit_limit("max_requests_per_agent", self.agent, self.peer,
+                                    f"request {msg.id} refused: {len(self.streams)} in flight")
             self.send(RequestFailed(
                 id=msg.id, status=503, code="too_many_requests",
                 message=f"agent {self.agent} already has {cfg.max_requests_per_agent} requests "
@@ -321,6 +323,8 @@ class ServerLink:
                 self.server.config.handshake_timeout,
             )
             self.server.stats.handshake_failures += 1
+            self.server.audit_limit("handshake_timeout", "?", self.peer,
+                                    f"no handshake within {self.server.config.handshake_timeout} s")
             return
         except (ProtocolError, LinkClosed, trio.BrokenResourceError, trio.ClosedResourceError,
                 OSError) as exc:
@@ -373,6 +377,7 @@ class ServerLink:
                 session = await server.new_session(first.agent, hs.version)
             except TooManyAgents as exc:
                 log.warning("refusing agent %s from %s: %s", first.agent, self.peer, exc)
+                server.audit_limit("max_agents", first.agent, self.peer, str(exc))
                 self.writer.send(Reject(code="limit", message=str(exc)))
                 return None
         self.session = session
@@ -416,6 +421,7 @@ class ServerLink:
             except ProtocolError as exc:
                 self.server.stats.protocol_errors += 1
                 self.close(f"protocol error: {exc}")
+                self.server.audit_limit("protocol", session.agent, self.peer, str(exc)[:300])
                 log.warning("agent %s (%s) broke the protocol: %s; ending its session",
                             session.agent, self.peer, exc)
                 session.end(f"protocol error: {exc}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -17,6 +18,11 @@ from helpers.rawlink import RawLink
 def served(d: Deployment) -> None:
     r = httpx.post(d.url("/api/v1/rpc"), json={"jsonrpc": "2.0", "method": "version", "id": 1})
     assert r.status_code == 200, r.text
+
+
+def limit_records(audit: Path, limit: str) -> list[dict[str, object]]:
+    records = [json.loads(line) for line in audit.read_text().splitlines()]
+    return [r for r in records if r.get("event") == "limit" and r.get("limit") == limit]
 
 
 def raw_request(port: int, data: bytes) -> bytes:
@@ -50,7 +56,9 @@ def test_request_larger_than_the_server_frame_limit_is_refused_locally(tmp_path:
 
 
 def test_concurrent_requests_per_agent_limit(tmp_path: Path) -> None:
-    with deployment(tmp_path, server_args=["--max-requests-per-agent", "2"]) as d:
+    audit = tmp_path / "audit.jsonl"
+    with deployment(tmp_path, server_args=["--max-requests-per-agent", "2",
+                                           "--audit-log", str(audit)]) as d:
         stop = threading.Event()
 
         def hold() -> None:
@@ -78,10 +86,12 @@ def test_concurrent_requests_per_agent_limit(tmp_path: Path) -> None:
             time.sleep(0.02)
         assert d.server is not None
         assert "hit the limit of 2 concurrent requests" in d.server.stderr_text()
+        assert limit_records(audit, "max_requests_per_agent")
 
 
 def test_max_agents_refuses_one_more_agent(tmp_path: Path) -> None:
-    with deployment(tmp_path, server_args=["--max-agents", "1"]) as d:
+    audit = tmp_path / "audit.jsonl"
+    with deployment(tmp_path, server_args=["--max-agents", "1", "--audit-log", str(audit)]) as d:
         link = RawLink(d.server_port)
         import os
 
@@ -94,4 +104,5 @@ def test_max_agents_refuses_one_more_agent(tmp_path: Path) -> None:
         answer = link.receive()
         assert isinstance(answer, Reject) and answer.code == "limit"
         assert "--max-agents" in answer.message
+        assert [r["agent"] for r in limit_records(audit, "max_agents")] == ["prober"]
         served(d)
