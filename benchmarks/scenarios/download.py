@@ -97,10 +97,10 @@ def run(ctx: Ctx) -> ScenarioResult:
         values=ordered({p: median(v) for p, v in cpu.items()}), compare="ratio",
         decimals=1)))
     peak_mb = {name: max(v) / 1024 for name, v in growth.items()}
-    res.rows.append(Row(
+    res.rows.append(na_for_missing(ctx, Row(
         key="download.rss.agent", label="peak RSS growth, agent (ssh: client)", unit="MB",
         values=ordered({"carapace": peak_mb.get("agent"), "ssh": peak_mb.get("ssh")}),
-        decimals=1, na={"direct": "no process between"}))
+        decimals=1, na={"direct": "no process between"})))
     res.rows.append(Row(
         key="download.rss.server", label="peak RSS growth, server", unit="MB",
         values=ordered({"carapace": peak_mb.get("server")}), decimals=1,
