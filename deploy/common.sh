@@ -75,6 +75,16 @@ check_python() {
     command -v "$PYTHON" >/dev/null 2>&1 || die "$PYTHON not found (set CARAPACE_PYTHON)"
     "$PYTHON" -c 'import sys, venv; sys.exit(0 if sys.version_info >= (3, 11) else 1)' \
         || die "$PYTHON is older than 3.11 (or has no venv module: apt-get install python3-venv)"
+    # A venv runs its base interpreter in place. The services run as user carapace
+    # with ProtectHome=yes, so that interpreter must not live under /root or /home
+    # (pyenv, conda, ~/.local builds): they could neither see nor run it.
+    base=$("$PYTHON" -c 'import os, sys; print(os.path.realpath(sys.base_prefix))')
+    case $base in
+        /root|/root/*|/home/*|/run/user/*)
+            if [ -z "$ROOT" ]; then
+                die "$PYTHON lives in $base, which the services cannot reach (ProtectHome, user $SERVICE_USER): use a system Python, e.g. --python /usr/bin/python3"
+            fi ;;
+    esac
 }
 
 project_version() {
