@@ -220,8 +220,13 @@ class TunnelClient:
                         trio.ClosedResourceError, OSError) as exc:
                     outcome = _Outcome(_why(exc))
                     if not self._session_ok:
-                        hint = " (does the server expect TLS? then pass --tls-ca)" if (
-                            cfg.ssl_context is None) else ""
+                        if cfg.ssl_context is None:
+                            hint = " (does the server expect TLS? then pass --tls-ca)"
+                        elif "SSL" in outcome.reason:
+                            hint = (" (does the server require a client certificate? then "
+                                    "pass --tls-cert and --tls-key)")
+                        else:
+                            hint = ""
                         log.warning("handshake with the server failed: %s%s", outcome.reason,
                                     hint)
                     else:
@@ -374,6 +379,9 @@ def _is_refused(exc: BaseException | None) -> bool:
 def _why(exc: BaseException) -> str:
     if isinstance(exc, trio.TooSlowError):
         return "timed out"
+    if isinstance(exc, trio.BrokenResourceError) and exc.__cause__ is not None:
+        # trio wraps the real reason (an ssl.SSLError, a reset): name that one.
+        return _why(exc.__cause__)
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     if isinstance(exc, OSError) and isinstance(exc.__cause__, BaseExceptionGroup):
