@@ -29,8 +29,10 @@ generic
     ``GET /sse-flood``        [count=10000, size=300, batch=32] events as fast as the
                               client takes them, ``batch`` events per write, each
                               stamped with its own ``ts``: the throughput benchmark.
-    ``GET /echo-header-sse``  [name, interval_ms=10] 3 events whose data carries the
-                              value of request header ``name``.
+    ``GET /echo-header-sse``  [name, interval_ms=10, split] 3 events whose data carries the
+                              value of request header ``name``; with ``split=N`` the data
+                              of events 1 and 2 is the value itself, cut after N
+                              characters (a secret split across two events).
     ``ANY /echo...``          200 JSON: method, path (raw target), headers as received,
                               body (text), body_length, body_sha256.
     ``GET /bytes``            [n, chunk=65536, interval_ms=0] n bytes of
@@ -792,7 +794,11 @@ async def _echo_header_sse(up: Upstream, req: _Request, resp: _Responder) -> Non
     value = req.header(name) if name else None
     first = req.last_event_id() + 1
 
+    split = req.q_int("split", 0, 0, 1 << 20)
+
     def block(seq: int) -> bytes:
+        if split and value is not None and seq in (1, 2):
+            return _sse_block(data=value[:split] if seq == 1 else value[split:], id=str(seq))
         data = {"seq": seq, "ts": time.time(), "header": name, "value": value}
         return _sse_block(data=json.dumps(data), id=str(seq))
 

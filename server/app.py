@@ -33,6 +33,7 @@ from .audit import (
 from .debug_listener import serve_debug
 from .exec import ExitInfo, run_cli
 from .http_dispatch import forward_http, make_client
+from .masking import policy_scrubber
 from .metrics import ServerMetrics
 from .ratelimit import RateLimiter, apply_rate_limits
 from .session import AgentSession, ServerLink, TooManyAgents
@@ -224,7 +225,8 @@ class Server:
         events = 0
         aborted: str | None = "cancelled"  # unless forward_http returns or raises
         try:
-            events = await forward_http(self.http_client, stream, req, req.tool, tool, headers)
+            events = await forward_http(self.http_client, stream, req, req.tool, tool, headers,
+                                        scrubber=policy_scrubber(policy))
             aborted = None
             self.stats.sse_events += events
         except Exception:
@@ -287,7 +289,8 @@ class Server:
         # ``info`` is filled in place, also when the run is cancelled.
         info = ExitInfo()
         try:
-            await run_cli(stream, req, cli_decision, tool, info=info)
+            await run_cli(stream, req, cli_decision, tool, info=info,
+                          filters=policy_scrubber(policy).output_filters())
         finally:
             entry.completed_cli(info)
 
