@@ -233,7 +233,7 @@ class Server:
             aborted = "error"
             raise
         finally:
-            entry.completed_http(tap, len(req.body), events or stream.events_out, aborted,
+            entry.completed_http(tap, len(req.body), max(events, tap.events), aborted,
                                  stream.cancel_reason)
 
     async def _audited(self, entry: AuditEntry, stream: ServerStream, rid: int) -> bool:

@@ -431,6 +431,8 @@ class ResponseTap:
         self.status: int | None = None
         self.failed: str | None = None
         self.bytes_out = 0
+        self.events = 0
+        """SSE events sent so far: right also when the reader leaves mid-stream."""
         inner_control = stream.send_control
         inner_send = stream.send
 
@@ -445,8 +447,10 @@ class ResponseTap:
         async def send(msg: Any) -> None:
             if isinstance(msg, Data):
                 self.bytes_out += len(msg.data)
-            elif isinstance(msg, SseEvent) and msg.data:
-                self.bytes_out += len(msg.data.encode("utf-8", "surrogatepass"))
+            elif isinstance(msg, SseEvent):
+                self.events += 1
+                if msg.data:
+                    self.bytes_out += len(msg.data.encode("utf-8", "surrogatepass"))
             await inner_send(msg)
 
         stream.send_control = send_control  # type: ignore[method-assign]
