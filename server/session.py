@@ -158,12 +158,30 @@ class AgentSession:
             self._link_changed = trio.Event()
 
     def end(self, reason: str) -> None:
-        """End the session now: cancel its requests and close its link."""
+        """End the session now: fail its requests, tell the agent, close the link.
+
+        The agent hears it first (a ``failed`` per open request and a
+        ``goaway``), so its local clients fail at once instead of waiting for
+        a resumption that will never come (a revoked token, a protocol error).
+        """
         if not self.close_reason:
             self.close_reason = reason
-        if self.link is not None:
+        if self.link is not None and not self.ended:
+            for stream in list(self.streams.values()):
+                if not stream.finished:
+                    stream.finished = True
+                    self._send_quietly(RequestFailed(
+                        id=stream.id, status=503, code="session_ended",
+                        message=f"the Carapace server ended this agent's session ({reason})"))
+            self._send_quietly(GoAway(reason=reason))
             self.link.close(reason)
         self.cancel_scope.cancel()
+
+    def _send_quietly(self, msg: Message) -> None:
+        try:
+            self.send(msg)
+        except LinkClosed:
+            pass
 
     def close(self) -> None:
         self.end("closed by the server")
