@@ -316,6 +316,10 @@ class _Connection:
         headers = [(k, v) for k, v in head.headers if k.lower() not in SSE_HEADERS_DROP]
         headers += [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
         await self._send(_response(head.status, headers))
+        if self.listener.mux.draining:
+            # The agent is stopping: an event stream that only now got its head
+            # ends at once (cleanly), like those already open when the drain began.
+            stream.stop("the agent is shutting down")
         keepalive = self.cfg.keepalive_interval
         while True:
             msg: Message | None = None

@@ -91,6 +91,7 @@ async def drain(mux: Multiplexer, timeout: float) -> None:
     other requests finish for up to ``timeout`` seconds."""
     log.info("stopping: %d request(s) in flight; draining for up to %.0f s",
              len(mux.streams), timeout)
+    mux.draining = True
     for stream in list(mux.streams.values()):
         if stream.sse:
             # Stop the upstream now; the local response ends cleanly once its

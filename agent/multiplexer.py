@@ -159,6 +159,8 @@ class Multiplexer:
         self.requests_started = 0
         self.stream_closed = trio.Event()
         """Set (and replaced) whenever a stream is forgotten."""
+        self.draining = False
+        """The agent is shutting down: event streams end as soon as they are known."""
 
     # -- link lifecycle ----------------------------------------------------------------
     def link_up(self, link: Link) -> None:
