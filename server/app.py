@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from typing import Literal
 
-import httpx
 import trio
 
 from carapace.protocol.flow import DEFAULT_WINDOW
@@ -39,6 +38,7 @@ from .ratelimit import RateLimiter, apply_rate_limits
 from .session import AgentSession, ServerLink, TooManyAgents
 from .streams import ServerStream
 from .tokens import TokenFileError, load_server_tokens
+from .upstream_client import UpstreamClient
 
 log = logging.getLogger("carapace.server")
 
@@ -113,7 +113,7 @@ class Server:
         self.stats = Stats()
         self.frame_observers: list[FrameObserver] = []
         self.draining = False
-        self.http_client: httpx.AsyncClient | None = None
+        self.http_client: UpstreamClient | None = None
         self.listeners: list[trio.SocketListener] = []
         self._accept_scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
@@ -393,8 +393,14 @@ class Server:
         if drain.cancelled_caught:
             log.warning("drain timeout: cancelling %d unfinished request(s)",
                         sum(len(s.streams) for s in self.sessions.values()))
+        links = [s.link for s in self.sessions.values() if s.link is not None]
         for session in list(self.sessions.values()):
             session.end("server shut down")
+        # The last answers may still be queued on a link: let each link send them
+        # (its writer gets up to 1 s) before everything is cancelled.
+        with trio.move_on_after(2.5):
+            for link in links:
+                await link.done.wait()
         self.on_shutdown()
         scope.cancel()
 

@@ -422,9 +422,10 @@ class ResponseTap:
     """Watches what one HTTP request sends to the VM, for its completion record.
 
     It wraps the stream's ``send_control`` (every head and failure goes
-    through it) and ``send`` (body chunks and SSE events), so the HTTP relay
-    needs no audit hooks of its own. ``bytes_out`` counts response body
-    bytes; for an event stream, the bytes of the events' data fields.
+    through it), ``send`` (body chunks) and ``send_batch`` (the events of
+    one upstream read), so the HTTP relay needs no audit hooks of its own.
+    ``bytes_out`` counts response body bytes; for an event stream, the bytes
+    of the events' data fields.
     """
 
     def __init__(self, stream: ServerStream) -> None:
@@ -435,6 +436,7 @@ class ResponseTap:
         """SSE events sent so far: right also when the reader leaves mid-stream."""
         inner_control = stream.send_control
         inner_send = stream.send
+        inner_batch = stream.send_batch
 
         def send_control(msg: Any) -> None:
             if isinstance(msg, HttpHead):
@@ -453,8 +455,24 @@ class ResponseTap:
                     self.bytes_out += len(msg.data.encode("utf-8", "surrogatepass"))
             await inner_send(msg)
 
+        async def send_batch(msgs: Sequence[Any]) -> None:
+            size = events = 0
+            for msg in msgs:
+                if type(msg) is SseEvent:
+                    events += 1
+                    data = msg.data
+                    if data:
+                        size += len(data) if data.isascii() else len(
+                            data.encode("utf-8", "surrogatepass"))
+                elif type(msg) is Data:
+                    size += len(msg.data)
+            self.bytes_out += size
+            self.events += events
+            await inner_batch(msgs)
+
         stream.send_control = send_control  # type: ignore[method-assign]
         stream.send = send  # type: ignore[method-assign]
+        stream.send_batch = send_batch  # type: ignore[method-assign]
 
 
 class AuditEntry:

@@ -1,15 +1,22 @@
-"""HTTP tools: send the agent's request upstream with httpx and stream the answer back.
+"""HTTP tools: send the agent's request upstream and stream the answer back.
 
-A ``text/event-stream`` answer (recognised by its Content-Type, never by its
-path) is parsed as it arrives and each event leaves in its own frame the
-moment its blank line is read; anything else is relayed as raw body chunks.
+The upstream client is :mod:`.upstream_client` (h11, O(1) keep-alive pool;
+why not httpx is written there). A ``text/event-stream`` answer (recognised
+by its Content-Type, never by its path) is parsed as it arrives and each
+event leaves in its own frame the moment its blank line is read — the
+events of one upstream read go out together, with one credit check, one
+metrics update and one audit count; anything else is relayed as raw body
+chunks, content-encoding and all. Only the request's own headers go
+upstream (no ``Accept-Encoding`` is added), but an event stream must be
+read to be parsed: one that comes gzip- or deflate-compressed anyway is
+decoded here, and one in another encoding is refused with a 502.
 
 When the policy injects secrets, everything that goes back is scrubbed of
 them (server/masking.py): header names and values, the body as a stream,
 the event stream's bytes and then its events, error texts. The request asks
 the upstream for ``Accept-Encoding: identity`` (a compressed body cannot be
 scrubbed as it streams); an upstream that compresses anyway is decoded here
-if httpx can (gzip, deflate), and refused with a 502 if it cannot. A
+if it can be (gzip, deflate), and refused with a 502 if it cannot. A
 scrubbed body may change length, so ``Content-Length`` is dropped from the
 head and the agent frames the body itself (chunked).
 """
@@ -17,10 +24,8 @@ head and the agent frames the body itself (chunked).
 from __future__ import annotations
 
 import logging
-import socket
 from typing import TYPE_CHECKING
 
-import httpx
 import trio
 
 from carapace.protocol.messages import (
@@ -32,13 +37,21 @@ from carapace.protocol.messages import (
     SseComment,
     SseEvent,
 )
-from carapace.protocol.sse import Comment, SseParser
+from carapace.protocol.sse import Comment, Event, SseParser
 
-from .metrics import event_forwarded
+from .metrics import events_forwarded
 from .streams import ServerStream
+from .upstream_client import (
+    ContentDecoder,
+    UnsupportedEncoding,
+    UpstreamClient,
+    UpstreamError,
+    UpstreamResponse,
+    UpstreamTimeout,
+)
 
 if TYPE_CHECKING:
-    from .masking import Scrubber, StreamScrubber
+    from .masking import EventScrubber, Scrubber, StreamScrubber
     from .policy import HttpTool
 
 log = logging.getLogger("carapace.server")
@@ -76,18 +89,9 @@ def response_headers(
     return tuple((k, v) for k, v in headers if k.lower() not in drop)
 
 
-def make_client() -> httpx.AsyncClient:
+def make_client() -> UpstreamClient:
     """One pooled client for all upstreams. Timeouts are set per request."""
-    transport = httpx.AsyncHTTPTransport(
-        retries=0,
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=200),
-        socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
-    )
-    return httpx.AsyncClient(transport=transport, trust_env=False, follow_redirects=False)
-
-
-SCRUBBABLE_ENCODINGS = frozenset({"identity", "gzip", "deflate"})
-"""Content-Encodings a masked response may have: httpx decodes them before scrubbing."""
+    return UpstreamClient()
 
 
 def _said(scrubber: Scrubber | None, text: str) -> str:
@@ -102,7 +106,7 @@ def is_event_stream(content_type: str | None) -> bool:
 
 
 async def forward_http(
-    client: httpx.AsyncClient,
+    client: UpstreamClient,
     stream: ServerStream,
     req: HttpRequest,
     tool_name: str,
@@ -123,18 +127,10 @@ async def forward_http(
         headers.append((b"Accept-Encoding", b"identity"))
     url = tool.upstream.rstrip("/") + req.target
     timeout = float(tool.timeout_secs or 30)
-    request = client.build_request(
-        req.method,
-        url,
-        headers=headers,
-        content=req.body,
-        timeout=httpx.Timeout(timeout, read=None, pool=timeout),
-    )
     events = 0
     try:
-        with trio.fail_after(timeout):
-            response = await client.send(request, stream=True)
-    except (trio.TooSlowError, httpx.TimeoutException):
+        response = await client.request(req.method, url, headers, req.body, timeout)
+    except UpstreamTimeout:
         log.warning("upstream of tool %s (%s) did not answer within %.0f s", tool_name,
                     tool.upstream, timeout)
         stream.finished = True
@@ -145,7 +141,7 @@ async def forward_http(
                           "healthy"),
         ))
         return 0
-    except httpx.HTTPError as exc:
+    except UpstreamError as exc:
         log.warning("upstream of tool %s (%s) unreachable: %s", tool_name, tool.upstream, exc)
         stream.finished = True
         stream.send_control(RequestFailed(
@@ -156,43 +152,49 @@ async def forward_http(
         ))
         return 0
     try:
-        sse = is_event_stream(response.headers.get("content-type"))
+        content_type = response.header(b"content-type")
+        sse = is_event_stream(content_type.decode("latin-1") if content_type else None)
         stream.sse = sse
-        out_headers = response_headers(list(response.headers.raw), sse)
-        decode = False
-        if scrubber is not None:
-            encodings = {e.strip().lower() for e in
-                         response.headers.get("content-encoding", "").split(",") if e.strip()}
-            if not sse and not encodings <= SCRUBBABLE_ENCODINGS:
-                log.warning("upstream of tool %s answered with Content-Encoding %s despite "
-                            "Accept-Encoding: identity; refused (it cannot be scrubbed)",
-                            tool_name, ", ".join(sorted(encodings)))
+        out_headers = response_headers(response.headers, sse)
+        encoding = b", ".join(response.header_values(b"content-encoding"))
+        decoder: ContentDecoder | None = None
+        if sse or scrubber is not None:
+            # Read here, so it must be readable: decode gzip/deflate, refuse the rest.
+            try:
+                decoder = ContentDecoder(encoding)
+            except UnsupportedEncoding:
+                why = "read" if sse else "check for secrets"
+                log.warning("upstream of tool %s answered with Content-Encoding %s, which "
+                            "Carapace cannot %s; refused", tool_name,
+                            encoding.decode("latin-1"), why)
                 stream.finished = True
                 stream.send_control(RequestFailed(
                     id=req.id, status=502, code="upstream_unavailable",
                     message=_said(scrubber, f"the host service behind tool {tool_name!r} "
-                                  "compressed its answer in a way Carapace cannot check for "
-                                  "secrets; configure it to answer uncompressed"),
+                                  f"compressed its answer in a way Carapace cannot {why}; "
+                                  "configure it to answer uncompressed"),
                 ))
                 return 0
-            decode = bool(encodings - {"identity"})
-            drop = {b"content-length", b"content-encoding"} if decode else {b"content-length"}
+            if decoder.identity:
+                decoder = None
+        if scrubber is not None:
+            drop = {b"content-length", b"content-encoding"} if decoder else {b"content-length"}
             out_headers = scrubber.scrub_headers(
                 (k, v) for k, v in out_headers if k.lower() not in drop)
         stream.send_control(HttpHead(
             id=req.id,
-            status=response.status_code,
+            status=response.status,
             headers=out_headers,
             sse=sse,
         ))
         if sse:
-            events = await _relay_events(stream, req.id, response, timeout, scrubber)
+            events = await _relay_events(stream, req.id, response, decoder, scrubber)
         else:
             await _relay_body(stream, req.id, response, timeout,
-                              scrubber.stream() if scrubber is not None else None, decode)
+                              scrubber.stream() if scrubber is not None else None, decoder)
         stream.finished = True
         stream.send_control(End(id=req.id))
-    except (httpx.HTTPError, trio.TooSlowError) as exc:
+    except UpstreamError as exc:
         log.warning("upstream of tool %s broke off mid-response: %s", tool_name, exc)
         stream.finished = True
         stream.send_control(RequestFailed(
@@ -201,100 +203,85 @@ async def forward_http(
                           "the response"),
         ))
     finally:
-        with trio.CancelScope(shield=True), trio.move_on_after(1):
-            await response.aclose()
+        response.close()  # pooled if read to its end, else closed; no I/O
     return events
 
 
 async def _relay_body(
-    stream: ServerStream, request_id: int, response: httpx.Response, idle: float,
-    scrub: StreamScrubber | None = None, decode: bool = False,
+    stream: ServerStream, request_id: int, response: UpstreamResponse, idle: float,
+    scrub: StreamScrubber | None = None, decoder: ContentDecoder | None = None,
 ) -> None:
-    chunks = response.aiter_bytes() if decode else response.aiter_raw()
-    while True:
-        with trio.fail_after(idle):
-            chunk = await anext(chunks, None)
-        if chunk is None:
-            break
+    """The body as it arrives (raw unless ``decoder``); waiting ``idle`` s for a chunk fails."""
+    while (chunk := await response.next_chunk(idle)) is not None:
+        if decoder is not None:
+            chunk = decoder.feed(chunk)
         if scrub is not None:
             chunk = scrub.feed(chunk)
         if chunk:
             await stream.send(Data(id=request_id, data=chunk))
-    if scrub is not None and (rest := scrub.flush()):
+    rest = decoder.flush() if decoder is not None else b""
+    if scrub is not None:
+        rest = scrub.feed(rest) + scrub.flush() if rest else scrub.flush()
+    if rest:
         await stream.send(Data(id=request_id, data=rest))
 
 
 async def _relay_events(
-    stream: ServerStream, request_id: int, response: httpx.Response, idle: float,
-    scrubber: Scrubber | None = None,
+    stream: ServerStream, request_id: int, response: UpstreamResponse,
+    decoder: ContentDecoder | None = None, scrubber: Scrubber | None = None,
 ) -> int:
-    if scrubber is not None:
-        return await _relay_scrubbed_events(stream, request_id, response, scrubber)
-    parser = SseParser()
-    sent = 0
-    async for chunk in response.aiter_bytes():
-        arrived = trio.current_time()
-        for item in parser.feed(chunk):
-            if isinstance(item, Comment):
-                await stream.send(SseComment(id=request_id, text=item.text))
-            else:
-                await stream.send(SseEvent(
-                    id=request_id, event=item.event, data=item.data, sse_id=item.id,
-                    retry=item.retry,
-                ))
-                sent += 1
-                event_forwarded(stream, arrived)
-    for item in parser.close():
-        if not isinstance(item, Comment):
-            await stream.send(SseEvent(
-                id=request_id, event=item.event, data=item.data, sse_id=item.id,
-                retry=item.retry,
-            ))
-            sent += 1
-            event_forwarded(stream)
-    stream.events_out += sent
-    return sent
+    """Parse the event stream as it arrives; send each upstream read's events together.
 
-
-async def _relay_scrubbed_events(
-    stream: ServerStream, request_id: int, response: httpx.Response, scrubber: Scrubber
-) -> int:
-    """:func:`_relay_events` for a policy with secrets: the bytes are scrubbed before they
-    are parsed, then the events pass the rule for a secret split across two events."""
+    No idle timeout: an event stream may be quiet for as long as it likes.
+    With a ``scrubber``, the bytes are scrubbed before they are parsed, then
+    the events pass the rule for a secret split across two events.
+    """
     parser = SseParser()
-    scrub = scrubber.stream()
-    split = scrubber.events()
+    scrub = scrubber.stream() if scrubber is not None else None
+    split = scrubber.events() if scrubber is not None else None
     sent = 0
-    arrived: float | None = None
-    done = False
-    chunks = response.aiter_bytes()
-    while not done:
-        chunk = await anext(chunks, None)
+    while True:
+        chunk = await response.next_chunk()
         if chunk is None:
-            done = True
-            arrived = None
-            items = [*parser.feed(scrub.flush()),
-                     *(i for i in parser.close() if not isinstance(i, Comment))]
-        else:
-            arrived = trio.current_time()
-            items = parser.feed(scrub.feed(chunk))
-        for item in items:
-            if isinstance(item, Comment):
-                await stream.send(SseComment(id=request_id, text=item.text))
-                continue
-            for event in split.feed(item):
-                await stream.send(SseEvent(
-                    id=request_id, event=event.event, data=event.data, sse_id=event.id,
-                    retry=event.retry,
-                ))
-                sent += 1
-                event_forwarded(stream, arrived)
-    for event in split.flush():
-        await stream.send(SseEvent(
-            id=request_id, event=event.event, data=event.data, sse_id=event.id,
-            retry=event.retry,
-        ))
-        sent += 1
-        event_forwarded(stream)
+            break
+        arrived = trio.current_time()
+        if decoder is not None:
+            chunk = decoder.feed(chunk)
+        if scrub is not None:
+            chunk = scrub.feed(chunk)
+        items = parser.feed(chunk)
+        if items:
+            sent += await _send_items(stream, request_id, items, split, arrived)
+    rest = decoder.flush() if decoder is not None else b""
+    if scrub is not None:
+        rest = scrub.feed(rest) + scrub.flush() if rest else scrub.flush()
+    # What is left unterminated at the end: the event goes, a comment does not.
+    items = [*parser.feed(rest), *(i for i in parser.close() if not isinstance(i, Comment))]
+    sent += await _send_items(stream, request_id, items, split, None, last=True)
     stream.events_out += sent
     return sent
+
+
+async def _send_items(
+    stream: ServerStream, request_id: int, items: list[Event | Comment],
+    split: EventScrubber | None, arrived: float | None, last: bool = False,
+) -> int:
+    """One read's events and comments, in order, as one batch; returns the events sent."""
+    msgs: list[SseEvent | SseComment] = []
+    for item in items:
+        if isinstance(item, Comment):
+            msgs.append(SseComment(id=request_id, text=item.text))
+            continue
+        for event in (split.feed(item) if split is not None else (item,)):
+            msgs.append(SseEvent(id=request_id, event=event.event, data=event.data,
+                                 sse_id=event.id, retry=event.retry))
+    if last and split is not None:
+        msgs.extend(SseEvent(id=request_id, event=event.event, data=event.data,
+                             sse_id=event.id, retry=event.retry) for event in split.flush())
+    if not msgs:
+        return 0
+    await stream.send_batch(msgs)
+    events = sum(1 for m in msgs if type(m) is SseEvent)
+    if events:
+        events_forwarded(stream, events, arrived)
+    return events

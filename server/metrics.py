@@ -2,12 +2,13 @@
 
 Each :class:`ServerMetrics` owns its own ``CollectorRegistry`` (never the
 global one), so several servers can run in one process — the tests do.
-Counters that change at a point in the code (requests decided, SSE events
-forwarded, their latency) are prometheus-client objects incremented right
-there; numbers the server already keeps (sessions, open streams, bytes on
-each link, :class:`~carapace.server.app.Stats`) are read when scraped, so
-the hot path pays nothing for them. Frames by direction and type are counted
-by a frame observer installed when the debug listener starts.
+Counters of requests decided are prometheus-client objects incremented
+right there; numbers the server already keeps (sessions, open streams, bytes
+on each link, :class:`~carapace.server.app.Stats`, SSE events forwarded and
+their latency histogram, kept as plain integers per batch of events) are read
+when scraped, so the hot path pays next to nothing for them. Frames by
+direction and type are counted by a frame observer installed when the debug
+listener starts.
 
 The ``tool`` label of requests only takes the names the policy knows; any
 other name an agent sends is counted as ``(unknown)``, so a hostile VM
@@ -16,14 +17,21 @@ cannot grow the label set without bound.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import trio
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from carapace.protocol.messages import PROTOCOL_VERSION, Message
 
@@ -31,7 +39,7 @@ if TYPE_CHECKING:
     from .app import Server
     from .session import AgentSession
 
-__all__ = ["CONTENT_TYPE_LATEST", "ServerMetrics", "event_forwarded"]
+__all__ = ["CONTENT_TYPE_LATEST", "ServerMetrics", "event_forwarded", "events_forwarded"]
 
 UNKNOWN_TOOL = "(unknown)"
 
@@ -56,16 +64,10 @@ class ServerMetrics:
             "carapace_denials", "Requests denied by the policy.",
             ["kind", "agent", "tool"], registry=reg,
         )
-        self.sse_events = Counter(
-            "carapace_sse_events", "SSE events forwarded to agents.", registry=reg,
-        )
-        self.event_latency = Histogram(
-            "carapace_event_latency_seconds",
-            "Time from an SSE event's last byte arriving from the upstream to its frame "
-            "being queued on the agent link (includes waiting for the stream's credit).",
-            buckets=LATENCY_BUCKETS, registry=reg,
-        )
+        self.event_latency = LatencyHistogram(LATENCY_BUCKETS)
+        """``carapace_event_latency_seconds``, exported by the live collector."""
         self.events_forwarded = 0
+        """``carapace_sse_events_total``."""
         self.frames: dict[tuple[str, str], int] = {}
         """(direction, frame type) → count, from the frame observer."""
         self.sniff_dropped = 0
@@ -86,11 +88,11 @@ class ServerMetrics:
         if not allowed:
             self.denials.labels(kind, agent, label).inc()
 
-    def event_forwarded(self, arrived: float | None) -> None:
-        self.events_forwarded += 1
-        self.sse_events.inc()
+    def event_forwarded(self, arrived: float | None, count: int = 1) -> None:
+        """``count`` SSE events queued on the link, their bytes read at trio time ``arrived``."""
+        self.events_forwarded += count
         if arrived is not None:
-            self.event_latency.observe(max(0.0, trio.current_time() - arrived))
+            self.event_latency.observe(max(0.0, trio.current_time() - arrived), count)
 
     # -- frame observer ---------------------------------------------------------------
     def attach(self) -> None:
@@ -145,10 +147,43 @@ def event_forwarded(stream: Any, arrived: float | None = None) -> None:
 
     Takes the request's ServerStream; a stand-in without a server is ignored.
     """
+    events_forwarded(stream, 1, arrived)
+
+
+def events_forwarded(stream: Any, count: int, arrived: float | None = None) -> None:
+    """``count`` SSE events from one upstream read were queued on the link, together."""
     session = getattr(stream, "session", None)
     metrics = getattr(getattr(session, "server", None), "metrics", None)
     if isinstance(metrics, ServerMetrics):
-        metrics.event_forwarded(arrived)
+        metrics.event_forwarded(arrived, count)
+
+
+class LatencyHistogram:
+    """A histogram kept as plain numbers: one bisect per batch of equal observations.
+
+    prometheus-client's Histogram takes one observation per call; the events
+    of one upstream read arrive and leave together, so they are counted
+    together here and exported by the live collector.
+    """
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float, count: int = 1) -> None:
+        self.counts[bisect_left(self.bounds, value)] += count
+        self.sum += value * count
+
+    def family(self, name: str, doc: str) -> HistogramMetricFamily:
+        buckets: list[tuple[str, float]] = []
+        total = 0
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            total += count
+            buckets.append((floatToGoString(bound), total))
+        return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=self.sum)
 
 
 class _LiveCollector(Collector):
@@ -167,6 +202,8 @@ class _LiveCollector(Collector):
                      "carapace_handshake_failures", "carapace_protocol_errors",
                      "carapace_errors", "carapace_sniff_dropped"):
             yield CounterMetricFamily(name, "")
+        yield CounterMetricFamily("carapace_sse_events", "")
+        yield HistogramMetricFamily("carapace_event_latency_seconds", "")
 
     def collect(self) -> Iterator[Metric]:
         m = self.metrics
@@ -221,4 +258,12 @@ class _LiveCollector(Collector):
         yield GaugeMetricFamily(
             "carapace_sniff_subscribers", "Clients reading the sniff feed.",
             value=m.sniff_subscribers,
+        )
+        yield CounterMetricFamily("carapace_sse_events", "SSE events forwarded to agents.",
+                                  value=m.events_forwarded)
+        yield m.event_latency.family(
+            "carapace_event_latency_seconds",
+            "Time from an SSE event's last byte arriving from the upstream to its frame "
+            "being queued on the agent link (includes waiting for the stream's credit; "
+            "the events of one upstream read are queued together).",
         )

@@ -299,6 +299,8 @@ class ServerLink:
         self.close_reason = ""
         self._ping_sent: dict[int, float] = {}
         self._last_heard = trio.current_time()
+        self.done = trio.Event()
+        """Set when :meth:`run` has returned: queued frames sent (or given up), socket closed."""
 
     def close(self, reason: str) -> None:
         if not self.close_reason:
@@ -318,9 +320,12 @@ class ServerLink:
                 self.writer.close()
                 # Let queued frames (a Reject, a GoAway) out, but never wait on a dead peer.
                 self._writer_scope.deadline = trio.current_time() + 1.0
-        with trio.move_on_after(1) as scope:
-            scope.shield = True
-            await self.stream.aclose()
+        try:
+            with trio.move_on_after(1) as scope:
+                scope.shield = True
+                await self.stream.aclose()
+        finally:
+            self.done.set()
 
     async def _write(self) -> None:
         with self._writer_scope:

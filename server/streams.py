@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import trio
@@ -74,6 +75,30 @@ class ServerStream:
         self._send_window.spend(cost)
         self.bytes_out += cost
         self.session.send(msg)
+
+    async def send_batch(self, msgs: Sequence[RequestMessage]) -> None:
+        """Send payload frames in order, as :meth:`send` would one by one.
+
+        When the credit covers the whole batch (the usual case) it is spent
+        once; otherwise frame by frame, waiting whenever it runs out, so the
+        rule stays "send only while credit is positive".
+        """
+        costs = [flow_cost(msg) for msg in msgs]
+        total = sum(costs)
+        window = self._send_window
+        send = self.session.send
+        if window.credit >= total:
+            window.spend(total)
+            self.bytes_out += total
+            for msg in msgs:
+                send(msg)
+            return
+        for msg, cost in zip(msgs, costs, strict=True):
+            while not window.open:
+                await self._credit_changed.wait()
+            window.spend(cost)
+            self.bytes_out += cost
+            send(msg)
 
     def send_control(self, msg: RequestMessage) -> None:
         """Send a frame that needs no credit (head, end, exit, failed)."""

@@ -1,0 +1,103 @@
+"""The events of one upstream read travel as a batch: one credit check, one audit count,
+one metrics update — and still never more than the credit allows."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import trio
+import trio.testing
+from prometheus_client.parser import text_string_to_metric_families
+
+from carapace.protocol.flow import flow_cost
+from carapace.protocol.messages import Data, Message, SseComment, SseEvent
+from carapace.server.audit import ResponseTap
+from carapace.server.metrics import ServerMetrics, events_forwarded
+from carapace.server.streams import ServerStream
+
+
+class FakeSession:
+    def __init__(self) -> None:
+        self.sent: list[Message] = []
+        self.server: Any = None
+
+    def send(self, msg: Message) -> None:
+        self.sent.append(msg)
+
+
+def events(n: int, data: str = "x" * 100) -> list[SseEvent]:
+    return [SseEvent(id=1, data=data, sse_id=str(i)) for i in range(n)]
+
+
+async def test_a_batch_within_the_credit_goes_at_once() -> None:
+    session = FakeSession()
+    stream = ServerStream(session, 1, window=10_000)  # type: ignore[arg-type]
+    batch = [*events(3), SseComment(id=1, text="c"), *events(2)]
+    await stream.send_batch(batch)
+    assert session.sent == batch
+    assert stream.bytes_out == sum(flow_cost(m) for m in batch)
+
+
+async def test_a_batch_beyond_the_credit_waits_for_it_frame_by_frame() -> None:
+    session = FakeSession()
+    cost = flow_cost(events(1)[0])  # 116
+    stream = ServerStream(session, 1, window=2 * cost + 1)  # type: ignore[arg-type]
+    batch = events(6)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stream.send_batch, batch)
+        await trio.testing.wait_all_tasks_blocked()
+        # Sent while the credit was positive: 3 frames (the third overdraws, as send does).
+        assert session.sent == batch[:3]
+        stream.grant(cost - 1)  # back to exactly 0 credit: nothing more may go
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(session.sent) == 3
+        stream.grant(10 * cost)
+    assert session.sent == batch
+
+
+async def test_the_audit_tap_counts_a_batch() -> None:
+    session = FakeSession()
+    stream = ServerStream(session, 1, window=100_000)  # type: ignore[arg-type]
+    tap = ResponseTap(stream)
+    await stream.send_batch([*events(2, "abc"), SseComment(id=1, text="ignored"),
+                             SseEvent(id=1, data="é€"), SseEvent(id=1, data="")])
+    assert tap.events == 4
+    assert tap.bytes_out == 3 + 3 + len("é€".encode())
+    await stream.send_batch([Data(id=1, data=b"12345")])
+    assert tap.bytes_out == 3 + 3 + len("é€".encode()) + 5 and tap.events == 4
+
+
+def scrape(metrics: ServerMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(metrics.render().decode()):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_a_batch_counts_every_event_in_the_metrics() -> None:
+    server: Any = SimpleNamespace(policy=None, sessions={}, frame_observers=[],
+                                  stats=SimpleNamespace(started=0.0, connections=0,
+                                                        handshake_failures=0,
+                                                        protocol_errors=0, errors=0),
+                                  version="test")
+    metrics = ServerMetrics(server)
+    server.metrics = metrics
+    stream = SimpleNamespace(session=SimpleNamespace(server=server))
+
+    async def run() -> None:
+        now = trio.current_time()
+        events_forwarded(stream, 5, now)  # queued "now": latency ~0, first bucket
+        events_forwarded(stream, 2, None)  # the end of a stream: counted, no latency
+
+    trio.run(run)
+    metrics.event_latency.observe(0.003, 4)
+    m = scrape(metrics)
+    assert m[("carapace_sse_events_total", ())] == 7
+    assert m[("carapace_event_latency_seconds_count", ())] == 9
+    assert m[("carapace_event_latency_seconds_bucket", (("le", "0.0001"),))] == 5
+    assert m[("carapace_event_latency_seconds_bucket", (("le", "0.0025"),))] == 5
+    assert m[("carapace_event_latency_seconds_bucket", (("le", "0.005"),))] == 9
+    assert m[("carapace_event_latency_seconds_bucket", (("le", "+Inf"),))] == 9
+    assert 0.012 <= m[("carapace_event_latency_seconds_sum", ())] < 0.013
