@@ -11,7 +11,7 @@ import click
 import trio
 
 from carapace.server.logconfig import setup_logging
-from carapace.server.options import HOST_PORT, find_oserror, parse_hostport
+from carapace.server.options import HOST_PORT, find_oserror, parse_hostport, tune_gc
 from carapace.server.tls import TlsConfigError, agent_context
 from carapace.server.tokens import TokenFileError, load_agent_token
 
@@ -206,6 +206,7 @@ def main(
                              resume_timeout=resume_timeout, ssl_context=ssl_context,
                              tls_server_name=tls_server_name)
     try:
+        tune_gc()
         trio.run(run_agent, link_config, listeners, cli_socket, drain_timeout)
     except KeyboardInterrupt:
         pass

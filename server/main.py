@@ -20,7 +20,7 @@ from .app import Server, ServerConfig
 from .audit import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES, AuditError, utc_timestamp
 from .debug_listener import DebugConfigError, debug_access, set_debug_token
 from .logconfig import setup_logging
-from .options import HOST_PORT, find_oserror
+from .options import HOST_PORT, find_oserror, tune_gc
 from .policy import PolicyError, load_policy_file
 from .tls import TlsConfigError, server_context
 from .tokens import TokenFileError, load_server_tokens
@@ -175,6 +175,7 @@ def main(
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         with _pid_file(pid_file, server):
+            tune_gc()
             trio.run(server.run)
     except KeyboardInterrupt:
         pass
