@@ -52,7 +52,7 @@ test-interop: $(INTEROP_STAMP) $(INTEROP_NODE)
 	$(BIN)/python -m pytest -q -p no:cacheprovider -rs tests/interop
 
 lint: $(STAMP)
-	$(BIN)/ruff check server agent protocol debug tests
+	$(BIN)/ruff check server agent protocol debug tests benchmarks
 	$(BIN)/mypy --strict protocol
 
 clean:
