@@ -460,6 +460,8 @@ class ServerLink:
             await trio.sleep(cfg.ping_interval)
             if trio.current_time() - self._last_heard > cfg.idle_timeout:
                 self.close(f"no frame for {cfg.idle_timeout:.0f} s (keepalive timeout)")
+                self.server.audit_limit("idle_timeout", session.agent, self.peer,
+                                        f"no frame for {cfg.idle_timeout:.0f} s")
                 return
             nonce += 1
             self._ping_sent[nonce] = trio.current_time()

@@ -106,3 +106,15 @@ def test_max_agents_refuses_one_more_agent(tmp_path: Path) -> None:
         assert "--max-agents" in answer.message
         assert [r["agent"] for r in limit_records(audit, "max_agents")] == ["prober"]
         served(d)
+
+
+def test_silent_agent_link_is_closed_and_audited(tmp_path: Path) -> None:
+    audit = tmp_path / "audit.jsonl"
+    with deployment(tmp_path, server_args=["--idle-timeout", "1.5", "--audit-log", str(audit)],
+                    agent_args=["--idle-timeout", "1.5"]) as d:
+        link = RawLink(d.server_port, timeout=10)
+        link.handshake("prober", d.prober_token.encode())
+        # Never answer the server's pings: it must drop the link by itself.
+        assert link.closed_by_peer()
+        assert [r["agent"] for r in limit_records(audit, "idle_timeout")] == ["prober"]
+        served(d)  # the real agent, which does answer, keeps its link
