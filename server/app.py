@@ -16,7 +16,7 @@ import trio
 
 from carapace.protocol.flow import DEFAULT_WINDOW
 from carapace.protocol.framing import DEFAULT_MAX_FRAME
-from carapace.protocol.messages import CliRequest, HttpRequest, Message, RequestFailed
+from carapace.protocol.messages import CliRequest, HttpRequest, Message
 
 from . import policy as policy_mod
 from .audit import (
@@ -242,12 +242,9 @@ class Server:
             await entry.decided()
         except AuditError as exc:
             log.error("refusing request %s: %s", entry.request_id, exc)
-            stream.finished = True
-            stream.send_control(RequestFailed(
-                id=rid, status=503, code="audit_unavailable",
-                message="the Carapace server cannot write its audit trail, so nothing was run; "
-                "its operator must check the server log",
-            ))
+            stream.fail(503, "audit_unavailable",
+                        "the Carapace server cannot write its audit trail, so nothing was run; "
+                        "its operator must check the server log")
             return False
         return True
 
@@ -256,9 +253,7 @@ class Server:
               tool: str) -> None:
         """Tell the VM no: unknown and not-granted tools look alike (policy.vm_denial)."""
         status, code, message = policy_mod.vm_denial(decision, agent, tool)
-        stream.finished = True
-        stream.send_control(RequestFailed(id=rid, status=status, code=code, message=message,
-                                          retry_after=decision.retry_after))
+        stream.fail(status, code, message, decision.retry_after)
 
     async def _handle_cli(
         self,

@@ -37,7 +37,7 @@ from typing import Protocol, cast
 
 import trio
 
-from carapace.protocol.messages import CliRequest, Data, End, Exit, Output, RequestFailed, Signal
+from carapace.protocol.messages import CliRequest, Data, End, Exit, Output, Signal
 
 from .policy import CliDecision, CliTool
 from .streams import ServerStream
@@ -139,9 +139,7 @@ async def run_cli(
     except (OSError, ValueError) as exc:
         info.error = _spawn_error(decision, exc)
         log.warning("request %d (tool %s): %s", req.id, req.tool, info.error)
-        stream.finished = True
-        stream.send_control(RequestFailed(id=req.id, status=502, code="upstream_unavailable",
-                                          message=info.error))
+        stream.fail(502, "upstream_unavailable", info.error)
         return info
     info.pid = proc.pid
     timeout = float(tool.timeout_secs or DEFAULT_TIMEOUT)

@@ -33,7 +33,6 @@ from carapace.protocol.messages import (
     End,
     HttpHead,
     HttpRequest,
-    RequestFailed,
     SseComment,
     SseEvent,
 )
@@ -133,23 +132,17 @@ async def forward_http(
     except UpstreamTimeout:
         log.warning("upstream of tool %s (%s) did not answer within %.0f s", tool_name,
                     tool.upstream, timeout)
-        stream.finished = True
-        stream.send_control(RequestFailed(
-            id=req.id, status=504, code="upstream_timeout",
-            message=_said(scrubber, f"the host service behind tool {tool_name!r} did not "
+        stream.fail(504, "upstream_timeout",
+                    _said(scrubber, f"the host service behind tool {tool_name!r} did not "
                           f"answer within {timeout:.0f} s (timeout_secs); check that it is "
-                          "healthy"),
-        ))
+                          "healthy"))
         return 0
     except UpstreamError as exc:
         log.warning("upstream of tool %s (%s) unreachable: %s", tool_name, tool.upstream, exc)
-        stream.finished = True
-        stream.send_control(RequestFailed(
-            id=req.id, status=502, code="upstream_unavailable",
-            message=_said(scrubber, f"the host service behind tool {tool_name!r} is "
+        stream.fail(502, "upstream_unavailable",
+                    _said(scrubber, f"the host service behind tool {tool_name!r} is "
                           f"unreachable ({type(exc).__name__}); check that it is running on "
-                          "the host"),
-        ))
+                          "the host"))
         return 0
     try:
         content_type = response.header(b"content-type")
@@ -167,13 +160,10 @@ async def forward_http(
                 log.warning("upstream of tool %s answered with Content-Encoding %s, which "
                             "Carapace cannot %s; refused", tool_name,
                             encoding.decode("latin-1"), why)
-                stream.finished = True
-                stream.send_control(RequestFailed(
-                    id=req.id, status=502, code="upstream_unavailable",
-                    message=_said(scrubber, f"the host service behind tool {tool_name!r} "
+                stream.fail(502, "upstream_unavailable",
+                            _said(scrubber, f"the host service behind tool {tool_name!r} "
                                   f"compressed its answer in a way Carapace cannot {why}; "
-                                  "configure it to answer uncompressed"),
-                ))
+                                  "configure it to answer uncompressed"))
                 return 0
             if decoder.identity:
                 decoder = None
@@ -196,12 +186,9 @@ async def forward_http(
         stream.send_control(End(id=req.id))
     except UpstreamError as exc:
         log.warning("upstream of tool %s broke off mid-response: %s", tool_name, exc)
-        stream.finished = True
-        stream.send_control(RequestFailed(
-            id=req.id, status=502, code="upstream_unavailable",
-            message=_said(scrubber, f"the host service behind tool {tool_name!r} broke off "
-                          "the response"),
-        ))
+        stream.fail(502, "upstream_unavailable",
+                    _said(scrubber, f"the host service behind tool {tool_name!r} broke off "
+                          "the response"))
     finally:
         response.close()  # pooled if read to its end, else closed; no I/O
     return events

@@ -266,9 +266,8 @@ class AgentSession:
             self.server.stats.errors += 1
             if not stream.finished:
                 try:
-                    stream.send_control(RequestFailed(
-                        id=msg.id, status=500, code="internal",
-                        message="internal error in the Carapace server (see its log)"))
+                    stream.fail(500, "internal",
+                                "internal error in the Carapace server (see its log)")
                 except LinkClosed:
                     pass
         finally:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from carapace.protocol.flow import ReceiveWindow, SendWindow, flow_cost
-from carapace.protocol.messages import Credit, Message, RequestMessage
+from carapace.protocol.messages import Credit, Message, RequestFailed, RequestMessage
 
 if TYPE_CHECKING:
     from .session import AgentSession
@@ -103,6 +103,13 @@ class ServerStream:
     def send_control(self, msg: RequestMessage) -> None:
         """Send a frame that needs no credit (head, end, exit, failed)."""
         self.session.send(msg)
+
+    def fail(self, status: int, code: str, message: str,
+             retry_after: int | None = None) -> None:
+        """End the request with a ``failed`` frame (codes: protocol/README.md)."""
+        self.finished = True
+        self.send_control(RequestFailed(id=self.id, status=status, code=code, message=message,
+                                        retry_after=retry_after))
 
     def consumed(self, msg: Message) -> None:
         """The handler has passed ``msg`` on (e.g. to stdin): return its credit."""
