@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from http import HTTPStatus
 
@@ -21,7 +22,6 @@ from carapace.protocol.messages import (
     End,
     HttpHead,
     HttpRequest,
-    Message,
     RequestFailed,
     SseComment,
     SseEvent,
@@ -87,6 +87,62 @@ def _error_body(code: str, message: str) -> bytes:
     return json.dumps({"error": code, "message": message}).encode() + b"\n"
 
 
+class KeepaliveClock:
+    """One timer for all of a listener's event streams: says which are due a keepalive.
+
+    A timeout around each stream's wait (a cancel scope per wait) left a scope,
+    a Cancelled exception and its traceback cycle behind every keepalive; with
+    10,000 idle streams that garbage kept the cyclic collector busy enough to
+    hold a live stream up for tens of milliseconds. Here an idle stream costs
+    nothing until it is due, and then one nudge through its own channel.
+    """
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        # Streams due within this of each other are nudged in one wake-up: few
+        # wake-ups, small enough bursts. A keepalive never comes later than
+        # `interval` after the last write, and at most `slack` earlier.
+        self.slack = min(interval / 16, 0.05)
+        # Nudged streams run their writes in trio's next batch; a few per batch
+        # keep the wait for I/O short, so a live stream's event is not queued
+        # behind hundreds of keepalive writes (~80 µs each).
+        self.burst = 8
+        self._last_write: OrderedDict[AgentStream, float] = OrderedDict()  # oldest first
+        self._added = trio.Event()
+
+    def wrote(self, stream: AgentStream) -> None:
+        last = self._last_write
+        if not last:
+            self._added.set()
+        last[stream] = trio.current_time()
+        last.move_to_end(stream)
+
+    def forget(self, stream: AgentStream) -> None:
+        self._last_write.pop(stream, None)
+
+    async def run(self) -> None:
+        last = self._last_write
+        while True:
+            if not last:
+                self._added = trio.Event()
+                await self._added.wait()
+                continue
+            await trio.sleep_until(next(iter(last.values())) + self.interval)
+            now = trio.current_time()
+            due = now - self.interval + self.slack
+            nudged = 0
+            while last:
+                stream, at = next(iter(last.items()))
+                if at > due:
+                    break
+                last[stream] = now  # not again until it has been idle a whole interval
+                last.move_to_end(stream)
+                stream.keepalive_due()
+                nudged += 1
+                if nudged % self.burst == 0:
+                    await trio.lowlevel.checkpoint()
+
+
 class HttpToolListener:
     """Serves one ``--expose TOOL=[HOST:]PORT``."""
 
@@ -94,6 +150,7 @@ class HttpToolListener:
         self.config = config
         self.mux = mux
         self.open_connections = 0
+        self.keepalives = KeepaliveClock(config.keepalive_interval)
 
     async def serve(self, *, task_status: trio.TaskStatus[list[trio.SocketListener]]
                     = trio.TASK_STATUS_IGNORED,
@@ -104,8 +161,10 @@ class HttpToolListener:
         for listener in listeners:
             host, port = listener.socket.getsockname()[:2]
             log.info("tool %s served on http://%s:%d", self.config.tool, host, port)
-        task_status.started(listeners)
-        await trio.serve_listeners(self._handle, listeners, handler_nursery=handler_nursery)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.keepalives.run)
+            task_status.started(listeners)
+            await trio.serve_listeners(self._handle, listeners, handler_nursery=handler_nursery)
 
     async def _handle(self, sock: trio.SocketStream) -> None:
         self.open_connections += 1
@@ -333,18 +392,24 @@ class _Connection:
             # The agent is stopping: an event stream that only now got its head
             # ends at once (cleanly), like those already open when the drain began.
             stream.stop("the agent is shutting down")
-        keepalive = self.cfg.keepalive_interval
+        keepalives = self.listener.keepalives
+        keepalives.wrote(stream)
+        try:
+            await self._relay_events(stream, keepalives)
+        finally:
+            keepalives.forget(stream)
+
+    async def _relay_events(self, stream: AgentStream, keepalives: KeepaliveClock) -> None:
         while True:
-            msg: Message | None = None
             try:
-                with trio.move_on_after(keepalive):
-                    msg = await stream.receive()
+                msg = await stream.receive_or_keepalive()
             except StreamLost:
                 # End cleanly: EventSource clients reconnect with Last-Event-ID.
                 await self._send(h11.EndOfMessage())
                 return
             if msg is None:
                 await self._send(h11.Data(data=b": keepalive\n\n"))
+                keepalives.wrote(stream)
                 continue
             # One write per wake-up: this event plus any that are already queued behind it.
             out: list[bytes] = []
@@ -362,6 +427,7 @@ class _Connection:
                 msg = stream.receive_nowait()
             if out:
                 await self._send(h11.Data(data=b"".join(out)))
+                keepalives.wrote(stream)
                 stream.consumed(cost)
             if msg is None or isinstance(msg, SseEvent | SseComment):
                 continue

@@ -49,7 +49,8 @@ class AgentStream:
     def __init__(self, mux: Multiplexer, request_id: int, window: int) -> None:
         self.mux = mux
         self.id = request_id
-        self._inbox_send, self._inbox = trio.open_memory_channel[Message](math.inf)
+        # None in the inbox is a nudge from a KeepaliveClock, never a frame.
+        self._inbox_send, self._inbox = trio.open_memory_channel[Message | None](math.inf)
         self._receive_window = ReceiveWindow(window)
         self._send_window = SendWindow(window)
         self._credit_changed = trio.Event()
@@ -79,14 +80,32 @@ class AgentStream:
         self._credit_changed.set()
 
     # -- used by the local side ----------------------------------------------------------
+    def keepalive_due(self) -> None:
+        """Wake receive_or_keepalive() with None: the local client needs a keepalive."""
+        try:
+            self._inbox_send.send_nowait(None)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass  # the stream is ending; nothing to keep alive
+
     async def receive(self) -> Message:
         """The next frame for this request; StreamLost if the link dropped first."""
+        try:
+            while True:
+                msg = await self._inbox.receive()
+                if msg is not None:
+                    return msg
+        except trio.EndOfChannel:
+            raise StreamLost(self.lost or "tunnel link lost") from None
+
+    async def receive_or_keepalive(self) -> Message | None:
+        """Like receive(), or None once keepalive_due() was called."""
         try:
             return await self._inbox.receive()
         except trio.EndOfChannel:
             raise StreamLost(self.lost or "tunnel link lost") from None
 
     def receive_nowait(self) -> Message | None:
+        """The next frame if one is queued, else None."""
         try:
             return self._inbox.receive_nowait()
         except (trio.WouldBlock, trio.EndOfChannel):
