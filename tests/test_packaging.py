@@ -40,6 +40,7 @@ def test_regular_install_imports_every_package(tmp_path: Path) -> None:
 
 
 def test_editable_install_maps_the_folders() -> None:
+    """`make` installs in strict editable mode: a tree of links to these folders."""
     import carapace.agent
     import carapace.debug
     import carapace.protocol
@@ -47,4 +48,4 @@ def test_editable_install_maps_the_folders() -> None:
 
     for module, folder in ((carapace.server, "server"), (carapace.agent, "agent"),
                            (carapace.protocol, "protocol"), (carapace.debug, "debug")):
-        assert Path(module.__file__ or "").parent == ROOT / folder
+        assert Path(module.__file__ or "").resolve().parent == ROOT / folder
