@@ -25,8 +25,9 @@ from carapace.protocol.messages import (
     RequestFailed,
     SseComment,
     SseEvent,
+    SseEvents,
 )
-from carapace.protocol.sse import Comment, Event, serialize
+from carapace.protocol.sse import Comment, serialize, serialize_event
 
 from .multiplexer import AgentStream, FrameTooLarge, LinkDown, Multiplexer, StreamLost
 
@@ -415,9 +416,11 @@ class _Connection:
             out: list[bytes] = []
             cost = 0
             while msg is not None:
-                if isinstance(msg, SseEvent):
-                    out.append(serialize(Event(event=msg.event, data=msg.data, id=msg.sse_id,
-                                               retry=msg.retry)))
+                if isinstance(msg, SseEvents):
+                    out.extend(serialize_event(*fields) for fields in msg.events)
+                    cost += flow_cost(msg)
+                elif isinstance(msg, SseEvent):
+                    out.append(serialize_event(msg.event, msg.data, msg.sse_id, msg.retry))
                     cost += flow_cost(msg)
                 elif isinstance(msg, SseComment):
                     out.append(serialize(Comment(text=msg.text)))
@@ -429,7 +432,7 @@ class _Connection:
                 await self._send(h11.Data(data=b"".join(out)))
                 keepalives.wrote(stream)
                 stream.consumed(cost)
-            if msg is None or isinstance(msg, SseEvent | SseComment):
+            if msg is None or isinstance(msg, SseEvent | SseEvents | SseComment):
                 continue
             stream.close()
             await self._send(h11.EndOfMessage())

@@ -66,6 +66,7 @@ _TYPE_STYLES = {
     "cli_request": "bold cyan",
     "http_head": "green",
     "sse_event": "magenta",
+    "sse_events": "magenta",
     "sse_comment": "dim magenta",
     "data": "blue",
     "output": "blue",

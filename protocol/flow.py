@@ -10,7 +10,7 @@ window, so credit frames stay rare.
 
 from __future__ import annotations
 
-from .messages import Data, Message, Output, SseComment, SseEvent
+from .messages import Data, Message, Output, SseComment, SseEvent, SseEvents
 
 DEFAULT_WINDOW = 256 * 1024
 """Initial per-stream window in bytes (each direction)."""
@@ -29,6 +29,11 @@ def flow_cost(msg: Message) -> int:
             + _utf8_len(msg.event)
             + _utf8_len(msg.sse_id)
             + FRAME_OVERHEAD
+        )
+    if isinstance(msg, SseEvents):  # what the events would cost one frame each
+        return sum(
+            _utf8_len(data) + _utf8_len(event) + _utf8_len(sse_id) + FRAME_OVERHEAD
+            for event, data, sse_id, _ in msg.events
         )
     if isinstance(msg, SseComment):
         return _utf8_len(msg.text) + FRAME_OVERHEAD

@@ -79,6 +79,9 @@ MAX_REQUEST_ID = 2**63 - 1
 Headers: TypeAlias = tuple[tuple[bytes, bytes], ...]
 """HTTP headers (or environment entries) as raw ``(name, value)`` byte pairs."""
 
+SseFields: TypeAlias = tuple[str | None, str | None, str | None, int | None]
+"""One event of an ``sse_events`` batch: ``(event, data, sse_id, retry)`` as in ``sse_event``."""
+
 
 class FrozenMessageError(AttributeError):
     """Messages are immutable; build a new one with :func:`replace`."""
@@ -262,6 +265,20 @@ class SseEvent(RequestMessage):
 
 
 @message
+class SseEvents(RequestMessage):
+    """Server → agent: consecutive events that were already at hand, in one frame.
+
+    Means exactly what ``len(events)`` ``sse_event`` frames would, and costs
+    the same credit; it only saves the per-frame work when an upstream read
+    brought several events at once. Nothing ever waits to fill a batch.
+    """
+
+    TYPE: ClassVar[str] = "sse_events"
+    id: int
+    events: tuple[SseFields, ...]
+
+
+@message
 class SseComment(RequestMessage):
     """Server → agent: an SSE comment line from the upstream."""
 
@@ -373,6 +390,7 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     HttpHead,
     Data,
     SseEvent,
+    SseEvents,
     SseComment,
     End,
     CliRequest,
@@ -448,7 +466,10 @@ _SCALARS: dict[str, _Check] = {
     "bytes": _check_bytes,
     "bool": _check_bool,
 }
-_ALIASES = {"Headers": "tuple[tuple[bytes, bytes], ...]"}
+_ALIASES = {
+    "Headers": "tuple[tuple[bytes, bytes], ...]",
+    "SseFields": "tuple[str | None, str | None, str | None, int | None]",
+}
 
 
 def _split_top_level(text: str) -> list[str]:
@@ -598,15 +619,28 @@ def _credit_rule(values: dict[str, Any]) -> str | None:
     return None
 
 
-def _sse_event_rule(values: dict[str, Any]) -> str | None:
-    retry = values.get("retry")
+def _sse_fields_problem(event: str | None, sse_id: str | None, retry: int | None) -> str | None:
     if retry is not None and retry < 0:
         return f"retry: must not be negative, got {retry}"
-    if not _single_line(values.get("event")):
+    if not _single_line(event):
         return "event: contains a line break"
-    sse_id = values.get("sse_id")
     if not _single_line(sse_id) or (sse_id is not None and "\x00" in sse_id):
         return "sse_id: contains a line break or NUL"
+    return None
+
+
+def _sse_event_rule(values: dict[str, Any]) -> str | None:
+    return _sse_fields_problem(values.get("event"), values.get("sse_id"), values.get("retry"))
+
+
+def _sse_events_rule(values: dict[str, Any]) -> str | None:
+    events = values["events"]
+    if not events:
+        return "events: a batch holds at least one event"
+    for i, (event, _data, sse_id, retry) in enumerate(events):
+        problem = _sse_fields_problem(event, sse_id, retry)
+        if problem is not None:
+            return f"events[{i}].{problem}"
     return None
 
 
@@ -621,5 +655,6 @@ _VALUE_RULES: dict[type[Message], Callable[[dict[str, Any]], str | None]] = {
     Output: _output_rule,
     Credit: _credit_rule,
     SseEvent: _sse_event_rule,
+    SseEvents: _sse_events_rule,
     SseComment: _sse_comment_rule,
 }

@@ -261,19 +261,24 @@ def serialize(item: Event | Comment) -> bytes:
     if isinstance(item, Comment):
         _check_single_line("comment", item.text)
         return b":" + item.text.encode("utf-8") + b"\n"
+    return serialize_event(item.event, item.data, item.id, item.retry)
+
+
+def serialize_event(event: str | None, data: str | None, id: str | None,
+                    retry: int | None) -> bytes:
+    """:func:`serialize` for an event given as its fields (no :class:`Event` to build)."""
     parts: list[str] = []
-    if item.event is not None:
-        _check_single_line("event type", item.event)
-        parts.append("event: " + item.event + "\n")
-    if item.id is not None:
-        _check_single_line("event id", item.id, nul=True)
-        parts.append("id: " + item.id + "\n")
-    if item.retry is not None:
-        if item.retry < 0:
-            raise ValueError(f"an SSE retry cannot be negative: {item.retry}")
-        parts.append(f"retry: {item.retry:d}\n")
-    if item.data is not None:
-        data = item.data
+    if event is not None:
+        _check_single_line("event type", event)
+        parts.append("event: " + event + "\n")
+    if id is not None:
+        _check_single_line("event id", id, nul=True)
+        parts.append("id: " + id + "\n")
+    if retry is not None:
+        if retry < 0:
+            raise ValueError(f"an SSE retry cannot be negative: {retry}")
+        parts.append(f"retry: {retry:d}\n")
+    if data is not None:
         lines = _LINE_BREAK.split(data) if "\r" in data else data.split("\n")
         for line in lines:
             parts.append("data: " + line + "\n")

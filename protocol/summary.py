@@ -61,6 +61,7 @@ from .messages import (
     Signal,
     SseComment,
     SseEvent,
+    SseEvents,
     Welcome,
 )
 
@@ -268,6 +269,19 @@ def summarize(msg: Message, redactor: Redactor | None = None) -> dict[str, Any]:
         if msg.retry is not None:
             parts.append(f"retry={msg.retry}")
         parts.append("(no data)" if data is None else f"data={data}")
+        summary = " ".join(parts)
+    elif isinstance(msg, SseEvents):
+        size = sum(len(v.encode("utf-8", "surrogateescape"))
+                   for event, data, sse_id, _ in msg.events
+                   for v in (data, event, sse_id) if v is not None)
+        ids = [r.text(e[2]) for e in (msg.events[0], msg.events[-1]) if e[2] is not None]
+        first_data = msg.events[0][1]
+        data = None if first_data is None else r.text(first_data)
+        out.update(events=len(msg.events), bytes=size, sse_ids=ids, data=data)
+        parts = [f"{len(msg.events)} events"]
+        if ids:
+            parts.append("id=" + "…".join(dict.fromkeys(ids)))
+        parts.append("first: (no data)" if data is None else f"first: data={data}")
         summary = " ".join(parts)
     elif isinstance(msg, SseComment):
         out.update(text=r.text(msg.text))

@@ -117,6 +117,7 @@ from carapace.protocol.messages import (
     HttpRequest,
     RequestFailed,
     SseEvent,
+    SseEvents,
 )
 
 from .policy import AuditConfig, Decision, Policy
@@ -418,6 +419,12 @@ class AuditLog:
 # What the server calls
 
 
+def _text_bytes(text: str | None) -> int:
+    if not text:
+        return 0
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
 class ResponseTap:
     """Watches what one HTTP request sends to the VM, for its completion record.
 
@@ -447,32 +454,31 @@ class ResponseTap:
             inner_control(msg)
 
         async def send(msg: Any) -> None:
-            if isinstance(msg, Data):
-                self.bytes_out += len(msg.data)
-            elif isinstance(msg, SseEvent):
-                self.events += 1
-                if msg.data:
-                    self.bytes_out += len(msg.data.encode("utf-8", "surrogatepass"))
+            self._count_events((msg,))
             await inner_send(msg)
 
         async def send_batch(msgs: Sequence[Any]) -> None:
-            size = events = 0
-            for msg in msgs:
-                if type(msg) is SseEvent:
-                    events += 1
-                    data = msg.data
-                    if data:
-                        size += len(data) if data.isascii() else len(
-                            data.encode("utf-8", "surrogatepass"))
-                elif type(msg) is Data:
-                    size += len(msg.data)
-            self.bytes_out += size
-            self.events += events
+            self._count_events(msgs)
             await inner_batch(msgs)
 
         stream.send_control = send_control  # type: ignore[method-assign]
         stream.send = send  # type: ignore[method-assign]
         stream.send_batch = send_batch  # type: ignore[method-assign]
+
+    def _count_events(self, msgs: Sequence[Any]) -> None:
+        size = events = 0
+        for msg in msgs:
+            kind = type(msg)
+            if kind is SseEvent:
+                events += 1
+                size += _text_bytes(msg.data)
+            elif kind is SseEvents:
+                events += len(msg.events)
+                size += sum(_text_bytes(data) for _, data, _, _ in msg.events)
+            elif kind is Data:
+                size += len(msg.data)
+        self.bytes_out += size
+        self.events += events
 
 
 class AuditEntry:

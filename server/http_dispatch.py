@@ -35,6 +35,7 @@ from carapace.protocol.messages import (
     HttpRequest,
     SseComment,
     SseEvent,
+    SseEvents,
 )
 from carapace.protocol.sse import Comment, Event, SseParser
 
@@ -249,26 +250,66 @@ async def _relay_events(
     return sent
 
 
+MAX_EVENTS_PER_FRAME = 256
+MAX_BATCH_CHARS = 32 * 1024
+"""Bounds on one ``sse_events`` frame: credit keeps moving in small steps."""
+
+
+def _frame_events(request_id: int, events: list[Event],
+                  out: list[SseEvent | SseEvents | SseComment]) -> None:
+    """Consecutive events as frames: one ``sse_event`` alone, else ``sse_events`` batches."""
+    if len(events) == 1:
+        e = events[0]
+        out.append(SseEvent(id=request_id, event=e.event, data=e.data, sse_id=e.id,
+                            retry=e.retry))
+        return
+    batch: list[tuple[str | None, str | None, str | None, int | None]] = []
+    size = 0
+    for e in events:
+        batch.append((e.event, e.data, e.id, e.retry))
+        size += len(e.data) if e.data is not None else 0
+        if size >= MAX_BATCH_CHARS or len(batch) == MAX_EVENTS_PER_FRAME:
+            out.append(SseEvents(id=request_id, events=tuple(batch)))
+            batch, size = [], 0
+    if len(batch) == 1:
+        event, data, sse_id, retry = batch[0]
+        out.append(SseEvent(id=request_id, event=event, data=data, sse_id=sse_id, retry=retry))
+    elif batch:
+        out.append(SseEvents(id=request_id, events=tuple(batch)))
+
+
 async def _send_items(
     stream: ServerStream, request_id: int, items: list[Event | Comment],
     split: EventScrubber | None, arrived: float | None, last: bool = False,
 ) -> int:
-    """One read's events and comments, in order, as one batch; returns the events sent."""
-    msgs: list[SseEvent | SseComment] = []
+    """One read's events and comments, in order, as one batch; returns the events sent.
+
+    Events that arrived together travel together (``sse_events``), so a backlog
+    costs one frame per read rather than one per event; a lone event is still
+    its own ``sse_event`` frame, sent the moment it is parsed.
+    """
+    msgs: list[SseEvent | SseEvents | SseComment] = []
+    run: list[Event] = []
+    count = 0
     for item in items:
         if isinstance(item, Comment):
+            if run:
+                _frame_events(request_id, run, msgs)
+                count += len(run)
+                run = []
             msgs.append(SseComment(id=request_id, text=item.text))
-            continue
-        for event in (split.feed(item) if split is not None else (item,)):
-            msgs.append(SseEvent(id=request_id, event=event.event, data=event.data,
-                                 sse_id=event.id, retry=event.retry))
+        elif split is None:
+            run.append(item)
+        else:
+            run.extend(split.feed(item))
     if last and split is not None:
-        msgs.extend(SseEvent(id=request_id, event=event.event, data=event.data,
-                             sse_id=event.id, retry=event.retry) for event in split.flush())
+        run.extend(split.flush())
+    if run:
+        _frame_events(request_id, run, msgs)
+        count += len(run)
     if not msgs:
         return 0
     await stream.send_batch(msgs)
-    events = sum(1 for m in msgs if type(m) is SseEvent)
-    if events:
-        events_forwarded(stream, events, arrived)
-    return events
+    if count:
+        events_forwarded(stream, count, arrived)
+    return count

@@ -6,13 +6,22 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
 from carapace.protocol.flow import flow_cost
-from carapace.protocol.messages import Data, Message, SseComment, SseEvent
+from carapace.protocol.messages import Data, Message, SseComment, SseEvent, SseEvents
+from carapace.protocol.sse import Comment, Event
+from carapace.server import http_dispatch
 from carapace.server.audit import ResponseTap
+from carapace.server.http_dispatch import (
+    MAX_BATCH_CHARS,
+    MAX_EVENTS_PER_FRAME,
+    _frame_events,
+    _send_items,
+)
 from carapace.server.metrics import ServerMetrics, events_forwarded
 from carapace.server.streams import ServerStream
 
@@ -101,3 +110,57 @@ def test_a_batch_counts_every_event_in_the_metrics() -> None:
     assert m[("carapace_event_latency_seconds_bucket", (("le", "0.005"),))] == 9
     assert m[("carapace_event_latency_seconds_bucket", (("le", "+Inf"),))] == 9
     assert 0.012 <= m[("carapace_event_latency_seconds_sum", ())] < 0.013
+
+
+def test_events_read_together_share_frames_and_cost_what_single_frames_would() -> None:
+    parsed = [Event(event="receive" if i % 2 else None, data=f'{{"n": {i}}}', id=str(i))
+              for i in range(600)]
+    out: list[Any] = []
+    _frame_events(1, parsed, out)
+    assert all(type(m) is SseEvents for m in out)
+    assert len(out) == 3  # 256 + 256 + 88: at most MAX_EVENTS_PER_FRAME per frame
+    assert max(len(m.events) for m in out) == MAX_EVENTS_PER_FRAME
+    flat = [f for m in out for f in m.events]
+    assert flat == [(e.event, e.data, e.id, e.retry) for e in parsed]
+    singles = [SseEvent(id=1, event=e.event, data=e.data, sse_id=e.id) for e in parsed]
+    assert sum(flow_cost(m) for m in out) == sum(flow_cost(m) for m in singles)
+
+
+def test_a_lone_event_is_still_its_own_sse_event_frame() -> None:
+    out: list[Any] = []
+    _frame_events(4, [Event(data="only", id="1", retry=10)], out)
+    assert out == [SseEvent(id=4, data="only", sse_id="1", retry=10)]
+    out = []  # a batch split by the size cap never leaves a batch of one
+    big = "x" * (MAX_BATCH_CHARS // 2)
+    _frame_events(4, [Event(data=big), Event(data=big), Event(data="tail")], out)
+    assert [type(m) for m in out] == [SseEvents, SseEvent]
+    assert out[1] == SseEvent(id=4, data="tail")
+
+
+async def test_comments_keep_their_place_between_batches(monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    session = FakeSession()
+    stream = ServerStream(session, 1, window=100_000)  # type: ignore[arg-type]
+    stream.events_out = 0
+    items = [Event(data="a"), Event(data="b"), Comment(" ping"), Event(data="c"),
+             Event(data="d"), Event(data="e")]
+    monkeypatch.setattr(http_dispatch, "events_forwarded", lambda *args: None)
+    sent = await _send_items(stream, 1, items, None, None)
+    assert sent == 5
+    assert session.sent == [
+        SseEvents(id=1, events=((None, "a", None, None), (None, "b", None, None))),
+        SseComment(id=1, text=" ping"),
+        SseEvents(id=1, events=((None, "c", None, None), (None, "d", None, None),
+                                (None, "e", None, None))),
+    ]
+
+
+async def test_the_audit_tap_counts_the_events_of_a_batch_frame() -> None:
+    session = FakeSession()
+    stream = ServerStream(session, 1, window=100_000)  # type: ignore[arg-type]
+    tap = ResponseTap(stream)
+    await stream.send_batch([SseEvents(id=1, events=(("e", "abc", "1", None),
+                                                     (None, "é€", None, None),
+                                                     (None, None, "3", None)))])
+    assert tap.events == 3
+    assert tap.bytes_out == 3 + len("é€".encode())

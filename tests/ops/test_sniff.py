@@ -38,6 +38,16 @@ def records_of(proc: CapturedProcess, request_id: int | None = None,
             and (type is None or r.get("type") == type)]
 
 
+def event_frames(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ``sse_event`` and ``sse_events`` records: events that reached the server in
+    one read travel as one batch frame, which timing on a loaded machine decides."""
+    return [r for r in records if r.get("type") in ("sse_event", "sse_events")]
+
+
+def events_in(records: list[dict[str, Any]]) -> int:
+    return sum(r.get("events", 1) for r in event_frames(records))
+
+
 def test_sniff_json_shows_rpc_and_sse_frames_as_they_happen(dep: Deployment) -> None:
     filters = [a for t in RPC_AND_SSE_TYPES for a in ("--filter", t)]
     # RPC: http_request, http_head, end; SSE of 4: http_request, http_head, 4 events, end
@@ -109,7 +119,7 @@ def test_sniff_never_shows_tokens_or_secrets(dep: Deployment) -> None:
         r = httpx.get(dep.url("/echo-header-sse?name=X-Upstream-Key&interval_ms=1"), timeout=10)
         # The upstream echoes the injected header; masking keeps it from the VM too.
         assert "[REDACTED]" in r.text and POLICY_SECRET not in r.text
-        poll(lambda: len(records_of(proc, type="sse_event")) >= 3, what="echoed events")
+        poll(lambda: events_in(records_of(proc)) >= 3, what="echoed events")
         poll(lambda: "echo-header-sse" in human.stdout_text(), what="human rendering")
         records = records_of(proc)
         request = next(r for r in records if r.get("target") == "/echo?marker=secrets")
@@ -118,8 +128,8 @@ def test_sniff_never_shows_tokens_or_secrets(dep: Deployment) -> None:
             assert headers[name] == "[REDACTED]"
         assert headers["X-Note"] == "[REDACTED]"  # an agent token, by value
         assert "[REDACTED]" in request["body"]
-        echoed = records_of(proc, type="sse_event")
-        assert all("[REDACTED]" in e["data"] for e in echoed)
+        echoed = event_frames(records_of(proc))
+        assert echoed and all("[REDACTED]" in e["data"] for e in echoed)
     finally:
         stop_process(proc)
         stop_process(human)
@@ -194,9 +204,9 @@ def test_sniff_proxy_decodes_both_directions(dep: Deployment, tmp_path: Path) ->
         rpc_req = next(r for r in records if r["type"] == "http_request"
                        and r["target"] == "/api/v1/rpc")
         assert rpc_req["agent"] == "prober" and rpc_req["tool"] == "signal-cli"
-        events = [r for r in records if r["type"] == "sse_event"]
-        assert [e["event"] for e in events] == ["tick", "tick"]
-        assert all(e["tool"] == "signal-cli" for e in events)
+        assert events_in(records) == 2
+        assert all(e["tool"] == "signal-cli" for e in event_frames(records))
+        assert all(e["event"] == "tick" for e in records if e["type"] == "sse_event")
     finally:
         if agent is not None:
             stop_process(agent)

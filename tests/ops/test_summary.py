@@ -32,6 +32,7 @@ from carapace.protocol.messages import (
     Signal,
     SseComment,
     SseEvent,
+    SseEvents,
     Welcome,
 )
 from carapace.protocol.summary import (
@@ -82,6 +83,9 @@ EXAMPLES: list[Message] = [
     Cancel(id=2, reason="local client went away"),
     Credit(id=2, amount=131072),
     RequestFailed(id=3, status=429, code="rate_limited", message="slow down", retry_after=5),
+    SseEvents(id=1, events=(("receive", "token " + SECRET.decode(), "8", None),
+                            (None, '{"seq": 3}', SECRET.decode(), 500),
+                            ("receive", None, "10", None))),
 ]
 
 
@@ -180,6 +184,15 @@ def test_exit_failed_and_others() -> None:
     assert summarize(EXAMPLES[20])["summary"] == "credit +131072"
     assert summarize(EXAMPLES[14])["summary"] == "end"
     assert summarize(EXAMPLES[13])["summary"] == ": keepalive"
+
+
+def test_event_batch_summary() -> None:
+    out = summarize(EXAMPLES[22], Redactor([SECRET]))
+    assert out["events"] == 3
+    assert out["sse_ids"] == ["8", "10"]
+    assert out["summary"] == f"3 events id=8…10 first: data=token {REDACTED}"
+    assert out["bytes"] == sum(len(v.encode()) for e in EXAMPLES[22].events  # type: ignore[attr-defined]
+                               for v in e[:3] if v is not None)
 
 
 def test_preview_truncates() -> None:

@@ -42,6 +42,14 @@ def test_sse_costs_count_utf8_bytes_not_characters() -> None:
     assert flow_cost(m.SseComment(id=1, text="€")) == 3 + FRAME_OVERHEAD
 
 
+def test_a_batch_costs_what_its_events_would_one_frame_each() -> None:
+    fields = [("add", "hello", "42", 10_000), (None, None, None, None), ("é", "€😀", "ü", None)]
+    batch = m.SseEvents(id=1, events=tuple(fields))
+    singles = [m.SseEvent(id=1, event=e, data=d, sse_id=i, retry=r) for e, d, i, r in fields]
+    assert flow_cost(batch) == sum(flow_cost(ev) for ev in singles)
+    assert flow_cost(batch) == (3 + 5 + 2) + 0 + (2 + 7 + 2) + 3 * FRAME_OVERHEAD
+
+
 def test_cost_of_sse_comment() -> None:
     assert flow_cost(m.SseComment(id=1, text="")) == FRAME_OVERHEAD
     assert flow_cost(m.SseComment(id=1, text=" keepalive")) == 10 + FRAME_OVERHEAD

@@ -67,6 +67,12 @@ OVERRIDES: dict[tuple[type[Message], str], st.SearchStrategy[Any]] = {
     (m.SseEvent, "event"): st.none() | _single_line,
     (m.SseEvent, "sse_id"): st.none() | _single_line.map(lambda s: s.replace("\x00", "")),
     (m.SseComment, "text"): _single_line,
+    (m.SseEvents, "events"): st.lists(
+        st.tuples(st.none() | _single_line, st.none() | st.text(max_size=20),
+                  st.none() | _single_line.map(lambda s: s.replace("\x00", "")),
+                  st.none() | st.integers(0, UINT_MAX)),
+        min_size=1, max_size=4,
+    ).map(tuple),
 }
 
 
@@ -358,6 +364,13 @@ def test_request_id_bounds_accepted() -> None:
         (m.SseEvent, "sse_id", "1\x00"),
         (m.SseComment, "text", "a\nb"),
         (m.SseComment, "text", "\r"),
+        (m.SseEvents, "events", []),
+        (m.SseEvents, "events", [["e", "d", "1", -1]]),
+        (m.SseEvents, "events", [["e", "d", "1", None], ["a\nb", "d", "2", None]]),
+        (m.SseEvents, "events", [["e", "d", "1\r", None]]),
+        (m.SseEvents, "events", [["e", "d", "1\x00", None]]),
+        (m.SseEvents, "events", [["e", "d", "1"]]),
+        (m.SseEvents, "events", [["e", b"d", "1", None]]),
     ],
 )
 def test_value_rules(cls: type[Message], field: str, value: Any) -> None:
