@@ -187,6 +187,12 @@ class _Connection:
         self.cfg = listener.config
         self.sock = sock
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.cfg.max_header_bytes)
+        self._fed = 0
+        """Bytes given to h11 since it last asked for more: bounds a pipelining client."""
+        self._bytes_arrived = trio.Event()
+        self._bytes_wanted = trio.Event()
+        self._client_closed = False
+        self._in_flight: tuple[trio.CancelScope, AgentStream] | None = None
 
     async def _send(self, event: h11.Event) -> None:
         data = self.conn.send(event)
@@ -198,15 +204,51 @@ class _Connection:
             event = self.conn.next_event()
             if event is not h11.NEED_DATA:
                 return event
-            data = await self.sock.receive_some(READ_SIZE)
-            self.conn.receive_data(data)
+            self._fed = 0  # h11 has used all it was given
+            self._bytes_wanted.set()
+            self._bytes_arrived = trio.Event()
+            await self._bytes_arrived.wait()
+
+    async def _read_client(self) -> None:
+        """The one reader of the client's socket, for the connection's whole life.
+
+        It feeds h11 and notices a hang-up at once, also while a response is
+        being relayed (the request is then cancelled upstream). A watcher task
+        per request did this before and cost ~90 µs of CPU per request.
+        """
+        while True:
+            while self._fed >= MAX_PIPELINED:  # far ahead of us: wait until h11 wants more
+                self._bytes_wanted = trio.Event()
+                await self._bytes_wanted.wait()
+            try:
+                data = await self.sock.receive_some(READ_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                data = b""
+            self.conn.receive_data(data)  # b"" tells h11 the client closed
+            self._fed += len(data)
+            self._bytes_arrived.set()
+            if not data:
+                self._client_closed = True
+                if self._in_flight is not None:
+                    scope, stream = self._in_flight
+                    stream.cancel("local client closed the connection")
+                    scope.cancel()
+                return
 
     async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._read_client)
+            try:
+                await self._serve()
+            finally:
+                nursery.cancel_scope.cancel()
+
+    async def _serve(self) -> None:
         first = True
         while True:
             timeout = self.cfg.header_timeout if first else self.cfg.idle_timeout
             try:
-                with trio.fail_after(timeout):
+                with trio.move_on_after(timeout) as deadline:  # fail_after costs more
                     event = await self._next_event()
                     if isinstance(event, h11.ConnectionClosed):
                         return
@@ -218,6 +260,8 @@ class _Connection:
                                                       error_status_hint=431)
                     # The headers are in; the body must follow promptly too.
                     body = await self._read_body()
+                if deadline.cancelled_caught:
+                    raise trio.TooSlowError
             except trio.TooSlowError:
                 if first or self.conn.their_state is not h11.IDLE:
                     log.warning("tool %s: closing a local client that did not send its request "
@@ -300,26 +344,16 @@ class _Connection:
             await self._simple(413, "body_too_large", f"request too large for the tunnel: {exc}")
             return
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._watch_client, nursery.cancel_scope, stream)
+            with trio.CancelScope() as scope:  # cancelled by _read_client on a hang-up
+                if self._client_closed:
+                    stream.cancel("local client closed the connection")
+                    return
+                self._in_flight = (scope, stream)
                 await self._relay(stream)
-                nursery.cancel_scope.cancel()
         finally:
+            self._in_flight = None
             if not stream.done:
                 stream.cancel("local client went away")
-
-    async def _watch_client(self, scope: trio.CancelScope, stream: AgentStream) -> None:
-        """Notice at once when the local client hangs up, to cancel the upstream."""
-        taken = 0
-        while taken < MAX_PIPELINED:
-            data = await self.sock.receive_some(READ_SIZE)
-            if not data:
-                stream.cancel("local client closed the connection")
-                scope.cancel()
-                return
-            taken += len(data)
-            self.conn.receive_data(data)  # a pipelined next request; h11 keeps it
-        await trio.sleep_forever()
 
     async def _relay(self, stream: AgentStream) -> None:
         try:

@@ -195,3 +195,34 @@ def test_client_that_never_finishes_headers_is_closed(tmp_path: Path) -> None:
             answer += chunk
         assert answer.startswith(b"HTTP/1.1 408")
         slow.close()
+
+
+def test_pipelined_requests_on_one_connection_are_answered_in_order(dep: Deployment) -> None:
+    """Three requests in one write: the agent's connection reader keeps what comes after
+    the first while it is being answered, and each gets its own answer, in order."""
+    port = dep.tool_ports["signal-cli"]
+    wire = b"".join(f"GET /echo?n={n} HTTP/1.1\r\nHost: x\r\n\r\n".encode() for n in (1, 2, 3))
+    answers: list[int] = []
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(wire)
+        leftover = b""
+        for n in (1, 2, 3):
+            client = h11.Connection(h11.CLIENT)  # one per answer: h11 does not pipeline
+            client.send(h11.Request(method="GET", target=f"/echo?n={n}", headers=[("Host", "x")]))
+            client.send(h11.EndOfMessage())
+            if leftover:  # (b"" would tell h11 the connection closed)
+                client.receive_data(leftover)
+            body = b""
+            while True:
+                event = client.next_event()
+                if event is h11.NEED_DATA:
+                    client.receive_data(sock.recv(65536))
+                elif isinstance(event, h11.Response):
+                    assert event.status_code == 200
+                elif isinstance(event, h11.Data):
+                    body += event.data
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+            answers.append(int(json.loads(body)["path"].split("n=")[1]))
+            leftover = client.trailing_data[0]
+    assert answers == [1, 2, 3]
