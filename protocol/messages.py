@@ -486,8 +486,27 @@ def _split_top_level(text: str) -> list[str]:
     return parts
 
 
+def _check_headers(v: Any) -> tuple[tuple[bytes, bytes], ...]:
+    """The ``Headers`` check written out: every request and response carries headers,
+    and the generic nested checks cost several calls per header."""
+    if type(v) is not list:
+        raise _fail(f"expected an array, got {type(v).__name__}")
+    out = []
+    for pair in v:
+        if type(pair) is not list or len(pair) != 2:
+            raise _fail("expected an array of 2 items")
+        name, value = pair
+        if type(name) is not bytes or type(value) is not bytes:
+            bad = name if type(name) is not bytes else value
+            raise _fail(f"expected binary data, got {type(bad).__name__}")
+        out.append((name, value))
+    return tuple(out)
+
+
 def _checker_for(annotation: str) -> _Check:
     text = annotation.strip()
+    if text == "Headers":
+        return _check_headers
     text = _ALIASES.get(text, text)
     if text in _SCALARS:
         return _SCALARS[text]
