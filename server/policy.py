@@ -397,11 +397,15 @@ class Policy:
 
     def secrets(self) -> list[bytes]:
         """Every injected secret (UTF-8), unique, longest first, for output masking."""
-        seen: set[bytes] = set()
-        for tool in self.tools.values():
-            for value in tool.secret_values():
-                seen.add(value.encode("utf-8"))
-        return sorted(seen, key=lambda s: (-len(s), s))
+        cached: list[bytes] | None = self.__dict__.get("_secrets")
+        if cached is None:  # asked for on every request; the policy never changes
+            seen: set[bytes] = set()
+            for tool in self.tools.values():
+                for value in tool.secret_values():
+                    seen.add(value.encode("utf-8"))
+            cached = sorted(seen, key=lambda s: (-len(s), s))
+            self.__dict__["_secrets"] = cached
+        return list(cached)
 
     def is_granted(self, agent: str, tool: str) -> bool:
         """Whether ``agent`` may use ``tool`` at all (the tool must exist)."""
