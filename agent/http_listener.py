@@ -134,7 +134,7 @@ class KeepaliveClock:
             nudged = 0
             while last:
                 stream, at = next(iter(last.items()))
-                if at > due:
+                if at > due or at == now:  # not yet due, or nudged in this very round
                     break
                 last[stream] = now  # not again until it has been idle a whole interval
                 last.move_to_end(stream)

@@ -121,8 +121,8 @@ _STOP_SIGNALS = (15, 2)  # SIGTERM, SIGINT
               flag_value=default_socket_path(), metavar="[PATH]",
               help="Unix socket for tool shims; a bare --cli-socket uses the path shims "
               f"look for by default ({default_socket_path()}).")
-@click.option("--sse-keepalive", type=float, default=15.0, show_default=True,
-              help="Seconds of idle before an SSE comment keepalive.")
+@click.option("--sse-keepalive", type=click.FloatRange(min=0.1), default=15.0, show_default=True,
+              help="Seconds of idle before an SSE comment keepalive (at least 0.1).")
 @click.option("--link-wait", type=float, default=2.0, show_default=True,
               help="How long a local request waits for the tunnel before failing with 502.")
 @click.option("--header-timeout", type=float, default=10.0, show_default=True,

@@ -167,3 +167,31 @@ async def test_a_large_burst_yields_between_nudges(autojump_clock: trio.testing.
     assert all(len(s.nudged_at) == 1 for s in streams)
     partial = {n for n in ran_between if 0 < n < len(streams)}
     assert len(partial) >= 20, "other tasks ran only after most of the burst"
+
+
+def test_the_agent_refuses_a_keepalive_interval_it_could_not_keep() -> None:
+    """0 would have the clock nudge without pause; the CLI says so instead of spinning."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    agent = Path(sys.executable).parent / "carapace-agent"
+    for bad in ("0", "-1", "0.01"):
+        out = subprocess.run([str(agent), "--server", "127.0.0.1:1", "--token-file", "/dev/null",
+                              "--expose", "x=1", "--sse-keepalive", bad],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2
+        assert "--sse-keepalive" in out.stderr and "0.1" in out.stderr
+
+
+async def test_a_zero_interval_still_yields_between_rounds() -> None:
+    """Belt and braces below the CLI's bound: each round nudges a stream once, then yields."""
+    clock = KeepaliveClock(0.0)
+    stream = FakeStream("s")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(clock.run)
+        clock.wrote(stream)  # type: ignore[arg-type]
+        for _ in range(50):
+            await trio.lowlevel.checkpoint()
+        nursery.cancel_scope.cancel()
+    assert 1 <= len(stream.nudged_at) <= 50
