@@ -28,6 +28,7 @@ from carapace.protocol.messages import (
     SseEvents,
 )
 from carapace.protocol.sse import Comment, serialize, serialize_event
+from carapace.server.framelink import send_all
 
 from .multiplexer import AgentStream, FrameTooLarge, LinkDown, Multiplexer, StreamLost
 
@@ -197,7 +198,7 @@ class _Connection:
     async def _send(self, event: h11.Event) -> None:
         data = self.conn.send(event)
         if data:
-            await self.sock.send_all(data)
+            await send_all(self.sock, data)
 
     async def _next_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
         while True:
@@ -390,7 +391,7 @@ class _Connection:
             msg = stream.receive_nowait()
             if msg is None:
                 if out:
-                    await self.sock.send_all(b"".join(out))
+                    await send_all(self.sock, b"".join(out))
                     out.clear()
                     if cost:
                         stream.consumed(cost)
@@ -406,7 +407,7 @@ class _Connection:
             elif isinstance(msg, End):
                 stream.close()
                 out.append(self.conn.send(h11.EndOfMessage()) or b"")
-                await self.sock.send_all(b"".join(out))
+                await send_all(self.sock, b"".join(out))
                 return
             else:
                 # A failure after the head: cut the connection so the truncation is visible.
