@@ -428,9 +428,10 @@ def _text_bytes(text: str | None) -> int:
 class ResponseTap:
     """Watches what one HTTP request sends to the VM, for its completion record.
 
-    It wraps the stream's ``send_control`` (every head and failure goes
-    through it), ``send`` (body chunks) and ``send_batch`` (the events of
-    one upstream read), so the HTTP relay needs no audit hooks of its own.
+    It wraps the stream's ``send_control`` (heads and failures), ``send``
+    (body chunks) and ``send_batch`` (the events of one upstream read, or a
+    head with the body that came with it), so the HTTP relay needs no audit
+    hooks of its own.
     ``bytes_out`` counts response body bytes; for an event stream, the bytes
     of the events' data fields.
     """
@@ -477,6 +478,8 @@ class ResponseTap:
                 size += sum(_text_bytes(data) for _, data, _, _ in msg.events)
             elif kind is Data:
                 size += len(msg.data)
+            elif kind is HttpHead:
+                self.status = msg.status
         self.bytes_out += size
         self.events += events
 

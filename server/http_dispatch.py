@@ -172,19 +172,15 @@ async def forward_http(
             drop = {b"content-length", b"content-encoding"} if decoder else {b"content-length"}
             out_headers = scrubber.scrub_headers(
                 (k, v) for k, v in out_headers if k.lower() not in drop)
-        stream.send_control(HttpHead(
-            id=req.id,
-            status=response.status,
-            headers=out_headers,
-            sse=sse,
-        ))
+        head = HttpHead(id=req.id, status=response.status, headers=out_headers, sse=sse)
         if sse:
+            stream.send_control(head)
             events = await _relay_events(stream, req.id, response, decoder, scrubber)
+            stream.finished = True
+            stream.send_control(End(id=req.id))
         else:
-            await _relay_body(stream, req.id, response, timeout,
+            await _relay_body(stream, head, response, timeout,
                               scrubber.stream() if scrubber is not None else None, decoder)
-        stream.finished = True
-        stream.send_control(End(id=req.id))
     except UpstreamError as exc:
         log.warning("upstream of tool %s broke off mid-response: %s", tool_name, exc)
         stream.fail(502, "upstream_unavailable",
@@ -196,22 +192,43 @@ async def forward_http(
 
 
 async def _relay_body(
-    stream: ServerStream, request_id: int, response: UpstreamResponse, idle: float,
+    stream: ServerStream, head: HttpHead, response: UpstreamResponse, idle: float,
     scrub: StreamScrubber | None = None, decoder: ContentDecoder | None = None,
 ) -> None:
-    """The body as it arrives (raw unless ``decoder``); waiting ``idle`` s for a chunk fails."""
-    while (chunk := await response.next_chunk(idle)) is not None:
-        if decoder is not None:
-            chunk = decoder.feed(chunk)
-        if scrub is not None:
-            chunk = scrub.feed(chunk)
-        if chunk:
-            await stream.send(Data(id=request_id, data=chunk))
-    rest = decoder.flush() if decoder is not None else b""
+    """Head, body as it arrives (raw unless ``decoder``), then ``end``.
+
+    What has already arrived leaves together before the next wait: a small
+    answer read with its head is one write (head, data, end) to the agent.
+    Waiting ``idle`` s for a chunk fails.
+    """
+    request_id = head.id
+    ready: list[HttpHead | Data | End] = [head]
+    try:
+        while True:
+            try:
+                chunk = response.next_chunk_nowait()
+            except trio.WouldBlock:
+                await stream.send_batch(ready)
+                ready = []
+                chunk = await response.next_chunk(idle)
+            if chunk is None:
+                break
+            if decoder is not None:
+                chunk = decoder.feed(chunk)
+            if scrub is not None:
+                chunk = scrub.feed(chunk)
+            if chunk:
+                ready.append(Data(id=request_id, data=chunk))
+        rest = decoder.flush() if decoder is not None else b""
+    except UpstreamError:
+        await stream.send_batch(ready)  # what came before the break still goes first
+        raise
     if scrub is not None:
         rest = scrub.feed(rest) + scrub.flush() if rest else scrub.flush()
     if rest:
-        await stream.send(Data(id=request_id, data=rest))
+        ready.append(Data(id=request_id, data=rest))
+    ready.append(End(id=request_id))
+    await stream.send_batch(ready)
 
 
 async def _relay_events(

@@ -48,6 +48,8 @@ from .framelink import FrameReader, FrameWriter, LinkClosed
 from .streams import ServerStream
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from .app import Server
 
 log = logging.getLogger("carapace.server")
@@ -92,6 +94,30 @@ class AgentSession:
         """Queue a frame to the agent; kept for replay until acknowledged."""
         if self.ended:
             raise LinkClosed("session ended")
+        frame = self._encode(msg)
+        self.server.stats.frames_out += 1
+        link = self.link
+        if link is not None:
+            try:
+                link.writer.send_bytes(frame)
+            except LinkClosed:
+                pass  # kept in the replay buffer for the next link
+
+    def send_many(self, msgs: Sequence[Message]) -> None:
+        """Queue frames that are ready together: one write instead of one each."""
+        if self.ended:
+            raise LinkClosed("session ended")
+        frames = b"".join([self._encode(msg) for msg in msgs])
+        self.server.stats.frames_out += len(msgs)
+        link = self.link
+        if link is not None:
+            try:
+                link.writer.send_bytes(frames, len(msgs))
+            except LinkClosed:
+                pass  # kept in the replay buffer for the next link
+
+    def _encode(self, msg: Message) -> bytes:
+        """The frame for ``msg``, shown to observers and kept for replay if numbered."""
         if self.server.frame_observers:
             self.server.observe(self, "out", msg)
         frame = encode(msg)
@@ -101,13 +127,7 @@ class AgentSession:
             except ReplayOverflow as exc:
                 self.end(f"too much unacknowledged data, cannot resume: {exc}")
                 raise LinkClosed("session ended") from None
-        self.server.stats.frames_out += 1
-        link = self.link
-        if link is not None:
-            try:
-                link.writer.send_bytes(frame)
-            except LinkClosed:
-                pass  # kept in the replay buffer for the next link
+        return frame
 
     # -- lifecycle ---------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from carapace.protocol.flow import ReceiveWindow, SendWindow, flow_cost
-from carapace.protocol.messages import Credit, Message, RequestFailed, RequestMessage
+from carapace.protocol.messages import Credit, End, Message, RequestFailed, RequestMessage
 
 if TYPE_CHECKING:
     from .session import AgentSession
@@ -77,27 +77,35 @@ class ServerStream:
         self.session.send(msg)
 
     async def send_batch(self, msgs: Sequence[RequestMessage]) -> None:
-        """Send payload frames in order, as :meth:`send` would one by one.
+        """Send frames that are ready together, in order, as :meth:`send` would one by one.
 
-        When the credit covers the whole batch (the usual case) it is spent
-        once; otherwise frame by frame, waiting whenever it runs out, so the
+        Control frames may be among them (a head first, an ``end`` last:
+        that one marks the stream finished). When the credit covers the whole
+        batch (the usual case) it is spent once and the frames leave in one
+        write; otherwise frame by frame, waiting whenever it runs out, so the
         rule stays "send only while credit is positive".
         """
+        if not msgs:
+            return
         costs = [flow_cost(msg) for msg in msgs]
         total = sum(costs)
         window = self._send_window
-        send = self.session.send
         if window.credit >= total:
             window.spend(total)
             self.bytes_out += total
-            for msg in msgs:
-                send(msg)
+            if isinstance(msgs[-1], End):
+                self.finished = True
+            self.session.send_many(msgs)
             return
+        send = self.session.send
         for msg, cost in zip(msgs, costs, strict=True):
-            while not window.open:
-                await self._credit_changed.wait()
-            window.spend(cost)
-            self.bytes_out += cost
+            if cost:
+                while not window.open:
+                    await self._credit_changed.wait()
+                window.spend(cost)
+                self.bytes_out += cost
+            elif isinstance(msg, End):
+                self.finished = True
             send(msg)
 
     def send_control(self, msg: RequestMessage) -> None:

@@ -92,6 +92,8 @@ from urllib.parse import urlsplit
 import h11
 import trio
 
+from .framelink import send_all
+
 __all__ = [
     "ContentDecoder",
     "UnsupportedEncoding",
@@ -276,8 +278,11 @@ class UpstreamResponse:
         """The whole rest of the body (for small answers and tests)."""
         return b"".join([chunk async for chunk in self.body(idle_timeout)])
 
-    async def next_chunk(self, idle_timeout: float | None = None) -> bytes | None:
-        """The next body chunk, or None at the end of the body."""
+    def next_chunk_nowait(self) -> bytes | None:
+        """The next body chunk if it has already arrived, or None at the end of the body.
+
+        Raises :class:`trio.WouldBlock` when getting it needs a read.
+        """
         conn = self._conn
         if self._done or conn is None:
             return None
@@ -292,28 +297,36 @@ class UpstreamResponse:
                 if event.data:
                     return bytes(event.data)
             elif event is h11.NEED_DATA:
-                data: bytes | bytearray | None = None
-                try:
-                    if idle_timeout is None:
+                raise trio.WouldBlock
+            else:  # EndOfMessage, ConnectionClosed or PAUSED: nothing more will come
+                self._done = True
+                return None
+
+    async def next_chunk(self, idle_timeout: float | None = None) -> bytes | None:
+        """The next body chunk, or None at the end of the body."""
+        while True:
+            try:
+                return self.next_chunk_nowait()
+            except trio.WouldBlock:
+                pass
+            conn = self._conn
+            assert conn is not None  # next_chunk_nowait() returns None once it is gone
+            data: bytes | bytearray | None = None
+            try:
+                if idle_timeout is None:
+                    data = await conn.stream.receive_some(READ_SIZE)
+                else:
+                    with trio.move_on_after(idle_timeout):
                         data = await conn.stream.receive_some(READ_SIZE)
-                    else:
-                        with trio.move_on_after(idle_timeout):
-                            data = await conn.stream.receive_some(READ_SIZE)
-                        if data is None:
-                            raise UpstreamTimeout(f"no body bytes for {idle_timeout:g} s")
-                except _CONNECTION_ERRORS as exc:
-                    self.close()
-                    raise UpstreamBroken(f"the answer broke off: {exc!r}") from None
-                except BaseException:  # a timeout, or cancelled: the rest stays unread
-                    self.close()
-                    raise
-                h.receive_data(data)  # type: ignore[arg-type]  # h11 takes any bytes-like
-            elif type(event) is h11.EndOfMessage:
-                self._done = True
-                return None
-            else:  # ConnectionClosed or PAUSED: nothing more will come
-                self._done = True
-                return None
+                    if data is None:
+                        raise UpstreamTimeout(f"no body bytes for {idle_timeout:g} s")
+            except _CONNECTION_ERRORS as exc:
+                self.close()
+                raise UpstreamBroken(f"the answer broke off: {exc!r}") from None
+            except BaseException:  # a timeout, or cancelled: the rest stays unread
+                self.close()
+                raise
+            conn.h11.receive_data(data)  # type: ignore[arg-type]  # h11 takes any bytes-like
 
     def close(self) -> None:
         """Give the connection back (a clean, finished keep-alive answer) or close it."""
@@ -470,7 +483,7 @@ class UpstreamClient:
         data += h.send(h11.EndOfMessage()) or b""
         send_error: BaseException | None = None
         try:
-            await conn.stream.send_all(data)
+            await send_all(conn.stream, data)
         except _CONNECTION_ERRORS as exc:
             if conn.reused:  # it was dead before the request went out
                 raise _Retry() from None

@@ -3,6 +3,8 @@ one metrics update — and still never more than the credit allows."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from functools import partial
 from types import SimpleNamespace
 from typing import Any
 
@@ -12,7 +14,16 @@ import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
 from carapace.protocol.flow import flow_cost
-from carapace.protocol.messages import Data, Message, SseComment, SseEvent, SseEvents
+from carapace.protocol.messages import (
+    Data,
+    End,
+    HttpHead,
+    HttpRequest,
+    Message,
+    SseComment,
+    SseEvent,
+    SseEvents,
+)
 from carapace.protocol.sse import Comment, Event
 from carapace.server import http_dispatch
 from carapace.server.audit import ResponseTap
@@ -29,10 +40,15 @@ from carapace.server.streams import ServerStream
 class FakeSession:
     def __init__(self) -> None:
         self.sent: list[Message] = []
+        self.writes = 0
         self.server: Any = None
 
     def send(self, msg: Message) -> None:
-        self.sent.append(msg)
+        self.send_many([msg])
+
+    def send_many(self, msgs: Sequence[Message]) -> None:
+        self.sent.extend(msgs)
+        self.writes += 1
 
 
 def events(n: int, data: str = "x" * 100) -> list[SseEvent]:
@@ -44,8 +60,34 @@ async def test_a_batch_within_the_credit_goes_at_once() -> None:
     stream = ServerStream(session, 1, window=10_000)  # type: ignore[arg-type]
     batch = [*events(3), SseComment(id=1, text="c"), *events(2)]
     await stream.send_batch(batch)
-    assert session.sent == batch
+    assert session.sent == batch and session.writes == 1
     assert stream.bytes_out == sum(flow_cost(m) for m in batch)
+    assert not stream.finished
+
+
+async def test_a_small_whole_answer_is_one_write_and_finishes_the_stream() -> None:
+    session = FakeSession()
+    stream = ServerStream(session, 1, window=10_000)  # type: ignore[arg-type]
+    tap = ResponseTap(stream)
+    answer = [HttpHead(id=1, status=201, headers=(), sse=False), Data(id=1, data=b"{}"),
+              End(id=1)]
+    await stream.send_batch(answer)
+    assert session.sent == answer and session.writes == 1
+    assert stream.finished and tap.status == 201 and tap.bytes_out == 2
+    await stream.send_batch([])
+    assert session.writes == 1
+
+
+async def test_an_end_waiting_behind_credit_does_not_finish_the_stream_early() -> None:
+    session = FakeSession()
+    stream = ServerStream(session, 1, window=1)  # type: ignore[arg-type]
+    answer = [Data(id=1, data=b"a" * 100), Data(id=1, data=b"b"), End(id=1)]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stream.send_batch, answer)
+        await trio.testing.wait_all_tasks_blocked()
+        assert session.sent == answer[:1] and not stream.finished
+        stream.grant(10_000)
+    assert session.sent == answer and stream.finished
 
 
 async def test_a_batch_beyond_the_credit_waits_for_it_frame_by_frame() -> None:
@@ -164,3 +206,47 @@ async def test_the_audit_tap_counts_the_events_of_a_batch_frame() -> None:
                                                      (None, None, "3", None)))])
     assert tap.events == 3
     assert tap.bytes_out == 3 + len("é€".encode())
+
+
+async def test_a_small_answer_is_one_write_but_a_late_body_never_holds_the_head() -> None:
+    """forward_http against a real socket: what arrived with the head goes with it."""
+    body_may_come = trio.Event()
+
+    async def upstream(sock: trio.SocketStream) -> None:
+        async with sock:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += await sock.receive_some(65536)
+            if b"/late" in data:
+                await sock.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n")
+                await body_may_come.wait()
+                await sock.send_all(b"ok")
+            else:
+                await sock.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await sock.receive_some(1)
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, upstream, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        tool: Any = SimpleNamespace(upstream=f"http://127.0.0.1:{port}", timeout_secs=5)
+        async with http_dispatch.make_client() as client:
+            session = FakeSession()
+            stream = ServerStream(session, 1, window=10_000)  # type: ignore[arg-type]
+            req = HttpRequest(id=1, tool="t", method="GET", target="/now", headers=(),
+                              body=b"")
+            await http_dispatch.forward_http(client, stream, req, "t", tool, [])
+            assert [m.TYPE for m in session.sent] == ["http_head", "data", "end"]
+            assert session.writes == 1 and stream.finished
+
+            session = FakeSession()
+            stream = ServerStream(session, 2, window=10_000)  # type: ignore[arg-type]
+            req = HttpRequest(id=2, tool="t", method="GET", target="/late", headers=(),
+                              body=b"")
+            async with trio.open_nursery() as inner:
+                inner.start_soon(http_dispatch.forward_http, client, stream, req, "t", tool, [])
+                await trio.testing.wait_all_tasks_blocked()
+                assert [m.TYPE for m in session.sent] == ["http_head"]  # not held for the body
+                body_may_come.set()
+            assert [m.TYPE for m in session.sent] == ["http_head", "data", "end"]
+            assert session.writes == 2 and stream.finished
+        nursery.cancel_scope.cancel()

@@ -174,6 +174,30 @@ async def test_explicit_chunks_and_reuse(nursery: trio.Nursery, client: Upstream
     assert server.connections == 1
 
 
+async def test_what_has_arrived_is_read_without_waiting(nursery: trio.Nursery,
+                                                       client: UpstreamClient) -> None:
+    """next_chunk_nowait: the head's own read brought the body; a later part needs a read."""
+    part2 = trio.Event()
+
+    async def handler(stream: trio.abc.Stream, server: Scripted) -> None:
+        await read_head(stream, server)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                              b"5\r\nhello\r\n")
+        await part2.wait()
+        await stream.send_all(b"6\r\n world\r\n0\r\n\r\n")
+
+    server = await scripted(nursery, handler)
+    resp = await client.request("GET", server.url + "/", timeout=10)
+    assert resp.next_chunk_nowait() == b"hello"
+    with pytest.raises(trio.WouldBlock):
+        resp.next_chunk_nowait()
+    part2.set()
+    assert await resp.next_chunk(10) == b" world"
+    assert resp.next_chunk_nowait() is None and resp.complete
+    await resp.aclose()
+    assert client.idle_connections == 1
+
+
 async def test_read_until_close_is_not_pooled(nursery: trio.Nursery,
                                               client: UpstreamClient) -> None:
     server = await scripted(nursery, answers(
