@@ -283,6 +283,7 @@ class SshForward:
         self.ssh: Proc | None = None
         self.port = 0
         self.notes: list[str] = []
+        self._login: list[str] = []
 
     def start(self) -> SshForward:
         if not os.path.exists(SSHD):
@@ -324,6 +325,9 @@ class SshForward:
             X11Forwarding no
             PrintMotd no
             LogLevel ERROR
+            # bash reads ~/.bashrc when sshd starts it (SHLVL < 2): a remote command
+            # would pay for this machine's dotfiles (80 ms of pyenv init here), not ssh's.
+            SetEnv SHLVL=1
             """))
         check = subprocess.run([SSHD, "-t", "-f", str(d / "sshd_config")], capture_output=True,
                                text=True, timeout=30)
@@ -336,12 +340,16 @@ class SshForward:
             self.stop()
             raise HarnessError(f"sshd did not start: {exc}") from None
         self.port = free_port()
+        self._login = ["-F", "/dev/null", "-o", "StrictHostKeyChecking=no",
+                       "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
+                       "-o", "LogLevel=ERROR", "-o", f"ControlPath={d / 'control'}",
+                       "-i", str(d / "user_key"), "-p", str(sshd_port), f"{user}@{HOST}"]
+        # The forward's connection is also a ControlMaster: `ssh HOST CMD` rides on it
+        # (exec_argv), as Carapace's shims ride on its standing link; no handshake each.
         self.ssh = Proc("ssh", [
-            "ssh", "-N", "-F", "/dev/null",
-            "-L", f"{HOST}:{self.port}:{HOST}:{self.upstream_port}",
-            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-            "-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes", "-o", "LogLevel=ERROR",
-            "-i", str(d / "user_key"), "-p", str(sshd_port), f"{user}@{HOST}",
+            "ssh", "-N", "-L", f"{HOST}:{self.port}:{HOST}:{self.upstream_port}",
+            "-o", "ExitOnForwardFailure=yes", "-o", "ControlMaster=yes",
+            "-o", "ControlPersist=no", *self._login,
         ], d)
         try:
             self.ssh.wait_port(self.port, 20)
@@ -360,19 +368,26 @@ class SshForward:
         except OSError:
             return "?"
 
+    def exec_argv(self, *command: str) -> list[str]:
+        """``ssh HOST COMMAND`` over the forward's connection (ControlMaster): the
+        remote-command alternative to a shim, without a key exchange per run."""
+        return ["ssh", "-o", "ControlMaster=no", *self._login, *command]
+
     def pids(self) -> dict[str, int]:
         out = {}
         if self.ssh is not None:
             out["ssh"] = self.ssh.pid
         return out
 
+    def sshd_pids(self) -> dict[str, int]:
+        """The sshd processes serving the forward (the listener's descendants)."""
+        if self.sshd is None:
+            return {}
+        return {f"sshd.{i}": pid for i, pid in enumerate(children(self.sshd.pid))}
+
     def cpu_pids(self) -> dict[str, int]:
         """The ssh client and every sshd process serving it (for CPU accounting)."""
-        out = self.pids()
-        if self.sshd is not None:
-            for i, pid in enumerate(children(self.sshd.pid)):
-                out[f"sshd.{i}"] = pid
-        return out
+        return {**self.pids(), **self.sshd_pids()}
 
     def stop(self) -> None:
         for proc in (self.ssh, self.sshd):

@@ -38,7 +38,7 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -192,8 +192,13 @@ def compile_bytecode() -> None:
         compileall.compile_dir(folder, quiet=1)
 
 
-def run(rounds: int = 200, warmup: int = 10) -> dict[str, object]:
-    """Measure; returns percentiles (ms) per variant and the added-latency breakdown."""
+def run(rounds: int = 200, warmup: int = 10,
+        extra: Mapping[str, Sequence[str]] | None = None) -> dict[str, object]:
+    """Measure; returns percentiles (ms) per variant and the added-latency breakdown.
+
+    ``extra`` names more commands that must print ``x``, timed in the same
+    interleaved rounds (the benchmark suite adds ``ssh HOST /bin/echo x``).
+    """
     compile_bytecode()
     with tempfile.TemporaryDirectory(prefix="shim-bench-") as tmpdir:
         d = start(Path(tmpdir))
@@ -209,6 +214,8 @@ def run(rounds: int = 200, warmup: int = 10) -> dict[str, object]:
                 "tunnel": lambda: tunnel_round_trip(d.socket),
                 "shim": lambda: timed([str(d.shims / "echo"), "x"], env, b"x\n"),
             }
+            for name, argv in (extra or {}).items():
+                variants[name] = lambda argv=list(argv): timed(argv, env, b"x\n")
             for _ in range(warmup):
                 for measure in variants.values():
                     measure()
