@@ -75,7 +75,8 @@ def run(ctx: Ctx) -> ScenarioResult:
             for peer, port in ports.items():
                 ctx.advance(f"download: via {peer}, round {rnd + 1}")
                 watched = (carapace.pids() if peer == "carapace"
-                           else ctx.ssh.pids() if peer == "ssh" and ctx.ssh else {})
+                           else {**ctx.ssh.pids(), **ctx.ssh.sshd_pids()}
+                           if peer == "ssh" and ctx.ssh else {})
                 try:
                     with peak_rss(watched) as grew:
                         out = ctx.measure(peer, carapace,
@@ -86,8 +87,12 @@ def run(ctx: Ctx) -> ScenarioResult:
                     continue
                 speeds.setdefault(peer, []).append(out["mb_per_s"])
                 cpu.setdefault(peer, []).append(out["cpu_us_per_unit"] * 1000)  # µs/byte → ms/MB
+                sshd = [kib for name, kib in grew.items() if name.startswith("sshd.")]
+                if sshd:  # the sshd processes serving the forward, together
+                    growth.setdefault("sshd", []).append(sum(sshd))
                 for name, kib in grew.items():
-                    growth.setdefault(name, []).append(kib)
+                    if not name.startswith("sshd."):
+                        growth.setdefault(name, []).append(kib)
     res.rows.append(na_for_missing(ctx, Row(
         key="download.mbps", label="throughput", unit="MB/s",
         values=ordered({p: median(v) for p, v in speeds.items()}), compare="ratio",
@@ -101,10 +106,10 @@ def run(ctx: Ctx) -> ScenarioResult:
         key="download.rss.agent", label="peak RSS growth, agent (ssh: client)", unit="MB",
         values=ordered({"carapace": peak_mb.get("agent"), "ssh": peak_mb.get("ssh")}),
         decimals=1, na={"direct": "no process between"})))
-    res.rows.append(Row(
-        key="download.rss.server", label="peak RSS growth, server", unit="MB",
-        values=ordered({"carapace": peak_mb.get("server")}), decimals=1,
-        na={"direct": "no process between", "ssh": "sshd not sampled"}))
+    res.rows.append(na_for_missing(ctx, Row(
+        key="download.rss.server", label="peak RSS growth, server (ssh: sshd)", unit="MB",
+        values=ordered({"carapace": peak_mb.get("server"), "ssh": peak_mb.get("sshd")}),
+        decimals=1, na={"direct": "no process between"})))
     res.notes += failures
     res.notes.append(f"{nbytes >> 20} MiB from /bytes (64 KiB upstream writes), "
                      f"{rounds(ctx)} round(s): median throughput, largest peak RSS growth")

@@ -1,13 +1,14 @@
 """N concurrent idle SSE streams through one agent (10,000; 1,000 with --quick).
 
 Each stream is ``/sse-forever`` with an hour between events: it is open once its
-first event arrived. Measured: the time to open all of them (also directly and
-through ssh -L, for scale), the RSS each costs the agent and the server
-((VmRSS with the streams open − before) / N), and, while they stay open, the
-latency of one live 200 events/s stream through Carapace (and directly, as the
-reference), read by a second client process. Opening is bounded in time (and
-stops at 15 s without progress); streams still opening then are cancelled and
-the rest of the scenario runs with those that opened.
+first event arrived. Measured per peer: the time to open all of them (directly,
+for scale); through ssh -L and through Carapace, the RSS each stream costs the
+processes in between ((VmRSS with the streams open − before) / N: the agent
+and the server, the ssh client and the sshd serving it) and, while they stay
+open, the latency of one live 200 events/s stream through that peer (and
+directly, as the reference), read by a second client process. Opening is
+bounded in time (and stops at 15 s without progress); streams still opening
+then are cancelled and the rest runs with those that opened.
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
 from ..common import Ctx, Row, ScenarioError, ScenarioResult, pct, timed
 from ..harness import rss_kib
-from ._peers import ordered
+from ._peers import na_for_missing, ordered
 
 NAME = "idle-streams"
 TITLE = "Idle SSE streams"
@@ -38,7 +41,7 @@ def live_events(ctx: Ctx) -> int:
 
 
 def steps(ctx: Ctx) -> int:
-    return 3 + ssh_open(ctx)
+    return 1 + 2 * (2 if ctx.ssh is not None else 1)
 
 
 def _read_phase(proc: subprocess.Popen[str], want: str, timeout: float) -> dict[str, Any]:
@@ -114,10 +117,63 @@ def open_timeout(ctx: Ctx) -> float:
     return 60.0 if ctx.quick else 90.0
 
 
-def ssh_open(ctx: Ctx) -> bool:
-    """Time-to-open through ssh -L only where it is cheap: at 10,000 streams it took
-    ~100 s on these machines and reset some channels, a third of the run's budget."""
-    return ctx.ssh is not None and ctx.quick
+def _rss(pids: dict[str, list[int]]) -> dict[str, int]:
+    """KiB of RSS per role, summed over the role's processes."""
+    return {role: sum(rss_kib(pid) for pid in group) for role, group in pids.items()}
+
+
+@dataclass
+class Held:
+    """What holding N idle streams through one peer showed."""
+
+    opened: dict[str, Any]
+    rss_before: dict[str, int]
+    rss_open: dict[str, int]
+    live: dict[str, list[float]] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+
+def _hold(ctx: Ctx, peer: str, port: int, pids: Callable[[], dict[str, list[int]]],
+          n: int, profile: dict[str, int] | None = None) -> Held:
+    """Open ``n`` idle streams through ``peer``, take the RSS of the processes in
+    between (``pids``: role → processes), then measure a live stream through the
+    same peer, and directly as the reference, while they stay open. With
+    ``--profile``, the ``profile`` processes are sampled while the streams open."""
+    timeout = open_timeout(ctx)
+    count = live_events(ctx)
+    ctx.client({"mode": "sse-latency", "peers": {peer: ["127.0.0.1", port]},
+                "count": 20, "path": "/sse?count=20&interval_ms=1"}, 60)  # warm-up
+    time.sleep(0.5)
+    before = _rss(pids())
+    ctx.advance(f"idle-streams: opening {n:,} via {peer}")
+    proc = ctx.start_client({"mode": "idle", "peer": ["127.0.0.1", port], "streams": n,
+                             "path": IDLE_PATH, "open_timeout": timeout})
+    try:
+        if profile:
+            with ctx.profile("idle-streams open", profile):
+                opened = _read_phase(proc, "open", timeout + 60)
+        else:
+            opened = _read_phase(proc, "open", timeout + 60)
+        time.sleep(2.0)  # let the last frames (and any cancelled opens) settle
+        held = Held(opened, before, _rss(pids()))
+        ctx.advance(f"idle-streams: live stream via {peer} while they are open")
+        # A separate client process reads the live streams, so the one holding
+        # the idle streams (and reading their keepalives) does not skew them.
+        try:
+            live_out = ctx.client({
+                "mode": "sse-latency", "count": count, "stagger_ms": 2.5,
+                "peers": {"direct": ["127.0.0.1", ctx.upstream.port],
+                          peer: ["127.0.0.1", port]},
+                "path": f"/sse?count={count}&interval_ms=5&size=300"},
+                count * 0.005 + 60)
+            held.live = {p: v for p, v in live_out["samples"].items() if v}
+            for who, why in live_out["errors"].items():
+                held.failures.append(f"live stream via {who}: {why}")
+        except ScenarioError as exc:
+            held.failures.append(f"live stream via {peer}: {exc}")
+    finally:
+        _finish(proc)
+    return held
 
 
 @timed
@@ -141,54 +197,35 @@ def run(ctx: Ctx) -> ScenarioResult:
                             f"{out['open_seconds']:.0f} s (bounded at {timeout:.0f} s, or 15 s "
                             f"without progress){errs}")
 
-    for peer, port in (("direct", ctx.upstream.port),
-                       ("ssh", ctx.ssh.port if ctx.ssh and ssh_open(ctx) else None)):
-        if port is None:
-            continue
-        ctx.advance(f"idle-streams: opening {n:,} via {peer}")
+    ctx.advance(f"idle-streams: opening {n:,} via direct")
+    try:
+        record("direct", _open_only(ctx, ctx.upstream.port, n, timeout))
+    except ScenarioError as exc:
+        failures.append(f"via direct: {exc}")
+    _wait_upstream_idle(ctx)
+
+    held: dict[str, Held] = {}
+    alive: dict[str, bool] = {}
+    if ctx.ssh is not None:
+        ssh = ctx.ssh
         try:
-            record(peer, _open_only(ctx, port, n, timeout))
+            held["ssh"] = _hold(ctx, "ssh", ssh.port, lambda: {
+                "agent": list(ssh.pids().values()),
+                "server": list(ssh.sshd_pids().values())}, n)
         except ScenarioError as exc:
-            failures.append(f"via {peer}: {exc}")
+            failures.append(f"via ssh: {exc}")
         _wait_upstream_idle(ctx)
 
     server_args: list[str] = []
     if ctx.server_flag("--max-requests-per-agent"):
         server_args += ["--max-requests-per-agent", str(n + 1000)]
-    rss: dict[str, dict[str, int]] = {}
-    live: dict[str, list[float]] = {}
-    count = live_events(ctx)
     with ctx.carapace(server_args=server_args) as carapace:
         pids = carapace.pids()
-        ctx.client({"mode": "sse-latency", "peers": {"c": ["127.0.0.1", carapace.port]},
-                    "count": 20, "path": "/sse?count=20&interval_ms=1"}, 60)
-        time.sleep(0.5)
-        rss["before"] = {name: rss_kib(pid) for name, pid in pids.items()}
-        ctx.advance(f"idle-streams: opening {n:,} via carapace")
-        proc = ctx.start_client({"mode": "idle", "peer": ["127.0.0.1", carapace.port],
-                                 "streams": n, "path": IDLE_PATH, "open_timeout": timeout})
         try:
-            with ctx.profile("idle-streams open", pids):
-                record("carapace", _read_phase(proc, "open", timeout + 60))
-            time.sleep(2.0)  # let the last frames (and any cancelled opens) settle
-            rss["open"] = {name: rss_kib(pid) for name, pid in pids.items()}
-            ctx.advance("idle-streams: live stream while they are open")
-            # A separate client process reads the live streams, so the one holding
-            # the idle streams (and reading their keepalives) does not skew them.
-            try:
-                live_out = ctx.client({
-                    "mode": "sse-latency", "count": count, "stagger_ms": 2.5,
-                    "peers": {"direct": ["127.0.0.1", ctx.upstream.port],
-                              "carapace": ["127.0.0.1", carapace.port]},
-                    "path": f"/sse?count={count}&interval_ms=5&size=300"},
-                    count * 0.005 + 60)
-                live = {p: v for p, v in live_out["samples"].items() if v}
-                for peer, why in live_out["errors"].items():
-                    failures.append(f"live stream via {peer}: {why}")
-            except ScenarioError as exc:
-                failures.append(f"live stream: {exc}")
-        finally:
-            _finish(proc)
+            held["carapace"] = _hold(ctx, "carapace", carapace.port,
+                                     lambda: {k: [v] for k, v in pids.items()}, n, pids)
+        except ScenarioError as exc:
+            failures.append(f"via carapace: {exc}")
         alive = {name: p.alive() for name, p in
                  (("agent", carapace.agent), ("server", carapace.server)) if p is not None}
     _wait_upstream_idle(ctx)
@@ -196,30 +233,44 @@ def run(ctx: Ctx) -> ScenarioResult:
         if not ok:
             failures.append(f"the {name} died during the scenario")
 
-    held = opened_n.get("carapace", 0)
-    per_stream = {name: (rss["open"][name] - rss["before"][name]) / held
-                  for name in rss.get("open", {})} if held else {}
-    ssh_na = ({} if ssh_open(ctx) else
-              {"ssh": ctx.ssh_reason or "no ssh"} if ctx.ssh is None else
-              {"ssh": "not at 10,000 (slow); --quick measures 1,000"})
-    res.rows.append(Row(key="idle.open_s", label=f"time to open {n:,}", unit="s",
-                        values=ordered(open_s), compare="ratio", decimals=2, na=ssh_na))
-    for name in ("agent", "server"):
-        res.rows.append(Row(key=f"idle.rss.{name}", label=f"RSS per stream, {name}",
-                            unit="KiB", values=ordered({"carapace": per_stream.get(name)}),
-                            decimals=1, na={"direct": "n/a", "ssh": "n/a"}))
+    per_stream: dict[str, dict[str, float]] = {}
+    live: dict[str, list[float]] = {}
+    for peer, h in held.items():
+        record(peer, h.opened)
+        failures += h.failures
+        live[peer] = h.live.get(peer, [])
+        if peer == "carapace":  # the direct column: the reference read beside Carapace
+            live["direct"] = h.live.get("direct", [])
+        elif h.live.get("direct"):
+            ref = h.live["direct"]
+            res.notes.append(f"beside ssh, the direct reference read p50 {pct(ref, 0.5):.2f} ms, "
+                             f"p99 {pct(ref, 0.99):.2f} ms")
+        count = h.opened["opened"]
+        if count:
+            per_stream[peer] = {role: (h.rss_open[role] - h.rss_before[role]) / count
+                                for role in h.rss_open}
+            if count < n:
+                res.notes.append(f"{peer}: RSS per stream over the {count:,} streams that did "
+                                 "open; the rest were cancelled before the live stream ran")
+    res.rows.append(na_for_missing(ctx, Row(
+        key="idle.open_s", label=f"time to open {n:,}", unit="s", values=ordered(open_s),
+        compare="ratio", decimals=2)))
+    for role, who in (("agent", "client"), ("server", "sshd")):
+        res.rows.append(na_for_missing(ctx, Row(
+            key=f"idle.rss.{role}", label=f"RSS per stream, {role} (ssh: {who})", unit="KiB",
+            values=ordered({p: v.get(role) for p, v in per_stream.items()}), decimals=1,
+            na={"direct": "no process between"})))
     for q, qname in ((0.5, "p50"), (0.99, "p99")):
-        res.rows.append(Row(key=f"idle.live.{qname}", label=f"live stream {qname} meanwhile",
-                            unit="ms", values=ordered({p: pct(v, q) for p, v in live.items()}),
-                            compare="diff", decimals=2,
-                            na={"ssh": "not measured"}))
+        res.rows.append(na_for_missing(ctx, Row(
+            key=f"idle.live.{qname}", label=f"live stream {qname} meanwhile", unit="ms",
+            values=ordered({p: pct(v, q) for p, v in live.items()}), compare="diff",
+            decimals=2)))
     res.samples["idle_live_latency_ms"] = live
     res.notes += failures
-    if held and held < n:
-        res.notes.append(f"RSS per stream over the {held:,} streams that did open; the rest "
-                         "were cancelled before the live stream ran")
-    res.notes.append(f"live: {count:,} events at 200/s through Carapace while the streams are "
-                     "held, read by a separate client with direct as the reference")
-    res.raw = {"rss_kib": rss, "open_seconds": open_s, "opened": opened_n, "streams": n,
-               "open_curve": curves}
+    res.notes.append(f"live: {live_events(ctx):,} events at 200/s through each peer while "
+                     "its streams are held, read by a separate client beside a direct "
+                     "reference read (the direct column: the one beside Carapace)")
+    res.raw = {"rss_kib": {p: {"before": h.rss_before, "open": h.rss_open}
+                           for p, h in held.items()},
+               "open_seconds": open_s, "opened": opened_n, "streams": n, "open_curve": curves}
     return res
