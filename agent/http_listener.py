@@ -22,6 +22,7 @@ from carapace.protocol.messages import (
     End,
     HttpHead,
     HttpRequest,
+    HttpResponse,
     RequestFailed,
     SseComment,
     SseEvent,
@@ -370,6 +371,9 @@ class _Connection:
                 extra.append((b"retry-after", str(first.retry_after).encode()))
             await self._simple(first.status, first.code, first.message, extra)
             return
+        if isinstance(first, HttpResponse):
+            await self._relay_whole(stream, first)
+            return
         if not isinstance(first, HttpHead):
             log.warning("unexpected %s before the response head; answering 502", first.TYPE)
             await self._simple(502, "protocol", "the server answered out of order")
@@ -379,6 +383,16 @@ class _Connection:
             await self._relay_sse(stream, first)
         else:
             await self._relay_body(stream, first)
+
+    async def _relay_whole(self, stream: AgentStream, answer: HttpResponse) -> None:
+        """A whole answer in one frame: head, body and end in one write."""
+        stream.close()
+        headers = [(k, v) for k, v in answer.headers if k.lower() not in PLAIN_HEADERS_DROP]
+        out = self.conn.send(_response(answer.status, headers)) or b""
+        if answer.body:
+            out += self.conn.send(h11.Data(data=answer.body)) or b""
+        out += self.conn.send(h11.EndOfMessage()) or b""
+        await send_all(self.sock, out)
 
     async def _relay_body(self, stream: AgentStream, head: HttpHead) -> None:
         """Relay a plain body. What is already queued goes out in one write (a small

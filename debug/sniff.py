@@ -61,10 +61,14 @@ PROXY_MAX_FRAME = 64 * 1024 * 1024
 PROXY_QUEUE = 4096
 """Summaries waiting to be printed before the proxy drops (and counts) new ones."""
 
+_STATUS_KINDS = ("http_head", "http_response", "failed")
+"""Frames styled by their HTTP status."""
+
 _TYPE_STYLES = {
     "http_request": "bold cyan",
     "cli_request": "bold cyan",
     "http_head": "green",
+    "http_response": "green",
     "sse_event": "magenta",
     "sse_events": "magenta",
     "sse_comment": "dim magenta",
@@ -124,7 +128,7 @@ class Renderer:
         rid = record.get("id")
         kind = str(record.get("type", "?"))
         style = _TYPE_STYLES.get(kind, "")
-        if kind in ("http_head", "failed") and isinstance(record.get("status"), int):
+        if kind in _STATUS_KINDS and isinstance(record.get("status"), int):
             style = "green" if record["status"] < 400 else "bold red"
         if kind == "exit" and record.get("exit_code") not in (None, 0):
             style = "bold red"

@@ -10,7 +10,7 @@ window, so credit frames stay rare.
 
 from __future__ import annotations
 
-from .messages import Data, Message, Output, SseComment, SseEvent, SseEvents
+from .messages import Data, HttpResponse, Message, Output, SseComment, SseEvent, SseEvents
 
 DEFAULT_WINDOW = 256 * 1024
 """Initial per-stream window in bytes (each direction)."""
@@ -23,6 +23,8 @@ def flow_cost(msg: Message) -> int:
     """Bytes a message spends from its stream's window (0 for control frames)."""
     if isinstance(msg, Data | Output):
         return len(msg.data) + FRAME_OVERHEAD
+    if isinstance(msg, HttpResponse):  # what its body would cost as a data frame
+        return len(msg.body) + FRAME_OVERHEAD if msg.body else 0
     if isinstance(msg, SseEvent):
         return (
             _utf8_len(msg.data)

@@ -240,6 +240,23 @@ class HttpHead(RequestMessage):
 
 
 @message
+class HttpResponse(RequestMessage):
+    """Server → agent: a whole plain (not SSE) answer whose body came with its head.
+
+    The same as ``http_head`` (``sse`` false), a ``data`` with the body (none
+    when it is empty) and ``end``, in one frame: a small answer costs one
+    frame to encode, send, decode and hand on instead of three. It ends the
+    request.
+    """
+
+    TYPE: ClassVar[str] = "http_response"
+    id: int
+    status: int
+    headers: Headers
+    body: bytes
+
+
+@message
 class Data(RequestMessage):
     """A body chunk (server → agent) or a stdin chunk (agent → server)."""
 
@@ -388,6 +405,7 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     Ack,
     HttpRequest,
     HttpHead,
+    HttpResponse,
     Data,
     SseEvent,
     SseEvents,

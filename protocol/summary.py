@@ -51,6 +51,7 @@ from .messages import (
     Hello,
     HttpHead,
     HttpRequest,
+    HttpResponse,
     Message,
     Output,
     Ping,
@@ -253,6 +254,15 @@ def summarize(msg: Message, redactor: Redactor | None = None) -> dict[str, Any]:
             summary += f" {out['content_type']}"
         if msg.sse:
             summary += " (SSE)"
+    elif isinstance(msg, HttpResponse):
+        ctype = _header(msg.headers, b"content-type")
+        out.update(status=msg.status, sse=False, headers=r.headers(msg.headers),
+                   content_type=None if ctype is None else r.preview(ctype),
+                   bytes=len(msg.body), preview=r.preview(msg.body))
+        summary = f"{msg.status}"
+        if ctype is not None:
+            summary += f" {out['content_type']}"
+        summary += f", whole: {human_bytes(len(msg.body))} {out['preview']}"
     elif isinstance(msg, Data):
         out.update(bytes=len(msg.data), preview=r.preview(msg.data))
         summary = f"{human_bytes(len(msg.data))} {out['preview']}"
@@ -377,18 +387,18 @@ def frame_record(
     return record
 
 
-_FINAL_OUT = (End, RequestFailed, Exit)
+_FINAL_OUT = (End, HttpResponse, RequestFailed, Exit)
 
 
 class RequestTracker:
     """Which tool each live request id on one link belongs to.
 
     Feed it every frame of the link, both directions, in order: a request
-    frame registers its id, the server's final frame (``end``, ``failed``,
-    ``exit``) retires it (the last ``max_done`` retired ids are remembered for
-    frames that cross the final one). At most ``max_ids`` live ids are kept
-    (the oldest go first), so a peer that never finishes its requests cannot
-    grow it.
+    frame registers its id, the server's final frame (``end``,
+    ``http_response``, ``failed``, ``exit``) retires it (the last
+    ``max_done`` retired ids are remembered for frames that cross the final
+    one). At most ``max_ids`` live ids are kept (the oldest go first), so a
+    peer that never finishes its requests cannot grow it.
     """
 
     def __init__(self, max_ids: int = 4096, max_done: int = 256) -> None:

@@ -115,6 +115,7 @@ from carapace.protocol.messages import (
     Data,
     HttpHead,
     HttpRequest,
+    HttpResponse,
     RequestFailed,
     SseEvent,
     SseEvents,
@@ -480,6 +481,9 @@ class ResponseTap:
                 size += len(msg.data)
             elif kind is HttpHead:
                 self.status = msg.status
+            elif kind is HttpResponse:
+                self.status = msg.status
+                size += len(msg.body)
         self.bytes_out += size
         self.events += events
 

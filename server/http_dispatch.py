@@ -33,6 +33,7 @@ from carapace.protocol.messages import (
     End,
     HttpHead,
     HttpRequest,
+    HttpResponse,
     SseComment,
     SseEvent,
     SseEvents,
@@ -191,15 +192,20 @@ async def forward_http(
     return events
 
 
+WHOLE_ANSWER_MAX = 64 * 1024
+"""Largest body sent in one ``http_response`` frame; larger ones go as ``data`` frames."""
+
+
 async def _relay_body(
     stream: ServerStream, head: HttpHead, response: UpstreamResponse, idle: float,
     scrub: StreamScrubber | None = None, decoder: ContentDecoder | None = None,
 ) -> None:
     """Head, body as it arrives (raw unless ``decoder``), then ``end``.
 
-    What has already arrived leaves together before the next wait: a small
-    answer read with its head is one write (head, data, end) to the agent.
-    Waiting ``idle`` s for a chunk fails.
+    What has already arrived leaves together before the next wait; an answer
+    whose whole body came with its head is one ``http_response`` frame (up to
+    ``WHOLE_ANSWER_MAX``), which the agent hands on with one channel send
+    instead of three. Waiting ``idle`` s for a chunk fails.
     """
     request_id = head.id
     ready: list[HttpHead | Data | End] = [head]
@@ -227,6 +233,12 @@ async def _relay_body(
         rest = scrub.feed(rest) + scrub.flush() if rest else scrub.flush()
     if rest:
         ready.append(Data(id=request_id, data=rest))
+    if ready and ready[0] is head:  # nothing has gone yet: the whole answer is at hand
+        body = b"".join([msg.data for msg in ready[1:] if isinstance(msg, Data)])
+        if len(body) <= WHOLE_ANSWER_MAX:
+            await stream.send_batch([HttpResponse(id=request_id, status=head.status,
+                                                  headers=head.headers, body=body)])
+            return
     ready.append(End(id=request_id))
     await stream.send_batch(ready)
 

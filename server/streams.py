@@ -9,7 +9,14 @@ from typing import TYPE_CHECKING
 import trio
 
 from carapace.protocol.flow import ReceiveWindow, SendWindow, flow_cost
-from carapace.protocol.messages import Credit, End, Message, RequestFailed, RequestMessage
+from carapace.protocol.messages import (
+    Credit,
+    End,
+    HttpResponse,
+    Message,
+    RequestFailed,
+    RequestMessage,
+)
 
 if TYPE_CHECKING:
     from .session import AgentSession
@@ -80,10 +87,11 @@ class ServerStream:
         """Send frames that are ready together, in order, as :meth:`send` would one by one.
 
         Control frames may be among them (a head first, an ``end`` last:
-        that one marks the stream finished). When the credit covers the whole
-        batch (the usual case) it is spent once and the frames leave in one
-        write; otherwise frame by frame, waiting whenever it runs out, so the
-        rule stays "send only while credit is positive".
+        that one, or an ``http_response``, marks the stream finished). When
+        the credit covers the whole batch (the usual case) it is spent once
+        and the frames leave in one write; otherwise frame by frame, waiting
+        whenever it runs out, so the rule stays "send only while credit is
+        positive".
         """
         if not msgs:
             return
@@ -93,7 +101,7 @@ class ServerStream:
         if window.credit >= total:
             window.spend(total)
             self.bytes_out += total
-            if isinstance(msgs[-1], End):
+            if isinstance(msgs[-1], End | HttpResponse):
                 self.finished = True
             self.session.send_many(msgs)
             return
@@ -104,7 +112,7 @@ class ServerStream:
                     await self._credit_changed.wait()
                 window.spend(cost)
                 self.bytes_out += cost
-            elif isinstance(msg, End):
+            if isinstance(msg, End | HttpResponse):
                 self.finished = True
             send(msg)
 

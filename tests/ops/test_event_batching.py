@@ -19,6 +19,7 @@ from carapace.protocol.messages import (
     End,
     HttpHead,
     HttpRequest,
+    HttpResponse,
     Message,
     SseComment,
     SseEvent,
@@ -76,6 +77,28 @@ async def test_a_small_whole_answer_is_one_write_and_finishes_the_stream() -> No
     assert stream.finished and tap.status == 201 and tap.bytes_out == 2
     await stream.send_batch([])
     assert session.writes == 1
+
+
+async def test_a_whole_answer_finishes_the_stream_also_when_it_waited_for_credit() -> None:
+    session = FakeSession()
+    stream = ServerStream(session, 1, window=10_000)  # type: ignore[arg-type]
+    tap = ResponseTap(stream)
+    whole = HttpResponse(id=1, status=201, headers=(), body=b"{}")
+    await stream.send_batch([whole])
+    assert session.sent == [whole] and stream.finished
+    assert tap.status == 201 and tap.bytes_out == 2
+
+    session = FakeSession()
+    stream = ServerStream(session, 2, window=1)  # type: ignore[arg-type]
+    first = Data(id=2, data=b"a")
+    await stream.send_batch([first])  # overdraws the one byte: no credit left
+    whole = HttpResponse(id=2, status=200, headers=(), body=b"x" * 100)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stream.send_batch, [whole])
+        await trio.testing.wait_all_tasks_blocked()
+        assert session.sent == [first] and not stream.finished
+        stream.grant(10_000)
+    assert session.sent == [first, whole] and stream.finished
 
 
 async def test_an_end_waiting_behind_credit_does_not_finish_the_stream_early() -> None:
@@ -208,8 +231,9 @@ async def test_the_audit_tap_counts_the_events_of_a_batch_frame() -> None:
     assert tap.bytes_out == 3 + len("é€".encode())
 
 
-async def test_a_small_answer_is_one_write_but_a_late_body_never_holds_the_head() -> None:
-    """forward_http against a real socket: what arrived with the head goes with it."""
+async def test_a_small_answer_is_one_frame_but_a_late_body_never_holds_the_head() -> None:
+    """forward_http against a real socket: an answer whose body came with its head is
+    one http_response frame; a body that comes later follows the head on its own."""
     body_may_come = trio.Event()
 
     async def upstream(sock: trio.SocketStream) -> None:
@@ -235,7 +259,9 @@ async def test_a_small_answer_is_one_write_but_a_late_body_never_holds_the_head(
             req = HttpRequest(id=1, tool="t", method="GET", target="/now", headers=(),
                               body=b"")
             await http_dispatch.forward_http(client, stream, req, "t", tool, [])
-            assert [m.TYPE for m in session.sent] == ["http_head", "data", "end"]
+            assert session.sent == [HttpResponse(id=1, status=200,
+                                                 headers=((b"Content-Length", b"2"),),
+                                                 body=b"ok")]
             assert session.writes == 1 and stream.finished
 
             session = FakeSession()

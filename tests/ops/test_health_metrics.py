@@ -54,7 +54,7 @@ def test_health_counters_move_with_traffic(dep: Deployment) -> None:
     assert after["denied_total"] == before["denied_total"] + 1
     assert after["handshake_failures"] == before["handshake_failures"] + 1
     assert after["frames_in"] >= before["frames_in"] + 2
-    assert after["frames_out"] >= before["frames_out"] + 4
+    assert after["frames_out"] >= before["frames_out"] + 2  # http_response, failed
     assert after["connections_total"] == before["connections_total"] + 1
     assert after["policy"]["tools"] == ["signal-cli"]
 

@@ -22,7 +22,7 @@ from helpers.procs import (
 
 from .conftest import POLICY_SECRET, json_lines, poll, rpc, wait_for_subscribers
 
-RPC_AND_SSE_TYPES = ["http_request", "http_head", "sse_event", "end"]
+RPC_AND_SSE_TYPES = ["http_request", "http_head", "http_response", "sse_event", "end"]
 
 
 def sniff(d: Deployment, *args: str) -> CapturedProcess:
@@ -50,21 +50,22 @@ def events_in(records: list[dict[str, Any]]) -> int:
 
 def test_sniff_json_shows_rpc_and_sse_frames_as_they_happen(dep: Deployment) -> None:
     filters = [a for t in RPC_AND_SSE_TYPES for a in ("--filter", t)]
-    # RPC: http_request, http_head, end; SSE of 4: http_request, http_head, 4 events, end
-    proc = sniff(dep, "--json", "--tool", "signal-cli", "--count", "10", *filters)
+    # RPC: http_request, http_response (a small answer is one frame);
+    # SSE of 4: http_request, http_head, 4 events, end
+    proc = sniff(dep, "--json", "--tool", "signal-cli", "--count", "9", *filters)
     try:
         wait_for_subscribers(dep, 1)
         assert rpc(dep, "version").status_code == 200
-        rpc_frames = poll(lambda: [r for r in json_lines(proc)][:3]
-                          if len(json_lines(proc)) >= 3 else None, what="the RPC's frames")
-        req, head, end = rpc_frames
+        rpc_frames = poll(lambda: [r for r in json_lines(proc)][:2]
+                          if len(json_lines(proc)) >= 2 else None, what="the RPC's frames")
+        req, whole = rpc_frames
         assert (req["type"], req["direction"], req["method"], req["target"]) == (
             "http_request", "in", "POST", "/api/v1/rpc")
         assert req["agent"] == "default" and req["tool"] == "signal-cli"
         assert '"method": "version"' in req["body"] or '"method":"version"' in req["body"]
-        assert (head["type"], head["direction"], head["status"], head["sse"]) == (
-            "http_head", "out", 200, False)
-        assert end["type"] == "end" and end["id"] == req["id"] == head["id"]
+        assert (whole["type"], whole["direction"], whole["status"], whole["sse"]) == (
+            "http_response", "out", 200, False)
+        assert whole["id"] == req["id"] and '"version"' in whole["preview"]
 
         parser = SseParser()
         with httpx.stream("GET", dep.url("/sse?count=4&interval_ms=300&event=receive"),
@@ -87,18 +88,18 @@ def test_sniff_json_shows_rpc_and_sse_frames_as_they_happen(dep: Deployment) -> 
         assert '"seq": 1' in event["data"]
         assert event["summary"].startswith("event=receive id=1 data={")
 
-        proc.wait(timeout=10)  # --count 10 ends it
+        proc.wait(timeout=10)  # --count 9 ends it
         assert proc.returncode == 0, proc.output()
         records = json_lines(proc)
-        assert len(records) == 10
-        sse_id = records[3]["id"]
-        assert [r["type"] for r in records[3:]] == [
+        assert len(records) == 9
+        sse_id = records[2]["id"]
+        assert [r["type"] for r in records[2:]] == [
             "http_request", "http_head", "sse_event", "sse_event", "sse_event", "sse_event",
             "end"]
-        assert all(r["id"] == sse_id for r in records[3:])
-        assert records[3]["target"].startswith("/sse?count=4")
-        assert records[4]["sse"] is True and records[4]["content_type"] == "text/event-stream"
-        assert [r["sse_id"] for r in records[5:9]] == ["1", "2", "3", "4"]
+        assert all(r["id"] == sse_id for r in records[2:])
+        assert records[2]["target"].startswith("/sse?count=4")
+        assert records[3]["sse"] is True and records[3]["content_type"] == "text/event-stream"
+        assert [r["sse_id"] for r in records[4:8]] == ["1", "2", "3", "4"]
     finally:
         stop_process(proc)
 
@@ -151,7 +152,8 @@ def test_sniff_human_output_is_one_readable_line_per_frame(dep: Deployment) -> N
         assert lines[0].split() == ["time", "agent", "id", "tool", "type", "summary"]
         assert "default" in lines[1] and "→" in lines[1] and "signal-cli" in lines[1]
         assert "http_request" in lines[1] and "POST /api/v1/rpc" in lines[1]
-        assert "←" in lines[2] and "http_head" in lines[2] and "200 application/json" in lines[2]
+        assert "←" in lines[2] and "http_response" in lines[2]
+        assert "200 application/json, whole:" in lines[2]
     finally:
         stop_process(proc)
 
@@ -190,7 +192,9 @@ def test_sniff_proxy_decodes_both_directions(dep: Deployment, tmp_path: Path) ->
 
         def complete() -> list[dict[str, Any]] | None:
             recs = [r for r in json_lines(proxy) if r.get("type") != "notice"]
-            return recs if len([r for r in recs if r["type"] == "end"]) >= 3 else None
+            # answers to /check and the RPC are whole (http_response), the stream ends
+            finals = [r for r in recs if r["type"] in ("end", "http_response")]
+            return recs if len(finals) >= 3 else None
 
         records = poll(complete, 10, "the proxied frames")
         kinds = [(r["direction"], r["type"]) for r in records]
@@ -200,7 +204,7 @@ def test_sniff_proxy_decodes_both_directions(dep: Deployment, tmp_path: Path) ->
         for rec in records[:4]:
             assert not {"nonce", "proof", "session"} & set(rec), rec
         assert ("in", "http_request") in kinds and ("out", "http_head") in kinds
-        assert ("out", "data") in kinds and ("out", "end") in kinds
+        assert ("out", "http_response") in kinds and ("out", "end") in kinds
         rpc_req = next(r for r in records if r["type"] == "http_request"
                        and r["target"] == "/api/v1/rpc")
         assert rpc_req["agent"] == "prober" and rpc_req["tool"] == "signal-cli"

@@ -23,6 +23,7 @@ from carapace.protocol.messages import (
     Hello,
     HttpHead,
     HttpRequest,
+    HttpResponse,
     Message,
     Output,
     Ping,
@@ -86,6 +87,9 @@ EXAMPLES: list[Message] = [
     SseEvents(id=1, events=(("receive", "token " + SECRET.decode(), "8", None),
                             (None, '{"seq": 3}', SECRET.decode(), 500),
                             ("receive", None, "10", None))),
+    HttpResponse(id=4, status=200, headers=((b"Content-Type", b"application/json"),
+                                            (b"Set-Cookie", SECRET)),
+                 body=b'{"jsonrpc":"2.0","result":"' + SECRET + b'","id":1}'),
 ]
 
 
@@ -155,6 +159,14 @@ def test_http_head_and_sse_summaries() -> None:
     assert event["data"] == '{"seq": 1}\\nline two'
     assert event["summary"] == 'event=receive id=7 retry=1000 data={"seq": 1}\\nline two'
     assert summarize(SseEvent(id=1))["summary"] == "event=message (no data)"
+
+
+def test_whole_answer_summary() -> None:
+    out = summarize(EXAMPLES[-1], Redactor([SECRET]))
+    assert out["status"] == 200 and out["sse"] is False and out["bytes"] == 59
+    assert dict(out["headers"])["Set-Cookie"] == REDACTED
+    assert out["summary"].startswith('200 application/json, whole: 59 B {"jsonrpc":"2.0"')
+    assert REDACTED in out["preview"]
 
 
 def test_data_preview_is_escaped() -> None:
@@ -235,6 +247,10 @@ def test_tracker_follows_tools_and_forgets_finished_requests() -> None:
     assert t.observe("in", Credit(id=1, amount=10)) == "signal-cli"
     assert t.observe("out", End(id=1)) == "signal-cli"
     assert len(t) == 0
+    t.observe("in", HttpRequest(id=2, tool="signal-cli", method="POST", target="/",
+                                headers=(), body=b""))
+    assert t.observe("out", HttpResponse(id=2, status=200, headers=(), body=b"")) == "signal-cli"
+    assert len(t) == 0  # a whole answer is final too
     # a late frame that crossed the final one still shows its tool
     assert t.observe("in", Cancel(id=1, reason="gone")) == "signal-cli"
     assert t.observe("in", End(id=99)) is None

@@ -50,6 +50,13 @@ def test_a_batch_costs_what_its_events_would_one_frame_each() -> None:
     assert flow_cost(batch) == (3 + 5 + 2) + 0 + (2 + 7 + 2) + 3 * FRAME_OVERHEAD
 
 
+def test_a_whole_answer_costs_what_its_body_would_as_data() -> None:
+    whole = m.HttpResponse(id=1, status=200, headers=((b"a", b"b"),), body=b"x" * 99)
+    assert flow_cost(whole) == flow_cost(m.Data(id=1, data=b"x" * 99)) == 99 + FRAME_OVERHEAD
+    # no body: as a head and an end, which cost nothing
+    assert flow_cost(m.HttpResponse(id=1, status=204, headers=(), body=b"")) == 0
+
+
 def test_cost_of_sse_comment() -> None:
     assert flow_cost(m.SseComment(id=1, text="")) == FRAME_OVERHEAD
     assert flow_cost(m.SseComment(id=1, text=" keepalive")) == 10 + FRAME_OVERHEAD
