@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import trio
+from trio import MemoryReceiveChannel, MemorySendChannel
 
 from carapace.protocol.flow import ReceiveWindow, SendWindow, flow_cost
 from carapace.protocol.messages import (
@@ -41,7 +42,11 @@ class ServerStream:
         self._send_window = SendWindow(window)
         self._receive_window = ReceiveWindow(window)
         self._credit_changed = trio.Event()
-        self._inbox_send, self.inbox = trio.open_memory_channel[Message](math.inf)
+        # Made on first use: only CLI requests (stdin, signals) receive frames, and
+        # a channel pair per HTTP request showed in the JSON-RPC profile.
+        self._inbox_pair: tuple[MemorySendChannel[Message],
+                                MemoryReceiveChannel[Message]] | None = None
+        self._inbox_closed = False
         self.finished = False
         self.sse = False
         self.bytes_out = 0
@@ -61,17 +66,31 @@ class ServerStream:
             if self._receive_window.over_limit():
                 return False
         try:
-            self._inbox_send.send_nowait(msg)
+            self._inbox()[0].send_nowait(msg)
         except trio.ClosedResourceError:
             pass
         return True
+
+    def _inbox(self) -> tuple[MemorySendChannel[Message], MemoryReceiveChannel[Message]]:
+        if self._inbox_pair is None:
+            self._inbox_pair = trio.open_memory_channel[Message](math.inf)
+            if self._inbox_closed:
+                self._inbox_pair[0].close()
+        return self._inbox_pair
+
+    @property
+    def inbox(self) -> MemoryReceiveChannel[Message]:
+        """Frames from the agent for this request (stdin, EOF, signals), in order."""
+        return self._inbox()[1]
 
     def cancel(self, reason: str) -> None:
         self.cancel_reason = reason
         self.cancel_scope.cancel()
 
     def close_inbox(self) -> None:
-        self._inbox_send.close()
+        self._inbox_closed = True
+        if self._inbox_pair is not None:
+            self._inbox_pair[0].close()
 
     # -- called by the handler -----------------------------------------------------
     async def send(self, msg: RequestMessage) -> None:
