@@ -148,3 +148,17 @@ def test_allowed_paths_never_traverse(target: str) -> None:
         assert path.startswith("/") and "//" not in path and "\\" not in path
         assert "%2e" not in path and "%2f" not in path and "%25" not in path
         assert all(seg not in (".", "..") for seg in path.split("/"))
+
+
+_TARGET_PIECES = st.sampled_from(["/", "//", ".", "..", "%2e", "%2F", "%41", "%", "?", "#",
+                                  ";", "a", "Z9", "~", "\\", " ", "\x00", "\x7f", "é", "'",
+                                  "\"", "@", "=", "&"])
+
+
+@given(st.lists(_TARGET_PIECES, max_size=12).map("".join))
+def test_the_plain_target_fast_path_agrees_with_the_full_check(target: str) -> None:
+    """The one-regex shortcut accepts only targets the detailed check accepts."""
+    from carapace.server.policy import _target_problem, _target_problem_in_detail
+
+    assert _target_problem(target) == _target_problem_in_detail(target)
+    assert _target_problem("/" + target) == _target_problem_in_detail("/" + target)
