@@ -64,6 +64,9 @@ class ServerMetrics:
             "carapace_denials", "Requests denied by the policy.",
             ["kind", "agent", "tool"], registry=reg,
         )
+        self._request_counters: dict[tuple[str, bool, str, str], Any] = {}
+        """(kind, allowed, agent, tool label) → its child of ``requests``; bounded by
+        the authenticated agents times the policy's tools (others are one label)."""
         self.event_latency = LatencyHistogram(LATENCY_BUCKETS)
         """``carapace_event_latency_seconds``, exported by the live collector."""
         self.events_forwarded = 0
@@ -84,7 +87,12 @@ class ServerMetrics:
         """One request decided (``kind``: ``http`` or ``cli``)."""
         tools = getattr(self.server.policy, "tools", None) or {}
         label = tool if tool in tools else UNKNOWN_TOOL
-        self.requests.labels(kind, "allow" if allowed else "deny", agent, label).inc()
+        key = (kind, allowed, agent, label)
+        counter = self._request_counters.get(key)
+        if counter is None:  # labels() costs a lock and a dict of tuples per call
+            counter = self.requests.labels(kind, "allow" if allowed else "deny", agent, label)
+            self._request_counters[key] = counter
+        counter.inc()
         if not allowed:
             self.denials.labels(kind, agent, label).inc()
 
