@@ -7,6 +7,7 @@ with one write per event the moment its frame arrives.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections import OrderedDict
@@ -29,7 +30,7 @@ from carapace.protocol.messages import (
     SseEvents,
 )
 from carapace.protocol.sse import Comment, serialize, serialize_event
-from carapace.server.framelink import send_all
+from carapace.server.framelink import receive_some, send_all
 
 from .multiplexer import AgentStream, FrameTooLarge, LinkDown, Multiplexer, StreamLost
 
@@ -75,6 +76,7 @@ def _head_size(req: h11.Request) -> int:
     )
 
 
+@functools.lru_cache(maxsize=128)
 def _reason(status: int) -> bytes:
     try:
         return HTTPStatus(status).phrase.encode()
@@ -223,7 +225,7 @@ class _Connection:
                 self._bytes_wanted = trio.Event()
                 await self._bytes_wanted.wait()
             try:
-                data = await self.sock.receive_some(READ_SIZE)
+                data = await receive_some(self.sock, READ_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 data = b""
             self.conn.receive_data(data)  # b"" tells h11 the client closed
@@ -332,7 +334,7 @@ class _Connection:
         cfg = self.cfg
         target = req.target.decode("latin-1")
         method = req.method.decode("latin-1")
-        headers = tuple((bytes(k), bytes(v)) for k, v in req.headers.raw_items())
+        headers = tuple(req.headers.raw_items())  # (bytes, bytes) pairs, as h11 parsed them
         try:
             stream = await self.listener.mux.open(
                 lambda rid: HttpRequest(id=rid, tool=cfg.tool, method=method, target=target,
