@@ -92,7 +92,7 @@ from urllib.parse import urlsplit
 import h11
 import trio
 
-from .framelink import send_all
+from .framelink import receive_some, send_all
 
 __all__ = [
     "ContentDecoder",
@@ -314,10 +314,10 @@ class UpstreamResponse:
             data: bytes | bytearray | None = None
             try:
                 if idle_timeout is None:
-                    data = await conn.stream.receive_some(READ_SIZE)
+                    data = await receive_some(conn.stream, READ_SIZE)
                 else:
                     with trio.move_on_after(idle_timeout):
-                        data = await conn.stream.receive_some(READ_SIZE)
+                        data = await receive_some(conn.stream, READ_SIZE)
                     if data is None:
                         raise UpstreamTimeout(f"no body bytes for {idle_timeout:g} s")
             except _CONNECTION_ERRORS as exc:
@@ -507,7 +507,7 @@ class UpstreamClient:
                 raise UpstreamUnavailable(f"unreadable response head: {exc}") from None
             if event is h11.NEED_DATA:
                 try:
-                    received = await conn.stream.receive_some(READ_SIZE)
+                    received = await receive_some(conn.stream, READ_SIZE)
                 except _CONNECTION_ERRORS as exc:
                     if send_error is not None:
                         raise UpstreamUnavailable(
