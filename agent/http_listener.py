@@ -22,6 +22,7 @@ from carapace.protocol.flow import flow_cost
 from carapace.protocol.messages import (
     Data,
     End,
+    Headers,
     HttpHead,
     HttpRequest,
     HttpResponse,
@@ -394,11 +395,15 @@ class _Connection:
         else:
             await self._relay_body(stream, first)
 
+    def _plain_head(self, status: int, headers: Headers) -> bytes:
+        """The local response head of a plain (not SSE) answer: h11 does the framing."""
+        kept = [(k, v) for k, v in headers if k.lower() not in PLAIN_HEADERS_DROP]
+        return self.conn.send(_response(status, kept)) or b""
+
     async def _relay_whole(self, stream: AgentStream, answer: HttpResponse) -> None:
         """A whole answer in one frame: head, body and end in one write."""
         stream.close()
-        headers = [(k, v) for k, v in answer.headers if k.lower() not in PLAIN_HEADERS_DROP]
-        out = self.conn.send(_response(answer.status, headers)) or b""
+        out = self._plain_head(answer.status, answer.headers)
         if answer.body:
             out += self.conn.send(h11.Data(data=answer.body)) or b""
         out += self.conn.send(h11.EndOfMessage()) or b""
@@ -408,8 +413,7 @@ class _Connection:
         """Relay a plain body. What is already queued goes out in one write (a small
         answer's head, body and end: one send instead of three); nothing waits for
         frames that have not arrived."""
-        headers = [(k, v) for k, v in head.headers if k.lower() not in PLAIN_HEADERS_DROP]
-        out = [self.conn.send(_response(head.status, headers)) or b""]
+        out = [self._plain_head(head.status, head.headers)]
         cost = 0
         while True:
             msg = stream.receive_nowait()

@@ -86,12 +86,9 @@ async def receive_some(stream: trio.abc.ReceiveStream, max_bytes: int) -> bytes:
         if sock.fileno() < 0:
             await trio.lowlevel.checkpoint()
             raise trio.ClosedResourceError("the socket was closed")
-        await trio.lowlevel.wait_readable(sock)
-        fd = sock.fileno()
-        if fd < 0:
-            raise trio.ClosedResourceError("the socket was closed")
+        await trio.lowlevel.wait_readable(sock)  # a close meanwhile raises ClosedResourceError
         try:
-            return os.read(fd, max_bytes)
+            return os.read(sock.fileno(), max_bytes)
         except BlockingIOError:
             continue  # woken without data after all: wait again
         except OSError as exc:
