@@ -184,7 +184,7 @@ class Ctx:
         """The processes a request to ``peer`` crosses (besides the client)."""
         pids = {"upstream": self.upstream.proc.pid}
         if peer == "ssh" and self.ssh is not None:
-            pids.update(self.ssh.cpu_pids())
+            pids.update(self.ssh.all_pids())
         elif peer == "carapace" and carapace is not None:
             pids.update(carapace.pids())
         return pids

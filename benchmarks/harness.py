@@ -385,8 +385,8 @@ class SshForward:
             return {}
         return {f"sshd.{i}": pid for i, pid in enumerate(children(self.sshd.pid))}
 
-    def cpu_pids(self) -> dict[str, int]:
-        """The ssh client and every sshd process serving it (for CPU accounting)."""
+    def all_pids(self) -> dict[str, int]:
+        """The ssh client and every sshd process serving it (for CPU and RSS accounting)."""
         return {**self.pids(), **self.sshd_pids()}
 
     def stop(self) -> None:

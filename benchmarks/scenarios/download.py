@@ -75,8 +75,7 @@ def run(ctx: Ctx) -> ScenarioResult:
             for peer, port in ports.items():
                 ctx.advance(f"download: via {peer}, round {rnd + 1}")
                 watched = (carapace.pids() if peer == "carapace"
-                           else {**ctx.ssh.pids(), **ctx.ssh.sshd_pids()}
-                           if peer == "ssh" and ctx.ssh else {})
+                           else ctx.ssh.all_pids() if peer == "ssh" and ctx.ssh else {})
                 try:
                     with peak_rss(watched) as grew:
                         out = ctx.measure(peer, carapace,

@@ -13,6 +13,7 @@ then are cancelled and the rest runs with those that opened.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import time
@@ -149,10 +150,8 @@ def _hold(ctx: Ctx, peer: str, port: int, pids: Callable[[], dict[str, list[int]
     proc = ctx.start_client({"mode": "idle", "peer": ["127.0.0.1", port], "streams": n,
                              "path": IDLE_PATH, "open_timeout": timeout})
     try:
-        if profile:
-            with ctx.profile("idle-streams open", profile):
-                opened = _read_phase(proc, "open", timeout + 60)
-        else:
+        with (ctx.profile("idle-streams open", profile) if profile
+              else contextlib.nullcontext()):
             opened = _read_phase(proc, "open", timeout + 60)
         time.sleep(2.0)  # let the last frames (and any cancelled opens) settle
         held = Held(opened, before, _rss(pids()))
