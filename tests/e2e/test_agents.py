@@ -27,6 +27,7 @@ from typing import Any
 import httpx
 import pytest
 
+from helpers.jsonlines import json_lines, read_records
 from helpers.procs import CapturedProcess, free_port, running, script, start_process, stop_process
 
 AGENTS = ("alice", "bob")
@@ -69,7 +70,7 @@ class TwoAgents:
     agents: dict[str, Agent] = field(default_factory=dict)
 
     def audit_records(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.audit.read_text().splitlines()]
+        return read_records(self.audit)
 
 
 POLICY = """\
@@ -210,8 +211,7 @@ def test_agent_names_in_connections_metrics_and_sniff(two: TwoAgents) -> None:
         def sniffed() -> bool:
             for name in AGENTS:  # keep making requests until the feed is attached
                 httpx.get(two.agents[name].url(f"{name}-http"))
-            for line in sniff.stdout_text().splitlines():
-                rec = json.loads(line)
+            for rec in json_lines(sniff):
                 if rec.get("type") == "http_request":
                     seen.add((rec["agent"], rec["tool"]))
             return {("alice", "alice-http"), ("bob", "bob-http")} <= seen

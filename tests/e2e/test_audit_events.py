@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import httpx
 
 from helpers.deployment import deployment
+from helpers.jsonlines import read_records
 from helpers.procs import wait_until
 
 
@@ -23,7 +23,7 @@ def test_stream_closed_by_its_reader_is_audited_with_its_events(tmp_path: Path) 
                         break
 
         def completion() -> dict[str, object] | None:
-            records = [json.loads(line) for line in audit.read_text().splitlines()]
+            records = read_records(audit)
             ids = {r["request_id"] for r in records
                    if r["event"] == "decision" and r.get("path") == "/sse-forever"}
             done = [r for r in records if r["event"] == "completion" and r["request_id"] in ids]

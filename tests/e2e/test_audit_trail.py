@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -13,6 +12,7 @@ import httpx
 import pytest
 
 from helpers.deployment import deployment, free_port
+from helpers.jsonlines import read_records
 from helpers.procs import script
 
 POLICY = """\
@@ -26,7 +26,7 @@ tools:
 
 
 def records(path: Path) -> list[dict[str, object]]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return read_records(path)
 
 
 def test_a_crash_loses_no_decided_record(tmp_path: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import socket
 import threading
 import time
@@ -12,6 +11,7 @@ import httpx
 
 from carapace.protocol.messages import Reject
 from helpers.deployment import Deployment, deployment
+from helpers.jsonlines import read_records
 from helpers.rawlink import RawLink
 
 
@@ -21,7 +21,7 @@ def served(d: Deployment) -> None:
 
 
 def limit_records(audit: Path, limit: str) -> list[dict[str, object]]:
-    records = [json.loads(line) for line in audit.read_text().splitlines()]
+    records = read_records(audit)
     return [r for r in records if r.get("event") == "limit" and r.get("limit") == limit]
 
 

@@ -25,6 +25,7 @@ import pytest
 
 from carapace.protocol.messages import CliRequest, HttpRequest, RequestFailed
 from helpers.deployment import Deployment, deployment, free_port, start_agent
+from helpers.jsonlines import read_records
 from helpers.procs import script, stop_process
 from helpers.rawlink import RawLink
 
@@ -101,12 +102,8 @@ class AuditReader:
     def records(self) -> list[dict[str, Any]]:
         """Records of requests decided since then (a completion record of an earlier
         request may still land after the reader was made: it is left out)."""
-        with self.path.open("rb") as f:
-            f.seek(self.offset)
-            data = f.read()
         out, decided = [], set()
-        for line in data.splitlines():
-            rec = json.loads(line)
+        for rec in read_records(self.path, self.offset):
             if rec["event"] == "decision":
                 decided.add(rec["request_id"])
             if rec["request_id"] in decided:

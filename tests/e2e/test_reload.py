@@ -23,6 +23,7 @@ import pytest
 from carapace.protocol.handshake import NONCE_SIZE, AgentHandshake, HandshakeError
 from carapace.protocol.messages import Challenge
 from helpers.deployment import Deployment, deployment, free_port, start_agent
+from helpers.jsonlines import read_records
 from helpers.procs import script, stop_process
 from helpers.rawlink import RawLink
 
@@ -260,5 +261,5 @@ def test_revoked_token_cuts_the_agent_off_within_a_second(dep: Deployment) -> No
 def test_reload_events_are_not_audit_records(dep: Deployment) -> None:
     """Reloads go to the server log; the audit trail holds request records only."""
     audit = dep.tmp / "audit.jsonl"
-    for line in audit.read_text().splitlines():
-        assert json.loads(line)["event"] in ("decision", "completion")
+    for record in read_records(audit):
+        assert record["event"] in ("decision", "completion")

@@ -16,6 +16,8 @@ import time
 import httpx
 import pytest
 
+from helpers.jsonlines import read_records
+
 from .conftest import Tunnel, skip_unless_node_package
 from .support import node_client
 
@@ -81,7 +83,7 @@ def test_openclaw_signal_channel_through_the_agent(tunnel: Tunnel) -> None:
         time.sleep(0.05)
 
     # The refused calls are in the audit trail, with the rule that refused them.
-    records = [json.loads(line) for line in tunnel.audit_log.read_text().splitlines()]
+    records = read_records(tunnel.audit_log)
     denies = [r for r in records if r.get("tool") == "signal-cli" and r["decision"] == "deny"]
     rules = " ".join(str(r.get("rule")) for r in denies)
     assert "jsonrpc_param_filters.send" in rules and "listAccounts" in " ".join(

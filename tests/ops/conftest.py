@@ -3,7 +3,6 @@ carapace-agent) shared by the operator-view tests, and helpers to drive carapace
 
 from __future__ import annotations
 
-import json
 import secrets
 import subprocess
 import textwrap
@@ -16,7 +15,7 @@ import httpx
 import pytest
 
 from helpers.deployment import Deployment, deployment
-from helpers.procs import CapturedProcess, free_port, script
+from helpers.procs import free_port, script
 
 T = TypeVar("T")
 
@@ -89,13 +88,6 @@ def poll(fn: Callable[[], T | None], timeout: float = 10.0, what: str = "conditi
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}: {last}")
         time.sleep(interval)
-
-
-def json_lines(proc: CapturedProcess) -> list[dict[str, Any]]:
-    """The complete JSON lines a process has printed so far."""
-    text = proc.stdout_text()
-    lines = text.split("\n")[:-1]  # the last piece may be half-written
-    return [json.loads(line) for line in lines if line.strip()]
 
 
 def wait_for_subscribers(d: Deployment, n: int, timeout: float = 10.0) -> None:

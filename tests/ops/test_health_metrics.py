@@ -146,9 +146,8 @@ def test_connections_lists_the_agent(dep: Deployment) -> None:
 
 
 def test_connections_watch_refreshes(dep: Deployment) -> None:
+    from helpers.jsonlines import json_lines
     from helpers.procs import script, start_process, stop_process
-
-    from .conftest import json_lines
 
     proc = start_process([script("carapace-debug"), "connections", "--watch", "0.2", "--json",
                           "--debug", f"127.0.0.1:{dep.debug_port}"])

@@ -11,6 +11,7 @@ import httpx
 
 from carapace.protocol.sse import Event, SseParser
 from helpers.deployment import Deployment, wait_until_tunnel_up
+from helpers.jsonlines import json_lines
 from helpers.procs import (
     CapturedProcess,
     free_port,
@@ -20,7 +21,7 @@ from helpers.procs import (
     wait_for_port,
 )
 
-from .conftest import POLICY_SECRET, json_lines, poll, rpc, wait_for_subscribers
+from .conftest import POLICY_SECRET, poll, rpc, wait_for_subscribers
 
 RPC_AND_SSE_TYPES = ["http_request", "http_head", "http_response", "sse_event", "end"]
 
