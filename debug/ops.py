@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import time
@@ -288,10 +289,17 @@ def audit_files(path: str) -> list[Path]:
 
 @dataclass
 class AuditReader:
-    """Parses audit lines, skipping (and counting) the corrupt ones."""
+    """Parses audit lines, skipping (and counting) the corrupt ones.
+
+    The live file's last line may still be being written (a record that crosses
+    a page boundary reaches the file a page at a time): without its newline it
+    is left for ``--follow`` to read whole, not counted as corrupt.
+    """
 
     corrupt: int = 0
     corrupt_where: list[str] = field(default_factory=list)
+    #: (inode, byte offset) of the live file just past its last complete line
+    live_end: tuple[int, int] | None = None
 
     def parse(self, line: str, where: str) -> dict[str, Any] | None:
         line = line.strip()
@@ -308,14 +316,21 @@ class AuditReader:
             return None
         return record
 
-    def read(self, files: Iterable[Path]) -> Iterator[dict[str, Any]]:
+    def read(self, files: Iterable[Path], live: Path | None = None) -> Iterator[dict[str, Any]]:
+        """The records of ``files`` in order; ``live`` is the one the server appends to."""
         for path in files:
             try:
-                with path.open("r", encoding="utf-8", errors="replace") as f:
-                    for n, line in enumerate(f, 1):
-                        record = self.parse(line, f"{path}:{n}")
+                with path.open("rb") as f:
+                    offset = 0
+                    for n, raw in enumerate(f, 1):
+                        if path == live and not raw.endswith(b"\n"):
+                            break  # still being written
+                        offset += len(raw)
+                        record = self.parse(raw.decode("utf-8", "replace"), f"{path}:{n}")
                         if record is not None:
                             yield record
+                    if path == live:
+                        self.live_end = (os.fstat(f.fileno()).st_ino, offset)
             except OSError as exc:
                 click.echo(f"carapace-debug: warning: cannot read {path}: {exc}", err=True)
 
@@ -504,7 +519,8 @@ def audit(path: str, tool: str | None, agent: str | None, request_id: str | None
     if not files and not follow:
         fail(f"no audit log at {path}: is carapace-server running with --audit-log {path}?")
     reader = AuditReader()
-    rows = [row for row in merge_records(reader.read(files)) if query.matches(row)]
+    rows = [row for row in merge_records(reader.read(files, live=Path(path)))
+            if query.matches(row)]
     matched = len(rows)
     if limit:
         rows = rows[-limit:]
@@ -526,7 +542,7 @@ def audit(path: str, tool: str | None, agent: str | None, request_id: str | None
     if not follow:
         sys.exit(EXIT_OK)
     try:
-        _follow(path, query, reader, console, as_json)
+        _follow(path, query, reader, console, as_json, start=reader.live_end)
     except KeyboardInterrupt:
         pass
     _warn_corrupt(reader)
@@ -544,8 +560,11 @@ def _warn_corrupt(reader: AuditReader) -> None:
 
 
 def _follow(path: str, query: AuditQuery, reader: AuditReader, console: Console,
-            as_json: bool, interval: float = 0.25) -> None:
-    """Print records appended to ``path`` from now on; survives rotation and truncation."""
+            as_json: bool, start: tuple[int, int] | None = None,
+            interval: float = 0.25) -> None:
+    """Print records appended to ``path`` after ``start`` (inode, offset: where the
+    first read stopped, so nothing written in between is missed) or else from now
+    on; survives rotation and truncation."""
     target = Path(path)
     handle = None
     inode = None
@@ -553,8 +572,11 @@ def _follow(path: str, query: AuditQuery, reader: AuditReader, console: Console,
     try:
         st = target.stat()
         handle = target.open("r", encoding="utf-8", errors="replace")
-        handle.seek(st.st_size)
         inode = st.st_ino
+        if start is not None and start[0] == inode and start[1] <= st.st_size:
+            handle.seek(start[1])
+        else:
+            handle.seek(st.st_size)
     except OSError:
         pass
     while True:

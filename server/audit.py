@@ -85,6 +85,10 @@ of the descriptor, and the request waits for it; the loop does not.
 Failure is closed: if the decision record cannot be written (disk full, file
 removed, permissions), :class:`AuditError` is raised and the server refuses
 the request (503 ``audit_unavailable``) instead of running it unrecorded.
+A line left torn by a server killed mid-write is ended when the file is next
+opened, so the next record starts a line of its own (readers such as
+``carapace-debug audit`` then count the torn piece as one corrupt line)
+instead of being glued to it.
 
 Rotation
 ========
@@ -344,6 +348,22 @@ class AuditLog:
             ) from None
         self._fd = fd
         self._size = os.fstat(fd).st_size
+        if self._size and not self._ends_a_line():
+            log.warning("the audit log %s ends in a torn record (the server stopped while "
+                        "writing it?); starting the next record on a new line", self.path)
+            try:
+                _write_all(fd, b"\n")
+                self._size += 1
+            except OSError:
+                pass  # the next write says what is wrong
+
+    def _ends_a_line(self) -> bool:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self._size - 1)
+                return f.read(1) in (b"\n", b"")
+        except OSError:
+            return True  # unreadable to us: nothing to repair that we can see
 
     def _close(self) -> None:
         if self._fd is not None:

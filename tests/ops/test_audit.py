@@ -12,9 +12,10 @@ import pytest
 
 import carapace.server
 from helpers.deployment import Deployment
+from helpers.jsonlines import json_lines
 from helpers.procs import script, start_process, stop_process
 
-from .conftest import json_lines, poll, rpc, run_debug
+from .conftest import poll, rpc, run_debug
 
 
 def iso(when: datetime) -> str:
@@ -133,6 +134,28 @@ def test_follow_prints_new_records(audit_file: Path) -> None:
         assert all(line["decision"] == "deny" for line in lines)
     finally:
         stop_process(proc)
+
+
+def test_a_record_still_being_written_is_neither_corrupt_nor_lost(audit_file: Path) -> None:
+    """The server's one write of a record can reach the file in two pieces: the
+    first piece is not a corrupt line, and --follow prints the record once whole."""
+    line = json.dumps(pair(datetime.now(UTC), 6, "signal-cli", "deny", "half written")[0])
+    with audit_file.open("a") as f:
+        f.write(line[:40])
+    doc = json.loads(audit(audit_file, "--json").stdout)
+    assert doc["corrupt_lines"] == 2 and doc["matched"] == 5  # the fixture's two, no third
+    proc = start_process([script("carapace-debug"), "audit", "--file", str(audit_file),
+                          "--follow", "--json", "--decision", "deny"])
+    try:
+        poll(lambda: len(json_lines(proc)) == 2, what="the existing denies")
+        with audit_file.open("a") as f:
+            f.write(line[40:] + "\n")
+        lines = poll(lambda: len(json_lines(proc)) >= 3 and json_lines(proc), 10,
+                     "the record completed after the first read")
+        assert lines[2]["request_id"] == 6 and lines[2]["reason"] == "half written"
+    finally:
+        stop_process(proc)
+    assert proc.stderr_text().count("corrupt") == 1  # the fixture's two, warned at start
 
 
 def test_real_server_audit_log_has_the_deny(dep: Deployment) -> None:

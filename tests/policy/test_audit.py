@@ -82,6 +82,19 @@ def test_appends_to_an_existing_file(tmp_path: Path) -> None:
     assert lines(path) == [{"old": True}, {"new": True}]
 
 
+def test_a_torn_last_line_is_ended_before_the_next_record(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"old": true}\n{"event": "decis')  # a server killed mid-write
+    log = AuditLog(path)
+    log.write({"new": True})
+    assert path.read_text().splitlines()[1:] == ['{"event": "decis', '{"new":true}']
+    assert "torn record" in caplog.text
+    log.close()
+    AuditLog(path).write({"newer": True})  # a whole last line is left as it is
+    assert path.read_text().splitlines()[2:] == ['{"new":true}', '{"newer":true}']
+
+
 def test_rotation_keeps_backups_and_never_splits_a_record(tmp_path: Path) -> None:
     path = tmp_path / "a.jsonl"
     log = AuditLog(path, max_bytes=300, backups=2)
