@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 
 from helpers.deployment import deployment
+from helpers.jsonlines import complete_lines
 from helpers.procs import free_port, script, start_process, stop_process
 
 from .conftest import poll, rpc, run_debug, token_file
@@ -74,8 +75,8 @@ def test_log_json_lines_from_both_daemons(tmp_path: Path) -> None:
             while s.recv(4096):
                 pass
         poll(lambda: "handshake" in d.server.stderr_text(), 5, "the handshake failure line")
-        server_lines = d.server.stderr_text().splitlines()
-        agent_lines = d.agent.stderr_text().splitlines()
+        server_lines = complete_lines(d.server.stderr_text())
+        agent_lines = complete_lines(d.agent.stderr_text())
     for lines, needle in ((server_lines, "agent default connected"),
                           (agent_lines, "connected to carapace-server")):
         docs = [json.loads(line) for line in lines]
