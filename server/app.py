@@ -21,6 +21,7 @@ from carapace.protocol.messages import CliRequest, HttpRequest, Message
 from . import policy as policy_mod
 from .audit import (
     DEFAULT_BACKUPS,
+    DEFAULT_DENY_LIMIT,
     DEFAULT_MAX_BYTES,
     AuditEntry,
     AuditError,
@@ -75,6 +76,7 @@ class ServerConfig:
     audit_max_bytes: int = DEFAULT_MAX_BYTES
     audit_backups: int = DEFAULT_BACKUPS
     audit_fsync: bool = False
+    audit_deny_limit: tuple[int, float] = DEFAULT_DENY_LIMIT
 
 
 @dataclass
@@ -123,7 +125,8 @@ class Server:
         # --audit-log path stops the server before it serves anything (AuditError).
         self.audit = AuditTrail(AuditLog(
             config.audit_log, max_bytes=config.audit_max_bytes, backups=config.audit_backups,
-            fsync=config.audit_fsync) if config.audit_log else None)
+            fsync=config.audit_fsync) if config.audit_log else None,
+            deny_limit=config.audit_deny_limit)
         self.audit.add_secrets(policy.secrets())
         self.audit.add_secrets(tokens.values())
         self.rate_limiter = RateLimiter()
@@ -347,7 +350,16 @@ class Server:
             if self.config.debug_host is not None:
                 await nursery.start(serve_debug, self)
             nursery.start_soon(self._signals, nursery.cancel_scope)
+            if self.audit.log is not None and self.audit.deny_throttle.max_records:
+                nursery.start_soon(self._flush_suppressed_denials)
             task_status.started(self.listeners)
+
+    async def _flush_suppressed_denials(self) -> None:
+        """Write each agent's denials_suppressed record once its window is over, also
+        when the flood has stopped and no later record would carry it."""
+        while True:
+            await trio.sleep(1.0)
+            self.audit.flush_suppressed()
 
     async def _accept(self, listeners: list[trio.SocketListener]) -> None:
         with self._accept_scope:
@@ -402,6 +414,7 @@ class Server:
     def on_shutdown(self) -> None:
         """Last words before exit: the audit trail is flushed and closed."""
         if self.audit.log is not None:
+            self.audit.flush_suppressed(everything=True)
             self.audit.log.close()
 
     def audit_limit(self, limit: str, agent: str, peer: str, detail: str) -> None:

@@ -11,6 +11,9 @@ the VM makes produces, in this order:
    ends (finished, failed upstream, timed out, cancelled by the VM, cut off by
    a revoked token or a shutdown).
 
+(A deny past ``--audit-deny-limit`` is counted in a ``denials_suppressed``
+record instead of getting its own: see "Floods of denials".)
+
 Keys of every record: ``ts`` (ISO 8601 UTC, milliseconds, ``Z``), ``event``
 (``decision`` | ``completion``), ``request_id``
 (``AGENT-SESSION8-ID``: the agent's per-session request id made globally
@@ -90,6 +93,22 @@ opened, so the next record starts a line of its own (readers such as
 ``carapace-debug audit`` then count the torn piece as one corrupt line)
 instead of being glued to it.
 
+Floods of denials
+=================
+A hostile VM can send denied requests as fast as the link carries them, and
+with one record each it could push the evidence of what it did before out
+through rotation within minutes. So an agent's deny records are limited
+(``--audit-deny-limit``, default 100 per 10 s, a sliding window): past that,
+its denials are still denied and counted in metrics, but not written one by
+one; a ``denials_suppressed`` record says how many there were instead, once
+per window while they go on, and when the server shuts down. Its keys:
+``agent``, ``decision`` (``deny``, so that queries for denies find it),
+``reason``, ``count``, ``first_ts`` / ``last_ts`` (of the suppressed denials),
+``by`` (``[{tool, code, count}]``, the most frequent first, at most 20, the
+rest in ``other``), ``limit``, and ``tool`` when they were all of one tool.
+Allowed requests are never suppressed: every one that ran has its decision
+record.
+
 Rotation
 ========
 Before a write that would take the file past ``max_bytes``, the file is
@@ -108,6 +127,7 @@ import os
 import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import unquote_plus
@@ -126,6 +146,7 @@ from carapace.protocol.messages import (
 )
 
 from .policy import AuditConfig, Decision, Policy
+from .ratelimit import RateLimiter
 
 if TYPE_CHECKING:
     from .exec import ExitInfo
@@ -135,12 +156,14 @@ log = logging.getLogger("carapace.server")
 
 __all__ = [
     "DEFAULT_BACKUPS",
+    "DEFAULT_DENY_LIMIT",
     "DEFAULT_MAX_BYTES",
     "REDACTED",
     "AuditEntry",
     "AuditError",
     "AuditLog",
     "AuditTrail",
+    "DenyThrottle",
     "ResponseTap",
     "Scrubber",
     "redact_argv",
@@ -153,6 +176,10 @@ __all__ = [
 REDACTED: Final = "[REDACTED]"
 DEFAULT_MAX_BYTES: Final = 50 * 1024 * 1024
 DEFAULT_BACKUPS: Final = 5
+DEFAULT_DENY_LIMIT: Final = (100, 10.0)
+"""Deny records per agent in any window of so many seconds (see the module doc)."""
+MAX_SUPPRESSED_KINDS: Final = 20
+"""Distinct (tool, code) pairs one ``denials_suppressed`` record lists; the VM names tools."""
 MAX_TEXT: Final = 2048
 """Longest VM-supplied string (a path, one argument, a cwd) kept in a record."""
 MAX_ARGS: Final = 256
@@ -537,6 +564,9 @@ class AuditEntry:
         """
         if not self.write or self.trail.log is None:
             return
+        if self.base["decision"] != "allow" and not self.trail.admit_deny(
+                self.base, str(self.decision_fields.get("code"))):
+            return  # counted for a denials_suppressed record: a deny runs nothing
         self.trail.emit({"ts": utc_timestamp(), "event": "decision", **self.base,
                          **self.decision_fields})
         await self.trail.log.sync()
@@ -582,15 +612,117 @@ class AuditEntry:
                        bytes_out=info.bytes_out)
 
 
+@dataclass
+class _Suppressed:
+    since: float
+    first_ts: str
+    last_ts: str
+    count: int = 0
+    by: dict[tuple[str, str], int] = field(default_factory=dict)
+    other: int = 0
+
+
+class DenyThrottle:
+    """At most ``max_records`` deny records per agent in any ``window_secs``; the rest
+    are counted, and :meth:`due` turns the count into a summary record.
+
+    Pure, like :mod:`.ratelimit` (whose limiter it uses): the caller passes the time.
+    ``max_records`` 0 turns the throttle off.
+    """
+
+    def __init__(self, max_records: int, window_secs: float) -> None:
+        if max_records < 0 or window_secs <= 0:
+            raise ValueError("a deny limit is N records per S seconds, N >= 0 and S > 0")
+        self.max_records = max_records
+        self.window_secs = window_secs
+        self.suppressed_total = 0
+        self._limiter = RateLimiter()
+        self._pending: dict[str, _Suppressed] = {}
+
+    @property
+    def limit(self) -> str:
+        return f"{self.max_records} per {self.window_secs:g} s"
+
+    def admit(self, agent: str, tool: str, code: str, now: float, ts: str) -> bool:
+        """Whether this deny gets a record of its own; if not, it is counted."""
+        if not self.max_records or self._limiter.check(
+                agent, self.max_records, self.window_secs, now) is None:
+            return True
+        pending = self._pending.get(agent)
+        if pending is None:
+            pending = self._pending[agent] = _Suppressed(since=now, first_ts=ts, last_ts=ts)
+        pending.count += 1
+        pending.last_ts = ts
+        key = (tool, code)
+        if key in pending.by or len(pending.by) < MAX_SUPPRESSED_KINDS:
+            pending.by[key] = pending.by.get(key, 0) + 1
+        else:
+            pending.other += 1
+        self.suppressed_total += 1
+        return False
+
+    def due(self, now: float, agent: str | None = None,
+            everything: bool = False) -> list[dict[str, Any]]:
+        """Summary records owed: of agents suppressed for a whole window (or of
+        ``agent``, or ``everything``), each taken once."""
+        out = []
+        for name, pending in list(self._pending.items()):
+            if everything or name == agent or now - pending.since >= self.window_secs:
+                del self._pending[name]
+                out.append(self._summary(name, pending))
+        return out
+
+    def _summary(self, agent: str, pending: _Suppressed) -> dict[str, Any]:
+        by = sorted(pending.by.items(), key=lambda item: -item[1])
+        record: dict[str, Any] = {
+            "event": "denials_suppressed", "agent": agent, "decision": "deny",
+            "reason": f"{pending.count} denial(s) not recorded one by one: over the limit "
+                      f"of {self.limit} (--audit-deny-limit)",
+            "count": pending.count, "first_ts": pending.first_ts, "last_ts": pending.last_ts,
+            "by": [{"tool": _truncate(tool, 256), "code": code, "count": n}
+                   for (tool, code), n in by],
+            "limit": self.limit,
+        }
+        if pending.other:
+            record["other"] = pending.other
+        elif len(by) == 1:
+            record["tool"] = record["by"][0]["tool"]  # so that audit --tool finds it
+        return record
+
+
 class AuditTrail:
     """The server's audit trail: builds records under the policy, scrubs and writes them.
 
     ``log`` None (no ``--audit-log``) makes every call a no-op.
     """
 
-    def __init__(self, log: AuditLog | None) -> None:
+    def __init__(self, log: AuditLog | None,
+                 deny_limit: tuple[int, float] = DEFAULT_DENY_LIMIT) -> None:
         self.log = log
         self.scrubber = Scrubber()
+        self.deny_throttle = DenyThrottle(*deny_limit)
+
+    def admit_deny(self, base: Mapping[str, Any], code: str) -> bool:
+        """Whether a deny gets its own record (see "Floods of denials"); a summary of
+        the agent's earlier suppressed denials is written first, to keep the order."""
+        agent = str(base["agent"])
+        now, ts = time.monotonic(), utc_timestamp()
+        if not self.deny_throttle.admit(agent, str(base["tool"]), code, now, ts):
+            return False
+        self.write_summaries(self.deny_throttle.due(now, agent=agent))
+        return True
+
+    def flush_suppressed(self, everything: bool = False) -> None:
+        """Write the summaries that are due (all of them at shutdown). Never raises."""
+        try:
+            self.write_summaries(self.deny_throttle.due(time.monotonic(),
+                                                        everything=everything))
+        except AuditError as exc:
+            log.error("audit: lost a denials_suppressed record: %s", exc)
+
+    def write_summaries(self, records: Iterable[dict[str, Any]]) -> None:
+        for record in records:
+            self.emit({"ts": utc_timestamp(), **record})
 
     def add_secrets(self, values: Iterable[str | bytes]) -> None:
         self.scrubber.add(values)

@@ -385,6 +385,7 @@ class DebugListener:
             "policy": {"file": server.config.policy_file,
                        "tools": sorted(policy_tools) if policy_tools is not None else None},
             "audit_log": server.config.audit_log,
+            "audit_denials_suppressed": server.audit.deny_throttle.suppressed_total,
             "sniff": {"subscribers": len(self.hub.subscribers),
                       "dropped": self.metrics.sniff_dropped},
         }

@@ -17,10 +17,16 @@ import click
 import trio
 
 from .app import Server, ServerConfig
-from .audit import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES, AuditError, utc_timestamp
+from .audit import (
+    DEFAULT_BACKUPS,
+    DEFAULT_DENY_LIMIT,
+    DEFAULT_MAX_BYTES,
+    AuditError,
+    utc_timestamp,
+)
 from .debug_listener import DebugConfigError, debug_access, set_debug_token
 from .logconfig import setup_logging
-from .options import HOST_PORT, find_oserror, tune_gc
+from .options import COUNT_PER_SECONDS, HOST_PORT, find_oserror, tune_gc
 from .policy import PolicyError, load_policy_file
 from .tls import TlsConfigError, server_context
 from .tokens import TokenFileError, load_server_tokens
@@ -70,6 +76,11 @@ class ServerCommand(click.Command):
               help="fsync each decision record before the request runs, so that even a host "
               "crash loses none (costs a disk sync per request; records are always flushed "
               "to the OS).")
+@click.option("--audit-deny-limit", type=COUNT_PER_SECONDS, default="100/10",
+              envvar="CARAPACE_AUDIT_DENY_LIMIT", show_default=True,
+              help="Deny records per agent in any window (N/SECONDS, 0: no limit); past it "
+              "denials are counted in one denials_suppressed record per window, so a flood "
+              "cannot rotate older records away.")
 @click.option("--pid-file", default=None, envvar="CARAPACE_PID_FILE",
               help="Write the server's pid here while it runs (for 'carapace-server reload').")
 @click.option("--handshake-timeout", type=float, default=5.0, show_default=True)
@@ -115,6 +126,7 @@ def main(
     audit_max_bytes: int = DEFAULT_MAX_BYTES,
     audit_backups: int = DEFAULT_BACKUPS,
     audit_fsync: bool = False,
+    audit_deny_limit: tuple[int, float] = DEFAULT_DENY_LIMIT,
     pid_file: str | None = None,
 ) -> None:
     """Serve Carapace agents: decide, run and audit their tool requests on this host.
@@ -148,6 +160,7 @@ def main(
         audit_max_bytes=audit_max_bytes,
         audit_backups=audit_backups,
         audit_fsync=audit_fsync,
+        audit_deny_limit=audit_deny_limit,
     )
     try:
         server = Server(config, policy, tokens)

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 import trio
 
@@ -19,6 +20,7 @@ from carapace.server.audit import (
     AuditError,
     AuditLog,
     AuditTrail,
+    DenyThrottle,
     Scrubber,
     redact_argv,
     redact_json,
@@ -295,6 +297,76 @@ async def test_disabled_tool_records_denies_only(tmp_path: Path) -> None:
         entry.completed(status=200)
     recs = lines(tmp_path / "a.jsonl")
     assert [(r["request_id"][-1], r["decision"]) for r in recs] == [("2", "deny")]
+
+
+# ---------------------------------------------------------------------------- deny floods
+
+
+def test_deny_throttle_counts_past_the_limit_and_summarises_once_per_window() -> None:
+    throttle = DenyThrottle(3, 10.0)
+    admitted = [throttle.admit("vm1", "op", "denied", t, f"ts{t}") for t in range(6)]
+    assert admitted == [True, True, True, False, False, False]
+    assert throttle.admit("vm2", "op", "denied", 5, "ts5")  # another agent's own budget
+    assert throttle.due(12.9) == []  # vm1's suppression began at 3: due at 13
+    [summary] = throttle.due(13.0)
+    assert summary == {"event": "denials_suppressed", "agent": "vm1", "decision": "deny",
+                       "reason": "3 denial(s) not recorded one by one: over the limit of "
+                                 "3 per 10 s (--audit-deny-limit)",
+                       "count": 3, "first_ts": "ts3", "last_ts": "ts5",
+                       "by": [{"tool": "op", "code": "denied", "count": 3}],
+                       "limit": "3 per 10 s", "tool": "op"}
+    assert throttle.due(100.0) == [] and throttle.suppressed_total == 3
+    # the sliding window: at 13 the stamps of 0, 1, 2 have gone
+    assert throttle.admit("vm1", "op", "denied", 13.0, "ts13")
+
+
+def test_deny_throttle_bounds_what_a_vm_can_make_it_remember() -> None:
+    throttle = DenyThrottle(1, 10.0)
+    throttle.admit("vm1", "x", "unknown_tool", 0, "t")
+    for n in range(5000):  # the VM names the tools: every name a new one
+        assert not throttle.admit("vm1", f"tool-{n}", "unknown_tool", 1, "t")
+    [summary] = throttle.due(0, everything=True)
+    assert summary["count"] == 5000 and len(summary["by"]) == 20
+    assert summary["other"] == 5000 - 20 and "tool" not in summary
+    off = DenyThrottle(0, 10.0)
+    assert all(off.admit("vm1", "x", "denied", 0, "t") for _ in range(1000))
+    with pytest.raises(ValueError):
+        DenyThrottle(5, 0)
+
+
+async def test_a_flood_of_denials_leaves_allowed_records_whole(tmp_path: Path) -> None:
+    trail = AuditTrail(AuditLog(tmp_path / "a.jsonl"), deny_limit=(5, 60.0))
+    for rid in range(1, 101):
+        req = HttpRequest(id=rid, tool="nope", method="GET", target="/", headers=(), body=b"")
+        decision = decide_http(POLICY, "vm1", "nope", "GET", "/", [], b"")
+        await trail.http("vm1", b"\0" * 16, req, POLICY, decision).decided()
+        if rid == 50:  # an allowed request in the middle of the flood: recorded
+            decision = decide_http(POLICY, "vm1", "signal-cli", "POST", "/api/v1/rpc", [],
+                                   b'{"jsonrpc":"2.0","method":"send","id":1}')
+            assert decision.allow
+            req = HttpRequest(id=rid, tool="signal-cli", method="POST", target="/api/v1/rpc",
+                              headers=(), body=b'{"jsonrpc":"2.0","method":"send","id":1}')
+            await trail.http("vm1", b"\0" * 16, req, POLICY, decision).decided()
+    trail.flush_suppressed(everything=True)  # as at shutdown
+    recs = lines(tmp_path / "a.jsonl")
+    denies = [r for r in recs if r["event"] == "decision" and r["decision"] == "deny"]
+    assert len(denies) == 5
+    assert [r["tool"] for r in recs if r.get("decision") == "allow"] == ["signal-cli"]
+    [summary] = [r for r in recs if r["event"] == "denials_suppressed"]
+    assert summary["count"] == 95 and summary["by"] == [
+        {"tool": "nope", "code": "unknown_tool", "count": 95}]
+    assert recs[-1] == summary and summary["agent"] == "vm1"
+
+
+def test_deny_limit_option_values() -> None:
+    from carapace.server.options import COUNT_PER_SECONDS
+
+    assert COUNT_PER_SECONDS.convert("100/10", None, None) == (100, 10.0)
+    assert COUNT_PER_SECONDS.convert("5/2.5s", None, None) == (5, 2.5)
+    assert COUNT_PER_SECONDS.convert("0", None, None)[0] == 0
+    for bad in ("100", "x/10", "10/0", "-1/5", "10/inf", "10/nan"):
+        with pytest.raises(click.BadParameter, match="N/SECONDS"):
+            COUNT_PER_SECONDS.convert(bad, None, None)
 
 
 async def test_cli_records(tmp_path: Path) -> None:
