@@ -69,11 +69,23 @@ def script(name: str) -> str:
     return str(path)
 
 
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (bind to 0, read it, release it)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A TCP port that was free a moment ago (bind to 0, read it, release it).
+
+    Never one this process was given before: the kernel may offer a port it has
+    just released again, and then a deployment's server and agent listeners
+    were given the same port (CI once failed on exactly that).
+    """
+    while True:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def start_process(
