@@ -617,7 +617,6 @@ class _Suppressed:
     since: float
     first_ts: str
     last_ts: str
-    count: int = 0
     by: dict[tuple[str, str], int] = field(default_factory=dict)
     other: int = 0
 
@@ -644,14 +643,15 @@ class DenyThrottle:
         return f"{self.max_records} per {self.window_secs:g} s"
 
     def admit(self, agent: str, tool: str, code: str, now: float, ts: str) -> bool:
-        """Whether this deny gets a record of its own; if not, it is counted."""
+        """Whether this deny gets a record of its own; if not, it is counted.
+
+        ``tool`` as its record names it: already cut to 256 characters."""
         if not self.max_records or self._limiter.check(
                 agent, self.max_records, self.window_secs, now) is None:
             return True
         pending = self._pending.get(agent)
         if pending is None:
             pending = self._pending[agent] = _Suppressed(since=now, first_ts=ts, last_ts=ts)
-        pending.count += 1
         pending.last_ts = ts
         key = (tool, code)
         if key in pending.by or len(pending.by) < MAX_SUPPRESSED_KINDS:
@@ -674,13 +674,13 @@ class DenyThrottle:
 
     def _summary(self, agent: str, pending: _Suppressed) -> dict[str, Any]:
         by = sorted(pending.by.items(), key=lambda item: -item[1])
+        count = sum(pending.by.values()) + pending.other
         record: dict[str, Any] = {
             "event": "denials_suppressed", "agent": agent, "decision": "deny",
-            "reason": f"{pending.count} denial(s) not recorded one by one: over the limit "
+            "reason": f"{count} denial(s) not recorded one by one: over the limit "
                       f"of {self.limit} (--audit-deny-limit)",
-            "count": pending.count, "first_ts": pending.first_ts, "last_ts": pending.last_ts,
-            "by": [{"tool": _truncate(tool, 256), "code": code, "count": n}
-                   for (tool, code), n in by],
+            "count": count, "first_ts": pending.first_ts, "last_ts": pending.last_ts,
+            "by": [{"tool": tool, "code": code, "count": n} for (tool, code), n in by],
             "limit": self.limit,
         }
         if pending.other:
