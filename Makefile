@@ -7,13 +7,15 @@ STAMP  := $(VENV)/.installed
 # show at once. The default mode loads setuptools' import finder (pathlib, re,
 # urllib) in every Python start, ~10 ms that each shim run paid. New or
 # removed modules need a reinstall, so the stamp also follows the package
-# folders (their mtime changes when a file is added or removed).
-PACKAGES := protocol server agent debug
+# folders and their subpackages (a folder's mtime changes when a file is added
+# or removed).
+PACKAGES := protocol runtime server agent debug
+PACKAGE_DIRS := $(shell find $(PACKAGES) -type d -not -name __pycache__)
 EDITABLE := --config-settings editable_mode=strict
 
 .PHONY: test demo lint bench clean test-interop
 
-$(STAMP): pyproject.toml Makefile $(PACKAGES)
+$(STAMP): pyproject.toml Makefile $(PACKAGE_DIRS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(EDITABLE) -e '.[dev]'
@@ -67,8 +69,10 @@ test-interop: $(INTEROP_STAMP) $(INTEROP_NODE)
 	$(BIN)/python -m pytest -q -p no:cacheprovider -rs tests/interop
 
 lint: $(STAMP)
-	$(BIN)/ruff check server agent protocol debug tests benchmarks
+	$(BIN)/ruff check protocol runtime server agent debug tests benchmarks
 	$(BIN)/mypy --strict protocol
+	$(BIN)/mypy runtime server
+	$(BIN)/lint-imports --no-cache
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

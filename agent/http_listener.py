@@ -7,17 +7,16 @@ with one write per event the moment its frame arrives.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
-from http import HTTPStatus
 
 import h11
 import trio
 
+from carapace.protocol.errors import ProtocolError
 from carapace.protocol.flow import flow_cost
 from carapace.protocol.messages import (
     Data,
@@ -32,16 +31,18 @@ from carapace.protocol.messages import (
     SseEvents,
 )
 from carapace.protocol.sse import Comment, serialize, serialize_event
-from carapace.server.framelink import receive_some, send_all
+from carapace.runtime.errors import consists_of
+from carapace.runtime.http import DISCONNECTS, HOP_BY_HOP, ClientGone, response_head
+from carapace.runtime.sockets import receive_some, send_all
 
 from .multiplexer import AgentStream, FrameTooLarge, LinkDown, Multiplexer, StreamLost
 
 log = logging.getLogger("carapace.agent")
 
 READ_SIZE = 64 * 1024
-SSE_HEADERS_DROP = frozenset({b"cache-control", b"x-accel-buffering", b"content-length",
-                              b"transfer-encoding", b"connection", b"keep-alive"})
-PLAIN_HEADERS_DROP = frozenset({b"transfer-encoding", b"connection", b"keep-alive"})
+# An event stream is re-framed here, so its length no longer applies, and its
+# caching headers are the ones every SSE answer gets.
+SSE_HEADERS_DROP = HOP_BY_HOP | {b"cache-control", b"x-accel-buffering", b"content-length"}
 MAX_PIPELINED = 64 * 1024
 
 
@@ -58,36 +59,10 @@ class HttpListenerConfig:
     link_wait: float = 2.0
 
 
-class _ClientGone(Exception):
-    pass
-
-
-_DISCONNECTS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError, _ClientGone)
-
-
-def _only(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> bool:
-    """True if ``exc`` (or every leaf of an exception group) is one of ``kinds``."""
-    if isinstance(exc, BaseExceptionGroup):
-        return all(_only(inner, kinds) for inner in exc.exceptions)
-    return isinstance(exc, kinds)
-
-
 def _head_size(req: h11.Request) -> int:
     return len(req.method) + len(req.target) + sum(
         len(name) + len(value) + 4 for name, value in req.headers.raw_items()
     )
-
-
-@functools.lru_cache(maxsize=128)
-def _reason(status: int) -> bytes:
-    try:
-        return HTTPStatus(status).phrase.encode()
-    except ValueError:
-        return b""
-
-
-def _response(status: int, headers: list[tuple[bytes, bytes]]) -> h11.Response:
-    return h11.Response(status_code=status, headers=headers, reason=_reason(status))
 
 
 def _error_body(code: str, message: str) -> bytes:
@@ -178,7 +153,7 @@ class HttpToolListener:
         try:
             await _Connection(self, sock).run()
         except Exception as exc:
-            if not _only(exc, _DISCONNECTS):
+            if not consists_of(exc, DISCONNECTS):
                 log.exception("local HTTP connection for tool %s failed", self.config.tool)
         finally:
             self.open_connections -= 1
@@ -331,7 +306,7 @@ class _Connection:
                    (b"content-length", str(len(body)).encode())]
         headers += extra or []
         try:
-            await self._send(_response(status, headers))
+            await self._send(response_head(status, headers))
             await self._send(h11.Data(data=body))
             await self._send(h11.EndOfMessage())
         except (h11.LocalProtocolError, trio.BrokenResourceError, trio.ClosedResourceError,
@@ -375,6 +350,13 @@ class _Connection:
             await self._simple(502, "tunnel_down", f"no answer: {exc}; the agent keeps "
                                "reconnecting, retry shortly")
             return
+        try:
+            stream.took(first)  # a head, a whole answer or failed may come first
+        except ProtocolError as exc:
+            log.warning("%s; answering 502", exc)
+            await self._simple(502, "protocol", "the server answered out of order")
+            stream.cancel("protocol violation")
+            return
         if isinstance(first, RequestFailed):
             stream.close()
             extra = []
@@ -385,11 +367,7 @@ class _Connection:
         if isinstance(first, HttpResponse):
             await self._relay_whole(stream, first)
             return
-        if not isinstance(first, HttpHead):
-            log.warning("unexpected %s before the response head; answering 502", first.TYPE)
-            await self._simple(502, "protocol", "the server answered out of order")
-            stream.cancel("protocol violation")
-            return
+        assert isinstance(first, HttpHead)  # all that took() leaves
         if first.sse:
             await self._relay_sse(stream, first)
         else:
@@ -397,8 +375,8 @@ class _Connection:
 
     def _plain_head(self, status: int, headers: Headers) -> bytes:
         """The local response head of a plain (not SSE) answer: h11 does the framing."""
-        kept = [(k, v) for k, v in headers if k.lower() not in PLAIN_HEADERS_DROP]
-        return self.conn.send(_response(status, kept)) or b""
+        kept = [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP]
+        return self.conn.send(response_head(status, kept)) or b""
 
     async def _relay_whole(self, stream: AgentStream, answer: HttpResponse) -> None:
         """A whole answer in one frame: head, body and end in one write."""
@@ -445,13 +423,13 @@ class _Connection:
 
     def _abort(self, why: str) -> None:
         log.info("tool %s: aborting a local response: %s", self.cfg.tool, why)
-        raise _ClientGone(why)
+        raise ClientGone(why)
 
     async def _relay_sse(self, stream: AgentStream, head: HttpHead) -> None:
         stream.sse = True
         headers = [(k, v) for k, v in head.headers if k.lower() not in SSE_HEADERS_DROP]
         headers += [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
-        await self._send(_response(head.status, headers))
+        await self._send(response_head(head.status, headers))
         if self.listener.mux.draining:
             # The agent is stopping: an event stream that only now got its head
             # ends at once (cleanly), like those already open when the drain began.

@@ -1,4 +1,5 @@
-"""carapace-agent: the VM side. Flags and env vars are fixed by DESIGN.md."""
+"""carapace-agent: the VM side. Its flags and environment variables are a fixed interface:
+scripts and unit files outside this repository use them; change them only by adding."""
 
 from __future__ import annotations
 
@@ -10,16 +11,19 @@ from functools import partial
 import click
 import trio
 
-from carapace.server.logconfig import setup_logging
-from carapace.server.options import HOST_PORT, find_oserror, parse_hostport, tune_gc
-from carapace.server.tls import TlsConfigError, agent_context
-from carapace.server.tokens import TokenFileError, load_agent_token
+from carapace.runtime.addresses import parse_hostport
+from carapace.runtime.errors import find_exception
+from carapace.runtime.logs import setup_logging
+from carapace.runtime.options import HOST_PORT
+from carapace.runtime.tls import TlsConfigError, agent_context
+from carapace.runtime.tokens import TokenFileError, load_agent_token
+from carapace.runtime.tuning import tune_gc
 
 from .http_listener import HttpListenerConfig, HttpToolListener
-from .link import LinkConfig, TunnelClient
 from .multiplexer import Multiplexer
 from .shim import default_socket_path
-from .shims import shims_group
+from .shim_install import shims_group
+from .tunnel import LinkConfig, TunnelClient
 
 log = logging.getLogger("carapace.agent")
 
@@ -75,7 +79,7 @@ async def run_agent(
         nursery.start_soon(client.run)
         await nursery.start(accept)
         if cli_socket:
-            from .cli_listener import CliSocketListener
+            from .shim_socket import CliSocketListener
 
             await nursery.start(CliSocketListener(cli_socket, mux).serve)
         with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
@@ -211,7 +215,7 @@ def main(
     except KeyboardInterrupt:
         pass
     except BaseException as exc:
-        err = find_oserror(exc)
+        err = find_exception(exc, OSError)
         if err is None:
             raise
         log.error("cannot open a local listener: %s", err.strerror or err)

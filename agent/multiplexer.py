@@ -15,19 +15,16 @@ from typing import Protocol
 
 import trio
 
-from carapace.protocol.errors import ProtocolError
-from carapace.protocol.flow import ReceiveWindow, SendWindow, flow_cost
+from carapace.protocol.flow import StreamFlow, flow_cost
+from carapace.protocol.framing import FrameTooLarge
 from carapace.protocol.messages import Cancel, Credit, Message, RequestMessage
+from carapace.protocol.requests import SERVER, RequestState, State
 
 log = logging.getLogger("carapace.agent")
 
 
 class LinkDown(Exception):
     """No tunnel link is up; the message says why, for the local client."""
-
-
-class FrameTooLarge(Exception):
-    """A message would exceed the server's frame limit; the request cannot be sent."""
 
 
 class StreamLost(Exception):
@@ -44,15 +41,22 @@ class Link(Protocol):
 
 
 class AgentStream:
-    """One request as the local side sees it."""
+    """One request as the local side sees it.
 
-    def __init__(self, mux: Multiplexer, request_id: int, window: int) -> None:
+    ``request`` holds its states (protocol/requests.py): its opening frame,
+    and the server's frames where the local side decides what to do with
+    them (:meth:`took`). The agent's own later frames are not fed to it: a
+    shim's stdin is checked where the shim sends it, and a ``cancel`` may
+    cross the server's answer on the wire.
+    """
+
+    def __init__(self, mux: Multiplexer, opening: RequestMessage, window: int) -> None:
         self.mux = mux
-        self.id = request_id
+        self.id = request_id = opening.id
+        self.request = RequestState.opened_by(opening)
         # None in the inbox is a nudge from a KeepaliveClock, never a frame.
-        self._inbox_send, self._inbox = trio.open_memory_channel[Message | None](math.inf)
-        self._receive_window = ReceiveWindow(window)
-        self._send_window = SendWindow(window)
+        self._inbox_send, self._inbox = trio.open_memory_channel[RequestMessage | None](math.inf)
+        self.flow = StreamFlow(request_id, window, peer="server")
         self._credit_changed = trio.Event()
         self.lost: str | None = None
         self.done = False
@@ -60,18 +64,13 @@ class AgentStream:
 
     # -- fed by the link reader ------------------------------------------------------
     def deliver(self, msg: RequestMessage) -> None:
+        """Queue a server frame or take its credit; ProtocolError if it broke flow control."""
         if isinstance(msg, Credit):
-            if msg.amount <= 0:
-                raise ProtocolError(f"credit of {msg.amount} bytes for request {msg.id}")
-            self._send_window.grant(msg.amount)
+            self.flow.grant(msg.amount)
             self._credit_changed.set()
             self._credit_changed = trio.Event()
             return
-        cost = flow_cost(msg)
-        if cost:
-            self._receive_window.received(cost)
-            if self._receive_window.over_limit():
-                raise ProtocolError(f"request {msg.id}: server ignored flow control")
+        self.flow.received(msg)
         self._inbox_send.send_nowait(msg)
 
     def link_lost(self, reason: str) -> None:
@@ -87,7 +86,7 @@ class AgentStream:
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass  # the stream is ending; nothing to keep alive
 
-    async def receive(self) -> Message:
+    async def receive(self) -> RequestMessage:
         """The next frame for this request; StreamLost if the link dropped first."""
         try:
             while True:
@@ -97,14 +96,18 @@ class AgentStream:
         except trio.EndOfChannel:
             raise StreamLost(self.lost or "tunnel link lost") from None
 
-    async def receive_or_keepalive(self) -> Message | None:
+    async def receive_or_keepalive(self) -> RequestMessage | None:
         """Like receive(), or None once keepalive_due() was called."""
         try:
             return await self._inbox.receive()
         except trio.EndOfChannel:
             raise StreamLost(self.lost or "tunnel link lost") from None
 
-    def receive_nowait(self) -> Message | None:
+    def took(self, msg: RequestMessage) -> State:
+        """The server's state after ``msg``; ProtocolError if the server may not send it now."""
+        return self.request.process(SERVER, msg)
+
+    def receive_nowait(self) -> RequestMessage | None:
         """The next frame if one is queued, else None."""
         try:
             return self._inbox.receive_nowait()
@@ -113,23 +116,23 @@ class AgentStream:
 
     def consumed(self, cost: int) -> None:
         """``cost`` bytes were delivered to the local client: return credit in batches."""
-        amount = self._receive_window.consumed(cost)
-        if amount and self.lost is None and not self.done:
+        credit = self.flow.consumed(cost)
+        if credit is not None and self.lost is None and not self.done:
             try:
-                self.mux.send(Credit(id=self.id, amount=amount))
+                self.mux.send(credit)
             except LinkDown:
                 pass  # the link is going; link_lost() will end this stream
 
     async def send(self, msg: RequestMessage) -> None:
         """Send a payload frame (stdin) once the server has granted credit."""
         cost = flow_cost(msg)
-        while not self._send_window.open:
+        while not self.flow.may_send:
             if self.lost is not None:
                 raise StreamLost(self.lost)
             await self._credit_changed.wait()
         if self.lost is not None:
             raise StreamLost(self.lost)
-        self._send_window.spend(cost)
+        self.flow.spend(cost)
         try:
             self.mux.send(msg)
         except LinkDown as exc:
@@ -230,10 +233,11 @@ class Multiplexer:
             if link is not None and self.ready and link.accepting:
                 request_id = self._next_id
                 self._next_id += 1
-                stream = AgentStream(self, request_id, link.window)
+                opening = first(request_id)
+                stream = AgentStream(self, opening, link.window)
                 self.streams[request_id] = stream
                 try:
-                    link.send(first(request_id))
+                    link.send(opening)
                 except LinkDown:
                     self.forget(request_id)
                 except FrameTooLarge:

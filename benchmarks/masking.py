@@ -1,4 +1,4 @@
-"""What secret masking (issue 9) costs on the streaming paths, measured through real processes.
+"""What secret masking costs on the streaming paths, measured through real processes.
 
     python -m benchmarks.masking [--quick] [--secrets N] [--json FILE]
 

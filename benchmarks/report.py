@@ -137,7 +137,7 @@ TARGETS = [
            lambda v: v <= 64),
     Target("shim round trip ≤ 25 ms over direct p50", _added("shim", "shim.p50"),
            lambda v: v <= 25),
-    Target("masking costs < 10% of SSE throughput (issue 9)",
+    Target("masking costs < 10% of SSE throughput",
            _value("masking", "masking.cost", unit="%"), lambda v: v < 10),
 ]
 
@@ -191,7 +191,7 @@ def results_table(results: Results, ssh_available: bool) -> Table:
 
 
 def targets_table(targets: list[dict[str, Any]]) -> Table:
-    table = Table(title="Targets (issue 7)", title_justify="left", header_style="bold")
+    table = Table(title="Targets", title_justify="left", header_style="bold")
     table.add_column("target")
     table.add_column("Carapace measured", justify="right")
     table.add_column("met?", justify="center")
@@ -227,7 +227,7 @@ def markdown(results: Results, targets: list[dict[str, Any]]) -> str:
             cells = " | ".join(cell(row, p) for p in PEERS)
             lines.append(f"| {row.label} | {row.unit} | {cells} | {fmt_vs(row, 'carapace')} "
                          f"| {fmt_vs(row, 'ssh')} |")
-    lines += ["", "| target (issue 7) | Carapace measured | met? |", "|---|--:|:-:|"]
+    lines += ["", "| target | Carapace measured | met? |", "|---|--:|:-:|"]
     for t in targets:
         met = "–" if t["met"] is None else ("met" if t["met"] else "**not met**")
         note = f" ({t['note']})" if t["note"] else ""

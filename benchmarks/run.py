@@ -3,7 +3,7 @@
 Peers: a direct connection to the test upstream, an ``ssh -L`` forward to it
 (OpenSSH on loopback with throwaway keys; skipped with the reason when sshd
 is missing or refuses to run), and Carapace (agent → server → upstream).
-Prints a table and the issue-7 targets, writes JSON and a PNG of the latency
+Prints a table and the targets, writes JSON and a PNG of the latency
 distributions. Benchmarks never fail a build: the exit status is 0 unless the
 harness itself could not run.
 """

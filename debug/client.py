@@ -20,7 +20,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 import httpx
 
-from carapace.server.options import parse_hostport
+from carapace.runtime.addresses import parse_hostport
 
 DEFAULT_DEBUG = "127.0.0.1:8766"
 DEBUG_ENV = "CARAPACE_DEBUG_LISTEN"
@@ -34,7 +34,16 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 class Unreachable(Exception):
-    """The debug listener could not be used; the message says why and what to check."""
+    """What a command talks to (a debug listener, an SSE endpoint) could not be used.
+
+    The message says why; ``hint``, when the message does not already say
+    it, what to check. Commands end with :data:`EXIT_UNREACHABLE`.
+    """
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
 
 
 def fail(message: str, code: int = EXIT_UNREACHABLE) -> NoReturn:

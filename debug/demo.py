@@ -40,7 +40,6 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from carapace.agent.shims import install as install_shims
 from carapace.protocol.sse import Event, SseParser
 
 console = Console()
@@ -96,6 +95,20 @@ tools:
     argv_deny_patterns: ["-s *", "--set*"]
     timeout_secs: 5
 """
+
+
+def _install_shims(directory: Path, tools: list[str]) -> None:
+    """Link each tool in ``directory`` to carapace-shim, as a VM's operator would.
+
+    Through the agent's command line rather than its code: the debug CLI
+    never imports the agent (the import contract in pyproject.toml).
+    """
+    done = subprocess.run(
+        [sys.executable, "-m", "carapace.agent.main", "shims", "install", "--dir",
+         str(directory), *tools],
+        capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    if done.returncode != 0:
+        raise click.ClickException(f"installing the shims failed:\n{done.stderr.strip()}")
 
 
 @contextmanager
@@ -397,7 +410,7 @@ def main(seconds: float) -> None:
     audit_log = tmp / "audit.jsonl"
     socket_path = tmp / "agent.sock"
     shim_dir = tmp / "shims"
-    install_shims(shim_dir, ["date"])
+    _install_shims(shim_dir, ["date"])
     py = sys.executable
     with ExitStack() as stack:
         upstream = stack.enter_context(_process(

@@ -2,7 +2,8 @@
 
 ``health`` and ``connections`` read a running server's debug listener
 (``--debug HOST:PORT``); ``audit`` reads the server's JSON-lines audit log
-(``--file``, the server's ``--audit-log``) and needs no server at all.
+(``--file``, the server's ``--audit-log``, or the one :mod:`.audit_source` finds)
+and needs no server when it knows where the log is.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
@@ -26,6 +28,14 @@ from rich.text import Text
 
 from carapace.protocol.summary import human_bytes
 
+from .audit_source import (
+    AUDIT_ENV,
+    DEPLOYED_AUDIT_LOG,
+    AuditLog,
+    AuditLogNotFound,
+    find_audit_log,
+    unreadable,
+)
 from .client import (
     EXIT_FAILED,
     EXIT_OK,
@@ -37,8 +47,6 @@ from .client import (
     make_debug_client,
     print_json,
 )
-
-AUDIT_ENV = "CARAPACE_AUDIT_LOG"
 
 
 def _console() -> Console:
@@ -66,6 +74,27 @@ def _bytes(n: Any) -> str:
 
 
 # --------------------------------------------------------------------------- health
+
+
+def health_headline(doc: dict[str, Any], address: str) -> Text:
+    """The verdict in words, first: scripts and people moving from the Rust Carapace look
+    for "Server is healthy"; the table below has the details."""
+    status = str(doc.get("status", "?"))
+    if status == "ok":
+        line = Text("Server is healthy", style="bold green")
+    elif status == "draining":
+        line = Text("Server is draining: it is shutting down and takes no new requests",
+                    style="bold red")
+    else:
+        line = Text(f"Server is not healthy: it reports status {status!r}", style="bold red")
+    agents = doc.get("agents") or []
+    count = doc.get("agents_connected", len(agents))
+    uptime = doc.get("uptime_s")
+    line.append(f" (carapace-server {doc.get('version')} at {address}"
+                + (f", up {_ago(uptime)}" if isinstance(uptime, int | float) else "")
+                + f", {count} agent{'' if count == 1 else 's'} connected"
+                + (f": {', '.join(agents)}" if agents else "") + ")")
+    return line
 
 
 def health_table(doc: dict[str, Any], address: str) -> Table:
@@ -124,16 +153,34 @@ def health(debug_address: str, debug_token_file: str | None, as_json: bool) -> N
     if as_json:
         print_json(doc)
     else:
-        _console().print(health_table(doc, client.address))
+        console = _console()
+        console.print(health_headline(doc, client.address))
+        console.print(health_table(doc, client.address))
     sys.exit(EXIT_OK if doc.get("status") == "ok" else EXIT_FAILED)
 
 
 # --------------------------------------------------------------------------- connections
 
 
+def connections_headline(doc: dict[str, Any], address: str) -> str:
+    """"1 connection from agent vm1", the line the Rust Carapace's users look for; an
+    agent whose link is down (its session waiting to resume) is named apart."""
+    agents = doc.get("agents") or []
+    up = [str(a.get("name")) for a in agents if a.get("attached", True)]
+    down = [str(a.get("name")) for a in agents if not a.get("attached", True)]
+    if up:
+        line = (f"{len(up)} connection{'' if len(up) == 1 else 's'} from "
+                f"agent{'' if len(up) == 1 else 's'} {', '.join(up)}")
+    else:
+        line = "No agent connected"
+    if down:
+        line += f"; link down, waiting to resume: {', '.join(down)}"
+    return f"{line} (server at {address})"
+
+
 def connections_table(doc: dict[str, Any], address: str) -> Table:
     agents = doc.get("agents") or []
-    table = Table(title=f"{len(agents)} agent(s) connected to {address}", title_justify="left")
+    table = Table(title=connections_headline(doc, address), title_justify="left")
     for name, justify in (("agent", "left"), ("link", "left"), ("address", "left"),
                           ("connected", "left"),
                           ("proto", "right"), ("streams", "right"), ("bytes in", "right"),
@@ -488,10 +535,33 @@ def _print_follow_row(console: Console, record: dict[str, Any]) -> None:
     console.print(line, soft_wrap=True)
 
 
+def _audit_log(path: str | None, debug_address: str, token_file: str | None,
+               follow: bool) -> AuditLog:
+    """``--file`` exactly as given; else the first audit log found (see audit_source)."""
+    ctx = click.get_current_context()
+    if path is not None and ctx.get_parameter_source("path") is ParameterSource.COMMANDLINE:
+        problem = unreadable(path)
+        if problem == "no such file" and not follow:
+            fail(f"no audit log at {path}: is carapace-server running with --audit-log {path}?")
+        if problem is not None and problem != "no such file":
+            fail(f"cannot read the audit log {path}: {problem}")
+        return AuditLog(path, "--file")
+    try:
+        found = find_audit_log(path, make_debug_client(debug_address, token_file))
+    except AuditLogNotFound as exc:
+        fail(exc.message)
+    if path and found.path != path:
+        click.echo(f"carapace-debug: {AUDIT_ENV}={path} cannot be read ({unreadable(path)}); "
+                   f"reading {found.path}, found by {found.found_by}", err=True)
+    return found
+
+
 @click.command()
-@click.option("--file", "path", envvar=AUDIT_ENV, required=True, metavar="F",
+@debug_options
+@click.option("--file", "path", envvar=AUDIT_ENV, default=None, metavar="F",
               help=f"The server's --audit-log file (env {AUDIT_ENV}); rotated F.1, F.2, … "
-              "are read too.")
+              f"are read too. Without it: {AUDIT_ENV}, then {DEPLOYED_AUDIT_LOG}, then the "
+              "file the server at --debug names.")
 @click.option("--tool", default=None, help="Only requests to this tool.")
 @click.option("--agent", default=None, help="Only requests from this agent.")
 @click.option("--id", "request_id", default=None,
@@ -504,7 +574,8 @@ def _print_follow_row(console: Console, record: dict[str, Any]) -> None:
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new records until Ctrl-C.")
 @click.option("--json", "as_json", is_flag=True,
               help="JSON: one document (with --follow: one record per line).")
-def audit(path: str, tool: str | None, agent: str | None, request_id: str | None,
+def audit(debug_address: str, debug_token_file: str | None, path: str | None,
+          tool: str | None, agent: str | None, request_id: str | None,
           decision: str | None, since: str | None, limit: int, follow: bool,
           as_json: bool) -> None:
     """Query the audit trail: who asked for what, what was decided and why.
@@ -515,9 +586,9 @@ def audit(path: str, tool: str | None, agent: str | None, request_id: str | None
     """
     query = AuditQuery(tool=tool, agent=agent, request_id=request_id, decision=decision,
                        since=parse_since(since) if since else None)
+    log = _audit_log(path, debug_address, debug_token_file, follow)
+    path = log.path
     files = audit_files(path)
-    if not files and not follow:
-        fail(f"no audit log at {path}: is carapace-server running with --audit-log {path}?")
     reader = AuditReader()
     rows = [row for row in merge_records(reader.read(files, live=Path(path)))
             if query.matches(row)]
@@ -526,7 +597,8 @@ def audit(path: str, tool: str | None, agent: str | None, request_id: str | None
         rows = rows[-limit:]
     console = _console()
     if as_json and not follow:
-        print_json({"file": path, "files": [str(f) for f in files], "matched": matched,
+        print_json({"file": path, "found_by": log.found_by, "files": [str(f) for f in files],
+                    "matched": matched,
                     "shown": len(rows), "corrupt_lines": reader.corrupt, "records": rows})
     elif as_json:
         for row in rows:
@@ -536,7 +608,8 @@ def audit(path: str, tool: str | None, agent: str | None, request_id: str | None
             _print_follow_row(console, row)
     else:
         title = (f"{len(rows)} of {matched} matching request(s) in {path}"
-                 + (f" and {len(files) - 1} rotated file(s)" if len(files) > 1 else ""))
+                 + (f" and {len(files) - 1} rotated file(s)" if len(files) > 1 else "")
+                 + ("" if log.found_by == "--file" else f" (found by {log.found_by})"))
         console.print(audit_table(rows, title))
     _warn_corrupt(reader)
     if not follow:

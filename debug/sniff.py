@@ -24,7 +24,7 @@ import json
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any, TextIO
 
@@ -45,7 +45,7 @@ from carapace.protocol.summary import (
     SummaryFilter,
     frame_record,
 )
-from carapace.server.options import parse_hostport
+from carapace.runtime.addresses import parse_hostport
 
 from .client import (
     EXIT_FAILED,
@@ -151,9 +151,55 @@ class Renderer:
         self._print(Text(f"-- {record.get('summary', record)}", style="bold yellow"))
 
 
+MESSAGE_ALIASES: dict[str, tuple[str, ...]] = {
+    "SseEvent": ("sse_event", "sse_events"),
+    "HttpRequest": ("http_request",),
+    "HttpResponse": ("http_head", "http_response", "data", "end"),
+    "CliRequest": ("cli_request",),
+    "CliResponse": ("output", "exit"),
+    "Error": ("failed", "reject"),
+}
+"""Message names of the Rust Carapace, which its users type, and the frames that carry
+the same thing here. One event may travel in an ``sse_events`` batch; a response is one
+``http_response`` when small, else ``http_head``, ``data`` chunks (``data`` also carries
+a CLI tool's stdin) and ``end``; a CLI result is ``output`` chunks and ``exit``. Our own
+names written in CamelCase (``SseComment``, ``GoAway``) need no entry."""
+
+
+def _squash(name: str) -> str:
+    return name.lower().replace("_", "").replace("-", "")
+
+
+_ALIASES = {_squash(alias): types for alias, types in MESSAGE_ALIASES.items()}
+_BY_SQUASHED = {_squash(t): t for t in FRAME_TYPES}
+
+
+def _alias_help() -> str:
+    return "; ".join(f"{alias} = {', '.join(types)}" for alias, types in MESSAGE_ALIASES.items())
+
+
+def resolve_frame_types(names: Iterable[str]) -> frozenset[str]:
+    """Our frame types for what was typed: our names and patterns in any case, the
+    Rust message names of :data:`MESSAGE_ALIASES`, or our names in CamelCase."""
+    resolved: set[str] = set()
+    for name in names:
+        lower = name.lower()
+        if lower in FRAME_TYPES or any(c in lower for c in "*?["):
+            resolved.add(lower)  # our own name (or a pattern over them) wins over an alias
+        elif _squash(name) in _ALIASES:
+            resolved.update(_ALIASES[_squash(name)])
+        elif _squash(name) in _BY_SQUASHED:
+            resolved.add(_BY_SQUASHED[_squash(name)])
+        else:
+            raise click.BadParameter(
+                f"unknown frame type {name!r}; known: {', '.join(FRAME_TYPES)}; "
+                f"the Rust message names work too ({_alias_help()})", param_hint="--filter")
+    return frozenset(resolved)
+
+
 def _build_filter(types: tuple[str, ...], tool: str | None, request_id: int | None,
                   agent: str | None) -> SummaryFilter:
-    names = frozenset(t.strip() for v in types for t in v.split(",") if t.strip())
+    names = resolve_frame_types(t.strip() for v in types for t in v.split(",") if t.strip())
     try:
         return SummaryFilter(types=names, tool=tool, id=request_id, agent=agent)
     except ValueError as exc:
@@ -163,8 +209,9 @@ def _build_filter(types: tuple[str, ...], tool: str | None, request_id: int | No
 @click.command()
 @debug_options
 @click.option("--filter", "types", multiple=True, metavar="TYPE",
-              help="Only frames of this type (repeatable; patterns such as 'sse_*' work). "
-              f"Types: {', '.join(FRAME_TYPES)}.")
+              help="Only frames of this type (repeatable or comma-separated, any case; "
+              f"patterns such as 'sse_*' work). Types: {', '.join(FRAME_TYPES)}. The Rust "
+              f"Carapace's message names stand for these frames: {_alias_help()}.")
 @click.option("--tool", default=None, help="Only frames of requests to this tool.")
 @click.option("--id", "request_id", type=int, default=None, help="Only frames of this request id.")
 @click.option("--agent", default=None, help="Only frames of this agent.")

@@ -107,7 +107,11 @@ install_release() {
     # Build from a copy, so the checkout gets no build/ or egg-info droppings.
     build=$(mktemp -d)
     trap 'rm -rf "$build"' EXIT
-    for f in pyproject.toml README.md protocol server agent debug; do
+    # The code folders are the ones pyproject.toml's [tool.setuptools.package-dir] maps,
+    # so a new top-level package cannot be left out of the release.
+    folders=$(sed -n 's/^"carapace\.[a-z_]*" *= *"\([A-Za-z0-9_]*\)"$/\1/p' "$SRC/pyproject.toml")
+    [ -n "$folders" ] || die "$SRC/pyproject.toml maps no carapace.* package folders"
+    for f in pyproject.toml README.md $folders; do
         cp -R "$SRC/$f" "$build/"
     done
     find "$build" -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -6,11 +6,15 @@ overdraw by at most one frame (so an event larger than the window still
 moves); it must wait while its credit is not positive. The receiver returns
 credit as its consumer drains the data, in batches of at least half the
 window, so credit frames stay rare.
+
+:class:`StreamFlow` is one stream's two windows as one side holds them:
+the credit it may spend, and the credit it owes the peer.
 """
 
 from __future__ import annotations
 
-from .messages import Data, HttpResponse, Message, Output, SseComment, SseEvent, SseEvents
+from .errors import ProtocolError
+from .messages import Credit, Data, HttpResponse, Message, Output, SseComment, SseEvent, SseEvents
 
 DEFAULT_WINDOW = 256 * 1024
 """Initial per-stream window in bytes (each direction)."""
@@ -95,3 +99,54 @@ class ReceiveWindow:
     def over_limit(self) -> bool:
         """The sender overdrew beyond two windows plus one maximal frame: a protocol violation."""
         return self.outstanding > 2 * self.window + 16 * 1024 * 1024
+
+
+class StreamFlow:
+    """Both directions of one stream's flow control, as one side sees them.
+
+    What we send spends ``credit`` and waits while it is not positive;
+    what the peer sends is counted until our consumer drains it, then
+    returned as a ``credit`` frame. ``peer`` names the other side in errors.
+    """
+
+    def __init__(self, request_id: int, window: int = DEFAULT_WINDOW, *,
+                 peer: str = "peer") -> None:
+        self.id = request_id
+        self.peer = peer
+        self._send = SendWindow(window)
+        self._receive = ReceiveWindow(window)
+
+    # -- our sending ---------------------------------------------------------------
+    @property
+    def credit(self) -> int:
+        """What we may still send; it may be negative after the frame that overdrew it."""
+        return self._send.credit
+
+    @property
+    def may_send(self) -> bool:
+        """True while we may send another payload frame."""
+        return self._send.open
+
+    def spend(self, cost: int) -> None:
+        self._send.spend(cost)
+
+    def grant(self, amount: int) -> None:
+        """The peer sent ``credit``: a credit that is not positive is its fault."""
+        try:
+            self._send.grant(amount)
+        except ValueError:
+            raise ProtocolError(f"credit of {amount} bytes for request {self.id}") from None
+
+    # -- the peer's sending --------------------------------------------------------
+    def received(self, msg: Message) -> None:
+        """Count what ``msg`` costs; a peer that overdrew beyond the limit broke the protocol."""
+        cost = flow_cost(msg)
+        if cost:
+            self._receive.received(cost)
+            if self._receive.over_limit():
+                raise ProtocolError(f"request {self.id}: {self.peer} ignored flow control")
+
+    def consumed(self, cost: int) -> Credit | None:
+        """``cost`` bytes were drained: the ``credit`` frame to return now, if one is due."""
+        amount = self._receive.consumed(cost)
+        return Credit(id=self.id, amount=amount) if amount else None

@@ -19,6 +19,10 @@ from .messages import Message, message_from_map, message_to_map
 DEFAULT_MAX_FRAME = 16 * 1024 * 1024
 """Default cap on one frame's payload (16 MiB)."""
 
+class FrameTooLarge(ValueError):
+    """A message we were about to send would exceed the receiver's frame cap."""
+
+
 _LENGTH = struct.Struct(">I")
 HEADER_SIZE = _LENGTH.size
 
@@ -70,7 +74,7 @@ class FrameDecoder:
         """Bytes received but not yet returned as messages."""
         return len(self._buf) - self._pos
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         if self._pos and self._pos >= len(self._buf) // 2:
             del self._buf[: self._pos]
             self._pos = 0

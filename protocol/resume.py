@@ -6,12 +6,19 @@ receives. It keeps every frame it sent until the peer acknowledges it
 (``ack.received``), so when a link drops and the agent comes back with the
 same session, each side resends exactly what the other has not received:
 nothing lost, nothing twice.
+
+:class:`SessionLedger` is that bookkeeping for one session, as both sides
+keep it: it encodes what the session sends and keeps the numbered frames,
+counts what arrives and says when to acknowledge it, and hands out the
+frames to resend on a new link.
 """
 
 from __future__ import annotations
 
 from collections import deque
 
+from .errors import ProtocolError
+from .framing import HEADER_SIZE, FrameTooLarge, encode
 from .messages import Ack, Message, Ping, Pong
 
 UNNUMBERED: frozenset[type[Message]] = frozenset({Ping, Pong, Ack})
@@ -87,3 +94,69 @@ class ReceiveCounter:
     def make_ack(self) -> Ack:
         self._acked = self.received
         return Ack(received=self.received)
+
+
+class SessionLedger:
+    """One session's numbered frames, both ways; it outlives the session's links.
+
+    ``max_frame`` is the peer's frame cap when it is known (the agent learns
+    the server's from ``welcome``); ``peer`` names the other side in errors.
+    """
+
+    def __init__(self, replay_limit: int = DEFAULT_REPLAY_LIMIT, *,
+                 max_frame: int | None = None, peer: str = "peer") -> None:
+        self.replay = ReplayBuffer(replay_limit)
+        self.counter = ReceiveCounter()
+        self.max_frame = max_frame
+        self.peer = peer
+
+    @property
+    def received(self) -> int:
+        """Numbered frames received so far: what ``hello`` and ``welcome`` report."""
+        return self.counter.received
+
+    # -- sending -------------------------------------------------------------------
+    def outgoing(self, msg: Message) -> bytes:
+        """The frame for ``msg``, kept for replay if it is numbered.
+
+        Raises :class:`FrameTooLarge` (nothing kept) if the peer could not
+        take it, and :class:`ReplayOverflow` once more is unacknowledged than
+        the limit allows: the session can then no longer be resumed.
+        """
+        frame = encode(msg)
+        if self.max_frame is not None and len(frame) - HEADER_SIZE > self.max_frame:
+            raise FrameTooLarge(
+                f"{msg.TYPE} of {len(frame)} bytes exceeds the {self.peer}'s "
+                f"{self.max_frame}-byte frame limit"
+            )
+        if type(msg) not in UNNUMBERED:
+            self.replay.record(frame)
+        return frame
+
+    def on_ack(self, ack: Ack) -> None:
+        """The peer has every frame up to ``ack.received``; an impossible number is its fault."""
+        try:
+            self.replay.ack(ack.received)
+        except ValueError as exc:
+            raise ProtocolError(str(exc)) from None
+
+    def replay_after(self, received: int) -> list[bytes]:
+        """The frames to resend on a new link to a peer that has ``received`` of them.
+
+        ValueError if that number is impossible; the caller knows whether the
+        peer lied or a check already ruled it out.
+        """
+        return self.replay.replay_after(received)
+
+    # -- receiving -----------------------------------------------------------------
+    def incoming(self, msg: Message) -> None:
+        """Count a message that arrived (only numbered ones count)."""
+        self.counter.count(msg)
+
+    def ack_due(self) -> Ack | None:
+        """An ``ack`` to send now because enough has arrived since the last one, else None."""
+        return self.counter.make_ack() if self.counter.ack_due() else None
+
+    def ack(self) -> Ack | None:
+        """An ``ack`` of everything received (sent with each ping), None before anything came."""
+        return self.counter.make_ack() if self.counter.received else None

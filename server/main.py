@@ -1,4 +1,5 @@
-"""carapace-server: the host side. Flags and env vars are fixed by DESIGN.md."""
+"""carapace-server: the host side. Its flags and environment variables are a fixed interface:
+scripts and unit files outside this repository use them; change them only by adding."""
 
 from __future__ import annotations
 
@@ -16,7 +17,14 @@ from typing import Any
 import click
 import trio
 
-from .app import Server, ServerConfig
+from carapace.protocol.framing import DEFAULT_MAX_FRAME
+from carapace.runtime.errors import find_exception
+from carapace.runtime.logs import setup_logging
+from carapace.runtime.options import COUNT_PER_SECONDS, HOST_PORT
+from carapace.runtime.tls import TlsConfigError, server_context
+from carapace.runtime.tokens import TokenFileError, load_server_tokens
+from carapace.runtime.tuning import tune_gc
+
 from .audit import (
     DEFAULT_BACKUPS,
     DEFAULT_DENY_LIMIT,
@@ -24,12 +32,19 @@ from .audit import (
     AuditError,
     utc_timestamp,
 )
-from .debug_listener import DebugConfigError, debug_access, set_debug_token
-from .logconfig import setup_logging
-from .options import COUNT_PER_SECONDS, HOST_PORT, find_oserror, tune_gc
+from .config import (
+    DEFAULT_DRAIN_TIMEOUT,
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_AGENTS,
+    DEFAULT_MAX_REQUESTS_PER_AGENT,
+    DEFAULT_POLICY_FILE,
+    DEFAULT_RESUME_GRACE,
+    ServerConfig,
+)
+from .daemon import Server
+from .operator_api import DebugConfigError, debug_access
 from .policy import PolicyError, load_policy_file
-from .tls import TlsConfigError, server_context
-from .tokens import TokenFileError, load_server_tokens
 
 log = logging.getLogger("carapace.server")
 
@@ -54,7 +69,7 @@ class ServerCommand(click.Command):
 @click.command(cls=ServerCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--listen", type=HOST_PORT, default="127.0.0.1:8765", envvar="CARAPACE_LISTEN",
               show_default=True, help="Address agents connect to.")
-@click.option("--policy", "policy_file", default="/etc/carapace/policy.yaml",
+@click.option("--policy", "policy_file", default=DEFAULT_POLICY_FILE,
               envvar="CARAPACE_POLICY_FILE", show_default=True, help="Policy YAML file.")
 @click.option("--token-file", envvar="CARAPACE_TOKEN_FILE", required=True,
               help="Shared token, or NAME:TOKEN lines (one per agent), or a directory of them.")
@@ -83,14 +98,16 @@ class ServerCommand(click.Command):
               "cannot rotate older records away.")
 @click.option("--pid-file", default=None, envvar="CARAPACE_PID_FILE",
               help="Write the server's pid here while it runs (for 'carapace-server reload').")
-@click.option("--handshake-timeout", type=float, default=5.0, show_default=True)
-@click.option("--idle-timeout", type=float, default=15.0, show_default=True,
+@click.option("--handshake-timeout", type=float, default=DEFAULT_HANDSHAKE_TIMEOUT,
+              show_default=True)
+@click.option("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT, show_default=True,
               help="Drop an agent link silent for this long (pings every third of it).")
-@click.option("--max-frame", type=int, default=16 * 1024 * 1024, show_default=True,
+@click.option("--max-frame", type=int, default=DEFAULT_MAX_FRAME, show_default=True,
               help="Largest frame accepted from an agent, in bytes.")
-@click.option("--max-requests-per-agent", type=int, default=10_000, show_default=True)
-@click.option("--max-agents", type=int, default=64, show_default=True)
-@click.option("--drain-timeout", type=float, default=10.0, show_default=True,
+@click.option("--max-requests-per-agent", type=int, default=DEFAULT_MAX_REQUESTS_PER_AGENT,
+              show_default=True)
+@click.option("--max-agents", type=int, default=DEFAULT_MAX_AGENTS, show_default=True)
+@click.option("--drain-timeout", type=float, default=DEFAULT_DRAIN_TIMEOUT, show_default=True,
               help="On SIGTERM, how long in-flight requests may finish.")
 @click.option("--tls-cert", default=None, envvar="CARAPACE_TLS_CERT",
               help="Serve agents over TLS with this certificate (PEM).")
@@ -98,7 +115,7 @@ class ServerCommand(click.Command):
               help="Private key for --tls-cert (PEM).")
 @click.option("--tls-client-ca", default=None, envvar="CARAPACE_TLS_CLIENT_CA",
               help="Require agents to present a certificate signed by this CA (PEM).")
-@click.option("--resume-grace", type=float, default=30.0, show_default=True,
+@click.option("--resume-grace", type=float, default=DEFAULT_RESUME_GRACE, show_default=True,
               help="How long a dropped agent's session (its requests and processes) waits "
               "for the agent to reconnect and resume.")
 @click.option("--log-level", default="info", envvar="CARAPACE_LOG_LEVEL", show_default=True)
@@ -162,26 +179,28 @@ def main(
         audit_fsync=audit_fsync,
         audit_deny_limit=audit_deny_limit,
     )
-    try:
-        server = Server(config, policy, tokens)
-    except AuditError as exc:
-        log.error("%s", exc)
-        sys.exit(2)
+    debug_token = None
     if debug_listen is not None:
         try:
-            set_debug_token(server, debug_access(*debug_listen, debug_token_file))
+            debug_token = debug_access(*debug_listen, debug_token_file)
         except DebugConfigError as exc:
             log.error("%s", exc)
             sys.exit(2)
+    ssl_context = None
     if tls_cert or tls_key or tls_client_ca:
         if not (tls_cert and tls_key):
             log.error("TLS needs both --tls-cert and --tls-key")
             sys.exit(2)
         try:
-            server.ssl_context = server_context(tls_cert, tls_key, tls_client_ca)
+            ssl_context = server_context(tls_cert, tls_key, tls_client_ca)
         except TlsConfigError as exc:
             log.error("%s", exc)
             sys.exit(2)
+    try:
+        server = Server(config, policy, tokens, debug_token=debug_token, ssl_context=ssl_context)
+    except AuditError as exc:
+        log.error("%s", exc)
+        sys.exit(2)
     log.info("loaded policy %s (%d tools) and %d agent token(s)", policy_file,
              len(policy.tools), len(tokens))
     # A SIGHUP before the server's own handler is installed must not kill it.
@@ -193,7 +212,7 @@ def main(
     except KeyboardInterrupt:
         pass
     except BaseException as exc:
-        err = find_oserror(exc)
+        err = find_exception(exc, OSError)
         if err is None:
             raise
         log.error("cannot listen on %s:%d: %s", config.listen_host, config.listen_port,

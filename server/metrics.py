@@ -1,10 +1,10 @@
-"""Prometheus metrics for one Server, served as text at ``GET /metrics``.
+"""Prometheus metrics for one server, served as text at ``GET /metrics``.
 
 Each :class:`ServerMetrics` owns its own ``CollectorRegistry`` (never the
 global one), so several servers can run in one process — the tests do.
 Counters of requests decided are prometheus-client objects incremented
 right there; numbers the server already keeps (sessions, open streams, bytes
-on each link, :class:`~carapace.server.app.Stats`, SSE events forwarded and
+on each link, :class:`~carapace.server.stats.Stats`, SSE events forwarded and
 their latency histogram, kept as plain integers per batch of events) are read
 when scraped, so the hot path pays next to nothing for them. Frames by
 direction and type are counted by a frame observer installed when the debug
@@ -36,10 +36,10 @@ from prometheus_client.utils import floatToGoString
 from carapace.protocol.messages import PROTOCOL_VERSION, Message
 
 if TYPE_CHECKING:
-    from .app import Server
     from .session import AgentSession
+    from .view import OperatorView
 
-__all__ = ["CONTENT_TYPE_LATEST", "ServerMetrics", "event_forwarded", "events_forwarded"]
+__all__ = ["CONTENT_TYPE_LATEST", "ServerMetrics"]
 
 UNKNOWN_TOOL = "(unknown)"
 
@@ -52,7 +52,7 @@ LATENCY_BUCKETS = (
 
 
 class ServerMetrics:
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: OperatorView) -> None:
         self.server = server
         self.registry = CollectorRegistry(auto_describe=True)
         reg = self.registry
@@ -85,7 +85,7 @@ class ServerMetrics:
     # -- called where things happen -------------------------------------------------
     def count_request(self, kind: str, allowed: bool, agent: str, tool: str) -> None:
         """One request decided (``kind``: ``http`` or ``cli``)."""
-        tools = getattr(self.server.policy, "tools", None) or {}
+        tools = self.server.policy.tools
         label = tool if tool in tools else UNKNOWN_TOOL
         key = (kind, allowed, agent, label)
         counter = self._request_counters.get(key)
@@ -96,8 +96,11 @@ class ServerMetrics:
         if not allowed:
             self.denials.labels(kind, agent, label).inc()
 
-    def event_forwarded(self, arrived: float | None, count: int = 1) -> None:
-        """``count`` SSE events queued on the link, their bytes read at trio time ``arrived``."""
+    def count_events(self, count: int, arrived: float | None) -> None:
+        """``count`` SSE events queued on the link, their bytes read at trio time ``arrived``.
+
+        Each request's stream is given this at construction (``on_events``).
+        """
         self.events_forwarded += count
         if arrived is not None:
             self.event_latency.observe(max(0.0, trio.current_time() - arrived), count)
@@ -148,22 +151,6 @@ class ServerMetrics:
         """The Prometheus text exposition of everything above."""
         data: bytes = generate_latest(self.registry)
         return data
-
-
-def event_forwarded(stream: Any, arrived: float | None = None) -> None:
-    """One SSE event's frame was queued on the link (``arrived``: trio time its bytes came).
-
-    Takes the request's ServerStream; a stand-in without a server is ignored.
-    """
-    events_forwarded(stream, 1, arrived)
-
-
-def events_forwarded(stream: Any, count: int, arrived: float | None = None) -> None:
-    """``count`` SSE events from one upstream read were queued on the link, together."""
-    session = getattr(stream, "session", None)
-    metrics = getattr(getattr(session, "server", None), "metrics", None)
-    if isinstance(metrics, ServerMetrics):
-        metrics.event_forwarded(arrived, count)
 
 
 class LatencyHistogram:

@@ -1,12 +1,11 @@
-"""Agent links and agent sessions on the server.
+"""Agent sessions on the server.
 
-A *link* is one TCP connection: handshake, reader, writer, keepalive. A
-*session* is what an authenticated agent has on this server — its requests,
-their upstream calls and child processes — and it outlives links: when a link
-drops, the session waits ``--resume-grace`` seconds for the agent to come back
-and then replays every frame the agent has not acknowledged
-(``protocol/resume.py``). Only when the grace runs out are its requests
-cancelled.
+A *session* is what an authenticated agent has on this server — its requests,
+their upstream calls and child processes — and it outlives links (``link.py``:
+one connection each): when a link drops, the session waits ``--resume-grace``
+seconds for the agent to come back and then replays every frame the agent has
+not acknowledged (``protocol/resume.py``). Only when the grace runs out are
+its requests cancelled.
 """
 
 from __future__ import annotations
@@ -14,45 +13,85 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import Literal, Protocol
 
 import trio
 
 from carapace.protocol.errors import ProtocolError
-from carapace.protocol.framing import encode
-from carapace.protocol.handshake import NONCE_SIZE, HandshakeError, ServerHandshake
 from carapace.protocol.messages import (
     HANDSHAKE_MESSAGES,
     Ack,
-    Auth,
     Cancel,
     CliRequest,
     Credit,
-    Data,
     End,
     GoAway,
-    Hello,
     HttpRequest,
     Message,
-    Ping,
-    Pong,
-    Reject,
     RequestFailed,
     RequestMessage,
-    Signal,
-    Welcome,
 )
-from carapace.protocol.resume import ReceiveCounter, ReplayBuffer, ReplayOverflow, is_numbered
+from carapace.protocol.requests import AGENT, SENT_BY
+from carapace.protocol.resume import ReplayBuffer, ReplayOverflow, SessionLedger
+from carapace.runtime.frames import FrameReader, FrameWriter, LinkClosed
 
-from .framelink import FrameReader, FrameWriter, LinkClosed
-from .streams import ServerStream
-
-if TYPE_CHECKING:
-    from collections.abc import Sequence
-
-    from .app import Server
+from .config import ServerConfig
+from .stats import Stats
+from .streams import EventsObserver, ServerStream
 
 log = logging.getLogger("carapace.server")
+
+Direction = Literal["in", "out"]
+
+
+class SessionHost(Protocol):
+    """What a session needs of the server that owns it."""
+
+    @property
+    def config(self) -> ServerConfig: ...
+
+    @property
+    def stats(self) -> Stats: ...
+
+    @property
+    def draining(self) -> bool: ...
+
+    @property
+    def frame_observers(self) -> Sequence[object]:
+        """Non-empty when someone watches frames: then :meth:`observe` is called for each."""
+        ...
+
+    def observe(self, session: AgentSession, direction: Direction, msg: Message) -> None: ...
+
+    def unregister(self, session: AgentSession) -> None: ...
+
+    async def handle_request(self, session: AgentSession, stream: ServerStream,
+                             msg: HttpRequest | CliRequest) -> None: ...
+
+    def audit_limit(self, limit: str, agent: str, peer: str, detail: str) -> None: ...
+
+    def request_finished(self) -> None: ...
+
+
+class AttachedLink(Protocol):
+    """What a session needs of the link it is attached to."""
+
+    @property
+    def peer(self) -> str: ...
+
+    @property
+    def reader(self) -> FrameReader: ...
+
+    @property
+    def writer(self) -> FrameWriter: ...
+
+    @property
+    def done(self) -> trio.Event:
+        """Set once the link has sent what it had queued and closed its socket."""
+        ...
+
+    def close(self, reason: str) -> None: ...
 
 
 class TooManyAgents(Exception):
@@ -62,8 +101,11 @@ class TooManyAgents(Exception):
 class AgentSession:
     """One agent's session: its requests survive link drops for the resume grace."""
 
-    def __init__(self, server: Server, agent: str, version: int) -> None:
+    def __init__(self, server: SessionHost, agent: str, version: int,
+                 on_events: EventsObserver | None = None) -> None:
         self.server = server
+        self.on_events = on_events
+        """Told of the SSE events each of its streams sends (the server's metrics)."""
         self.agent = agent
         self.version = version
         self.session_id = os.urandom(16)
@@ -72,9 +114,8 @@ class AgentSession:
         self.streams: dict[int, ServerStream] = {}
         self.highest_id = 0
         self.last_rtt: float | None = None
-        self.replay = ReplayBuffer(server.config.replay_limit)
-        self.counter = ReceiveCounter()
-        self.link: ServerLink | None = None
+        self.ledger = SessionLedger(server.config.replay_limit, peer="agent")
+        self.link: AttachedLink | None = None
         # The last link's reader and writer, for byte and frame counters.
         self.reader: FrameReader | None = None
         self.writer: FrameWriter | None = None
@@ -88,6 +129,11 @@ class AgentSession:
     @property
     def attached(self) -> bool:
         return self.link is not None
+
+    @property
+    def replay(self) -> ReplayBuffer:
+        """The frames kept for the agent: what a resuming agent may ask for."""
+        return self.ledger.replay
 
     # -- sending ---------------------------------------------------------------
     def send(self, msg: Message) -> None:
@@ -120,14 +166,11 @@ class AgentSession:
         """The frame for ``msg``, shown to observers and kept for replay if numbered."""
         if self.server.frame_observers:
             self.server.observe(self, "out", msg)
-        frame = encode(msg)
-        if is_numbered(msg):
-            try:
-                self.replay.record(frame)
-            except ReplayOverflow as exc:
-                self.end(f"too much unacknowledged data, cannot resume: {exc}")
-                raise LinkClosed("session ended") from None
-        return frame
+        try:
+            return self.ledger.outgoing(msg)
+        except ReplayOverflow as exc:
+            self.end(f"too much unacknowledged data, cannot resume: {exc}")
+            raise LinkClosed("session ended") from None
 
     # -- lifecycle ---------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -157,7 +200,7 @@ class AgentSession:
             self.end(f"the agent did not come back within {grace:.0f} s")
             return
 
-    def attach(self, link: ServerLink, peer_received: int) -> None:
+    def attach(self, link: AttachedLink, peer_received: int) -> None:
         """Make ``link`` current and resend what the agent has not received."""
         if self.link is not None and self.link is not link:
             self.link.close("replaced by a newer link of the same session")
@@ -166,12 +209,12 @@ class AgentSession:
         self.reader = link.reader
         self.writer = link.writer
         self.links += 1
-        for frame in self.replay.replay_after(peer_received):
+        for frame in self.ledger.replay_after(peer_received):
             link.writer.send_bytes(frame)
         self._link_changed.set()
         self._link_changed = trio.Event()
 
-    def detach(self, link: ServerLink) -> None:
+    def detach(self, link: AttachedLink) -> None:
         if self.link is link:
             self.link = None
             self._link_changed.set()
@@ -189,10 +232,11 @@ class AgentSession:
         if self.link is not None and not self.ended:
             for stream in list(self.streams.values()):
                 if not stream.finished:
-                    stream.finished = True
-                    self._send_quietly(RequestFailed(
+                    failed = RequestFailed(
                         id=stream.id, status=503, code="session_ended",
-                        message=f"the Carapace server ended this agent's session ({reason})"))
+                        message=f"the Carapace server ended this agent's session ({reason})")
+                    stream.note_frame(failed)
+                    self._send_quietly(failed)
             self._send_quietly(GoAway(reason=reason))
             self.link.close(reason)
         self.cancel_scope.cancel()
@@ -215,7 +259,7 @@ class AgentSession:
     # -- receiving -------------------------------------------------------------
     def receive(self, msg: Message) -> None:
         """Handle one frame from the agent (called by the current link's reader)."""
-        self.counter.count(msg)
+        self.ledger.incoming(msg)
         if self.server.frame_observers:
             self.server.observe(self, "in", msg)
         self.server.stats.frames_in += 1
@@ -229,22 +273,16 @@ class AgentSession:
                           msg.id)
                 self.server.stats.unknown_id_frames += 1
                 return
+            if type(msg) not in SENT_BY[AGENT]:
+                raise ProtocolError(f"agent sent a server-only message: {msg.TYPE}")
             if isinstance(msg, Credit):
-                if msg.amount <= 0:
-                    raise ProtocolError(f"credit of {msg.amount} bytes for request {msg.id}")
                 stream.grant(msg.amount)
             elif isinstance(msg, Cancel):
                 stream.cancel(msg.reason or "cancelled by agent")
-            elif isinstance(msg, Data | End | Signal):
-                if not stream.deliver(msg):
-                    raise ProtocolError(f"request {msg.id}: agent ignored flow control")
-            else:
-                raise ProtocolError(f"agent sent a server-only message: {msg.TYPE}")
+            else:  # data, end, signal: for the handler, in order (it ignores what it cannot use)
+                stream.deliver(msg)
         elif isinstance(msg, Ack):
-            try:
-                self.replay.ack(msg.received)
-            except ValueError as exc:
-                raise ProtocolError(str(exc)) from None
+            self.ledger.on_ack(msg)
         elif type(msg) in HANDSHAKE_MESSAGES:
             raise ProtocolError(f"handshake message {msg.TYPE} after the session started")
         else:
@@ -270,7 +308,8 @@ class AgentSession:
                 "in flight (--max-requests-per-agent); retry when some finish",
             ))
             return
-        stream = ServerStream(self, msg.id, cfg.window)
+        stream = ServerStream(self, msg.id, cfg.window,
+                              on_events=self.on_events)
         self.streams[msg.id] = stream
         assert self.nursery is not None
         self.nursery.start_soon(self._run_request, stream, msg)
@@ -293,7 +332,6 @@ class AgentSession:
         finally:
             if stream.sse and not stream.finished and self.server.draining:
                 # Shutdown ends event streams cleanly, so clients reconnect with Last-Event-ID.
-                stream.finished = True
                 try:
                     stream.send_control(End(id=msg.id))
                 except LinkClosed:
@@ -301,194 +339,3 @@ class AgentSession:
             stream.close_inbox()
             self.streams.pop(msg.id, None)
             self.server.request_finished()
-
-
-class ServerLink:
-    """One TCP connection from an agent: handshake, then frames for its session."""
-
-    def __init__(self, server: Server, stream: trio.abc.Stream, peer: str) -> None:
-        self.server = server
-        self.stream = stream
-        self.peer = peer
-        self.writer = FrameWriter(stream)
-        self.reader = FrameReader(stream, server.config.max_frame)
-        self.session: AgentSession | None = None
-        self.cancel_scope = trio.CancelScope()
-        self._writer_scope = trio.CancelScope()
-        self.close_reason = ""
-        self._ping_sent: dict[int, float] = {}
-        self._last_heard = trio.current_time()
-        self.done = trio.Event()
-        """Set when :meth:`run` has returned: queued frames sent (or given up), socket closed."""
-
-    def close(self, reason: str) -> None:
-        if not self.close_reason:
-            self.close_reason = reason
-        self.cancel_scope.cancel()
-
-    async def run(self) -> None:
-        """Handshake, then serve until the link ends. Never raises for peer misbehaviour."""
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._write)
-            try:
-                with self.cancel_scope:
-                    await self._run()
-            finally:
-                if self.session is not None:
-                    self.session.detach(self)
-                self.writer.close()
-                # Let queued frames (a Reject, a GoAway) out, but never wait on a dead peer.
-                self._writer_scope.deadline = trio.current_time() + 1.0
-        try:
-            with trio.move_on_after(1) as scope:
-                scope.shield = True
-                await self.stream.aclose()
-        finally:
-            self.done.set()
-
-    async def _write(self) -> None:
-        with self._writer_scope:
-            try:
-                await self.writer.run()
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                self.writer.closed = True
-                self.close(f"write failed: {exc}")
-
-    async def _run(self) -> None:
-        try:
-            with trio.fail_after(self.server.config.handshake_timeout):
-                session = await self._handshake()
-        except trio.TooSlowError:
-            log.warning(
-                "handshake from %s timed out after %.0f s; closing",
-                self.peer,
-                self.server.config.handshake_timeout,
-            )
-            self.server.stats.handshake_failures += 1
-            self.server.audit_limit("handshake_timeout", "?", self.peer,
-                                    f"no handshake within {self.server.config.handshake_timeout} s")
-            return
-        except (ProtocolError, LinkClosed, trio.BrokenResourceError, trio.ClosedResourceError,
-                OSError) as exc:
-            if self.reader.bytes_received == 0:
-                # A port probe or health check, not an agent.
-                log.info("connection from %s closed before the handshake", self.peer)
-            else:
-                log.warning("handshake from %s failed: %s", self.peer, exc)
-                self.server.stats.handshake_failures += 1
-            return
-        if session is None:
-            return
-        try:
-            await self._serve(session)
-        finally:
-            log.info("agent %s (%s) link closed: %s", session.agent, self.peer,
-                     self.close_reason or "closed")
-
-    async def _handshake(self) -> AgentSession | None:
-        first = await self.reader.receive()
-        if not isinstance(first, Hello):
-            raise ProtocolError(f"expected hello, got {first.TYPE}")
-        server = self.server
-        token = server.tokens.get(first.agent)
-        try:
-            hs = ServerHandshake(first, token, os.urandom(NONCE_SIZE), server.decoy_key)
-            self.writer.send(hs.challenge())
-            auth = await self.reader.receive()
-            if isinstance(auth, Reject):
-                log.warning(
-                    "agent %r at %s refused our proof: %r", first.agent[:40], self.peer,
-                    auth.message[:200],
-                )
-                server.stats.handshake_failures += 1
-                return None
-            if not isinstance(auth, Auth):
-                raise ProtocolError(f"expected auth, got {auth.TYPE}")
-            hs.verify(auth)
-        except HandshakeError as exc:
-            log.warning(
-                "handshake from %s (agent %r) failed: %s", self.peer, first.agent[:40], exc
-            )
-            server.stats.handshake_failures += 1
-            self.writer.send(Reject(code=exc.code, message=str(exc)))
-            return None
-        session = server.resumable(first.agent, first.resume, first.received)
-        resumed = session is not None
-        if session is None:
-            try:
-                session = await server.new_session(first.agent, hs.version)
-            except TooManyAgents as exc:
-                log.warning("refusing agent %s from %s: %s", first.agent, self.peer, exc)
-                server.audit_limit("max_agents", first.agent, self.peer, str(exc))
-                self.writer.send(Reject(code="limit", message=str(exc)))
-                return None
-        self.session = session
-        self.writer.send(
-            Welcome(
-                session=session.session_id,
-                window=server.config.window,
-                max_frame=server.config.max_frame,
-                server=server.version,
-                resumed=resumed,
-                received=session.counter.received,
-            )
-        )
-        session.attach(self, first.received if resumed else 0)
-        if resumed:
-            log.info("agent %s resumed its session from %s (%d frames replayed)",
-                     session.agent, self.peer, session.replay.sent - session.replay.acked)
-        else:
-            log.info("agent %s connected from %s (protocol v%d)", session.agent, self.peer,
-                     session.version)
-        return session
-
-    async def _serve(self, session: AgentSession) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._keepalive, session)
-            try:
-                async for msg in self.reader:
-                    self._last_heard = trio.current_time()
-                    if isinstance(msg, Ping):
-                        self.writer.send(Pong(nonce=msg.nonce))
-                        continue
-                    if isinstance(msg, Pong):
-                        sent = self._ping_sent.pop(msg.nonce, None)
-                        if sent is not None:
-                            session.last_rtt = trio.current_time() - sent
-                        continue
-                    session.receive(msg)
-                    if session.counter.ack_due():
-                        self.writer.send(session.counter.make_ack())
-                self.close("agent closed the connection")
-            except ProtocolError as exc:
-                self.server.stats.protocol_errors += 1
-                self.close(f"protocol error: {exc}")
-                self.server.audit_limit("protocol", session.agent, self.peer, str(exc)[:300])
-                log.warning("agent %s (%s) broke the protocol: %s; ending its session",
-                            session.agent, self.peer, exc)
-                session.end(f"protocol error: {exc}")
-            except (LinkClosed, trio.BrokenResourceError, trio.ClosedResourceError,
-                    OSError) as exc:
-                self.close(f"link broken: {exc}")
-            nursery.cancel_scope.cancel()
-
-    async def _keepalive(self, session: AgentSession) -> None:
-        cfg = self.server.config
-        nonce = 0
-        while True:
-            await trio.sleep(cfg.ping_interval)
-            if trio.current_time() - self._last_heard > cfg.idle_timeout:
-                self.close(f"no frame for {cfg.idle_timeout:.0f} s (keepalive timeout)")
-                self.server.audit_limit("idle_timeout", session.agent, self.peer,
-                                        f"no frame for {cfg.idle_timeout:.0f} s")
-                return
-            nonce += 1
-            self._ping_sent[nonce] = trio.current_time()
-            if len(self._ping_sent) > 8:
-                self._ping_sent.pop(min(self._ping_sent))
-            try:
-                if session.counter.received:
-                    self.writer.send(session.counter.make_ack())
-                self.writer.send(Ping(nonce=nonce))
-            except LinkClosed:
-                return

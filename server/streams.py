@@ -1,30 +1,92 @@
-"""One request's half of the tunnel on the server: credit, inbox, cancellation."""
+"""One request's half of the tunnel on the server: credit, inbox, cancellation, what was sent."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import trio
 from trio import MemoryReceiveChannel, MemorySendChannel
 
-from carapace.protocol.flow import ReceiveWindow, SendWindow, flow_cost
+from carapace.protocol.flow import StreamFlow, flow_cost
 from carapace.protocol.messages import (
-    Credit,
-    End,
+    Data,
+    HttpHead,
     HttpResponse,
     Message,
     RequestFailed,
     RequestMessage,
+    SseEvent,
+    SseEvents,
 )
-
-if TYPE_CHECKING:
-    from .session import AgentSession
+from carapace.protocol.requests import ENDS_REQUEST
 
 
-class StreamGone(Exception):
-    """The link under this request is gone; nothing more can be sent on it."""
+class FrameSink(Protocol):
+    """Where a stream's frames go: the agent's session (queued for its link, kept for replay)."""
+
+    def send(self, msg: Message) -> None: ...
+
+    def send_many(self, msgs: Sequence[Message]) -> None: ...
+
+
+def _text_bytes(text: str | None) -> int:
+    if not text:
+        return 0
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+class ResponseSent:
+    """What one request has sent towards the VM, as its completion record reports it.
+
+    Filled in as frames are handed to the stream, before any wait for credit:
+    a request cut off while its frames wait (its reader stopped reading, the
+    link is gone) reports what its upstream had produced for the VM by then.
+    """
+
+    __slots__ = ("body_bytes", "events", "failed", "status")
+
+    def __init__(self) -> None:
+        self.status: int | None = None
+        """The head's status, or the one of a ``failed`` frame (Carapace's answer)."""
+        self.failed: str | None = None
+        """The code of the ``failed`` frame that ended the request, if one did."""
+        self.body_bytes = 0
+        """Response body bytes; for an event stream, the bytes of the events' data."""
+        self.events = 0
+        """SSE events."""
+
+    def record(self, msgs: Sequence[Message]) -> int:
+        """Take in frames about to be sent; return how many SSE events they carry."""
+        size = events = 0
+        frames: Sequence[Any] = msgs  # exact type tests below, which mypy does not narrow on
+        for msg in frames:
+            kind = type(msg)  # not isinstance: this runs for every frame of every request
+            if kind is SseEvent:
+                events += 1
+                size += _text_bytes(msg.data)
+            elif kind is SseEvents:
+                events += len(msg.events)
+                size += sum(_text_bytes(data) for _, data, _, _ in msg.events)
+            elif kind is Data:
+                size += len(msg.data)
+            elif kind is HttpHead:
+                self.status = msg.status
+            elif kind is HttpResponse:
+                self.status = msg.status
+                size += len(msg.body)
+            elif kind is RequestFailed:
+                self.status = msg.status
+                self.failed = msg.code
+        self.body_bytes += size
+        self.events += events
+        return events
+
+
+EventsObserver = Callable[[int, "float | None"], None]
+"""Told ``(count, arrived)`` once a stream has queued SSE events on the link;
+``arrived`` is the trio time their bytes came from the upstream (None: unknown)."""
 
 
 class ServerStream:
@@ -32,44 +94,55 @@ class ServerStream:
 
     Payload frames wait for credit, so a local reader that stalls holds back
     only its own stream; control frames (head, end, exit, failed) never wait.
+    ``on_events`` (the server's metrics) hears of every SSE event sent, and
+    :attr:`sent` records what the response was, for the completion record.
+
+    It notes when the request's final frame has gone (:attr:`finished`), but
+    does not hold its handler to the order of protocol/requests.py: the
+    handlers build their frames in order, and a handler whose request the
+    session has just ended may still send a frame before its cancellation
+    lands, which goes out as ever and which the agent drops.
     """
 
-    def __init__(self, session: AgentSession, request_id: int, window: int) -> None:
+    def __init__(self, session: FrameSink, request_id: int, window: int,
+                 on_events: EventsObserver | None = None) -> None:
         self.session = session
         self.id = request_id
         self.cancel_scope = trio.CancelScope()
         self.cancel_reason: str | None = None
-        self._send_window = SendWindow(window)
-        self._receive_window = ReceiveWindow(window)
+        self.flow = StreamFlow(request_id, window, peer="agent")
         self._credit_changed = trio.Event()
         # Made on first use: only CLI requests (stdin, signals) receive frames, and
         # a channel pair per HTTP request showed in the JSON-RPC profile.
         self._inbox_pair: tuple[MemorySendChannel[Message],
                                 MemoryReceiveChannel[Message]] | None = None
         self._inbox_closed = False
-        self.finished = False
+        self._finished = False
         self.sse = False
         self.bytes_out = 0
-        self.events_out = 0
+        """Credit spent (``flow_cost``), not body bytes: those are in ``sent``."""
+        self.sent = ResponseSent()
+        self._on_events = on_events
+
+    @property
+    def finished(self) -> bool:
+        """The request's final frame has gone to the agent: its id is dead."""
+        return self._finished
 
     # -- called by the session's reader ------------------------------------------
     def grant(self, amount: int) -> None:
-        self._send_window.grant(amount)
+        """The agent sent credit (ProtocolError if it is not positive)."""
+        self.flow.grant(amount)
         self._credit_changed.set()
         self._credit_changed = trio.Event()
 
-    def deliver(self, msg: Message) -> bool:
-        """Queue an agent → server frame (stdin, signal); False if the sender overdrew."""
-        cost = flow_cost(msg)
-        if cost:
-            self._receive_window.received(cost)
-            if self._receive_window.over_limit():
-                return False
+    def deliver(self, msg: Message) -> None:
+        """Queue an agent → server frame (stdin, signal); ProtocolError if the agent overdrew."""
+        self.flow.received(msg)
         try:
             self._inbox()[0].send_nowait(msg)
         except trio.ClosedResourceError:
             pass
-        return True
 
     def _inbox(self) -> tuple[MemorySendChannel[Message], MemoryReceiveChannel[Message]]:
         if self._inbox_pair is None:
@@ -96,13 +169,19 @@ class ServerStream:
     async def send(self, msg: RequestMessage) -> None:
         """Send a payload frame once this stream has credit."""
         cost = flow_cost(msg)
-        while not self._send_window.open:
+        events = self.sent.record((msg,))
+        flow = self.flow
+        while not flow.may_send:
             await self._credit_changed.wait()
-        self._send_window.spend(cost)
+        flow.spend(cost)
         self.bytes_out += cost
+        self.note_frame(msg)
         self.session.send(msg)
+        if events and self._on_events is not None:
+            self._on_events(events, None)
 
-    async def send_batch(self, msgs: Sequence[RequestMessage]) -> None:
+    async def send_batch(self, msgs: Sequence[RequestMessage],
+                         arrived: float | None = None) -> None:
         """Send frames that are ready together, in order, as :meth:`send` would one by one.
 
         Control frames may be among them (a head first, an ``end`` last:
@@ -110,44 +189,58 @@ class ServerStream:
         the credit covers the whole batch (the usual case) it is spent once
         and the frames leave in one write; otherwise frame by frame, waiting
         whenever it runs out, so the rule stays "send only while credit is
-        positive".
+        positive". ``arrived``: the trio time the upstream bytes behind these
+        frames came, for the event latency ``on_events`` measures.
         """
         if not msgs:
             return
+        events = self.sent.record(msgs)
         costs = [flow_cost(msg) for msg in msgs]
         total = sum(costs)
-        window = self._send_window
-        if window.credit >= total:
-            window.spend(total)
+        flow = self.flow
+        if flow.credit >= total:
+            flow.spend(total)
             self.bytes_out += total
-            if isinstance(msgs[-1], End | HttpResponse):
-                self.finished = True
+            self.note_frame(msgs[-1])  # a final frame can only be the last
             self.session.send_many(msgs)
-            return
-        send = self.session.send
-        for msg, cost in zip(msgs, costs, strict=True):
-            if cost:
-                while not window.open:
-                    await self._credit_changed.wait()
-                window.spend(cost)
-                self.bytes_out += cost
-            if isinstance(msg, End | HttpResponse):
-                self.finished = True
-            send(msg)
+        else:
+            send = self.session.send
+            for msg, cost in zip(msgs, costs, strict=True):
+                if cost:
+                    while not flow.may_send:
+                        await self._credit_changed.wait()
+                    flow.spend(cost)
+                    self.bytes_out += cost
+                self.note_frame(msg)
+                send(msg)
+        # Once queued, so that the latency includes any wait for credit.
+        if events and self._on_events is not None:
+            self._on_events(events, arrived)
 
     def send_control(self, msg: RequestMessage) -> None:
         """Send a frame that needs no credit (head, end, exit, failed)."""
+        self.sent.record((msg,))
+        self.note_frame(msg)
         self.session.send(msg)
+
+    def note_frame(self, msg: Message) -> None:
+        """Note a frame that goes to the agent for this request (before it goes).
+
+        The session calls it too, for the ``failed`` it sends itself when it
+        ends: that one is not the handler's, so it bypasses the send methods
+        (and :attr:`sent`).
+        """
+        if type(msg) in ENDS_REQUEST:
+            self._finished = True
 
     def fail(self, status: int, code: str, message: str,
              retry_after: int | None = None) -> None:
         """End the request with a ``failed`` frame (codes: protocol/README.md)."""
-        self.finished = True
         self.send_control(RequestFailed(id=self.id, status=status, code=code, message=message,
                                         retry_after=retry_after))
 
     def consumed(self, msg: Message) -> None:
         """The handler has passed ``msg`` on (e.g. to stdin): return its credit."""
-        amount = self._receive_window.consumed(flow_cost(msg))
-        if amount:
-            self.session.send(Credit(id=self.id, amount=amount))
+        credit = self.flow.consumed(flow_cost(msg))
+        if credit is not None:
+            self.session.send(credit)

@@ -1,4 +1,4 @@
-"""Masking cost (issue 9): the tunnel with injected secrets scrubbed vs without.
+"""Masking cost: the tunnel with injected secrets scrubbed vs without.
 
 Measured by ``benchmarks/masking.py`` (a colleague's module, run as is): two
 Carapace pairs that differ only in whether their tools inject secrets, in
@@ -16,7 +16,7 @@ from typing import Any
 from ..common import Ctx, Row, ScenarioError, ScenarioResult, timed
 
 NAME = "masking"
-TITLE = "Secret masking cost (issue 9)"
+TITLE = "Secret masking cost"
 MODULE = "benchmarks.masking"
 NA = {"direct": "nothing to mask", "ssh": "nothing to mask"}
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from carapace.protocol.framing import FrameDecoder, encode
-from carapace.protocol.messages import CliRequest, Data, Message, RequestFailed
+from carapace.protocol.messages import Cancel, CliRequest, Data, End, Message, RequestFailed
 from helpers.procs import free_port, stop_process
 
 from .conftest import CliDeployment, start_agent, wait_until
@@ -114,6 +114,22 @@ def test_garbage_after_a_valid_request_cancels_it(cli: CliDeployment, tmp_path: 
     assert answer[-1].code == "bad_request"
     still_serving(cli)
     assert not pidfile.exists()
+
+
+@pytest.mark.parametrize(("after", "words"), [
+    ([End(id=1), Data(id=1, data=b"late")], "after the end of stdin"),
+    ([End(id=1), End(id=1)], "after the end of stdin"),
+    ([request("cat")], "while stdin is open"),
+    ([Cancel(id=1, reason="no")], "unexpected cancel from the shim"),
+])
+def test_shim_frames_out_of_order_get_bad_request(cli: CliDeployment, after: list[Message],
+                                                  words: str) -> None:
+    """The shim follows the agent's rules for a request (protocol/README.md, "Request
+    states"), without cancel: anything else ends its request with bad_request."""
+    answer = raw_exchange(cli, encode(request("cat")) + b"".join(encode(m) for m in after))
+    assert answer and isinstance(answer[-1], RequestFailed), answer
+    assert answer[-1].code == "bad_request" and words in answer[-1].message, answer[-1]
+    still_serving(cli)
 
 
 def test_truncated_request_then_hang_up(cli: CliDeployment) -> None:

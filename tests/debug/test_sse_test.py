@@ -1,15 +1,24 @@
-"""`carapace-debug sse-test`: the analysis on made-up arrivals, and serve + measure for real."""
+"""`carapace-debug sse-test`: the analysis on made-up arrivals; serve, measure and the plain
+``--count/--interval-ms`` run (here, and --through the tunnel) for real."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from carapace.debug.sse_test import Collection, Sample, analyse, percentile, sample_from_event
+from carapace.debug.sse_run import EventLog, Row, with_query
+from carapace.debug.sse_timing import (
+    Collection,
+    Sample,
+    analyse,
+    percentile,
+    sample_from_event,
+)
 from helpers.deployment import Deployment, deployment
 from helpers.procs import free_port, running, script
 
@@ -172,7 +181,10 @@ def test_measure_non_sse_endpoint_exits_2(served: str) -> None:
 
 @pytest.fixture(scope="module")
 def tunnel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    with deployment(tmp_path_factory.mktemp("sse-test")) as d:
+    debug_port = free_port()
+    with deployment(tmp_path_factory.mktemp("sse-test"),
+                    server_args=["--debug-listen", f"127.0.0.1:{debug_port}"]) as d:
+        d.debug_port = debug_port
         yield d
 
 
@@ -188,3 +200,128 @@ def test_measure_through_the_tunnel_catches_a_buffering_upstream(tunnel: Deploym
     code, report = measure_json(url, "--count", "10")
     assert code == 1, report
     assert report["buffered"] is True and report["bursts"]["largest"] >= 3
+
+
+# ---------------------------------------------------------------- the plain run
+
+
+def test_with_query_adds_count_and_interval_unless_the_url_has_them() -> None:
+    assert with_query("http://h:1/sse", 10, 100.0) == "http://h:1/sse?count=10&interval_ms=100"
+    assert (with_query("http://h:1/e?account=%2B1&count=3", 10, 12.5)
+            == "http://h:1/e?account=%2B1&count=3&interval_ms=12.5")
+
+
+def _sample(seq: int, arrival: float, ts: float | None = None) -> Sample:
+    return Sample(arrival=arrival, id=str(seq), ts=ts, seq=seq)
+
+
+def test_event_log_pairs_each_event_with_its_direct_twin_in_order() -> None:
+    shown: list[Row] = []
+    log = EventLog(started=100.0, show=shown.append, paired=True)
+    log.on_main(_sample(1, 100.010, ts=100.000))
+    assert shown == []  # waits for the direct read's event 1
+    log.on_direct(_sample(1, 100.002, ts=100.000))
+    log.on_direct(_sample(2, 100.103, ts=100.100))
+    assert [r.n for r in shown] == [1]
+    assert shown[0].latency_ms == 10.0 and shown[0].direct_ms == 2.0
+    assert shown[0].added_ms == 8.0 and shown[0].elapsed_ms == 10.0
+    log.on_main(_sample(2, 100.104, ts=100.100))
+    log.on_main(_sample(3, 100.205, ts=100.200))
+    assert [r.n for r in shown] == [1, 2]
+    log.direct_done()  # the direct read ended without event 3: it is shown unpaired
+    assert [r.n for r in shown] == [1, 2, 3]
+    assert shown[2].direct_ms is None and shown[2].added_ms is None
+    assert shown[2].latency_ms == 5.0
+
+
+def sse_run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([script("carapace-debug"), "sse-test", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def event_lines(out: str) -> list[tuple[int, float]]:
+    """(event number, elapsed ms) of each ``[Event #N] ... elapsed X ms`` line."""
+    return [(int(n), float(ms)) for n, ms in
+            re.findall(r"^\[Event #(\d+)\] .*?elapsed ([\d.]+) ms", out, flags=re.M)]
+
+
+def test_plain_run_generates_and_reports_like_the_rust_tool() -> None:
+    nobody = f"127.0.0.1:{free_port()}"
+    done = sse_run("--count", "10", "--interval-ms", "50", "--debug", nobody)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = event_lines(done.stdout)
+    assert [n for n, _ in lines] == list(range(1, 11))
+    elapsed = [ms for _, ms in lines]
+    assert elapsed == sorted(elapsed) and elapsed[-1] - elapsed[0] >= 9 * 50 * 0.9
+    assert "Generated 10 of 10 events in" in done.stdout
+    rate = float(re.search(r"^Rate: ([\d.]+) events/s", done.stdout, re.M).group(1))  # type: ignore[union-attr]
+    assert rate == pytest.approx(20, rel=0.3)
+    assert "Not measured: the tunnel: without --through URL" in done.stdout
+    assert "no server's debug listener answered here" in done.stdout and nobody in done.stdout
+
+
+def test_plain_run_json_is_one_document() -> None:
+    done = sse_run("--count", "5", "--interval-ms", "20", "--json", "--debug",
+                   f"127.0.0.1:{free_port()}")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("\n") == 1
+    report = json.loads(done.stdout)
+    assert report["mode"] == "local" and report["received"] == 5 == len(report["events"])
+    assert [e["n"] for e in report["events"]] == [1, 2, 3, 4, 5]
+    assert all(e["latency_ms"] is not None and e["added_ms"] is None for e in report["events"])
+    assert report["verdict"] == "real-time" and report["exit_code"] == 0
+    assert any("the tunnel" in line for line in report["not_measured"])
+
+
+def test_options_of_the_plain_run_before_a_subcommand_are_refused() -> None:
+    done = sse_run("--count", "5", "serve")
+    assert done.returncode == 2
+    assert "--count (given before 'serve') is an option of the plain sse-test run" in done.stderr
+    done = sse_run("--direct", "http://127.0.0.1:1/sse")
+    assert done.returncode == 2 and "give both" in done.stderr
+
+
+def test_through_the_tunnel_shows_the_latency_each_event_added(tunnel: Deployment) -> None:
+    done = sse_run("--count", "10", "--interval-ms", "40", "--through", tunnel.url("/sse"),
+                   "--direct", f"{tunnel.upstream_url}/sse", "--debug",
+                   f"127.0.0.1:{tunnel.debug_port}", "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert report["mode"] == "through" and report["verdict"] == "real-time"
+    assert report["url"] == tunnel.url("/sse?count=10&interval_ms=40")
+    assert [e["id"] for e in report["events"]] == [str(i) for i in range(1, 11)]
+    assert all(e["added_ms"] is not None for e in report["events"]), report["events"]
+    assert report["added"]["events"] == 10 and report["added"]["p99_ms"] < 250
+    assert report["direct"] == {"received": 10}
+    before, after = report["server"]["before"], report["server"]["after"]
+    assert after["sse_events"] - before["sse_events"] >= 10
+    assert any("forwarded" in line for line in report["measured"]), report["measured"]
+
+
+def test_through_the_tunnel_human_output(tunnel: Deployment) -> None:
+    done = sse_run("--count", "4", "--interval-ms", "30", "--through",
+                   tunnel.url("/api/v1/events"), "--debug", f"127.0.0.1:{free_port()}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert [n for n, _ in event_lines(done.stdout)] == [1, 2, 3, 4]
+    assert "event=receive" in done.stdout and "latency" in done.stdout
+    assert "Received 4 of 4 events" in done.stdout and "Verdict: REAL-TIME" in done.stdout
+    assert "Not measured: a direct read of the source (--direct URL)" in done.stdout
+    assert "Not measured: the server's side: no debug listener answered" in done.stdout
+
+
+def test_through_the_tunnel_catches_a_buffering_upstream(tunnel: Deployment) -> None:
+    done = sse_run("--count", "10", "--interval-ms", "80", "--through",
+                   tunnel.url("/sse-buffered?hold_ms=400"), "--json")
+    assert done.returncode == 1, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert report["verdict"] == "buffered" and report["received"] == 10
+
+
+def test_through_an_unreachable_url_exits_2() -> None:
+    url = f"http://127.0.0.1:{free_port()}/sse"
+    done = sse_run("--through", url, "--json", "--timeout", "5")
+    assert done.returncode == 2
+    report = json.loads(done.stdout)
+    assert report["verdict"] == "unreachable" and "cannot connect" in report["error"]
+    done = sse_run("--through", url, "--timeout", "5")
+    assert done.returncode == 2 and "cannot connect" in done.stderr and "check:" in done.stderr

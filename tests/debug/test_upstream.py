@@ -36,7 +36,8 @@ async def rpc(client: httpx.AsyncClient, up: UpstreamServer, payload: Any) -> An
 
 
 async def read_sse(
-    client: httpx.AsyncClient, url: str, headers: dict[str, str] | None = None
+    client: httpx.AsyncClient, url: str,
+    headers: dict[str, str] | list[tuple[str, str]] | None = None,
 ) -> tuple[list[Event | Comment], bytes, httpx.Response]:
     """The whole stream (it must end by itself), parsed, plus its raw bytes."""
     parser = SseParser()
@@ -245,6 +246,30 @@ async def test_echo_header_sse(upstream: UpstreamServer, client: httpx.AsyncClie
     assert [d["seq"] for d in datas] == [1, 2, 3]
     assert {d["value"] for d in datas} == {"hunter2"}
     assert {d["header"] for d in datas} == {"X-Secret"}
+
+
+async def test_a_repeated_header_is_read_as_its_first_value(
+    upstream: UpstreamServer, client: httpx.AsyncClient
+) -> None:
+    items, _, _ = await read_sse(
+        client, upstream.url("/echo-header-sse?name=X-Dup&interval_ms=0"),
+        [("X-Dup", "first"), ("x-dup", "second")],
+    )
+    assert {json.loads(e.data or "")["value"] for e in events_of(items)} == {"first"}
+
+
+async def test_an_absolute_target_without_a_path_asks_for_the_root(
+    upstream: UpstreamServer, client: httpx.AsyncClient
+) -> None:
+    stream = await trio.open_tcp_stream("127.0.0.1", upstream.port)
+    async with stream:
+        await stream.send_all(b"GET http://x?count=1&interval_ms=0 HTTP/1.1\r\nHost: x\r\n"
+                              b"Connection: close\r\n\r\n")
+        raw = b""
+        while chunk := await stream.receive_some(65536):
+            raw += chunk
+    assert raw.startswith(b"HTTP/1.1 200 OK\r\n") and b"text/event-stream" in raw
+    assert (await stats(client, upstream))["paths"] == {"/": 1, "/stats": 1}
 
 
 # ---------------------------------------------------------------- plain routes

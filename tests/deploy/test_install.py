@@ -15,6 +15,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -34,6 +36,7 @@ from helpers.procs import (
     start_process,
     stop_process,
     wait_for_port,
+    wait_until,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -217,6 +220,128 @@ def test_installed_server_agent_and_shim_work_end_to_end(services: Installed) ->
                             capture_output=True, text=True, timeout=20,
                             env={**env, "CARAPACE_PID_FILE": env_file["CARAPACE_PID_FILE"]})
     assert reload.returncode == 0, reload.stdout + reload.stderr
+
+
+RUST_VERIFICATION = (
+    "carapace-debug sse-test --count 10 --interval-ms 100",
+    "carapace-debug sniff --filter SseEvent",
+    "carapace-debug health",
+    "carapace-debug connections --watch 2",
+    "carapace-debug audit --since 5m --limit 20",
+)
+"""The Rust Carapace's "verify after deployment" commands, exactly as its notes write them."""
+
+
+def operator_shell(host: Path, command: str) -> list[str]:
+    """``command`` as an operator on the host runs it: in a shell that loaded the installed
+    server.env (``set -a; . server.env``), the installed commands first on PATH."""
+    env_file = host / "etc/carapace/server.env"
+    return ["sh", "-c", f'set -a; . "{env_file}"; set +a; exec {command}']
+
+
+def operator_env(host: Path) -> dict[str, str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CARAPACE_")}
+    return {**clean, "PATH": f"{host / 'usr/local/bin'}:{clean.get('PATH', '/usr/bin:/bin')}",
+            "COLUMNS": "200"}
+
+
+def as_operator(host: Path, command: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(operator_shell(host, command), capture_output=True, text=True,
+                          timeout=60, env=operator_env(host))
+
+
+def sniffed_events(text: str, tool: str) -> int:
+    """Events in sniff's human lines: one per sse_event line, N per 'sse_events N events'."""
+    lines = [line for line in text.splitlines() if f" {tool} " in line]
+    return (sum(1 for line in lines if re.search(r" sse_event +event=", line))
+            + sum(int(n) for line in lines for n in re.findall(r" sse_events +(\d+) events", line)))
+
+
+def interrupt(proc: CapturedProcess) -> int:
+    """Ctrl-C, as the person at the terminal stops a command that runs until then."""
+    proc.send_signal(signal.SIGINT)
+    return proc.wait(timeout=20)
+
+
+def test_the_rust_verification_commands_work_as_written(services: Installed) -> None:
+    host = services.host
+    doc = (REPO / "DEPLOYMENT.md").read_text()
+    assert all(command in doc for command in RUST_VERIFICATION), "DEPLOYMENT.md must list them"
+    which = shutil.which("carapace-debug", path=operator_env(host)["PATH"])
+    assert which == str(host / "usr/local/bin/carapace-debug")  # the installed one
+    sse, sniff, health, watch, audit = RUST_VERIFICATION
+    debug = f"127.0.0.1:{services.debug_port}"
+
+    # "In another terminal": the sniff feed, started first, sees what crosses the tunnel.
+    feed = start_process(operator_shell(host, sniff), operator_env(host))
+    try:
+        wait_until(lambda: debug_health(debug)["sniff"]["subscribers"] >= 1, 20,
+                   "the sniff feed to subscribe")
+        _check_sse_test_as_written(host, sse, debug)
+        events = (f"/api/v1/events --direct http://127.0.0.1:{services.upstream_port}"
+                  "/api/v1/events")
+        _check_sse_test_through(host, f"{sse} --through http://127.0.0.1:"
+                                f"{services.expose_port}{events}")
+        # Only the --through run crossed the tunnel: its 10 events, and no others.
+        wait_until(lambda: sniffed_events(feed.stdout_text(), "signal-cli") >= 10, 20,
+                   "the ten events in the sniff feed")
+        assert sniffed_events(feed.stdout_text(), "signal-cli") == 10, feed.output()
+    finally:
+        code = interrupt(feed) if feed.poll() is None else feed.returncode
+        stop_process(feed)
+    assert code == 0, feed.output()
+
+    done = as_operator(host, health)
+    assert done.returncode == 0, done.stderr
+    first = done.stdout.splitlines()[0]
+    assert first.startswith("Server is healthy") and "vm1" in first, done.stdout
+
+    watching = start_process(operator_shell(host, watch), operator_env(host))
+    try:
+        # Two refreshes: it watches, and each shows the agent as the Rust notes say.
+        wait_until(lambda: watching.stdout_text().count("1 connection from agent vm1") >= 2,
+                   20, "two refreshes of connections --watch 2")
+    finally:
+        code = interrupt(watching) if watching.poll() is None else watching.returncode
+        stop_process(watching)
+    assert code == 0, watching.output()
+
+    done = as_operator(host, audit)
+    assert done.returncode == 0, done.stderr
+    log = host / "var/log/carapace/audit.jsonl"
+    assert f"in {log}" in done.stdout and "(found by CARAPACE_AUDIT_LOG)" in done.stdout
+    assert "GET /api/v1/events" in done.stdout and "signal-cli" in done.stdout
+    shown, matched = map(int, re.search(r"(\d+) of (\d+) matching", done.stdout).groups())  # type: ignore[union-attr]
+    assert 0 < shown <= 20 and shown <= matched
+
+
+def debug_health(address: str) -> dict[str, Any]:
+    doc: dict[str, Any] = httpx.get(f"http://{address}/debug/health", timeout=5).json()
+    return doc
+
+
+def _check_sse_test_as_written(host: Path, command: str, debug: str) -> None:
+    done = as_operator(host, command)
+    assert done.returncode == 0, done.stdout + done.stderr
+    numbers = [int(n) for n in re.findall(r"^\[Event #(\d+)\] .* elapsed [\d.]+ ms", done.stdout,
+                                          flags=re.M)]
+    assert numbers == list(range(1, 11)), done.stdout
+    assert "Generated 10 of 10 events in" in done.stdout
+    rate = float(re.search(r"^Rate: ([\d.]+) events/s", done.stdout, re.M).group(1))  # type: ignore[union-attr]
+    assert 7 <= rate <= 13, done.stdout
+    assert "Not measured: the tunnel" in done.stdout
+    assert f"Next: carapace-server at {debug} answers (status ok, agents: vm1)" in done.stdout
+
+
+def _check_sse_test_through(host: Path, command: str) -> None:
+    done = as_operator(host, command)
+    assert done.returncode == 0, done.stdout + done.stderr
+    added = re.findall(r"^\[Event #\d+\] id=\d+ event=receive .* tunnel added (-?[\d.]+) ms$",
+                       done.stdout, flags=re.M)
+    assert len(added) == 10, done.stdout
+    assert "Received 10 of 10 events" in done.stdout and "Verdict: REAL-TIME" in done.stdout
+    forwarded = re.search(r"forwarded (\d+) SSE event\(s\) during the run", done.stdout)
+    assert forwarded and int(forwarded.group(1)) >= 10, done.stdout
 
 
 def test_install_leaves_secrets_private(installed: Installed) -> None:

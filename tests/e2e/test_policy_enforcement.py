@@ -487,7 +487,7 @@ def anchor_policy(recorder: Path) -> str:
 
 @pytest.fixture(scope="module")
 def anchor(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    if not ANCHORS.is_dir():  # the same convention as tests/policy/test_load.py
+    if not ANCHORS.is_dir():  # the same convention as tests/server/policy/test_load.py
         pytest.skip(f"anchor policies not found at {ANCHORS}")
     tmp = tmp_path_factory.mktemp("anchor")
     calls = tmp / "binary-calls"

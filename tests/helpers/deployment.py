@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -68,6 +69,12 @@ def default_policy(upstream_port: int, timeout: float = 5) -> str:
             timeout_secs: {timeout}
         """
     )
+
+
+def rpc(d: Deployment, method: str, **extra: Any) -> httpx.Response:
+    """A JSON-RPC call of ``method`` through the agent's ``signal-cli`` port."""
+    return httpx.post(d.url("/api/v1/rpc"), json={"jsonrpc": "2.0", "method": method, "id": 1},
+                      timeout=10, **extra)
 
 
 def wait_until_tunnel_up(url: str, timeout: float = 15.0) -> None:

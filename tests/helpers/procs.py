@@ -25,11 +25,15 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, TypeVar
+
+T = TypeVar("T")
 
 __all__ = [
     "CapturedProcess",
     "free_port",
+    "poll",
+    "run_debug",
     "running",
     "script",
     "start_process",
@@ -125,6 +129,32 @@ def wait_until(check: Callable[[], object], timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.01)
+
+
+def poll(fn: Callable[[], T | None], timeout: float = 10.0, what: str = "condition",
+         interval: float = 0.02) -> T:
+    """Call ``fn`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        try:
+            value = fn()
+        except AssertionError as exc:
+            value, last = None, exc
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}: {last}")
+        time.sleep(interval)
+
+
+def run_debug(*args: str, timeout: float = 20, env: dict[str, str] | None = None
+              ) -> subprocess.CompletedProcess[str]:
+    """Run ``carapace-debug ARGS`` to completion and capture its output."""
+    return subprocess.run(
+        [script("carapace-debug"), *args], capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
+    )
 
 
 def wait_for_port(

@@ -1,4 +1,4 @@
-"""The secret scrubber (server/masking.py): what it masks, how it streams, the SSE rule."""
+"""The secret scrubber (server/masking/): what it masks, how it streams, the SSE rule."""
 
 from __future__ import annotations
 

@@ -1,23 +1,19 @@
 """One real deployment (upstream, carapace-server with --debug-listen and --audit-log,
-carapace-agent) shared by the operator-view tests, and helpers to drive carapace-debug."""
+carapace-agent) shared by the operator-view tests, and helpers to read its debug listener."""
 
 from __future__ import annotations
 
 import secrets
-import subprocess
 import textwrap
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
 
 from helpers.deployment import Deployment, deployment
-from helpers.procs import free_port, script
-
-T = TypeVar("T")
+from helpers.procs import free_port, poll
 
 POLICY_SECRET = "injected-" + secrets.token_urlsafe(24)
 """A headers_inject value: a policy secret that must never show in a sniff feed."""
@@ -62,42 +58,9 @@ def get_json(d: Deployment, path: str) -> dict[str, Any]:
     return doc
 
 
-def run_debug(*args: str, timeout: float = 20, env: dict[str, str] | None = None
-              ) -> subprocess.CompletedProcess[str]:
-    """Run ``carapace-debug ARGS`` to completion and capture its output."""
-    import os
-
-    return subprocess.run(
-        [script("carapace-debug"), *args], capture_output=True, text=True, timeout=timeout,
-        env={**os.environ, "COLUMNS": "200", **(env or {})},
-    )
-
-
-def poll(fn: Callable[[], T | None], timeout: float = 10.0, what: str = "condition",
-         interval: float = 0.02) -> T:
-    """Call ``fn`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        try:
-            value = fn()
-        except AssertionError as exc:
-            value, last = None, exc
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}: {last}")
-        time.sleep(interval)
-
-
 def wait_for_subscribers(d: Deployment, n: int, timeout: float = 10.0) -> None:
     poll(lambda: get_json(d, "/debug/health")["sniff"]["subscribers"] >= n, timeout,
          f"{n} sniff subscriber(s)")
-
-
-def rpc(d: Deployment, method: str, **extra: Any) -> httpx.Response:
-    return httpx.post(d.url("/api/v1/rpc"), json={"jsonrpc": "2.0", "method": method, "id": 1},
-                      timeout=10, **extra)
 
 
 def token_file(tmp: Path, token: str) -> Path:

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import httpx
 
-from helpers.deployment import deployment
+from helpers.deployment import deployment, rpc
 from helpers.jsonlines import complete_lines
-from helpers.procs import free_port, script, start_process, stop_process
+from helpers.procs import free_port, poll, run_debug, script, start_process, stop_process
 
-from .conftest import poll, rpc, run_debug, token_file
+from .conftest import token_file
 
 
 def test_non_loopback_debug_listen_without_token_is_refused(tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ from functools import partial
 from types import SimpleNamespace
 from typing import Any
 
-import pytest
 import trio
 import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
@@ -26,16 +25,15 @@ from carapace.protocol.messages import (
     SseEvents,
 )
 from carapace.protocol.sse import Comment, Event
-from carapace.server import http_dispatch
-from carapace.server.audit import ResponseTap
-from carapace.server.http_dispatch import (
+from carapace.server.metrics import ServerMetrics
+from carapace.server.streams import ServerStream
+from carapace.server.upstream import UpstreamClient, relay
+from carapace.server.upstream.relay import (
     MAX_BATCH_CHARS,
     MAX_EVENTS_PER_FRAME,
     _frame_events,
     _send_items,
 )
-from carapace.server.metrics import ServerMetrics, events_forwarded
-from carapace.server.streams import ServerStream
 
 
 class FakeSession:
@@ -69,12 +67,11 @@ async def test_a_batch_within_the_credit_goes_at_once() -> None:
 async def test_a_small_whole_answer_is_one_write_and_finishes_the_stream() -> None:
     session = FakeSession()
     stream = ServerStream(session, 1, window=10_000)  # type: ignore[arg-type]
-    tap = ResponseTap(stream)
     answer = [HttpHead(id=1, status=201, headers=(), sse=False), Data(id=1, data=b"{}"),
               End(id=1)]
     await stream.send_batch(answer)
     assert session.sent == answer and session.writes == 1
-    assert stream.finished and tap.status == 201 and tap.bytes_out == 2
+    assert stream.finished and stream.sent.status == 201 and stream.sent.body_bytes == 2
     await stream.send_batch([])
     assert session.writes == 1
 
@@ -82,11 +79,10 @@ async def test_a_small_whole_answer_is_one_write_and_finishes_the_stream() -> No
 async def test_a_whole_answer_finishes_the_stream_also_when_it_waited_for_credit() -> None:
     session = FakeSession()
     stream = ServerStream(session, 1, window=10_000)  # type: ignore[arg-type]
-    tap = ResponseTap(stream)
     whole = HttpResponse(id=1, status=201, headers=(), body=b"{}")
     await stream.send_batch([whole])
     assert session.sent == [whole] and stream.finished
-    assert tap.status == 201 and tap.bytes_out == 2
+    assert stream.sent.status == 201 and stream.sent.body_bytes == 2
 
     session = FakeSession()
     stream = ServerStream(session, 2, window=1)  # type: ignore[arg-type]
@@ -130,16 +126,23 @@ async def test_a_batch_beyond_the_credit_waits_for_it_frame_by_frame() -> None:
     assert session.sent == batch
 
 
-async def test_the_audit_tap_counts_a_batch() -> None:
+async def test_the_stream_records_a_batch_for_the_audit() -> None:
     session = FakeSession()
     stream = ServerStream(session, 1, window=100_000)  # type: ignore[arg-type]
-    tap = ResponseTap(stream)
     await stream.send_batch([*events(2, "abc"), SseComment(id=1, text="ignored"),
                              SseEvent(id=1, data="é€"), SseEvent(id=1, data="")])
-    assert tap.events == 4
-    assert tap.bytes_out == 3 + 3 + len("é€".encode())
+    assert stream.sent.events == 4
+    assert stream.sent.body_bytes == 3 + 3 + len("é€".encode())
     await stream.send_batch([Data(id=1, data=b"12345")])
-    assert tap.bytes_out == 3 + 3 + len("é€".encode()) + 5 and tap.events == 4
+    assert stream.sent.body_bytes == 3 + 3 + len("é€".encode()) + 5 and stream.sent.events == 4
+
+
+
+def test_the_stream_records_the_failure_it_answers_with() -> None:
+    stream = ServerStream(FakeSession(), 1, window=100)  # type: ignore[arg-type]
+    stream.fail(502, "upstream_unavailable", "the host service is unreachable")
+    assert (stream.sent.status, stream.sent.failed, stream.sent.body_bytes) == (
+        502, "upstream_unavailable", 0)
 
 
 def scrape(metrics: ServerMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -157,13 +160,13 @@ def test_a_batch_counts_every_event_in_the_metrics() -> None:
                                                         protocol_errors=0, errors=0),
                                   version="test")
     metrics = ServerMetrics(server)
-    server.metrics = metrics
-    stream = SimpleNamespace(session=SimpleNamespace(server=server))
+    stream = ServerStream(FakeSession(), 1, window=100_000,  # type: ignore[arg-type]
+                          on_events=metrics.count_events)
 
     async def run() -> None:
         now = trio.current_time()
-        events_forwarded(stream, 5, now)  # queued "now": latency ~0, first bucket
-        events_forwarded(stream, 2, None)  # the end of a stream: counted, no latency
+        await stream.send_batch(events(5), now)  # queued "now": latency ~0, first bucket
+        await stream.send_batch(events(2))  # the end of a stream: counted, no latency
 
     trio.run(run)
     metrics.event_latency.observe(0.003, 4)
@@ -202,16 +205,13 @@ def test_a_lone_event_is_still_its_own_sse_event_frame() -> None:
     assert out[1] == SseEvent(id=4, data="tail")
 
 
-async def test_comments_keep_their_place_between_batches(monkeypatch: pytest.MonkeyPatch
-                                                          ) -> None:
+async def test_comments_keep_their_place_between_batches() -> None:
     session = FakeSession()
     stream = ServerStream(session, 1, window=100_000)  # type: ignore[arg-type]
-    stream.events_out = 0
     items = [Event(data="a"), Event(data="b"), Comment(" ping"), Event(data="c"),
              Event(data="d"), Event(data="e")]
-    monkeypatch.setattr(http_dispatch, "events_forwarded", lambda *args: None)
-    sent = await _send_items(stream, 1, items, None, None)
-    assert sent == 5
+    await _send_items(stream, 1, items, None, None)
+    assert stream.sent.events == 5
     assert session.sent == [
         SseEvents(id=1, events=((None, "a", None, None), (None, "b", None, None))),
         SseComment(id=1, text=" ping"),
@@ -220,15 +220,14 @@ async def test_comments_keep_their_place_between_batches(monkeypatch: pytest.Mon
     ]
 
 
-async def test_the_audit_tap_counts_the_events_of_a_batch_frame() -> None:
+async def test_the_stream_records_the_events_of_a_batch_frame() -> None:
     session = FakeSession()
     stream = ServerStream(session, 1, window=100_000)  # type: ignore[arg-type]
-    tap = ResponseTap(stream)
     await stream.send_batch([SseEvents(id=1, events=(("e", "abc", "1", None),
                                                      (None, "é€", None, None),
                                                      (None, None, "3", None)))])
-    assert tap.events == 3
-    assert tap.bytes_out == 3 + len("é€".encode())
+    assert stream.sent.events == 3
+    assert stream.sent.body_bytes == 3 + len("é€".encode())
 
 
 async def test_a_small_answer_is_one_frame_but_a_late_body_never_holds_the_head() -> None:
@@ -253,12 +252,12 @@ async def test_a_small_answer_is_one_frame_but_a_late_body_never_holds_the_head(
         listeners = await nursery.start(partial(trio.serve_tcp, upstream, 0, host="127.0.0.1"))
         port = listeners[0].socket.getsockname()[1]
         tool: Any = SimpleNamespace(upstream=f"http://127.0.0.1:{port}", timeout_secs=5)
-        async with http_dispatch.make_client() as client:
+        async with UpstreamClient() as client:
             session = FakeSession()
             stream = ServerStream(session, 1, window=10_000)  # type: ignore[arg-type]
             req = HttpRequest(id=1, tool="t", method="GET", target="/now", headers=(),
                               body=b"")
-            await http_dispatch.forward_http(client, stream, req, "t", tool, [])
+            await relay.forward_http(client, stream, req, "t", tool, [])
             assert session.sent == [HttpResponse(id=1, status=200,
                                                  headers=((b"Content-Length", b"2"),),
                                                  body=b"ok")]
@@ -269,7 +268,7 @@ async def test_a_small_answer_is_one_frame_but_a_late_body_never_holds_the_head(
             req = HttpRequest(id=2, tool="t", method="GET", target="/late", headers=(),
                               body=b"")
             async with trio.open_nursery() as inner:
-                inner.start_soon(http_dispatch.forward_http, client, stream, req, "t", tool, [])
+                inner.start_soon(relay.forward_http, client, stream, req, "t", tool, [])
                 await trio.testing.wait_all_tasks_blocked()
                 assert [m.TYPE for m in session.sent] == ["http_head"]  # not held for the body
                 body_may_come.set()

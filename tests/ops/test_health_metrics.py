@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from carapace.protocol.messages import CliRequest, HttpRequest, Ping, RequestFailed
-from helpers.deployment import Deployment
-from helpers.procs import free_port
+from helpers.deployment import Deployment, rpc
+from helpers.procs import free_port, poll, run_debug
 from helpers.rawlink import RawLink
 
-from .conftest import debug_url, get_json, poll, rpc, run_debug
+from .conftest import debug_url, get_json
 
 
 def metrics(d: Deployment) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -156,6 +157,39 @@ def test_connections_watch_refreshes(dep: Deployment) -> None:
         assert all(line["agents"][0]["name"] == "default" for line in lines)
     finally:
         stop_process(proc)
+
+
+def test_health_and_connections_lead_with_a_sentence(dep: Deployment) -> None:
+    """The words the Rust Carapace's users look for come first; --json stays as it was."""
+    health = run_debug("health", "--debug", f"127.0.0.1:{dep.debug_port}")
+    assert health.returncode == 0, health.stderr
+    first = health.stdout.splitlines()[0]
+    assert first.startswith("Server is healthy (carapace-server "), first
+    # Other tests' raw links may leave a session waiting to resume: default is one of them.
+    assert f"at 127.0.0.1:{dep.debug_port}" in first
+    assert re.search(r", \d+ agents? connected: (\S+, )*default\b", first), first
+    doc = json.loads(run_debug("health", "--json", "--debug",
+                               f"127.0.0.1:{dep.debug_port}").stdout)
+    assert doc["status"] == "ok" and "Server" not in json.dumps(doc)
+
+    table = run_debug("connections", "--debug", f"127.0.0.1:{dep.debug_port}")
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.lstrip().startswith("1 connection from agent default"), table.stdout
+
+
+def test_headlines_for_a_draining_server_and_a_link_that_is_down() -> None:
+    from carapace.debug.ops import connections_headline, health_headline
+
+    draining = health_headline({"status": "draining", "version": "1", "agents": []}, "h:1")
+    assert draining.plain.startswith("Server is draining: it is shutting down")
+    assert "0 agents connected" in draining.plain
+    odd = health_headline({"status": "broken"}, "h:1").plain
+    assert odd.startswith("Server is not healthy: it reports status 'broken'")
+    doc = {"agents": [{"name": "vm1", "attached": True}, {"name": "vm2", "attached": True},
+                      {"name": "vm3", "attached": False}]}
+    assert connections_headline(doc, "h:1") == (
+        "2 connections from agents vm1, vm2; link down, waiting to resume: vm3 (server at h:1)")
+    assert connections_headline({"agents": []}, "h:1") == "No agent connected (server at h:1)"
 
 
 def test_unreachable_listener_exits_2_and_names_the_address() -> None:

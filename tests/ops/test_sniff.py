@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -10,18 +11,19 @@ from typing import Any
 import httpx
 
 from carapace.protocol.sse import Event, SseParser
-from helpers.deployment import Deployment, wait_until_tunnel_up
+from helpers.deployment import Deployment, rpc, wait_until_tunnel_up
 from helpers.jsonlines import json_lines
 from helpers.procs import (
     CapturedProcess,
     free_port,
+    poll,
     script,
     start_process,
     stop_process,
     wait_for_port,
 )
 
-from .conftest import POLICY_SECRET, poll, rpc, wait_for_subscribers
+from .conftest import POLICY_SECRET, wait_for_subscribers
 
 RPC_AND_SSE_TYPES = ["http_request", "http_head", "http_response", "sse_event", "end"]
 
@@ -165,6 +167,48 @@ def test_sniff_rejects_unknown_filter_types() -> None:
     assert proc.returncode == 2
     assert "unknown frame type 'sse'" in proc.stderr_text()
     stop_process(proc)
+
+
+def test_sniff_filter_takes_the_rust_message_names_in_any_case() -> None:
+    from carapace.debug.sniff import resolve_frame_types
+
+    assert resolve_frame_types(["SseEvent"]) == {"sse_event", "sse_events"}
+    assert resolve_frame_types(["sseevent"]) == resolve_frame_types(["SSEEVENT"])
+    assert resolve_frame_types(["HttpRequest", "CliRequest"]) == {"http_request", "cli_request"}
+    assert resolve_frame_types(["HttpResponse"]) == {"http_head", "http_response", "data", "end"}
+    assert resolve_frame_types(["CliResponse"]) == {"output", "exit"}
+    # our own names stay themselves, in any case; CamelCase of ours needs no table entry
+    assert resolve_frame_types(["http_response", "HTTP_HEAD"]) == {"http_response", "http_head"}
+    assert resolve_frame_types(["SseComment", "GoAway"]) == {"sse_comment", "goaway"}
+    assert resolve_frame_types(["SSE_*"]) == {"sse_*"}
+
+    help_text = subprocess.run([script("carapace-debug"), "sniff", "--help"],
+                               capture_output=True, text=True, timeout=30).stdout
+    flat = " ".join(help_text.split())
+    assert "SseEvent = sse_event, sse_events" in flat
+    assert "HttpResponse = http_head, http_response, data, end" in flat
+    assert "CliResponse = output, exit" in flat
+    proc = start_process([script("carapace-debug"), "sniff", "--filter", "SseEvnt"])
+    proc.wait(timeout=10)
+    assert proc.returncode == 2, proc.output()
+    assert "unknown frame type 'SseEvnt'" in proc.stderr_text()
+    assert "SseEvent = sse_event, sse_events" in proc.stderr_text()
+    stop_process(proc)
+
+
+def test_sniff_filter_sse_event_as_the_rust_notes_write_it(dep: Deployment) -> None:
+    proc = sniff(dep, "--json", "--tool", "signal-cli", "--filter", "SseEvent")
+    try:
+        wait_for_subscribers(dep, 1)
+        assert rpc(dep, "version").status_code == 200  # not an event: must not show
+        r = httpx.get(dep.url("/sse?count=5&interval_ms=20"), timeout=10)
+        assert r.text.count("data:") == 5
+        poll(lambda: events_in(json_lines(proc)) >= 5, 10, "five events in the feed")
+        records = json_lines(proc)
+        assert {r["type"] for r in records} <= {"sse_event", "sse_events"}, records
+        assert events_in(records) == 5
+    finally:
+        stop_process(proc)
 
 
 def test_sniff_proxy_decodes_both_directions(dep: Deployment, tmp_path: Path) -> None:

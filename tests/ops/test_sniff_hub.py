@@ -12,11 +12,12 @@ import httpx
 
 from carapace.protocol.messages import Data, End, HttpRequest, Ping
 from carapace.protocol.summary import SummaryFilter
-from carapace.server.debug_listener import SniffHub, is_loopback
 from carapace.server.metrics import ServerMetrics
+from carapace.server.operator_api import SniffHub, is_loopback
 from helpers.deployment import Deployment
+from helpers.procs import poll
 
-from .conftest import get_json, poll
+from .conftest import get_json
 
 
 class FakeSession:
@@ -32,8 +33,10 @@ class FakePolicy:
 
 
 def make_hub(queue_size: int) -> tuple[SniffHub, ServerMetrics]:
-    server: Any = SimpleNamespace(policy=FakePolicy(), tokens={"vm": b"agent-token-0123456789"},
-                                  sessions={}, frame_observers=[])
+    policy = FakePolicy()
+    server: Any = SimpleNamespace(
+        policy=policy, sessions={}, frame_observers=[],
+        secrets=lambda: [b"agent-token-0123456789", *policy.secrets()])
     metrics = ServerMetrics(server)
     return SniffHub(server, metrics, queue_size=queue_size), metrics
 

@@ -7,11 +7,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from carapace.protocol import messages as m
+from carapace.protocol.errors import ProtocolError
 from carapace.protocol.flow import (
     DEFAULT_WINDOW,
     FRAME_OVERHEAD,
     ReceiveWindow,
     SendWindow,
+    StreamFlow,
     flow_cost,
 )
 
@@ -203,3 +205,70 @@ def test_sender_and_receiver_never_deadlock(window: int, sizes: list[int]) -> No
         send.grant(credit)
     # Credit accounting stays exact: what was not yet returned is still owed.
     assert send.credit + recv.outstanding == window
+
+
+# --------------------------------------------------------------------------
+# StreamFlow
+
+
+def test_stream_flow_spends_and_is_granted() -> None:
+    flow = StreamFlow(7, 100)
+    assert flow.may_send and flow.credit == 100
+    flow.spend(150)  # one frame may overdraw
+    assert not flow.may_send and flow.credit == -50
+    flow.grant(51)
+    assert flow.may_send and flow.credit == 1
+
+
+@pytest.mark.parametrize("bad", [0, -1])
+def test_a_credit_that_is_not_positive_is_the_peers_fault(bad: int) -> None:
+    flow = StreamFlow(7, 100)
+    with pytest.raises(ProtocolError, match=f"credit of {bad} bytes for request 7"):
+        flow.grant(bad)
+    assert flow.credit == 100
+
+
+def test_stream_flow_returns_credit_in_batches() -> None:
+    flow = StreamFlow(3, 100)
+    data = m.Data(id=3, data=b"x" * 34)  # costs 50: half the window
+    flow.received(data)
+    assert flow.consumed(flow_cost(data) - 1) is None
+    assert flow.consumed(1) == m.Credit(id=3, amount=50)
+
+
+def test_control_frames_cost_the_receiver_nothing() -> None:
+    flow = StreamFlow(3, 1)
+    for _ in range(10_000):
+        flow.received(m.End(id=3))  # would be far over the limit if it counted
+
+
+def test_a_peer_that_ignores_flow_control_is_named() -> None:
+    flow = StreamFlow(9, 1000, peer="agent")
+    big = m.Data(id=9, data=b"x" * (1024 * 1024))
+    with pytest.raises(ProtocolError, match="request 9: agent ignored flow control"):
+        for _ in range(17):
+            flow.received(big)
+
+
+@given(st.integers(1, 10_000), st.lists(st.integers(0, 5_000), min_size=1, max_size=50))
+def test_two_stream_flows_never_deadlock(window: int, sizes: list[int]) -> None:
+    """A sender's and a receiver's StreamFlow over one stream: every frame goes, and
+    the sender never holds more credit than the window."""
+    sender, receiver = StreamFlow(1, window), StreamFlow(1, window)
+    queue = [m.Data(id=1, data=b"x" * s) for s in sizes]
+    drained = 0
+    while queue:
+        if sender.may_send:
+            msg = queue.pop(0)
+            sender.spend(flow_cost(msg))
+            receiver.received(msg)
+            drained += flow_cost(msg)
+            continue
+        credit = receiver.consumed(drained)
+        drained = 0
+        assert credit is not None, "sender blocked and no credit returned: deadlock"
+        sender.grant(credit.amount)
+    credit = receiver.consumed(drained)
+    if credit is not None:
+        sender.grant(credit.amount)
+    assert sender.credit <= window

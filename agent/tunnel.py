@@ -1,0 +1,376 @@
+"""The agent's tunnel: dial, authenticate, keep alive, reconnect and resume, forever.
+
+A *session* (:class:`ClientSession`) outlives links. When a link drops, local
+requests keep their connections and their streams stay open; the agent
+reconnects with the session id and the count of frames it has received, and
+both sides resend what the other missed (``protocol/resume.py``). Only if the
+server cannot resume (it restarted, its grace expired, it said goodbye, or it
+is plainly not running) do the open streams end — cleanly and at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import ssl
+from dataclasses import dataclass
+
+import trio
+
+from carapace.protocol.errors import ProtocolError
+from carapace.protocol.framing import DEFAULT_MAX_FRAME
+from carapace.protocol.handshake import NONCE_SIZE, AgentHandshake, HandshakeError
+from carapace.protocol.keepalive import Expired, Keepalive
+from carapace.protocol.messages import (
+    Ack,
+    Challenge,
+    GoAway,
+    Message,
+    Ping,
+    Pong,
+    Reject,
+    RequestMessage,
+    Welcome,
+)
+from carapace.protocol.resume import DEFAULT_REPLAY_LIMIT, ReplayOverflow, SessionLedger
+from carapace.runtime.errors import consists_of
+from carapace.runtime.frames import FrameReader, FrameWriter, LinkClosed
+
+from .multiplexer import LinkDown, Multiplexer
+
+log = logging.getLogger("carapace.agent")
+
+
+@dataclass
+class LinkConfig:
+    server_host: str
+    server_port: int
+    agent: str
+    token: bytes
+    connect_timeout: float = 5.0
+    handshake_timeout: float = 5.0
+    ping_interval: float = 5.0
+    idle_timeout: float = 15.0
+    backoff_initial: float = 0.2
+    backoff_max: float = 10.0
+    max_frame: int = 16 * 1024 * 1024
+    resume_timeout: float = 30.0
+    replay_limit: int = DEFAULT_REPLAY_LIMIT
+    ssl_context: ssl.SSLContext | None = None
+    tls_server_name: str | None = None
+
+
+class ClientSession:
+    """The agent's side of one server session; what the multiplexer sends through."""
+
+    def __init__(self, session_id: bytes, window: int, replay_limit: int,
+                 max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self.session_id = session_id
+        self.window = window
+        self.ledger = SessionLedger(replay_limit, max_frame=max_frame, peer="server")
+        self.writer: FrameWriter | None = None
+        self.accepting = True
+        self.broken: str | None = None
+
+    def send(self, msg: Message) -> None:
+        """Queue ``msg`` to the server; FrameTooLarge if it could not take it."""
+        if self.broken is not None:
+            raise LinkDown(self.broken)
+        try:
+            frame = self.ledger.outgoing(msg)
+        except ReplayOverflow as exc:
+            self.broken = f"too much unacknowledged data for the server ({exc})"
+            raise LinkDown(self.broken) from None
+        writer = self.writer
+        if writer is not None:
+            try:
+                writer.send_bytes(frame)
+            except LinkClosed:
+                pass  # replayed on the next link
+
+    def attach(self, writer: FrameWriter, peer_received: int) -> int:
+        """Make ``writer`` current and resend what the server missed; return how many."""
+        frames = self.ledger.replay_after(peer_received)
+        for frame in frames:
+            writer.send_bytes(frame)
+        self.writer = writer
+        return len(frames)
+
+
+class _Outcome:
+    """How one connection attempt ended, for the reconnect loop."""
+
+    def __init__(self, reason: str, *, resumable: bool = True) -> None:
+        self.reason = reason
+        self.resumable = resumable
+
+
+class TunnelClient:
+    def __init__(self, config: LinkConfig, mux: Multiplexer) -> None:
+        self.config = config
+        self.mux = mux
+        self.connected = trio.Event()
+        self.sessions = 0
+        self.links = 0
+        self.last_rtt: float | None = None
+        self.session: ClientSession | None = None
+        self._suspended_since: float | None = None
+        self._session_ok = False
+
+    async def run(self) -> None:
+        """Connect, serve, and on any failure reconnect with backoff and jitter, forever."""
+        cfg = self.config
+        delay = cfg.backoff_initial
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._expire_suspended)
+            while True:
+                outcome = await self._connect_once()
+                self._after_link(outcome)
+                if self._session_ok:
+                    delay = cfg.backoff_initial
+                sleep = delay * random.uniform(0.5, 1.0)
+                log.info("reconnecting to %s:%d in %.1f s", cfg.server_host, cfg.server_port,
+                         sleep)
+                await trio.sleep(sleep)
+                delay = min(delay * 2, cfg.backoff_max)
+
+    def _after_link(self, outcome: _Outcome) -> None:
+        session = self.session
+        reason = f"tunnel to the Carapace server is down ({outcome.reason})"
+        if session is None:
+            self.mux.link_down(reason)
+            return
+        if not outcome.resumable or session.broken is not None or not session.accepting:
+            self._end_session(reason if session.broken is None else session.broken)
+            return
+        session.writer = None
+        if self._suspended_since is None:
+            self._suspended_since = trio.current_time()
+            log.warning("tunnel link lost (%s); keeping %d open request(s) for up to %.0f s "
+                        "while reconnecting", outcome.reason, len(self.mux.streams),
+                        self.config.resume_timeout)
+        self.mux.link_suspended(reason)
+
+    def _end_session(self, reason: str) -> None:
+        if self.mux.streams:
+            log.warning("ending %d open request(s): %s", len(self.mux.streams), reason)
+        self.session = None
+        self._suspended_since = None
+        self.mux.link_down(reason)
+
+    async def _expire_suspended(self) -> None:
+        while True:
+            await trio.sleep(0.25)
+            since = self._suspended_since
+            if since is not None and trio.current_time() - since > self.config.resume_timeout:
+                self._end_session(
+                    f"the tunnel was down for more than {self.config.resume_timeout:.0f} s"
+                )
+
+    async def _connect_once(self) -> _Outcome:
+        cfg = self.config
+        self._session_ok = False
+        stream: trio.abc.Stream
+        try:
+            with trio.fail_after(cfg.connect_timeout):
+                tcp = await trio.open_tcp_stream(cfg.server_host, cfg.server_port)
+                stream = tcp
+                if cfg.ssl_context is not None:
+                    tls = trio.SSLStream(tcp, cfg.ssl_context,
+                                         server_hostname=cfg.tls_server_name or cfg.server_host)
+                    try:
+                        await tls.do_handshake()
+                    except trio.BrokenResourceError as exc:
+                        await tcp.aclose()
+                        reason = f"TLS handshake with {cfg.server_host}:{cfg.server_port} " \
+                                 f"failed: {exc.__cause__ or exc}"
+                        log.error("%s", reason)
+                        return _Outcome(reason)
+                    stream = tls
+        except (OSError, trio.TooSlowError) as exc:
+            reason = f"cannot connect to {cfg.server_host}:{cfg.server_port}: {_why(exc)}"
+            log.warning("%s", reason)
+            # Refused: nothing listens there, so the server restarted or is gone and
+            # no session of ours survives; anything else may be a passing outage.
+            refused = _is_refused(exc)
+            return _Outcome(reason, resumable=not refused)
+        self.links += 1
+        async with stream:
+            writer = FrameWriter(stream)
+            reader = FrameReader(stream, cfg.max_frame)
+            result: list[_Outcome] = []
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._write, writer, nursery.cancel_scope, result)
+                try:
+                    outcome = await self._session(reader, writer, nursery, result)
+                except (ProtocolError, LinkClosed, trio.BrokenResourceError,
+                        trio.ClosedResourceError, OSError) as exc:
+                    outcome = _Outcome(_why(exc))
+                    if not self._session_ok:
+                        if cfg.ssl_context is None:
+                            hint = " (does the server expect TLS? then pass --tls-ca)"
+                        elif "SSL" in outcome.reason:
+                            hint = (" (does the server require a client certificate? then "
+                                    "pass --tls-cert and --tls-key)")
+                        else:
+                            hint = ""
+                        log.warning("handshake with the server failed: %s%s", outcome.reason,
+                                    hint)
+                    else:
+                        log.warning("tunnel link lost: %s", outcome.reason)
+                result.append(outcome)
+                writer.close()
+                nursery.cancel_scope.deadline = trio.current_time() + 1.0
+            if self.session is not None and self.session.writer is writer:
+                self.session.writer = None
+            return result[0] if result else _Outcome("link closed")
+
+    async def _write(self, writer: FrameWriter, scope: trio.CancelScope,
+                     result: list[_Outcome]) -> None:
+        try:
+            await writer.run()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            writer.closed = True
+            result.append(_Outcome(f"write failed: {_why(exc)}"))
+            scope.cancel()
+
+    async def _handshake(self, reader: FrameReader, writer: FrameWriter) -> Welcome | _Outcome:
+        cfg = self.config
+        hs = AgentHandshake(cfg.agent, cfg.token, os.urandom(NONCE_SIZE))
+        session = self.session
+        try:
+            with trio.fail_after(cfg.handshake_timeout):
+                writer.send(hs.hello(
+                    resume=session.session_id if session is not None else None,
+                    received=session.ledger.received if session is not None else 0,
+                ))
+                challenge = await reader.receive()
+                if isinstance(challenge, Reject):
+                    return self._rejected(challenge)
+                if not isinstance(challenge, Challenge):
+                    raise ProtocolError(f"expected challenge, got {challenge.TYPE}")
+                try:
+                    writer.send(hs.on_challenge(challenge))
+                except HandshakeError as exc:
+                    log.error("%s", exc)
+                    writer.send(Reject(code=exc.code, message="server proof did not verify"))
+                    return _Outcome(str(exc))
+                welcome = await reader.receive()
+                if isinstance(welcome, Reject):
+                    return self._rejected(welcome)
+                if not isinstance(welcome, Welcome):
+                    raise ProtocolError(f"expected welcome, got {welcome.TYPE}")
+                return welcome
+        except trio.TooSlowError:
+            log.warning("handshake with the server timed out after %.0f s", cfg.handshake_timeout)
+            return _Outcome("handshake timed out")
+
+    async def _session(self, reader: FrameReader, writer: FrameWriter, nursery: trio.Nursery,
+                       result: list[_Outcome]) -> _Outcome:
+        cfg = self.config
+        welcome = await self._handshake(reader, writer)
+        if isinstance(welcome, _Outcome):
+            return welcome
+        self._session_ok = True
+        session = self.session
+        if session is not None and welcome.resumed and session.broken is None:
+            try:
+                replayed = session.attach(writer, welcome.received)
+            except ValueError as exc:
+                raise ProtocolError(f"server resumed at an impossible frame: {exc}") from None
+            log.info("resumed the session with carapace-server at %s:%d (%d frame(s) resent)",
+                     cfg.server_host, cfg.server_port, replayed)
+        else:
+            if session is not None:
+                self._end_session("the server could not resume the session (it restarted, or "
+                                  "the link was down longer than its resume grace)")
+            session = ClientSession(welcome.session, welcome.window, cfg.replay_limit,
+                                    welcome.max_frame)
+            session.writer = writer
+            self.session = session
+            self.sessions += 1
+            log.info("connected to carapace-server %s at %s:%d as agent %s",
+                     welcome.server, cfg.server_host, cfg.server_port, cfg.agent)
+        self._suspended_since = None
+        self.mux.link_up(session)
+        self.connected.set()
+        keepalive = Keepalive(cfg.ping_interval, cfg.idle_timeout, trio.current_time())
+        ledger = session.ledger
+        nursery.start_soon(self._keepalive, writer, session, keepalive, nursery.cancel_scope,
+                           result)
+        async for msg in reader:
+            now = trio.current_time()
+            keepalive.heard(now)
+            if isinstance(msg, Ping):
+                writer.send(Pong(nonce=msg.nonce))
+                continue
+            if isinstance(msg, Pong):
+                rtt = keepalive.on_pong(msg.nonce, now)
+                if rtt is not None:
+                    self.last_rtt = rtt
+                continue
+            ledger.incoming(msg)
+            if isinstance(msg, RequestMessage):
+                self.mux.dispatch(msg)
+            elif isinstance(msg, Ack):
+                ledger.on_ack(msg)
+            elif isinstance(msg, GoAway):
+                log.info("server is going away: %s", msg.reason)
+                session.accepting = False
+                self.mux.link_suspended(f"the server is shutting down ({msg.reason})")
+            else:
+                raise ProtocolError(f"unexpected {msg.TYPE} from the server")
+            ack = ledger.ack_due()
+            if ack is not None:
+                writer.send(ack)
+        return _Outcome("server closed the connection", resumable=session.accepting)
+
+    def _rejected(self, msg: Reject) -> _Outcome:
+        log.error("server refused this agent (%s): %s", msg.code, msg.message)
+        return _Outcome(f"server refused the handshake: {msg.message}", resumable=False)
+
+    async def _keepalive(self, writer: FrameWriter, session: ClientSession,
+                         keepalive: Keepalive, scope: trio.CancelScope,
+                         result: list[_Outcome]) -> None:
+        cfg = self.config
+        while True:
+            await trio.sleep_until(keepalive.next_tick)
+            ping = keepalive.tick(trio.current_time())
+            if isinstance(ping, Expired):
+                log.warning("no frame from the server for %.0f s; dropping the link",
+                            cfg.idle_timeout)
+                result.append(_Outcome("keepalive timeout"))
+                scope.cancel()
+                return
+            if ping is None:
+                continue
+            try:
+                ack = session.ledger.ack()
+                if ack is not None:
+                    writer.send(ack)
+                writer.send(ping)
+            except LinkClosed:
+                return
+
+
+def _is_refused(exc: BaseException | None) -> bool:
+    """True if every address we tried refused the connection (trio groups the attempts
+    under an OSError's cause)."""
+    while (isinstance(exc, OSError) and not isinstance(exc, ConnectionRefusedError)
+           and exc.__cause__ is not None):
+        exc = exc.__cause__
+    return exc is not None and consists_of(exc, ConnectionRefusedError)
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, trio.TooSlowError):
+        return "timed out"
+    if isinstance(exc, trio.BrokenResourceError) and exc.__cause__ is not None:
+        # trio wraps the real reason (an ssl.SSLError, a reset): name that one.
+        return _why(exc.__cause__)
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    if isinstance(exc, OSError) and isinstance(exc.__cause__, BaseExceptionGroup):
+        return "; ".join(sorted({_why(inner) for inner in exc.__cause__.exceptions}))
+    return str(exc) or type(exc).__name__

@@ -1,0 +1,165 @@
+"""The server's audit trail: one request's records (:class:`AuditEntry`) and the
+trail that redacts and writes them (:class:`AuditTrail`)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from carapace.protocol.messages import CliRequest, HttpRequest
+
+from ..policy import AuditConfig, Decision, Policy
+from .records import (
+    base_fields,
+    cli_completion_fields,
+    cli_decision_fields,
+    http_completion_fields,
+    http_decision_fields,
+    utc_timestamp,
+)
+from .redaction import AuditRedactor
+from .rotating_log import AuditError, AuditLog
+from .throttle import DEFAULT_DENY_LIMIT, DenyThrottle
+
+if TYPE_CHECKING:
+    from ..cli_runner import ExitInfo
+    from ..streams import ResponseSent
+
+log = logging.getLogger("carapace.server")
+
+
+class AuditEntry:
+    """One request's records: :meth:`decided` before it runs, :meth:`completed` after."""
+
+    def __init__(
+        self,
+        trail: AuditTrail,
+        base: dict[str, Any],
+        decision_fields: dict[str, Any],
+        write: bool,
+    ) -> None:
+        self.trail = trail
+        self.base = base
+        self.decision_fields = decision_fields
+        self.write = write
+        self.started = time.monotonic()
+        self.done = False
+
+    @property
+    def request_id(self) -> str:
+        return str(self.base["request_id"])
+
+    async def decided(self) -> None:
+        """Write (and flush, and with --audit-fsync sync) the decision record.
+
+        Raises :class:`AuditError` if it cannot be written: then the request
+        must not run.
+        """
+        if not self.write or self.trail.log is None:
+            return
+        if self.base["decision"] != "allow" and not self.trail.admit_deny(
+                self.base, str(self.decision_fields.get("code"))):
+            return  # counted for a denials_suppressed record: a deny runs nothing
+        self.trail.emit({"ts": utc_timestamp(), "event": "decision", **self.base,
+                         **self.decision_fields})
+        await self.trail.log.sync()
+
+    def completed(self, **fields: Any) -> None:
+        """Write the completion record (once). Never raises: the request has already run."""
+        if self.done:
+            return
+        self.done = True
+        if not self.write or self.trail.log is None or self.base["decision"] != "allow":
+            return  # a deny never ran: its decision record is the whole story
+        duration_ms = round((time.monotonic() - self.started) * 1000, 3)
+        record = {"ts": utc_timestamp(), "event": "completion", **self.base,
+                  "duration_ms": duration_ms}
+        record.update({k: v for k, v in fields.items() if v is not None})
+        try:
+            self.trail.emit(record)
+        except AuditError as exc:
+            log.error("audit: lost the completion record of request %s: %s",
+                      self.request_id, exc)
+
+    def completed_http(self, sent: ResponseSent, bytes_in: int, aborted: str | None = None,
+                       cancel_reason: str | None = None) -> None:
+        """``sent``: what the request's stream recorded sending (``ServerStream.sent``).
+
+        ``aborted``: None if the relay ran to its end, ``cancelled`` or ``error`` if not.
+        """
+        self.completed(**http_completion_fields(sent, bytes_in, aborted, cancel_reason))
+
+    def completed_cli(self, info: ExitInfo) -> None:
+        self.completed(**cli_completion_fields(info))
+
+
+class AuditTrail:
+    """The server's audit trail: builds records under the policy, redacts and writes them.
+
+    ``log`` None (no ``--audit-log``) makes every call a no-op.
+    """
+
+    def __init__(self, log: AuditLog | None,
+                 deny_limit: tuple[int, float] = DEFAULT_DENY_LIMIT) -> None:
+        self.log = log
+        self.redactor = AuditRedactor()
+        self.deny_throttle = DenyThrottle(*deny_limit)
+
+    def admit_deny(self, base: Mapping[str, Any], code: str) -> bool:
+        """Whether a deny gets its own record (see "Floods of denials"); a summary of
+        the agent's earlier suppressed denials is written first, to keep the order."""
+        agent = str(base["agent"])
+        now, ts = time.monotonic(), utc_timestamp()
+        if not self.deny_throttle.admit(agent, str(base["tool"]), code, now, ts):
+            return False
+        self.write_summaries(self.deny_throttle.due(now, agent=agent))
+        return True
+
+    def flush_suppressed(self, everything: bool = False) -> None:
+        """Write the summaries that are due (all of them at shutdown). Never raises."""
+        try:
+            self.write_summaries(self.deny_throttle.due(time.monotonic(),
+                                                        everything=everything))
+        except AuditError as exc:
+            log.error("audit: lost a denials_suppressed record: %s", exc)
+
+    def write_summaries(self, records: Iterable[dict[str, Any]]) -> None:
+        for record in records:
+            self.emit({"ts": utc_timestamp(), **record})
+
+    def add_secrets(self, values: Iterable[str | bytes]) -> None:
+        self.redactor.add(values)
+
+    def emit(self, record: dict[str, Any]) -> None:
+        if self.log is None:
+            return
+        self.log.write(self.redactor.redact(record))
+
+    def reopen(self) -> None:
+        if self.log is None:
+            return
+        try:
+            self.log.reopen()
+        except AuditError as exc:
+            log.error("audit: %s (will retry on the next record)", exc)
+
+    @staticmethod
+    def _config(policy: Policy, tool: str) -> AuditConfig:
+        found = policy.tools.get(tool)
+        return found.audit if found is not None else AuditConfig()
+
+    def http(self, agent: str, session_id: bytes, req: HttpRequest, policy: Policy,
+             decision: Decision) -> AuditEntry:
+        cfg = self._config(policy, req.tool)
+        fields = http_decision_fields(req, cfg, decision)
+        base = base_fields(agent, session_id, req.id, req.tool, "http", decision)
+        return AuditEntry(self, base, fields, write=cfg.enabled or not decision.allow)
+
+    def cli(self, agent: str, session_id: bytes, req: CliRequest, policy: Policy,
+            decision: Decision) -> AuditEntry:
+        cfg = self._config(policy, req.tool)
+        fields = cli_decision_fields(req, cfg, decision)
+        base = base_fields(agent, session_id, req.id, req.tool, "cli", decision)
+        return AuditEntry(self, base, fields, write=cfg.enabled or not decision.allow)

@@ -1,0 +1,54 @@
+"""The server's configuration, parsed once at the edge (``main.py``) into one typed object.
+
+Each default is a named constant used by both the command line and the
+dataclass, so ``--help`` and a server built in a test agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from carapace.protocol.flow import DEFAULT_WINDOW
+from carapace.protocol.framing import DEFAULT_MAX_FRAME
+
+from .audit import DEFAULT_BACKUPS, DEFAULT_DENY_LIMIT, DEFAULT_MAX_BYTES
+
+DEFAULT_LISTEN = ("127.0.0.1", 8765)
+DEFAULT_POLICY_FILE = "/etc/carapace/policy.yaml"
+DEFAULT_HANDSHAKE_TIMEOUT = 5.0
+"""Seconds an unauthenticated connection may take to finish the handshake."""
+DEFAULT_IDLE_TIMEOUT = 15.0
+"""Seconds of silence after which a link is dropped; pings go every third of it."""
+DEFAULT_MAX_REQUESTS_PER_AGENT = 10_000
+DEFAULT_MAX_AGENTS = 64
+DEFAULT_DRAIN_TIMEOUT = 10.0
+DEFAULT_RESUME_GRACE = 30.0
+DEFAULT_REPLAY_LIMIT = 64 * 1024 * 1024
+"""Bytes of unacknowledged frames a session keeps for resumption before it gives up."""
+
+
+@dataclass
+class ServerConfig:
+    """Everything the server needs to run, apart from the policy and the tokens."""
+
+    listen_host: str = DEFAULT_LISTEN[0]
+    listen_port: int = DEFAULT_LISTEN[1]
+    policy_file: str = DEFAULT_POLICY_FILE
+    token_file: str = ""
+    debug_host: str | None = None
+    debug_port: int | None = None
+    audit_log: str | None = None
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    ping_interval: float = DEFAULT_IDLE_TIMEOUT / 3
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    window: int = DEFAULT_WINDOW
+    max_frame: int = DEFAULT_MAX_FRAME
+    max_requests_per_agent: int = DEFAULT_MAX_REQUESTS_PER_AGENT
+    max_agents: int = DEFAULT_MAX_AGENTS
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
+    resume_grace: float = DEFAULT_RESUME_GRACE
+    replay_limit: int = DEFAULT_REPLAY_LIMIT
+    audit_max_bytes: int = DEFAULT_MAX_BYTES
+    audit_backups: int = DEFAULT_BACKUPS
+    audit_fsync: bool = False
+    audit_deny_limit: tuple[int, float] = DEFAULT_DENY_LIMIT

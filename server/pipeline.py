@@ -1,0 +1,130 @@
+"""The request pipeline: decide, limit, audit, run, complete — for HTTP and CLI alike.
+
+Each step has one place: the policy decides (``policy/``), the per-tool
+rate limits may turn an allow into a deny, the decision record is written
+before anything runs (and the request is refused if it cannot be: the
+trail fails closed), the allowed request runs (``upstream/relay.py`` or
+``cli_runner.py``), and the completion record says how it ended. A request
+finishes under the policy it began with.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from carapace.protocol.messages import CliRequest, HttpRequest
+
+from . import policy as policy_mod
+from .audit import AuditEntry, AuditError, AuditTrail
+from .cli_runner import ExitInfo, run_cli
+from .masking import policy_scrubber
+from .metrics import ServerMetrics
+from .policy import RateLimiter, apply_rate_limits
+from .stats import Stats
+from .streams import ServerStream
+from .upstream import UpstreamClient
+from .upstream.relay import forward_http
+
+log = logging.getLogger("carapace.server")
+
+
+class RequestPipeline:
+    """Takes one agent request from its decision to its completion record."""
+
+    def __init__(self, *, audit: AuditTrail, metrics: ServerMetrics, stats: Stats,
+                 http_client: UpstreamClient,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.audit = audit
+        self.metrics = metrics
+        self.stats = stats
+        self.http_client = http_client
+        self.rate_limiter = RateLimiter()
+        self.clock = clock
+
+    async def handle(self, agent: str, session_id: bytes, stream: ServerStream,
+                     msg: HttpRequest | CliRequest, policy: policy_mod.Policy) -> None:
+        if isinstance(msg, HttpRequest):
+            await self._handle_http(agent, session_id, stream, msg, policy)
+        else:
+            await self._handle_cli(agent, session_id, stream, msg, policy)
+
+    def _counted(self, kind: str, decision: policy_mod.Decision, agent: str, tool: str) -> None:
+        self.stats.count_request(kind, "allow" if decision.allow else "deny")
+        self.metrics.count_request(kind, decision.allow, agent, tool)
+
+    async def _handle_http(self, agent: str, session_id: bytes, stream: ServerStream,
+                           req: HttpRequest, policy: policy_mod.Policy) -> None:
+        decision = policy_mod.decide_http(
+            policy, agent, req.tool, req.method, req.target, list(req.headers), req.body
+        )
+        decision = apply_rate_limits(self.rate_limiter, decision, policy, agent, req.tool,
+                                     self.clock())
+        self._counted("http", decision, agent, req.tool)
+        entry = self.audit.http(agent, session_id, req, policy, decision)
+        if not await self._audited(entry, stream):
+            return
+        if not decision.allow:
+            log.info("denied http %s %s on tool %s for agent %s (%s): %s", req.method,
+                     req.target[:200], req.tool, agent, entry.request_id, decision.reason)
+            self._deny(stream, decision, agent, req.tool)
+            return
+        tool = policy.tools[req.tool]
+        assert isinstance(tool, policy_mod.HttpTool)
+        headers = policy_mod.prepare_http_headers(tool, list(req.headers))
+        aborted: str | None = "cancelled"  # unless forward_http returns or raises
+        try:
+            await forward_http(self.http_client, stream, req, req.tool, tool, headers,
+                               scrubber=policy_scrubber(policy))
+            aborted = None
+        except Exception:
+            aborted = "error"
+            raise
+        finally:
+            entry.completed_http(stream.sent, len(req.body), aborted, stream.cancel_reason)
+
+    async def _handle_cli(self, agent: str, session_id: bytes, stream: ServerStream,
+                          req: CliRequest, policy: policy_mod.Policy) -> None:
+        cli_decision = policy_mod.decide_cli(
+            policy, agent, req.tool, list(req.argv), req.cwd, list(req.env)
+        )
+        decision = apply_rate_limits(self.rate_limiter, cli_decision, policy, agent, req.tool,
+                                     self.clock())
+        self._counted("cli", decision, agent, req.tool)
+        entry = self.audit.cli(agent, session_id, req, policy, decision)
+        if not await self._audited(entry, stream):
+            return
+        if not decision.allow:
+            log.info("denied cli tool %s for agent %s (peer uid %s pid %s, %s): %s", req.tool,
+                     agent, req.peer_uid, req.peer_pid, entry.request_id, decision.reason)
+            self._deny(stream, decision, agent, req.tool)
+            return
+        tool = policy.tools[req.tool]
+        assert isinstance(tool, policy_mod.CliTool)
+        # ``info`` is filled in place, also when the run is cancelled.
+        info = ExitInfo()
+        try:
+            await run_cli(stream, req, cli_decision, tool, info=info,
+                          filters=policy_scrubber(policy).output_filters())
+        finally:
+            entry.completed_cli(info)
+
+    async def _audited(self, entry: AuditEntry, stream: ServerStream) -> bool:
+        """Write the decision record before anything runs; if that fails, refuse (fail closed)."""
+        try:
+            await entry.decided()
+        except AuditError as exc:
+            log.error("refusing request %s: %s", entry.request_id, exc)
+            stream.fail(503, "audit_unavailable",
+                        "the Carapace server cannot write its audit trail, so nothing was run; "
+                        "its operator must check the server log")
+            return False
+        return True
+
+    @staticmethod
+    def _deny(stream: ServerStream, decision: policy_mod.Decision, agent: str,
+              tool: str) -> None:
+        """Tell the VM no: unknown and not-granted tools look alike (policy.vm_denial)."""
+        status, code, message = policy_mod.vm_denial(decision, agent, tool)
+        stream.fail(status, code, message, decision.retry_after)

@@ -1,0 +1,200 @@
+"""The host-side policy: load the YAML file, decide every request.
+
+The VM is assumed hostile, so everything here denies by default and treats
+every byte the VM sends as an attack. The package is pure: no trio, no clock
+(the rate limiter is given the time), no environment variables. Its only I/O
+is reading the policy file in :func:`load_policy_file` and resolving a
+requested working directory in :func:`decide_cli` (through an injectable
+``realpath``), so the server, the ``carapace-debug policy`` commands and the
+tests all run the same engine.
+
+``model`` holds the typed policy, ``secrets`` which names hold secrets,
+``load`` the YAML loader, ``http`` and ``cli`` the two kinds of decision
+(``decision`` their common verdict), ``ratelimit`` the limits applied to an
+allowed decision and ``lint`` the warnings of ``carapace-debug policy lint``.
+Import from the package: the names below are its API.
+
+File format
+===========
+The YAML format of the Rust project's policy files, plus a few keys of
+Carapace's own (marked *added* below). It is read with PyYAML's safe loader
+and a check that refuses duplicate mapping keys, which YAML would otherwise
+silently collapse to the last one::
+
+    settings:                       # optional, added
+      min_secret_length: 8          # secrets shorter than this are refused
+    agents:                         # optional, added; absent = every agent, every tool
+      NAME: {tools: [TOOL, ...], rate_limit: {max_requests: N, window_secs: S}}
+    tools:
+      NAME:                         # [A-Za-z0-9][A-Za-z0-9._-]*, at most 128 long
+        type: cli | http
+        ...
+
+CLI tool keys: ``binary`` (absolute path, required), ``argv_allow_patterns``,
+``argv_deny_patterns``, ``env_inject`` (name -> value), ``env_passthrough``
+(added: names the VM may pass through), ``cwd_allowed`` (absolute dirs),
+``timeout_secs``, ``audit``, ``rate_limit``, ``agents``.
+
+HTTP tool keys: ``upstream`` (``http(s)://host[:port][/base]``, required),
+``allow_paths`` (added), ``jsonrpc_allow_methods``, ``jsonrpc_deny_methods``,
+``jsonrpc_param_filters`` (``METHOD: {field, allow_patterns,
+deny_patterns}``), ``headers_inject`` (added: header -> value), ``rate_limit``,
+``timeout_secs``, ``audit``, ``agents``.
+
+``audit`` is ``{enabled, log_argv, log_body, redact_patterns}`` and
+``rate_limit`` is ``{max_requests, window_secs}``. Any other key anywhere is
+an error naming the key and its path (``tools.op.argv_allow``), and so is a
+wrong type (``tools.signal-cli.rate_limit.window_secs must be a positive
+number``).
+
+Grants
+======
+If the top-level ``agents`` section exists, an agent may use a tool only if
+the agent is listed and the tool is in its ``tools`` list. A tool may also
+carry its own ``agents: [NAME, ...]`` list; when both forms are present an
+agent needs both. Without either, every agent may use every tool.
+
+Rate limits
+===========
+A tool's ``rate_limit`` is shared by every agent (it protects the service and
+the account behind the tool); an agent's ``agents.NAME.rate_limit`` counts
+its requests to all tools. A request counts against both or neither, and
+only allowed requests count (:func:`apply_rate_limits`, :mod:`.ratelimit`).
+
+Secrets
+=======
+``headers_inject`` values are always secrets. An ``env_inject`` value is a
+secret when its variable NAME looks secret-bearing: the name is split into
+words at ``_``, ``-``, ``.`` and lower-to-upper camelCase boundaries, and it is
+a secret if any word contains TOKEN, SECRET, PASSWORD, PASSWD, PASSPHRASE,
+CREDENTIAL, SESSION, COOKIE or AUTHORIZATION, starts with AUTH (but not
+AUTHOR) or ends with AUTH, ends with KEY or KEYS, or is PASS. Whole words, not
+substrings, so ``GOG_KEYRING_BACKEND`` (a backend name such as ``file``) is
+not a secret while ``GOG_KEYRING_PASSWORD`` and ``API_KEY`` are. A secret
+shorter than ``settings.min_secret_length`` (default 8) is refused at load,
+because a short value cannot be masked in output without mangling ordinary
+text.
+:meth:`Policy.secrets` lists every secret for the output scrubber. No error
+message and no ``repr`` ever contains an injected value.
+
+argv semantics (CLI tools)
+==========================
+Each argument must be valid UTF-8 without control characters (Unicode
+category Cc, TAB excepted). The arguments are joined with
+:func:`shlex.join` (POSIX shell quoting: an argument made only of
+``[A-Za-z0-9_@%+=:,./-]`` stays bare, anything else is single-quoted), and a
+pattern is an :func:`fnmatch.fnmatchcase` glob over that one line. So a
+pattern reads like the command typed in a shell: ``"item get *"`` allows
+``item get foo --vault Private`` (``*`` may span several arguments), while a
+single argument ``"item get x"`` is rendered ``'item get x'`` and cannot pose
+as three words; a quote inside an argument is escaped, so it cannot forge
+word boundaries either. A pattern ending in ``" *"`` also matches with
+nothing after it (``"item delete *"`` denies a bare ``item delete``). A
+pattern like ``"item list*"`` is a prefix match: it allows ``item list``,
+``item list --vault x`` and also ``item listx`` (on purpose: the tool itself
+rejects unknown subcommands). An empty argv matches only the pattern
+``""``. Deny patterns are checked first and win; if no allow pattern matches,
+the request is denied. To allow an argument with spaces, quote it the way
+``shlex.join`` does: ``"item get 'My Login'"``.
+
+Environment semantics (CLI tools)
+=================================
+The process never inherits the VM's environment. It gets :data:`BASE_ENV`
+(``PATH=/usr/local/bin:/usr/bin:/bin``, ``LANG=LC_ALL=C.UTF-8``), then the
+variables named in ``env_passthrough`` taken from the VM's request (if
+present), then ``env_inject`` (which wins). Everything else the VM sent
+(LD_PRELOAD, PATH, GIT_SSH_COMMAND, BASH_ENV, ...) is dropped. Names that
+steer loaders, shells, interpreters, proxies or TLS trust (LD_*, BASH_ENV,
+ENV, PYTHON*, GIT_*, *_PROXY, ...; see :func:`passthrough_refusal`) are
+refused in ``env_passthrough`` at load time.
+
+Working directory (CLI tools)
+=============================
+With ``cwd_allowed`` the requested directory is resolved on the host
+(symlinks followed, must exist) and must equal or lie under one of the
+allowed directories (also resolved), compared by path components, so
+``/home/ab`` is not under ``/home/a``; the process runs in the resolved path.
+Without ``cwd_allowed`` the VM's directory means nothing on the host and the
+process runs in ``/``.
+
+HTTP requests
+=============
+The method must be an HTTP token; the request-target must start with ``/``
+and be printable ASCII without spaces or a fragment; header names must be
+tokens and no header may contain control characters (TAB excepted). The path
+(the target before ``?``) must not contain ``..`` or ``.`` segments (also as
+``..;x``), empty segments (``//``), backslashes, or percent-encoded ``.``,
+``/``, ``\\``, ``%`` (so no double encoding such as ``%252e``) or control
+characters. ``allow_paths`` entries are ``"METHOD PATH"``: METHOD exactly (or
+``*`` for any), PATH an fnmatch glob (case-sensitive; ``*`` also crosses
+``/``) over the raw path without the query string. Without ``allow_paths``
+every path is open (``policy lint`` warns). On a tool with any JSON-RPC rule,
+every request but a GET or HEAD without a body must carry a UTF-8 JSON-RPC
+object or a non-empty array of them (no duplicate keys, no NaN), so a POST
+with an empty body is denied; every call of a batch is checked and one denied
+call denies the request. A GET or HEAD without a body (an SSE stream, a
+health check) is not a JSON-RPC call and needs only the path rules. Deny
+methods win over allow methods; with ``jsonrpc_allow_methods`` present, any
+other method is denied. A param filter requires ``params`` to be an object
+holding the field; the field is a string or a non-empty array of strings, and
+EVERY element must match no deny pattern and some allow pattern (fnmatch
+globs, case-sensitive).
+"""
+
+
+from .cli import argv_matches, decide_cli
+from .decision import UNAVAILABLE_CODES, CliDecision, Decision, vm_denial
+from .http import decide_http, prepare_http_headers
+from .lint import LintWarning, lint_policy
+from .load import load_policy, load_policy_file
+from .model import (
+    BASE_ENV,
+    DEFAULT_CWD,
+    DEFAULT_MIN_SECRET_LENGTH,
+    AgentGrant,
+    AuditConfig,
+    CliTool,
+    HttpTool,
+    ParamFilter,
+    PathRule,
+    Policy,
+    PolicyError,
+    RateLimit,
+    Settings,
+    Tool,
+)
+from .ratelimit import RateLimiter, apply_rate_limits
+from .secrets import env_name_is_secret, passthrough_refusal
+
+__all__ = [
+    "BASE_ENV",
+    "DEFAULT_CWD",
+    "DEFAULT_MIN_SECRET_LENGTH",
+    "UNAVAILABLE_CODES",
+    "AgentGrant",
+    "AuditConfig",
+    "CliDecision",
+    "CliTool",
+    "Decision",
+    "HttpTool",
+    "LintWarning",
+    "ParamFilter",
+    "PathRule",
+    "Policy",
+    "PolicyError",
+    "RateLimit",
+    "RateLimiter",
+    "Settings",
+    "Tool",
+    "apply_rate_limits",
+    "argv_matches",
+    "decide_cli",
+    "decide_http",
+    "env_name_is_secret",
+    "lint_policy",
+    "load_policy",
+    "load_policy_file",
+    "passthrough_refusal",
+    "prepare_http_headers",
+    "vm_denial",
+]

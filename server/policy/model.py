@@ -1,0 +1,222 @@
+"""The typed policy: the dataclasses a loaded file becomes, and the fixed defaults."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Final, TypeAlias
+
+from .quoting import _show
+from .secrets import env_name_is_secret
+
+BASE_PATH: Final = "/usr/local/bin:/usr/bin:/bin"
+"""The fixed PATH of every host process: system directories only."""
+
+BASE_LOCALE: Final = "C.UTF-8"
+"""LANG and LC_ALL of every host process: always present, UTF-8, no locale files needed."""
+
+BASE_ENV: Final[Mapping[str, str]] = MappingProxyType(
+    {"PATH": BASE_PATH, "LANG": BASE_LOCALE, "LC_ALL": BASE_LOCALE}
+)
+"""The whole environment a CLI tool starts from, before passthrough and inject."""
+
+DEFAULT_CWD: Final = b"/"
+"""Where a CLI tool runs when its policy has no ``cwd_allowed``."""
+
+DEFAULT_MIN_SECRET_LENGTH: Final = 8
+"""Default ``settings.min_secret_length``: shorter secrets cannot be masked safely."""
+
+_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+"""A tool or agent name: short, and safe to print unquoted in a message."""
+
+
+class PolicyError(Exception):
+    """The policy file cannot be used; the message says what, where and what to do.
+
+    ``path`` is the key path of the offending entry (``tools.op.timeout_secs``)
+    or ``""`` for the file as a whole. Messages never contain injected values.
+    """
+
+    def __init__(self, message: str, path: str = "", source: str = "<policy>") -> None:
+        super().__init__(message)
+        self.path = path
+        self.source = source
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """At most ``max_requests`` in any ``window_secs``-long sliding window."""
+
+    max_requests: int
+    window_secs: float
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """What the audit trail records for one tool (the audit writer applies it)."""
+
+    enabled: bool = True
+    log_argv: bool = True
+    log_body: bool = False
+    redact_patterns: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ParamFilter:
+    """Which values one JSON-RPC method's ``params[field]`` may carry."""
+
+    field: str
+    allow_patterns: tuple[str, ...] = ()
+    deny_patterns: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PathRule:
+    """One ``allow_paths`` entry: ``method`` (or ``*``) and a glob over the path."""
+
+    method: str
+    path: str
+
+    @property
+    def text(self) -> str:
+        """The entry as written in the policy file."""
+        return f"{self.method} {self.path}"
+
+
+@dataclass(frozen=True)
+class CliTool:
+    """A host binary the VM may run with some argument lists.
+
+    ``env_inject`` is left out of the repr because it may hold secrets.
+    """
+
+    name: str
+    binary: str
+    argv_allow_patterns: tuple[str, ...] = ()
+    argv_deny_patterns: tuple[str, ...] = ()
+    env_inject: Mapping[str, str] = field(default_factory=dict, repr=False)
+    env_passthrough: tuple[str, ...] = ()
+    cwd_allowed: tuple[str, ...] | None = None
+    timeout_secs: float | None = None
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    rate_limit: RateLimit | None = None
+    agents: tuple[str, ...] | None = None
+
+    @property
+    def type(self) -> str:
+        return "cli"
+
+    def secret_values(self) -> list[str]:
+        """The ``env_inject`` values whose names mark them as secrets."""
+        return [v for k, v in self.env_inject.items() if env_name_is_secret(k)]
+
+
+@dataclass(frozen=True)
+class HttpTool:
+    """An upstream HTTP service the VM may call through some paths and methods.
+
+    ``headers_inject`` is left out of the repr because it holds secrets.
+    """
+
+    name: str
+    upstream: str
+    allow_paths: tuple[PathRule, ...] | None = None
+    jsonrpc_allow_methods: tuple[str, ...] | None = None
+    jsonrpc_deny_methods: tuple[str, ...] | None = None
+    jsonrpc_param_filters: Mapping[str, ParamFilter] | None = None
+    headers_inject: Mapping[str, str] = field(default_factory=dict, repr=False)
+    rate_limit: RateLimit | None = None
+    timeout_secs: float | None = None
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    agents: tuple[str, ...] | None = None
+
+    @property
+    def type(self) -> str:
+        return "http"
+
+    @property
+    def jsonrpc_rules(self) -> bool:
+        """True if any JSON-RPC key is present: then bodies must be JSON-RPC."""
+        return (
+            self.jsonrpc_allow_methods is not None
+            or self.jsonrpc_deny_methods is not None
+            or self.jsonrpc_param_filters is not None
+        )
+
+    def secret_values(self) -> list[str]:
+        """Every ``headers_inject`` value (all of them are secrets)."""
+        return list(self.headers_inject.values())
+
+
+Tool: TypeAlias = CliTool | HttpTool
+
+
+@dataclass(frozen=True)
+class AgentGrant:
+    """One entry of the top-level ``agents`` section."""
+
+    name: str
+    tools: tuple[str, ...]
+    rate_limit: RateLimit | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The optional top-level ``settings`` section."""
+
+    min_secret_length: int = DEFAULT_MIN_SECRET_LENGTH
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A loaded, validated policy. Immutable: reload builds a new one."""
+
+    tools: Mapping[str, Tool]
+    agents: Mapping[str, AgentGrant] | None = None
+    settings: Settings = field(default_factory=Settings)
+    source: str = "<policy>"
+
+    def secrets(self) -> list[bytes]:
+        """Every injected secret (UTF-8), unique, longest first, for output masking."""
+        cached: list[bytes] | None = self.__dict__.get("_secrets")
+        if cached is None:  # asked for on every request; the policy never changes
+            seen: set[bytes] = set()
+            for tool in self.tools.values():
+                for value in tool.secret_values():
+                    seen.add(value.encode("utf-8"))
+            cached = sorted(seen, key=lambda s: (-len(s), s))
+            self.__dict__["_secrets"] = cached
+        return list(cached)
+
+    def is_granted(self, agent: str, tool: str) -> bool:
+        """Whether ``agent`` may use ``tool`` at all (the tool must exist)."""
+        return tool in self.tools and _grant_denial(self, agent, tool) is None
+
+    def tools_for(self, agent: str) -> list[str]:
+        """The tools ``agent`` may use, sorted."""
+        return sorted(name for name in self.tools if self.is_granted(agent, name))
+
+    def agent_rate_limit(self, agent: str) -> RateLimit | None:
+        """The per-agent rate limit from ``agents.NAME.rate_limit``, if any."""
+        if self.agents is None or agent not in self.agents:
+            return None
+        return self.agents[agent].rate_limit
+
+
+def _grant_denial(policy: Policy, agent: str, tool: str) -> tuple[str, str] | None:
+    """Why ``agent`` may not use ``tool``, as (reason, rule), or None if it may."""
+    if policy.agents is not None:
+        grant = policy.agents.get(agent)
+        if grant is None:
+            return (f"agent {_show(agent)} is not listed in the policy's agents section",
+                    f"default deny: agents.{_show(agent)} does not exist")
+        if tool not in grant.tools:
+            return (f"agent {_show(agent)} is not granted tool {_show(tool)}",
+                    f"default deny: {_show(tool)} is not in agents.{agent}.tools")
+    tool_obj = policy.tools.get(tool)
+    if tool_obj is not None and tool_obj.agents is not None and agent not in tool_obj.agents:
+        return (f"agent {_show(agent)} is not granted tool {_show(tool)}",
+                f"default deny: {_show(agent)} is not in tools.{tool}.agents")
+    return None
