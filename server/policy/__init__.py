@@ -145,6 +145,14 @@ globs, case-sensitive).
 from .cli import argv_matches, decide_cli
 from .decision import UNAVAILABLE_CODES, CliDecision, Decision, vm_denial
 from .http import decide_http, prepare_http_headers
+from .limits import (
+    DECIDE_WORKERS,
+    DEFAULT_LIMITS,
+    INLINE_DECIDE_BYTES,
+    LIMIT_NAMES,
+    ParseLimits,
+    needs_worker,
+)
 from .lint import LintWarning, lint_policy
 from .load import load_policy, load_policy_file
 from .model import (
@@ -168,8 +176,12 @@ from .secrets import env_name_is_secret, passthrough_refusal
 
 __all__ = [
     "BASE_ENV",
+    "DECIDE_WORKERS",
     "DEFAULT_CWD",
+    "DEFAULT_LIMITS",
     "DEFAULT_MIN_SECRET_LENGTH",
+    "INLINE_DECIDE_BYTES",
+    "LIMIT_NAMES",
     "UNAVAILABLE_CODES",
     "AgentGrant",
     "AuditConfig",
@@ -179,6 +191,7 @@ __all__ = [
     "HttpTool",
     "LintWarning",
     "ParamFilter",
+    "ParseLimits",
     "PathRule",
     "Policy",
     "PolicyError",
@@ -194,6 +207,7 @@ __all__ = [
     "lint_policy",
     "load_policy",
     "load_policy_file",
+    "needs_worker",
     "passthrough_refusal",
     "prepare_http_headers",
     "vm_denial",
