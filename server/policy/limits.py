@@ -57,14 +57,15 @@ INLINE_DECIDE_BYTES: Final = 16 * 1024
 """Above this many bytes to parse (a JSON-RPC body, the argv), a decision runs in a
 worker thread instead of on the event loop.
 
-Measured (one core of a shared 2-core VM, CPython 3.12): judging a 16 KiB
-JSON-RPC body takes at most ~2 ms whatever its shape (batch of 100 calls:
-0.3 ms; one call whose params hold ~8,000 objects: ~2 ms); at the 1 MiB default
-cap it takes 35-90 ms (a 1 MiB batch of small calls 88 ms before the batch cap,
-~50 ms for one call holding 1.6 MiB of objects). 1 MiB of argv takes ~3 ms to
-check once the control-character scan is a regex. So small requests, nearly
-all of them, are decided inline (a thread hop costs ~0.1 ms) and large ones
-never hold the loop for more than the interpreter's switch interval."""
+Measured on one core of a shared 2-core VM, CPython 3.11: judging a 16 KiB
+JSON-RPC body takes at most ~2 ms whatever its shape (a batch of 100 calls:
+0.3 ms); at the 1 MiB default cap it takes 35-55 ms inline (100 calls with
+large params, one call holding 30,000 strings or 50,000 objects). In a worker
+thread the event loop's longest pause during the same decisions measured
+7-14 ms (a 1 ms timer tick and the interpreter's 5 ms GIL switch interval
+included). 1 MiB of argv takes 2.5 ms in one argument and 20 ms in 4,096. A
+thread hop costs ~0.1 ms, so small requests, nearly all of them, are decided
+inline."""
 
 DECIDE_WORKERS: Final = 2
 """Threads deciding large requests at once. Parsing holds the GIL, so more threads
