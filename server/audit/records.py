@@ -83,7 +83,7 @@ def http_decision_fields(req: HttpRequest, cfg: AuditConfig,
         "path": truncate(path),
         "bytes_in": len(req.body),
     }
-    if cfg.log_body:
+    if cfg.log_body and not decision.limit:  # over a parse limit: its size is in the reason
         if has_query:
             fields["query"] = truncate(redact_query(query, cfg.redact_patterns))
         fields.update(body_fields(req.body, cfg.redact_patterns))
@@ -93,7 +93,7 @@ def http_decision_fields(req: HttpRequest, cfg: AuditConfig,
 def cli_decision_fields(req: CliRequest, cfg: AuditConfig,
                         decision: Decision) -> dict[str, Any]:
     fields: dict[str, Any] = verdict_fields(decision)
-    if cfg.log_argv:
+    if cfg.log_argv and not decision.limit:  # over a parse limit: its size is in the reason
         args = [truncate(a.decode("utf-8", "backslashreplace")) for a in req.argv[:MAX_ARGS]]
         fields["argv"] = redact_argv(args, cfg.redact_patterns)
         if len(req.argv) > MAX_ARGS:
