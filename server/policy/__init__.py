@@ -33,13 +33,19 @@ silently collapse to the last one::
 CLI tool keys: ``binary`` (absolute path, required), ``argv_allow_patterns``,
 ``argv_deny_patterns``, ``env_inject`` (name -> value), ``env_passthrough``
 (added: names the VM may pass through), ``cwd_allowed`` (absolute dirs),
-``timeout_secs``, ``audit``, ``rate_limit``, ``agents``.
+``timeout_secs``, ``audit``, ``rate_limit``, ``agents``, ``limits`` (added:
+``{max_argv, max_argv_bytes, max_env}``).
 
 HTTP tool keys: ``upstream`` (``http(s)://host[:port][/base]``, required),
 ``allow_paths`` (added), ``jsonrpc_allow_methods``, ``jsonrpc_deny_methods``,
 ``jsonrpc_param_filters`` (``METHOD: {field, allow_patterns,
 deny_patterns}``), ``headers_inject`` (added: header -> value), ``rate_limit``,
-``timeout_secs``, ``audit``, ``agents``.
+``timeout_secs``, ``audit``, ``agents``, ``limits`` (added:
+``{max_jsonrpc_body_bytes, max_jsonrpc_batch, max_headers, max_header_bytes}``).
+
+``limits`` overrides, for one tool, the server-wide parse limits (positive
+whole numbers; see :mod:`.limits` and DEPLOYMENT.md, "Parse limits"): a
+request over one is refused with code ``bad_request`` before it is parsed.
 
 ``audit`` is ``{enabled, log_argv, log_body, redact_patterns}`` and
 ``rate_limit`` is ``{max_requests, window_secs}``. Any other key anywhere is
