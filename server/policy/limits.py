@@ -26,12 +26,14 @@ call of the batch is judged.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from .decision import CliDecision, Decision
 from .model import CliTool, HttpTool
+
+D = TypeVar("D", bound=Decision)
 
 DEFAULT_MAX_JSONRPC_BODY_BYTES: Final = 1024 * 1024
 """A JSON-RPC call is a method and a few parameters: 1 MiB is far above any
@@ -113,7 +115,6 @@ LIMIT_HELP: Final = {
     "values), in bytes.",
 }
 """The ``--help`` text of each limit's flag (the policy key means the same for one tool)."""
-assert tuple(LIMIT_HELP) == LIMIT_NAMES
 
 
 def flag(name: str) -> str:
@@ -127,17 +128,14 @@ def env_var(name: str) -> str:
 
 
 def _over(tool: HttpTool | CliTool, limits: ParseLimits, name: str, what: str,
-          seen: int, cli: bool) -> Decision:
+          seen: int, kind: type[D]) -> D:
     """The deny for ``seen`` over limit ``name``: what, how much, and how to raise it."""
     cap = getattr(limits, name)
     key = f"tools.{tool.name}.limits.{name}"
     source = key if name in tool.limits else f"carapace-server {flag(name)}"
     reason = (f"{what} is {seen}, over the limit of {cap} ({name}); the operator can raise "
               f"it with carapace-server {flag(name)} or {key} in the policy")
-    rule = f"limit {name} {cap} ({source})"
-    if cli:
-        return CliDecision(False, reason, rule, "bad_request", limit=name)
-    return Decision(False, reason, rule, "bad_request", limit=name)
+    return kind(False, reason, f"limit {name} {cap} ({source})", "bad_request", limit=name)
 
 
 def _pair_bytes(items: Sequence[Any]) -> int:
@@ -158,18 +156,18 @@ def http_limit_denial(tool: HttpTool, limits: ParseLimits, method: object, targe
     if isinstance(headers, list | tuple):
         if len(headers) > limits.max_headers:
             return _over(tool, limits, "max_headers", "the number of headers", len(headers),
-                         False)
+                         Decision)
         head = _pair_bytes(headers)
         head += len(target) if isinstance(target, str) else 0
         head += len(method) if isinstance(method, str) else 0
         if head > limits.max_header_bytes:
             return _over(tool, limits, "max_header_bytes",
                          "the size of the request head (method, target and headers) in bytes",
-                         head, False)
+                         head, Decision)
     if tool.jsonrpc_rules and isinstance(body, bytes) \
             and len(body) > limits.max_jsonrpc_body_bytes:
         return _over(tool, limits, "max_jsonrpc_body_bytes",
-                     "the size of the JSON-RPC body in bytes", len(body), False)
+                     "the size of the JSON-RPC body in bytes", len(body), Decision)
     return None
 
 
@@ -177,7 +175,7 @@ def batch_limit_denial(tool: HttpTool, limits: ParseLimits, calls: int) -> Decis
     """The deny if a parsed JSON-RPC batch holds more calls than the cap, else None."""
     if calls > limits.max_jsonrpc_batch:
         return _over(tool, limits, "max_jsonrpc_batch", "the number of calls in the batch",
-                     calls, False)
+                     calls, Decision)
     return None
 
 
@@ -186,21 +184,16 @@ def cli_limit_denial(tool: CliTool, limits: ParseLimits, argv: object,
     """The deny if a CLI request is over a limit, else None. Costs O(max_argv + max_env)."""
     if isinstance(argv, list | tuple):
         if len(argv) > limits.max_argv:
-            return _cli(_over(tool, limits, "max_argv", "the number of arguments", len(argv),
-                              True))
+            return _over(tool, limits, "max_argv", "the number of arguments", len(argv),
+                         CliDecision)
         size = sum(len(a) for a in argv if isinstance(a, bytes))
         if size > limits.max_argv_bytes:
-            return _cli(_over(tool, limits, "max_argv_bytes",
-                              "the total size of the arguments in bytes", size, True))
+            return _over(tool, limits, "max_argv_bytes",
+                         "the total size of the arguments in bytes", size, CliDecision)
     if isinstance(env, list | tuple) and len(env) > limits.max_env:
-        return _cli(_over(tool, limits, "max_env", "the number of environment variables",
-                          len(env), True))
+        return _over(tool, limits, "max_env", "the number of environment variables",
+                     len(env), CliDecision)
     return None
-
-
-def _cli(decision: Decision) -> CliDecision:
-    assert isinstance(decision, CliDecision)
-    return decision
 
 
 def needs_worker(tool: object, limits: ParseLimits, body: object = None,
@@ -224,8 +217,3 @@ def needs_worker(tool: object, limits: ParseLimits, body: object = None,
         size = sum(len(a) for a in argv if isinstance(a, bytes))
         return INLINE_DECIDE_BYTES < size <= own.max_argv_bytes
     return False
-
-
-def limits_mapping(limits: ParseLimits) -> Mapping[str, int]:
-    """The limits as ``{name: value}``, for logs and the operator API."""
-    return {name: getattr(limits, name) for name in LIMIT_NAMES}

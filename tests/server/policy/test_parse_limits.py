@@ -15,6 +15,7 @@ from carapace.server.audit.records import http_decision_fields
 from carapace.server.policy import (
     DEFAULT_LIMITS,
     INLINE_DECIDE_BYTES,
+    LIMIT_NAMES,
     AuditConfig,
     CliTool,
     Decision,
@@ -206,6 +207,13 @@ def test_defaults_let_ordinary_requests_through() -> None:
     assert DEFAULT_LIMITS.max_jsonrpc_body_bytes == 1024 * 1024
 
 
+def test_every_limit_has_a_flag_help_and_one_tool_type() -> None:
+    from carapace.server.policy.limits import CLI_LIMITS, HTTP_LIMITS, LIMIT_HELP
+
+    assert tuple(LIMIT_HELP) == LIMIT_NAMES
+    assert HTTP_LIMITS | CLI_LIMITS == set(LIMIT_NAMES) and not HTTP_LIMITS & CLI_LIMITS
+
+
 def test_limits_keys_are_checked_at_load() -> None:
     def load(limits: str, kind: str = "http") -> None:
         where = 'upstream: "http://h"' if kind == "http" else "binary: /bin/true"
@@ -278,3 +286,43 @@ def test_the_audit_record_names_the_limit_and_holds_no_huge_value() -> None:
     assert fields["limit"] == "max_jsonrpc_body_bytes"
     assert fields["bytes_in"] == len(body)
     assert len(json.dumps(fields)) < 1000
+
+
+# -- the server's flags ------------------------------------------------------------------
+
+
+def test_the_server_flags_and_env_vars_set_the_limits(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from carapace.server import main as main_mod
+
+    seen: list[ParseLimits] = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_server(config: Any, *args: object, **kwargs: object) -> None:
+        seen.append(config.parse_limits)
+        raise Stop
+
+    monkeypatch.setattr(main_mod, "Server", fake_server)
+    monkeypatch.setattr(main_mod, "setup_logging", lambda *args: None)  # keeps pytest's
+    policy = tmp_path / "p.yaml"
+    policy.write_text("tools: {}\n")
+    tokens = tmp_path / "t"
+    tokens.write_text("a:" + "x" * 40 + "\n")
+    runner = CliRunner()
+    help_text = runner.invoke(main_mod.main, ["--help"], terminal_width=200).output
+    for name in LIMIT_NAMES:
+        assert f"--{name.replace('_', '-')}" in help_text
+        assert f"CARAPACE_{name.upper()}" in help_text
+    result = runner.invoke(
+        main_mod.main, ["--policy", str(policy), "--token-file", str(tokens),
+                        "--max-jsonrpc-batch", "7"],
+        env={"CARAPACE_MAX_ARGV_BYTES": "99"})
+    assert isinstance(result.exception, Stop), result.output
+    assert seen == [ParseLimits(max_jsonrpc_batch=7, max_argv_bytes=99)]
+    refused = runner.invoke(main_mod.main, ["--policy", str(policy), "--token-file",
+                                            str(tokens), "--max-argv", "0"])
+    assert refused.exit_code == 2 and "--max-argv" in refused.output
