@@ -9,10 +9,11 @@ real agent's calls must keep being answered, and the server must live on.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -111,12 +112,15 @@ def limit_metric(d: Deployment, limit: str) -> float:
     return 0.0
 
 
-def hostile(tmp_path: Path):  # type: ignore[no-untyped-def]
+@contextlib.contextmanager
+def hostile(tmp_path: Path) -> Iterator[tuple[Deployment, Path]]:
+    """A deployment with an audit log and a debug listener (for /metrics)."""
     audit = tmp_path / "audit.jsonl"
     debug_port = free_port()
-    cm = deployment(tmp_path, policy=POLICY, server_args=[
-        "--audit-log", str(audit), "--debug-listen", f"127.0.0.1:{debug_port}"])
-    return cm, audit, debug_port
+    with deployment(tmp_path, policy=POLICY, server_args=[
+            "--audit-log", str(audit), "--debug-listen", f"127.0.0.1:{debug_port}"]) as d:
+        d.debug_port = debug_port
+        yield d, audit
 
 
 def decision_records(audit: Path, agent: str) -> list[dict[str, object]]:
@@ -126,9 +130,7 @@ def decision_records(audit: Path, agent: str) -> list[dict[str, object]]:
 
 def test_a_16_mib_jsonrpc_batch_is_refused_unparsed_and_others_are_served(
         tmp_path: Path) -> None:
-    cm, audit, debug_port = hostile(tmp_path)
-    with cm as d:
-        d.debug_port = debug_port
+    with hostile(tmp_path) as (d, audit):
         attacker = Attacker(d)
         batch = b"[" + b"{}," * ((HUGE - 4) // 3) + b"{}]"
         # Many frames under the cap, each judged in full: 100 calls of ~10 KiB params,
@@ -164,9 +166,7 @@ def test_a_16_mib_jsonrpc_batch_is_refused_unparsed_and_others_are_served(
 
 
 def test_huge_argv_env_and_headers_are_refused_by_their_limits(tmp_path: Path) -> None:
-    cm, audit, debug_port = hostile(tmp_path)
-    with cm as d:
-        d.debug_port = debug_port
+    with hostile(tmp_path) as (d, audit):
         attacker = Attacker(d)
         many_args = (b"x" * 1000,) * (HUGE // 1010)
         one_arg = (b"\xc3\xa9" * (HUGE // 2),)
@@ -197,7 +197,7 @@ def test_huge_argv_env_and_headers_are_refused_by_their_limits(tmp_path: Path) -
         assert not attacker.closed
         assert d.server is not None and d.server.poll() is None
         assert rpc(d, "version").status_code == 200
-        limits = {str(r["limit"]): r for r in decision_records(audit, "prober")}
+        limits = {str(r.get("limit")): r for r in decision_records(audit, "prober")}
         assert sorted(limits) == sorted(case[2] for case in cases)
         for record in limits.values():
             assert record["code"] == "bad_request"
