@@ -12,6 +12,7 @@ from carapace.protocol.flow import DEFAULT_WINDOW
 from carapace.protocol.framing import DEFAULT_MAX_FRAME
 
 from .audit import DEFAULT_BACKUPS, DEFAULT_DENY_LIMIT, DEFAULT_MAX_BYTES
+from .policy import DEFAULT_LIMITS, ParseLimits
 
 DEFAULT_LISTEN = ("127.0.0.1", 8765)
 DEFAULT_POLICY_FILE = "/etc/carapace/policy.yaml"
@@ -52,3 +53,5 @@ class ServerConfig:
     audit_backups: int = DEFAULT_BACKUPS
     audit_fsync: bool = False
     audit_deny_limit: tuple[int, float] = DEFAULT_DENY_LIMIT
+    parse_limits: ParseLimits = DEFAULT_LIMITS
+    """Server-wide caps on what the policy engine parses; tools may override them."""

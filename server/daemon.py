@@ -77,7 +77,8 @@ class Server:
         self.metrics = ServerMetrics(self)
         self.http_client = UpstreamClient()
         self.pipeline = RequestPipeline(audit=self.audit, metrics=self.metrics,
-                                        stats=self.stats, http_client=self.http_client)
+                                        stats=self.stats, http_client=self.http_client,
+                                        limits=config.parse_limits)
         self.on_reload: Callable[[bool, str], None] | None = None
         """Called after each reload attempt with (accepted, message); main.py reports it."""
 

@@ -44,7 +44,8 @@ from .config import (
 )
 from .daemon import Server
 from .operator_api import DebugConfigError, debug_access
-from .policy import PolicyError, load_policy_file
+from .policy import LIMIT_NAMES, ParseLimits, PolicyError, load_policy_file
+from .policy.limits import DEFAULT_LIMITS, LIMIT_HELP, env_var, flag
 
 log = logging.getLogger("carapace.server")
 
@@ -64,6 +65,17 @@ class ServerCommand(click.Command):
             prog = kwargs.get("prog_name") or "carapace-server"
             return reload_command.main(argv[1:], prog_name=f"{prog} reload")
         return super().main(*args, **kwargs)
+
+
+def parse_limit_options(command: Any) -> Any:
+    """The flags of the parse limits (``policy/limits.py``), one per limit, in its order."""
+    for name in reversed(LIMIT_NAMES):
+        command = click.option(
+            flag(name), name, type=click.IntRange(min=1), default=getattr(DEFAULT_LIMITS, name),
+            envvar=env_var(name), show_default=True, show_envvar=True,
+            help=f"{LIMIT_HELP[name]} A tool may override it with limits.{name} in the policy.",
+        )(command)
+    return command
 
 
 @click.command(cls=ServerCommand, context_settings={"help_option_names": ["-h", "--help"]})
@@ -121,6 +133,7 @@ class ServerCommand(click.Command):
 @click.option("--log-level", default="info", envvar="CARAPACE_LOG_LEVEL", show_default=True)
 @click.option("--log-json", is_flag=True, envvar="CARAPACE_LOG_JSON",
               help="Log JSON lines (for journald/Loki pipelines).")
+@parse_limit_options
 def main(
     listen: tuple[str, int],
     policy_file: str,
@@ -145,6 +158,7 @@ def main(
     audit_fsync: bool = False,
     audit_deny_limit: tuple[int, float] = DEFAULT_DENY_LIMIT,
     pid_file: str | None = None,
+    **parse_limits: int,
 ) -> None:
     """Serve Carapace agents: decide, run and audit their tool requests on this host.
 
@@ -178,6 +192,7 @@ def main(
         audit_backups=audit_backups,
         audit_fsync=audit_fsync,
         audit_deny_limit=audit_deny_limit,
+        parse_limits=ParseLimits(**parse_limits),
     )
     debug_token = None
     if debug_listen is not None:

@@ -64,6 +64,12 @@ class ServerMetrics:
             "carapace_denials", "Requests denied by the policy.",
             ["kind", "agent", "tool"], registry=reg,
         )
+        self.parse_limits = Counter(
+            "carapace_parse_limit_refusals",
+            "Requests refused before they were parsed, by the parse limit they broke "
+            "(max_jsonrpc_body_bytes, max_jsonrpc_batch, max_argv, ...).",
+            ["limit"], registry=reg,
+        )
         self._request_counters: dict[tuple[str, bool, str, str], Any] = {}
         """(kind, allowed, agent, tool label) → its child of ``requests``; bounded by
         the authenticated agents times the policy's tools (others are one label)."""
@@ -95,6 +101,10 @@ class ServerMetrics:
         counter.inc()
         if not allowed:
             self.denials.labels(kind, agent, label).inc()
+
+    def count_parse_limit(self, limit: str) -> None:
+        """One request refused by a parse limit (``policy/limits.py``; a fixed label set)."""
+        self.parse_limits.labels(limit).inc()
 
     def count_events(self, count: int, arrived: float | None) -> None:
         """``count`` SSE events queued on the link, their bytes read at trio time ``arrived``.

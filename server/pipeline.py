@@ -13,6 +13,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
+from typing import TypeVar
+
+import trio
 
 from carapace.protocol.messages import CliRequest, HttpRequest
 
@@ -21,7 +25,14 @@ from .audit import AuditEntry, AuditError, AuditTrail
 from .cli_runner import ExitInfo, run_cli
 from .masking import policy_scrubber
 from .metrics import ServerMetrics
-from .policy import RateLimiter, apply_rate_limits
+from .policy import (
+    DECIDE_WORKERS,
+    DEFAULT_LIMITS,
+    ParseLimits,
+    RateLimiter,
+    apply_rate_limits,
+    needs_worker,
+)
 from .stats import Stats
 from .streams import ServerStream
 from .upstream import UpstreamClient
@@ -29,19 +40,29 @@ from .upstream.relay import forward_http
 
 log = logging.getLogger("carapace.server")
 
+D = TypeVar("D", bound=policy_mod.Decision)
+
 
 class RequestPipeline:
     """Takes one agent request from its decision to its completion record."""
 
     def __init__(self, *, audit: AuditTrail, metrics: ServerMetrics, stats: Stats,
                  http_client: UpstreamClient,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 limits: ParseLimits = DEFAULT_LIMITS) -> None:
         self.audit = audit
         self.metrics = metrics
         self.stats = stats
         self.http_client = http_client
         self.rate_limiter = RateLimiter()
         self.clock = clock
+        self.limits = limits
+        """Server-wide parse limits (the flags); tools may override them in the policy."""
+        self.deciders = trio.CapacityLimiter(DECIDE_WORKERS)
+        """Worker threads for decisions too large for the event loop (``limits.py``)."""
+        self._agent_deciders: dict[str, trio.CapacityLimiter] = {}
+        """One large decision per agent at a time, so one agent cannot hold every worker.
+        Keyed by authenticated agent name: bounded by the token file."""
 
     async def handle(self, agent: str, session_id: bytes, stream: ServerStream,
                      msg: HttpRequest | CliRequest, policy: policy_mod.Policy) -> None:
@@ -53,12 +74,32 @@ class RequestPipeline:
     def _counted(self, kind: str, decision: policy_mod.Decision, agent: str, tool: str) -> None:
         self.stats.count_request(kind, "allow" if decision.allow else "deny")
         self.metrics.count_request(kind, decision.allow, agent, tool)
+        if decision.limit:
+            self.metrics.count_parse_limit(decision.limit)
+
+    async def _decide(self, agent: str, decide: Callable[[], D], heavy: bool) -> D:
+        """Run a decision: inline if it is small, else in a worker thread.
+
+        A large one (over ``INLINE_DECIDE_BYTES`` to parse) would hold the
+        event loop, and every agent with it, for tens of milliseconds; in a
+        worker the loop keeps running (the interpreter hands it the GIL at
+        least every switch interval, 5 ms). The policy is immutable, so the
+        thread may read it while the loop goes on.
+        """
+        if not heavy:
+            return decide()
+        own = self._agent_deciders.get(agent)
+        if own is None:
+            own = self._agent_deciders[agent] = trio.CapacityLimiter(1)
+        async with own:
+            return await trio.to_thread.run_sync(decide, limiter=self.deciders)
 
     async def _handle_http(self, agent: str, session_id: bytes, stream: ServerStream,
                            req: HttpRequest, policy: policy_mod.Policy) -> None:
-        decision = policy_mod.decide_http(
-            policy, agent, req.tool, req.method, req.target, list(req.headers), req.body
-        )
+        decide = partial(policy_mod.decide_http, policy, agent, req.tool, req.method,
+                         req.target, list(req.headers), req.body, limits=self.limits)
+        heavy = needs_worker(policy.tools.get(req.tool), self.limits, body=req.body)
+        decision = await self._decide(agent, decide, heavy)
         decision = apply_rate_limits(self.rate_limiter, decision, policy, agent, req.tool,
                                      self.clock())
         self._counted("http", decision, agent, req.tool)
@@ -86,9 +127,10 @@ class RequestPipeline:
 
     async def _handle_cli(self, agent: str, session_id: bytes, stream: ServerStream,
                           req: CliRequest, policy: policy_mod.Policy) -> None:
-        cli_decision = policy_mod.decide_cli(
-            policy, agent, req.tool, list(req.argv), req.cwd, list(req.env)
-        )
+        decide = partial(policy_mod.decide_cli, policy, agent, req.tool, list(req.argv),
+                         req.cwd, list(req.env), limits=self.limits)
+        heavy = needs_worker(policy.tools.get(req.tool), self.limits, argv=req.argv)
+        cli_decision = await self._decide(agent, decide, heavy)
         decision = apply_rate_limits(self.rate_limiter, cli_decision, policy, agent, req.tool,
                                      self.clock())
         self._counted("cli", decision, agent, req.tool)

@@ -68,6 +68,8 @@ def verdict_fields(decision: Decision) -> dict[str, Any]:
         out["code"] = decision.code or "denied"
     if decision.retry_after is not None:
         out["retry_after"] = decision.retry_after
+    if decision.limit:
+        out["limit"] = decision.limit
     return out
 
 
@@ -81,7 +83,7 @@ def http_decision_fields(req: HttpRequest, cfg: AuditConfig,
         "path": truncate(path),
         "bytes_in": len(req.body),
     }
-    if cfg.log_body:
+    if cfg.log_body and not decision.limit:  # over a parse limit: its size is in the reason
         if has_query:
             fields["query"] = truncate(redact_query(query, cfg.redact_patterns))
         fields.update(body_fields(req.body, cfg.redact_patterns))
@@ -91,7 +93,7 @@ def http_decision_fields(req: HttpRequest, cfg: AuditConfig,
 def cli_decision_fields(req: CliRequest, cfg: AuditConfig,
                         decision: Decision) -> dict[str, Any]:
     fields: dict[str, Any] = verdict_fields(decision)
-    if cfg.log_argv:
+    if cfg.log_argv and not decision.limit:  # over a parse limit: its size is in the reason
         args = [truncate(a.decode("utf-8", "backslashreplace")) for a in req.argv[:MAX_ARGS]]
         fields["argv"] = redact_argv(args, cfg.redact_patterns)
         if len(req.argv) > MAX_ARGS:
@@ -112,14 +114,14 @@ def body_fields(body: bytes, patterns: Sequence[str]) -> dict[str, Any]:
     """A logged body: JSON redacted by name, text as it is, or a note why not logged."""
     if not body:
         return {}
+    if len(body) > MAX_BODY:  # before parsing: a large body is not parsed a second time
+        return {"body_note": f"body of {len(body)} bytes: over {MAX_BODY}, not logged"}
     try:
         doc = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
         if patterns:
             return {"body_note": "not JSON: not logged, redact_patterns cannot be applied"}
         return {"body_text": truncate(body[:MAX_BODY].decode("utf-8", "replace"), MAX_BODY)}
-    if len(body) > MAX_BODY:
-        return {"body_note": f"JSON body of {len(body)} bytes: over {MAX_BODY}, not logged"}
     return {"body": redact_json(doc, patterns)}
 
 

@@ -33,13 +33,19 @@ silently collapse to the last one::
 CLI tool keys: ``binary`` (absolute path, required), ``argv_allow_patterns``,
 ``argv_deny_patterns``, ``env_inject`` (name -> value), ``env_passthrough``
 (added: names the VM may pass through), ``cwd_allowed`` (absolute dirs),
-``timeout_secs``, ``audit``, ``rate_limit``, ``agents``.
+``timeout_secs``, ``audit``, ``rate_limit``, ``agents``, ``limits`` (added:
+``{max_argv, max_argv_bytes, max_env}``).
 
 HTTP tool keys: ``upstream`` (``http(s)://host[:port][/base]``, required),
 ``allow_paths`` (added), ``jsonrpc_allow_methods``, ``jsonrpc_deny_methods``,
 ``jsonrpc_param_filters`` (``METHOD: {field, allow_patterns,
 deny_patterns}``), ``headers_inject`` (added: header -> value), ``rate_limit``,
-``timeout_secs``, ``audit``, ``agents``.
+``timeout_secs``, ``audit``, ``agents``, ``limits`` (added:
+``{max_jsonrpc_body_bytes, max_jsonrpc_batch, max_headers, max_header_bytes}``).
+
+``limits`` overrides, for one tool, the server-wide parse limits (positive
+whole numbers; see :mod:`.limits` and DEPLOYMENT.md, "Parse limits"): a
+request over one is refused with code ``bad_request`` before it is parsed.
 
 ``audit`` is ``{enabled, log_argv, log_body, redact_patterns}`` and
 ``rate_limit`` is ``{max_requests, window_secs}``. Any other key anywhere is
@@ -145,6 +151,14 @@ globs, case-sensitive).
 from .cli import argv_matches, decide_cli
 from .decision import UNAVAILABLE_CODES, CliDecision, Decision, vm_denial
 from .http import decide_http, prepare_http_headers
+from .limits import (
+    DECIDE_WORKERS,
+    DEFAULT_LIMITS,
+    INLINE_DECIDE_BYTES,
+    LIMIT_NAMES,
+    ParseLimits,
+    needs_worker,
+)
 from .lint import LintWarning, lint_policy
 from .load import load_policy, load_policy_file
 from .model import (
@@ -168,8 +182,12 @@ from .secrets import env_name_is_secret, passthrough_refusal
 
 __all__ = [
     "BASE_ENV",
+    "DECIDE_WORKERS",
     "DEFAULT_CWD",
+    "DEFAULT_LIMITS",
     "DEFAULT_MIN_SECRET_LENGTH",
+    "INLINE_DECIDE_BYTES",
+    "LIMIT_NAMES",
     "UNAVAILABLE_CODES",
     "AgentGrant",
     "AuditConfig",
@@ -179,6 +197,7 @@ __all__ = [
     "HttpTool",
     "LintWarning",
     "ParamFilter",
+    "ParseLimits",
     "PathRule",
     "Policy",
     "PolicyError",
@@ -194,6 +213,7 @@ __all__ = [
     "lint_policy",
     "load_policy",
     "load_policy_file",
+    "needs_worker",
     "passthrough_refusal",
     "prepare_http_headers",
     "vm_denial",

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 import shlex
-import unicodedata
 from collections.abc import Callable, Sequence
+from typing import Final
 
 from .decision import CliDecision, Decision, _cli_deny, _lookup, _rule
+from .limits import DEFAULT_LIMITS, ParseLimits, cli_limit_denial
 from .model import BASE_ENV, DEFAULT_CWD, CliTool, Policy
 from .quoting import _show
+
+_CONTROL: Final = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+"""Unicode category Cc (C0, DEL and C1; the set is fixed by the standard) but TAB:
+one regex scan, ~50 times faster than asking ``unicodedata`` about each character."""
 
 
 def argv_matches(args: Sequence[str], pattern: str) -> bool:
@@ -45,6 +51,7 @@ def decide_cli(
     env: list[tuple[bytes, bytes]],
     *,
     realpath: Callable[[bytes], bytes] = _host_realpath,
+    limits: ParseLimits = DEFAULT_LIMITS,
 ) -> CliDecision:
     """Decide one CLI request from the VM and, if allowed, build what to exec.
 
@@ -52,12 +59,17 @@ def decide_cli(
     environment (only ``env_passthrough`` names are taken from it); ``cwd``
     the VM's directory (used only with ``cwd_allowed``). ``realpath``
     resolves a directory on the host and raises OSError if it does not
-    exist; tests inject their own. Never raises; denies by default.
+    exist; tests inject their own. ``limits`` are the server-wide parse
+    limits (the tool's own ``limits`` override them); a request over one is
+    refused before its arguments are decoded. Never raises; denies by default.
     """
     found = _lookup(policy, agent, tool, CliTool)
     if isinstance(found, Decision):
         return _cli_deny(found.reason, found.rule, found.code)
     assert isinstance(found, CliTool)
+    over = cli_limit_denial(found, limits.for_tool(found), argv, env)
+    if over is not None:
+        return over
     args = _decoded_args(argv)
     if isinstance(args, CliDecision):
         return args
@@ -108,13 +120,13 @@ def _decoded_args(argv: list[bytes]) -> list[str] | CliDecision:
         except UnicodeDecodeError:
             return _cli_deny(f"argument {i} is not valid UTF-8",
                              "default deny: arguments must be UTF-8", "bad_request")
-        for ch in arg:
-            if ch != "\t" and unicodedata.category(ch) == "Cc":
-                return _cli_deny(
-                    f"argument {i} contains a control character (U+{ord(ch):04X})",
-                    "default deny: arguments must not contain control characters",
-                    "bad_request",
-                )
+        bad = _CONTROL.search(arg)
+        if bad is not None:
+            return _cli_deny(
+                f"argument {i} contains a control character (U+{ord(bad.group()):04X})",
+                "default deny: arguments must not contain control characters",
+                "bad_request",
+            )
         args.append(arg)
     return args
 

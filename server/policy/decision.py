@@ -34,6 +34,8 @@ class Decision:
     code: str = ""
     retry_after: int | None = None
     """For a ``rate_limited`` deny: whole seconds until a retry can succeed."""
+    limit: str = ""
+    """For a deny by a parse limit (``policy/limits.py``): the limit's name."""
 
     @property
     def tool_unavailable(self) -> bool:

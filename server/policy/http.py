@@ -11,6 +11,7 @@ from typing import Any, Final, NoReturn
 from carapace.runtime.http import HOP_BY_HOP, TOKEN, TOKEN_BYTES
 
 from .decision import Decision, _deny, _lookup, _rule
+from .limits import DEFAULT_LIMITS, ParseLimits, batch_limit_denial, http_limit_denial
 from .model import HttpTool, Policy
 from .quoting import _kind, _show
 
@@ -199,16 +200,24 @@ def decide_http(
     target: str,
     headers: list[tuple[bytes, bytes]],
     body: bytes,
+    *,
+    limits: ParseLimits = DEFAULT_LIMITS,
 ) -> Decision:
     """Decide one HTTP request from the VM. Never raises; denies by default.
 
     ``target`` is the raw request-target (path and query) as the VM sent it;
     ``body`` is the whole request body (JSON-RPC checks need all of it).
+    ``limits`` are the server-wide parse limits; the tool's own ``limits``
+    override them, and a request over one is refused before it is parsed.
     """
     found = _lookup(policy, agent, tool, HttpTool)
     if isinstance(found, Decision):
         return found
     assert isinstance(found, HttpTool)
+    own = limits.for_tool(found)
+    over = http_limit_denial(found, own, method, target, headers, body)
+    if over is not None:
+        return over
     problem = _syntax_problem(method, target, headers)
     if problem:
         return _deny(problem, "default deny: malformed or unsafe request", "bad_request")
@@ -239,6 +248,9 @@ def decide_http(
             return _deny("the JSON-RPC batch is empty",
                          f"default deny: tools.{tool} has JSON-RPC rules; "
                          "batches must not be empty")
+        too_many = batch_limit_denial(found, own, len(doc))
+        if too_many is not None:
+            return too_many
         verdicts = [_check_call(found, call, f"batch call {i}") for i, call in enumerate(doc)]
         for verdict in verdicts:
             if not verdict.allow:

@@ -15,6 +15,7 @@ import yaml
 from carapace.runtime.http import TOKEN
 
 from .http import NOT_INJECTABLE
+from .limits import CLI_LIMITS, HTTP_LIMITS
 from .model import (
     _NAME_RE,
     DEFAULT_MIN_SECRET_LENGTH,
@@ -39,13 +40,14 @@ _CLI_KEYS: Final = frozenset(
     {
         "type", "binary", "argv_allow_patterns", "argv_deny_patterns", "env_inject",
         "env_passthrough", "cwd_allowed", "timeout_secs", "audit", "rate_limit", "agents",
+        "limits",
     }
 )
 _HTTP_KEYS: Final = frozenset(
     {
         "type", "upstream", "allow_paths", "jsonrpc_allow_methods", "jsonrpc_deny_methods",
         "jsonrpc_param_filters", "headers_inject", "rate_limit", "timeout_secs", "audit",
-        "agents",
+        "agents", "limits",
     }
 )
 
@@ -260,7 +262,22 @@ class _Loader:
             for i, agent in enumerate(names):
                 self.name(agent, f"{path}.agents[{i}]", "agent name")
             out["agents"] = names
+        if "limits" in raw:
+            out["limits"] = self.limits(raw["limits"], f"{path}.limits", raw["type"])
         return out
+
+    def limits(self, value: Any, path: str, kind: str) -> Mapping[str, int]:
+        """A tool's overrides of the server-wide parse limits (``limits.py``)."""
+        raw = self.mapping(value, path)
+        own, other = (HTTP_LIMITS, CLI_LIMITS) if kind == "http" else (CLI_LIMITS, HTTP_LIMITS)
+        for key in raw:
+            if key in other:
+                self.fail(f"{path}.{key}", f"unknown key {_show(key)}",
+                          f"'{key}' limits {'cli' if kind == 'http' else 'http'} tools; "
+                          f"allowed keys for a {kind} tool: {', '.join(sorted(own))}.")
+        self.known_keys(raw, path, own)
+        return MappingProxyType({key: self.positive_int(raw[key], f"{path}.{key}")
+                                 for key in sorted(raw)})
 
     def rate_limit(self, value: Any, path: str) -> RateLimit:
         raw = self.mapping(value, path)

@@ -103,6 +103,8 @@ class CliTool:
     audit: AuditConfig = field(default_factory=AuditConfig)
     rate_limit: RateLimit | None = None
     agents: tuple[str, ...] | None = None
+    limits: Mapping[str, int] = field(default_factory=dict)
+    """Overrides of the server-wide parse limits (``policy/limits.py``) for this tool."""
 
     @property
     def type(self) -> str:
@@ -131,6 +133,8 @@ class HttpTool:
     timeout_secs: float | None = None
     audit: AuditConfig = field(default_factory=AuditConfig)
     agents: tuple[str, ...] | None = None
+    limits: Mapping[str, int] = field(default_factory=dict)
+    """Overrides of the server-wide parse limits (``policy/limits.py``) for this tool."""
 
     @property
     def type(self) -> str:
