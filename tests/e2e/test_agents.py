@@ -1,4 +1,4 @@
-"""Per-agent identity and grants (issue 9), through real processes.
+"""Per-agent identity and grants, through real processes.
 
 One server, two agents (``alice`` and ``bob``) with their own tokens and
 grants: each reaches its own HTTP and CLI tools only, the other's are denied
