@@ -41,6 +41,7 @@ from carapace.protocol.messages import (
 from carapace.protocol.sse import Comment, Event, SseParser
 from carapace.runtime.http import HOP_BY_HOP
 
+from ..policy import DEFAULT_TIMEOUT_SECS
 from ..streams import ServerStream
 from .client import UpstreamClient, UpstreamResponse
 from .decoding import ContentDecoder
@@ -105,7 +106,7 @@ async def forward_http(
     if scrubber is not None:
         headers = [(k, v) for k, v in headers if k.lower() != b"accept-encoding"]
         headers.append((b"Accept-Encoding", b"identity"))
-    timeout = float(tool.timeout_secs or 30)
+    timeout = float(tool.timeout_secs or DEFAULT_TIMEOUT_SECS)
     response = await _request(client, stream, req, tool_name, tool, headers, timeout, scrubber)
     if response is None:
         return
