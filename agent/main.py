@@ -64,11 +64,15 @@ def _server_address(server: tuple[str, int] | None) -> tuple[str, int]:
     )
 
 
+DEFAULT_DRAIN_TIMEOUT = 10.0
+"""Seconds in-flight local requests may finish after SIGTERM, as on the server."""
+
+
 async def run_agent(
     link_config: LinkConfig,
     listeners: list[HttpListenerConfig],
     cli_socket: str | None,
-    drain_timeout: float = 10.0,
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
 ) -> None:
     mux = Multiplexer()
     client = TunnelClient(link_config, mux)
@@ -161,7 +165,8 @@ _STOP_SIGNALS = (15, 2)  # SIGTERM, SIGINT
 @click.option("--resume-timeout", type=float, default=DEFAULT_RESUME_TIMEOUT,
               show_default=True,
               help="How long open requests wait for a dropped link to come back.")
-@click.option("--drain-timeout", type=float, default=10.0, show_default=True,
+@click.option("--drain-timeout", type=float, default=DEFAULT_DRAIN_TIMEOUT,
+              show_default=True,
               help="On SIGTERM, how long in-flight local requests may finish.")
 @click.option("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT, show_default=True,
               help="Drop a tunnel link silent for this long (pings every third of it).")

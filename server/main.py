@@ -37,6 +37,7 @@ from .config import (
     DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_LISTEN,
     DEFAULT_MAX_AGENTS,
     DEFAULT_MAX_REQUESTS_PER_AGENT,
     DEFAULT_POLICY_FILE,
@@ -68,7 +69,8 @@ class ServerCommand(click.Command):
 
 
 @click.command(cls=ServerCommand, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--listen", type=HOST_PORT, default="127.0.0.1:8765", envvar="CARAPACE_LISTEN",
+@click.option("--listen", type=HOST_PORT, default="{}:{}".format(*DEFAULT_LISTEN),
+              envvar="CARAPACE_LISTEN",
               show_default=True, help="Address agents connect to.")
 @click.option("--policy", "policy_file", default=DEFAULT_POLICY_FILE,
               envvar="CARAPACE_POLICY_FILE", show_default=True, help="Policy YAML file.")
