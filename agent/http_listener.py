@@ -46,17 +46,32 @@ SSE_HEADERS_DROP = HOP_BY_HOP | {b"cache-control", b"x-accel-buffering", b"conte
 MAX_PIPELINED = 64 * 1024
 
 
+DEFAULT_SSE_KEEPALIVE = 15.0
+"""Seconds of silence on an event stream before a keepalive comment: well inside the
+30–60 s after which proxies and HTTP clients commonly give up on an idle connection."""
+DEFAULT_HEADER_TIMEOUT = 10.0
+"""Seconds a local client may take to send its request head (slow-loris bound)."""
+DEFAULT_MAX_HEADER_BYTES = 64 * 1024
+"""Largest request head a local client may send (431 beyond): far above real requests."""
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+"""Largest request body a local client may send (413 beyond): the body travels in one
+``http_request`` frame, so it must stay well under the server's frame cap."""
+DEFAULT_LINK_WAIT = 2.0
+"""Seconds a local request waits for the tunnel to come up before its 502: a reconnect
+in progress usually finishes within it."""
+
+
 @dataclass
 class HttpListenerConfig:
     tool: str
     host: str
     port: int
-    keepalive_interval: float = 15.0
-    header_timeout: float = 10.0
+    keepalive_interval: float = DEFAULT_SSE_KEEPALIVE
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
     idle_timeout: float = 120.0
-    max_header_bytes: int = 64 * 1024
-    max_body_bytes: int = 8 * 1024 * 1024
-    link_wait: float = 2.0
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    link_wait: float = DEFAULT_LINK_WAIT
 
 
 def _head_size(req: h11.Request) -> int:

@@ -11,6 +11,7 @@ from functools import partial
 import click
 import trio
 
+from carapace.protocol.keepalive import DEFAULT_IDLE_TIMEOUT
 from carapace.runtime.addresses import parse_hostport
 from carapace.runtime.errors import find_exception
 from carapace.runtime.logs import setup_logging
@@ -19,11 +20,19 @@ from carapace.runtime.tls import TlsConfigError, agent_context
 from carapace.runtime.tokens import TokenFileError, load_agent_token
 from carapace.runtime.tuning import tune_gc
 
-from .http_listener import HttpListenerConfig, HttpToolListener
+from .http_listener import (
+    DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_LINK_WAIT,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_HEADER_BYTES,
+    DEFAULT_SSE_KEEPALIVE,
+    HttpListenerConfig,
+    HttpToolListener,
+)
 from .multiplexer import Multiplexer
 from .shim import default_socket_path
 from .shim_install import shims_group
-from .tunnel import LinkConfig, TunnelClient
+from .tunnel import DEFAULT_RESUME_TIMEOUT, LinkConfig, TunnelClient
 
 log = logging.getLogger("carapace.agent")
 
@@ -55,11 +64,15 @@ def _server_address(server: tuple[str, int] | None) -> tuple[str, int]:
     )
 
 
+DEFAULT_DRAIN_TIMEOUT = 10.0
+"""Seconds in-flight local requests may finish after SIGTERM, as on the server."""
+
+
 async def run_agent(
     link_config: LinkConfig,
     listeners: list[HttpListenerConfig],
     cli_socket: str | None,
-    drain_timeout: float = 10.0,
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
 ) -> None:
     mux = Multiplexer()
     client = TunnelClient(link_config, mux)
@@ -125,15 +138,19 @@ _STOP_SIGNALS = (15, 2)  # SIGTERM, SIGINT
               flag_value=default_socket_path(), metavar="[PATH]",
               help="Unix socket for tool shims; a bare --cli-socket uses the path shims "
               f"look for by default ({default_socket_path()}).")
-@click.option("--sse-keepalive", type=click.FloatRange(min=0.1), default=15.0, show_default=True,
+@click.option("--sse-keepalive", type=click.FloatRange(min=0.1), default=DEFAULT_SSE_KEEPALIVE,
+              show_default=True,
               help="Seconds of idle before an SSE comment keepalive (at least 0.1).")
-@click.option("--link-wait", type=float, default=2.0, show_default=True,
+@click.option("--link-wait", type=float, default=DEFAULT_LINK_WAIT, show_default=True,
               help="How long a local request waits for the tunnel before failing with 502.")
-@click.option("--header-timeout", type=float, default=10.0, show_default=True,
+@click.option("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT,
+              show_default=True,
               help="Close local HTTP clients that do not send their request in time.")
-@click.option("--max-header-bytes", type=int, default=64 * 1024, show_default=True,
+@click.option("--max-header-bytes", type=int, default=DEFAULT_MAX_HEADER_BYTES,
+              show_default=True,
               help="Largest request head a local HTTP client may send (431 beyond).")
-@click.option("--max-body-bytes", type=int, default=8 * 1024 * 1024, show_default=True,
+@click.option("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+              show_default=True,
               help="Largest request body a local HTTP client may send (413 beyond).")
 @click.option("--tls", "use_tls", is_flag=True, envvar="CARAPACE_TLS",
               help="Connect over TLS, trusting the system CAs (implied by --tls-ca).")
@@ -145,11 +162,13 @@ _STOP_SIGNALS = (15, 2)  # SIGTERM, SIGINT
               help="Private key for --tls-cert (PEM).")
 @click.option("--tls-server-name", default=None,
               help="Name to check in the server certificate (default: the --server host).")
-@click.option("--resume-timeout", type=float, default=30.0, show_default=True,
+@click.option("--resume-timeout", type=float, default=DEFAULT_RESUME_TIMEOUT,
+              show_default=True,
               help="How long open requests wait for a dropped link to come back.")
-@click.option("--drain-timeout", type=float, default=10.0, show_default=True,
+@click.option("--drain-timeout", type=float, default=DEFAULT_DRAIN_TIMEOUT,
+              show_default=True,
               help="On SIGTERM, how long in-flight local requests may finish.")
-@click.option("--idle-timeout", type=float, default=15.0, show_default=True,
+@click.option("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT, show_default=True,
               help="Drop a tunnel link silent for this long (pings every third of it).")
 @click.option("--log-level", default="info", envvar="CARAPACE_LOG_LEVEL", show_default=True)
 @click.option("--log-json", is_flag=True, envvar="CARAPACE_LOG_JSON")

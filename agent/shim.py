@@ -10,7 +10,7 @@ protocol/README.md.
 
 It starts once per command, so start-up time is its latency: it imports only
 the stdlib, msgpack and the sans-IO protocol — never trio, click, rich or
-httpx (tests/cli/test_shim_imports.py guards this). Plain blocking sockets
+httpx (tests/agent/test_shim_imports.py guards this). Plain blocking sockets
 and one thread:
 
 - the main thread reads the socket and writes output with blocking writes, so

@@ -20,8 +20,18 @@ import trio
 
 from carapace.protocol.errors import ProtocolError
 from carapace.protocol.framing import DEFAULT_MAX_FRAME
-from carapace.protocol.handshake import NONCE_SIZE, AgentHandshake, HandshakeError
-from carapace.protocol.keepalive import Expired, Keepalive
+from carapace.protocol.handshake import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    NONCE_SIZE,
+    AgentHandshake,
+    HandshakeError,
+)
+from carapace.protocol.keepalive import (
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_PING_INTERVAL,
+    Expired,
+    Keepalive,
+)
 from carapace.protocol.messages import (
     Ack,
     Challenge,
@@ -41,6 +51,10 @@ from .multiplexer import LinkDown, Multiplexer
 
 log = logging.getLogger("carapace.agent")
 
+DEFAULT_RESUME_TIMEOUT = 30.0
+"""Seconds open requests wait for a dropped link to come back: the server's default
+resume grace, so the agent gives up when the server would."""
+
 
 @dataclass
 class LinkConfig:
@@ -49,13 +63,13 @@ class LinkConfig:
     agent: str
     token: bytes
     connect_timeout: float = 5.0
-    handshake_timeout: float = 5.0
-    ping_interval: float = 5.0
-    idle_timeout: float = 15.0
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    ping_interval: float = DEFAULT_PING_INTERVAL
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     backoff_initial: float = 0.2
     backoff_max: float = 10.0
-    max_frame: int = 16 * 1024 * 1024
-    resume_timeout: float = 30.0
+    max_frame: int = DEFAULT_MAX_FRAME
+    resume_timeout: float = DEFAULT_RESUME_TIMEOUT
     replay_limit: int = DEFAULT_REPLAY_LIMIT
     ssl_context: ssl.SSLContext | None = None
     tls_server_name: str | None = None

@@ -36,6 +36,7 @@ import h11
 import trio
 
 from carapace.protocol.sse import Event, SseParser
+from carapace.runtime.errors import leaves
 
 READ = 256 * 1024
 
@@ -432,9 +433,8 @@ MODES = {
 
 def describe(exc: BaseException) -> str:
     """The first leaf of an exception (group), as ``Type: message``."""
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return f"{type(exc).__name__}: {exc}"
+    leaf = next(leaves(exc))
+    return f"{type(leaf).__name__}: {leaf}"
 
 
 def main() -> None:

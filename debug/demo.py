@@ -384,22 +384,41 @@ def _verdict(direct: list[float], tunnel: list[float]) -> Text:
 # --------------------------------------------------------------------------- main
 
 
+INTRO = textwrap.dedent("""\
+    [bold]Carapace[/bold] lets code in an untrusted VM use host services (here: signal-cli
+    and the host's `date`) without holding their credentials. Three real processes:
+
+      [cyan]VM[/cyan]    client ──HTTP──► [bold]carapace-agent[/bold] ◄──unix── shim `date`
+                               ║ one authenticated TCP link
+      [magenta]host[/magenta]  signal-cli ◄── [bold]carapace-server[/bold] ──► /usr/bin/date
+                               policy · audit log
+
+    Every request is decided on the host; answers and events stream back in real time.""")
+
+
+def _step_calls(demo: Demo) -> None:
+    """Step 1: calls the policy allows, and calls it denies (and why)."""
+    rpc = {"jsonrpc": "2.0", "id": 1}
+    demo.http("JSON-RPC version", "POST", "/api/v1/rpc", {**rpc, "method": "version"})
+    demo.http("JSON-RPC send to +15550100", "POST", "/api/v1/rpc",
+              {**rpc, "method": "send",
+               "params": {"recipient": ["+15550100"], "message": "hello from the VM"}})
+    demo.http("JSON-RPC send to +15550100 and +447700900123", "POST", "/api/v1/rpc",
+              {**rpc, "method": "send",
+               "params": {"recipient": ["+15550100", "+447700900123"], "message": "hi"}})
+    demo.http("JSON-RPC deleteEverything", "POST", "/api/v1/rpc",
+              {**rpc, "method": "deleteEverything"})
+    demo.http("GET /api/v1/admin", "GET", "/api/v1/admin")
+    demo.shim("shim: date -u", "-u")
+    demo.shim("shim: date -s 2030-01-01", "-s", "2030-01-01")
+
+
 @click.command()
 @click.option("--seconds", type=float, default=0, show_default=True,
               help="Stop after this many seconds of live events (0: until Ctrl-C).")
 def main(seconds: float) -> None:
     """Run the Carapace demo on loopback."""
-    console.print(Panel(textwrap.dedent("""\
-        [bold]Carapace[/bold] lets code in an untrusted VM use host services (here: signal-cli
-        and the host's `date`) without holding their credentials. Three real processes:
-
-          [cyan]VM[/cyan]    client ──HTTP──► [bold]carapace-agent[/bold] ◄──unix── shim `date`
-                                   ║ one authenticated TCP link
-          [magenta]host[/magenta]  signal-cli ◄── [bold]carapace-server[/bold] ──► /usr/bin/date
-                                   policy · audit log
-
-        Every request is decided on the host; answers and events stream back in real time."""),
-        title="carapace demo", border_style="blue"))
+    console.print(Panel(INTRO, title="carapace demo", border_style="blue"))
     tmp = Path(tempfile.mkdtemp(prefix="carapace-demo-"))
     token = secrets.token_urlsafe(32)
     (tmp / "token").write_text(f"default:{token}\n")
@@ -441,19 +460,7 @@ def main(seconds: float) -> None:
 
         demo = Demo(tmp, agent_url, f"http://127.0.0.1:{up_port}", socket_path, shim_dir,
                     audit_log)
-        rpc = {"jsonrpc": "2.0", "id": 1}
-        demo.http("JSON-RPC version", "POST", "/api/v1/rpc", {**rpc, "method": "version"})
-        demo.http("JSON-RPC send to +15550100", "POST", "/api/v1/rpc",
-                  {**rpc, "method": "send",
-                   "params": {"recipient": ["+15550100"], "message": "hello from the VM"}})
-        demo.http("JSON-RPC send to +15550100 and +447700900123", "POST", "/api/v1/rpc",
-                  {**rpc, "method": "send",
-                   "params": {"recipient": ["+15550100", "+447700900123"], "message": "hi"}})
-        demo.http("JSON-RPC deleteEverything", "POST", "/api/v1/rpc",
-                  {**rpc, "method": "deleteEverything"})
-        demo.http("GET /api/v1/admin", "GET", "/api/v1/admin")
-        demo.shim("shim: date -u", "-u")
-        demo.shim("shim: date -s 2030-01-01", "-s", "2030-01-01")
+        _step_calls(demo)
         console.print(_calls_table(demo.calls))
         console.print()
 

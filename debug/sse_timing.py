@@ -13,9 +13,12 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .client import EXIT_FAILED, EXIT_OK, Unreachable
+
+if TYPE_CHECKING:
+    import httpx
 
 # --------------------------------------------------------------------------- analysis
 
@@ -123,7 +126,47 @@ def analyse(
     samples = col.samples
     timed = [s for s in samples if s.ts is not None]
     latencies = sorted((s.arrival - s.ts) * 1000.0 for s in timed if s.ts is not None)
+    report = _timing(col, timed, latencies)
+    report["gaps"] = _gaps(samples)
 
+    compressed_after, bursts = _bursts(timed, burst_ms)
+    reasons: list[str] = []
+    if len(compressed_after) >= 2:
+        reasons.append(
+            f"{len(compressed_after)} events arrived together with an earlier one although "
+            f"they were generated more than {burst_ms:g} ms apart "
+            f"({len(bursts)} burst(s), largest {max(bursts)} events)"
+        )
+    if max_p99_ms > 0 and latencies and report["p99_ms"] > max_p99_ms:
+        reasons.append(f"p99 latency {report['p99_ms']:.1f} ms is above {max_p99_ms:g} ms")
+    buffered = bool(reasons)
+    report["buffered"] = buffered
+    report["bursts"] = {"count": len(bursts), "largest": max(bursts, default=0),
+                        "compressed_events": len(compressed_after)}
+    report["buffering_reasons"] = reasons
+
+    problems = reasons + _delivery_problems(col, report["gaps"])
+    short = col.requested > 0 and len(samples) < col.requested
+    report["problems"] = problems
+    report["notes"] = _notes(report, latencies, samples)
+
+    if buffered:
+        verdict = "buffered"
+    elif short:
+        verdict = "incomplete"
+    elif problems:
+        verdict = "gaps"
+    else:
+        verdict = "real-time"
+    report["verdict"] = verdict
+    report["ok"] = not problems
+    report["exit_code"] = EXIT_OK if not problems else EXIT_FAILED
+    return report
+
+
+def _timing(col: Collection, timed: list[Sample], latencies: list[float]) -> dict[str, Any]:
+    """The report's head: what was asked and seen, latency percentiles, duration and rate."""
+    samples = col.samples
     report: dict[str, Any] = {
         "url": col.url,
         "status": col.status,
@@ -158,19 +201,25 @@ def analyse(
         report["duration_s"] = round(samples[-1].arrival - col.started, 3)
         if len(samples) >= 2 and span > 0:
             report["rate_per_s"] = round((len(samples) - 1) / span, 3)
+    return report
 
-    # Gaps: ids (when numeric) and seq numbers must each count up by one.
-    gap_details = _sequence_problems("id", [_numeric_id(s) for s in samples])
-    gap_details += _sequence_problems("seq", [s.seq for s in samples])
-    report["gaps"] = {
-        "missing_ids": sum(g.get("missing", 0) for g in gap_details if g["field"] == "id"),
-        "missing_seq": sum(g.get("missing", 0) for g in gap_details if g["field"] == "seq"),
-        "out_of_order": sum(1 for g in gap_details if g["kind"] == "out_of_order"),
-        "details": gap_details[:50],
+
+def _gaps(samples: list[Sample]) -> dict[str, Any]:
+    """Gaps: ids (when numeric) and seq numbers must each count up by one."""
+    details = _sequence_problems("id", [_numeric_id(s) for s in samples])
+    details += _sequence_problems("seq", [s.seq for s in samples])
+    return {
+        "missing_ids": sum(g.get("missing", 0) for g in details if g["field"] == "id"),
+        "missing_seq": sum(g.get("missing", 0) for g in details if g["field"] == "seq"),
+        "out_of_order": sum(1 for g in details if g["kind"] == "out_of_order"),
+        "details": details[:50],
     }
 
-    # Bursts: runs of compressed inter-arrival gaps.
-    compressed_after: list[int] = []  # index (in timed) of the later event of each pair
+
+def _bursts(timed: list[Sample], burst_ms: float) -> tuple[list[int], list[int]]:
+    """Runs of compressed inter-arrival gaps: the index (in ``timed``) of the later event
+    of each compressed pair, and the size in events of each run."""
+    compressed_after: list[int] = []
     for i in range(1, len(timed)):
         a, b = timed[i - 1], timed[i]
         assert a.ts is not None and b.ts is not None
@@ -178,46 +227,37 @@ def analyse(
         arr_gap = (b.arrival - a.arrival) * 1000.0
         if ts_gap - arr_gap > burst_ms and arr_gap < ts_gap / 2:
             compressed_after.append(i)
-    bursts: list[int] = []  # sizes, in events
+    bursts: list[int] = []
     for i in compressed_after:
         if bursts and i - 1 in compressed_after:
             bursts[-1] += 1
         else:
             bursts.append(2)
+    return compressed_after, bursts
 
-    reasons: list[str] = []
-    if len(compressed_after) >= 2:
-        reasons.append(
-            f"{len(compressed_after)} events arrived together with an earlier one although "
-            f"they were generated more than {burst_ms:g} ms apart "
-            f"({len(bursts)} burst(s), largest {max(bursts)} events)"
-        )
-    if max_p99_ms > 0 and latencies and report["p99_ms"] > max_p99_ms:
-        reasons.append(f"p99 latency {report['p99_ms']:.1f} ms is above {max_p99_ms:g} ms")
-    buffered = bool(reasons)
-    report["buffered"] = buffered
-    report["bursts"] = {"count": len(bursts), "largest": max(bursts, default=0),
-                        "compressed_events": len(compressed_after)}
-    report["buffering_reasons"] = reasons
 
-    problems: list[str] = list(reasons)
-    gaps = report["gaps"]
+def _delivery_problems(col: Collection, gaps: dict[str, Any]) -> list[str]:
+    """Problems besides buffering: gaps, fewer events than asked for, a failed stream."""
+    problems: list[str] = []
     if gaps["missing_ids"] or gaps["missing_seq"] or gaps["out_of_order"]:
         problems.append(
             f"gaps: {gaps['missing_ids']} missing id(s), {gaps['missing_seq']} missing seq "
             f"number(s), {gaps['out_of_order']} out of order"
         )
-    short = col.requested > 0 and len(samples) < col.requested
-    if short:
+    if col.requested > 0 and len(col.samples) < col.requested:
         why = {
             "timeout": "the timeout expired",
             "stream-end": "the stream ended",
             "error": f"the connection failed ({col.stream_error})",
         }.get(col.ended, col.ended)
-        problems.append(f"only {len(samples)} of {col.requested} events: {why}")
+        problems.append(f"only {len(col.samples)} of {col.requested} events: {why}")
     elif col.ended == "error":
         problems.append(f"the stream failed: {col.stream_error}")
+    return problems
 
+
+def _notes(report: dict[str, Any], latencies: list[float], samples: list[Sample]) -> list[str]:
+    """What the reader should know that is no problem of the stream's."""
     notes: list[str] = []
     if report["untimed"]:
         notes.append(
@@ -230,21 +270,7 @@ def analyse(
         )
     if not samples:
         notes.append("no events received")
-    report["problems"] = problems
-    report["notes"] = notes
-
-    if buffered:
-        verdict = "buffered"
-    elif short:
-        verdict = "incomplete"
-    elif problems:
-        verdict = "gaps"
-    else:
-        verdict = "real-time"
-    report["verdict"] = verdict
-    report["ok"] = not problems
-    report["exit_code"] = EXIT_OK if not problems else EXIT_FAILED
-    return report
+    return notes
 
 
 # --------------------------------------------------------------------------- consuming
@@ -274,13 +300,11 @@ async def collect(
     import trio
 
     from carapace.protocol.errors import ProtocolError
-    from carapace.protocol.sse import Comment, SseParser
 
     col = Collection(url=url, requested=count, started=time.time())
     req_headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
     req_headers.update(dict(headers))
     limits = httpx.Timeout(connect=min(10.0, timeout), read=None, write=10.0, pool=10.0)
-    parser = SseParser()
     got_head = False
     # trust_env=False: an http_proxy in the environment would measure the proxy instead.
     async with httpx.AsyncClient(timeout=limits, trust_env=False) as client:
@@ -289,40 +313,10 @@ async def collect(
                 col.started = time.time()
                 async with client.stream("GET", url, headers=req_headers) as resp:
                     got_head = True
-                    col.status = resp.status_code
-                    col.content_type = resp.headers.get("content-type")
-                    if resp.status_code != 200:
-                        body = (await resp.aread())[:300].decode("utf-8", "replace").strip()
-                        raise Unreachable(
-                            f"{url} answered HTTP {resp.status_code}"
-                            + (f": {body}" if body else ""),
-                            "check the path and query; behind the tunnel a 403 means the "
-                            "policy denied the call (see `carapace-debug audit`)",
-                        )
-                    mime = (col.content_type or "").split(";")[0].strip().lower()
-                    if mime != "text/event-stream":
-                        raise Unreachable(
-                            f"{url} answered Content-Type {col.content_type or '(none)'}, "
-                            "not text/event-stream",
-                            "this is not an SSE endpoint; Carapace streams a response as "
-                            "events only when the upstream says text/event-stream",
-                        )
-                    async for chunk in resp.aiter_bytes():
-                        arrival = time.time()
-                        for item in parser.feed(chunk):
-                            if isinstance(item, Comment):
-                                col.comments += 1
-                                continue
-                            sample = sample_from_event(arrival, item.event, item.id, item.data)
-                            col.samples.append(sample)
-                            if on_sample is not None:
-                                on_sample(sample)
-                            if on_event is not None:
-                                on_event(len(col.samples))
-                            if count and len(col.samples) >= count:
-                                col.ended = "count"
-                                return col
-                    col.ended = "stream-end"
+                    await _check_head(col, resp)
+                    col.ended = await _read_events(col, resp, count, on_event, on_sample)
+                    if col.ended == "count":
+                        return col
             except Unreachable:
                 raise
             except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
@@ -347,3 +341,54 @@ async def collect(
                 )
             col.ended = "timeout"
     return col
+
+
+async def _check_head(col: Collection, resp: httpx.Response) -> None:
+    """Note the answer's status and type; Unreachable unless it is a 200 event stream."""
+    url = col.url
+    col.status = resp.status_code
+    col.content_type = resp.headers.get("content-type")
+    if resp.status_code != 200:
+        body = (await resp.aread())[:300].decode("utf-8", "replace").strip()
+        raise Unreachable(
+            f"{url} answered HTTP {resp.status_code}" + (f": {body}" if body else ""),
+            "check the path and query; behind the tunnel a 403 means the "
+            "policy denied the call (see `carapace-debug audit`)",
+        )
+    mime = (col.content_type or "").split(";")[0].strip().lower()
+    if mime != "text/event-stream":
+        raise Unreachable(
+            f"{url} answered Content-Type {col.content_type or '(none)'}, "
+            "not text/event-stream",
+            "this is not an SSE endpoint; Carapace streams a response as "
+            "events only when the upstream says text/event-stream",
+        )
+
+
+async def _read_events(
+    col: Collection,
+    resp: httpx.Response,
+    count: int,
+    on_event: Callable[[int], None] | None,
+    on_sample: Callable[[Sample], None] | None,
+) -> str:
+    """Parse the stream into ``col`` until ``count`` events (0: no limit) or its end;
+    return why it stopped (``count`` or ``stream-end``)."""
+    from carapace.protocol.sse import Comment, SseParser
+
+    parser = SseParser()
+    async for chunk in resp.aiter_bytes():
+        arrival = time.time()
+        for item in parser.feed(chunk):
+            if isinstance(item, Comment):
+                col.comments += 1
+                continue
+            sample = sample_from_event(arrival, item.event, item.id, item.data)
+            col.samples.append(sample)
+            if on_sample is not None:
+                on_sample(sample)
+            if on_event is not None:
+                on_event(len(col.samples))
+            if count and len(col.samples) >= count:
+                return "count"
+    return "stream-end"

@@ -14,6 +14,7 @@ the credit it may spend, and the credit it owes the peer.
 from __future__ import annotations
 
 from .errors import ProtocolError
+from .framing import DEFAULT_MAX_FRAME
 from .messages import Credit, Data, HttpResponse, Message, Output, SseComment, SseEvent, SseEvents
 
 DEFAULT_WINDOW = 256 * 1024
@@ -98,7 +99,7 @@ class ReceiveWindow:
 
     def over_limit(self) -> bool:
         """The sender overdrew beyond two windows plus one maximal frame: a protocol violation."""
-        return self.outstanding > 2 * self.window + 16 * 1024 * 1024
+        return self.outstanding > 2 * self.window + DEFAULT_MAX_FRAME
 
 
 class StreamFlow:

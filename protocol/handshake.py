@@ -26,6 +26,10 @@ from .messages import SUPPORTED_VERSIONS, Auth, Challenge, Hello
 NONCE_SIZE = 32
 PROOF_SIZE = 32
 
+DEFAULT_HANDSHAKE_TIMEOUT = 5.0
+"""Seconds a link may take from its opening to ``welcome`` (the spec's 5 s): a
+round trip and two HMACs take milliseconds, so this only bounds a peer that stalls."""
+
 _SERVER_LABEL = b"carapace-v1 server proof\x00"
 _AGENT_LABEL = b"carapace-v1 agent proof\x00"
 

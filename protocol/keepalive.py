@@ -15,6 +15,12 @@ from dataclasses import dataclass
 
 from .messages import Ping
 
+DEFAULT_IDLE_TIMEOUT = 15.0
+"""Seconds of silence after which either side drops a link (the spec's 15 s)."""
+
+DEFAULT_PING_INTERVAL = DEFAULT_IDLE_TIMEOUT / 3
+"""A ping every third of the idle timeout: two can be lost before a live link is dropped."""
+
 PINGS_REMEMBERED = 8
 """Pings whose pong still yields a round trip time; older ones are forgotten.
 

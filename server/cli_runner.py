@@ -39,16 +39,13 @@ import trio
 
 from carapace.protocol.messages import CliRequest, Data, End, Exit, Output, Signal
 
-from .policy import CliDecision, CliTool
+from .policy import DEFAULT_TIMEOUT_SECS, CliDecision, CliTool
 from .streams import ServerStream
 
 log = logging.getLogger("carapace.server")
 
 READ_SIZE = 64 * 1024
 """Largest ``output`` chunk: one pipe's worth, read and sent at once."""
-
-DEFAULT_TIMEOUT = 30.0
-"""Run limit for a tool without ``timeout_secs`` (the same default as HTTP tools)."""
 
 FORWARDED_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT})
 """Signals the VM may send to the process group; any other number is ignored."""
@@ -142,7 +139,7 @@ async def run_cli(
         stream.fail(502, "upstream_unavailable", info.error)
         return info
     info.pid = proc.pid
-    timeout = float(tool.timeout_secs or DEFAULT_TIMEOUT)
+    timeout = float(tool.timeout_secs or DEFAULT_TIMEOUT_SECS)
     run = _Run(stream, req.id, proc, kill_grace, filters, info)
     try:
         await run.run(timeout)

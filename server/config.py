@@ -10,22 +10,19 @@ from dataclasses import dataclass
 
 from carapace.protocol.flow import DEFAULT_WINDOW
 from carapace.protocol.framing import DEFAULT_MAX_FRAME
+from carapace.protocol.handshake import DEFAULT_HANDSHAKE_TIMEOUT
+from carapace.protocol.keepalive import DEFAULT_IDLE_TIMEOUT, DEFAULT_PING_INTERVAL
+from carapace.protocol.resume import DEFAULT_REPLAY_LIMIT
 
 from .audit import DEFAULT_BACKUPS, DEFAULT_DENY_LIMIT, DEFAULT_MAX_BYTES
 from .policy import DEFAULT_LIMITS, ParseLimits
 
 DEFAULT_LISTEN = ("127.0.0.1", 8765)
 DEFAULT_POLICY_FILE = "/etc/carapace/policy.yaml"
-DEFAULT_HANDSHAKE_TIMEOUT = 5.0
-"""Seconds an unauthenticated connection may take to finish the handshake."""
-DEFAULT_IDLE_TIMEOUT = 15.0
-"""Seconds of silence after which a link is dropped; pings go every third of it."""
 DEFAULT_MAX_REQUESTS_PER_AGENT = 10_000
 DEFAULT_MAX_AGENTS = 64
 DEFAULT_DRAIN_TIMEOUT = 10.0
 DEFAULT_RESUME_GRACE = 30.0
-DEFAULT_REPLAY_LIMIT = 64 * 1024 * 1024
-"""Bytes of unacknowledged frames a session keeps for resumption before it gives up."""
 
 
 @dataclass
@@ -40,7 +37,7 @@ class ServerConfig:
     debug_port: int | None = None
     audit_log: str | None = None
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
-    ping_interval: float = DEFAULT_IDLE_TIMEOUT / 3
+    ping_interval: float = DEFAULT_PING_INTERVAL
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     window: int = DEFAULT_WINDOW
     max_frame: int = DEFAULT_MAX_FRAME

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Iterator
@@ -36,6 +37,7 @@ from .config import (
     DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_LISTEN,
     DEFAULT_MAX_AGENTS,
     DEFAULT_MAX_REQUESTS_PER_AGENT,
     DEFAULT_POLICY_FILE,
@@ -79,7 +81,8 @@ def parse_limit_options(command: Any) -> Any:
 
 
 @click.command(cls=ServerCommand, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--listen", type=HOST_PORT, default="127.0.0.1:8765", envvar="CARAPACE_LISTEN",
+@click.option("--listen", type=HOST_PORT, default="{}:{}".format(*DEFAULT_LISTEN),
+              envvar="CARAPACE_LISTEN",
               show_default=True, help="Address agents connect to.")
 @click.option("--policy", "policy_file", default=DEFAULT_POLICY_FILE,
               envvar="CARAPACE_POLICY_FILE", show_default=True, help="Policy YAML file.")
@@ -194,23 +197,8 @@ def main(
         audit_deny_limit=audit_deny_limit,
         parse_limits=ParseLimits(**parse_limits),
     )
-    debug_token = None
-    if debug_listen is not None:
-        try:
-            debug_token = debug_access(*debug_listen, debug_token_file)
-        except DebugConfigError as exc:
-            log.error("%s", exc)
-            sys.exit(2)
-    ssl_context = None
-    if tls_cert or tls_key or tls_client_ca:
-        if not (tls_cert and tls_key):
-            log.error("TLS needs both --tls-cert and --tls-key")
-            sys.exit(2)
-        try:
-            ssl_context = server_context(tls_cert, tls_key, tls_client_ca)
-        except TlsConfigError as exc:
-            log.error("%s", exc)
-            sys.exit(2)
+    debug_token = _debug_token(debug_listen, debug_token_file)
+    ssl_context = _tls_context(tls_cert, tls_key, tls_client_ca)
     try:
         server = Server(config, policy, tokens, debug_token=debug_token, ssl_context=ssl_context)
     except AuditError as exc:
@@ -218,6 +206,40 @@ def main(
         sys.exit(2)
     log.info("loaded policy %s (%d tools) and %d agent token(s)", policy_file,
              len(policy.tools), len(tokens))
+    _serve(server, config, pid_file)
+
+
+def _debug_token(listen: tuple[str, int] | None, token_file: str | None) -> bytes | None:
+    """The bearer token the debug listener requires (None: none, or no listener);
+    exits with status 2 when a non-loopback listener has no token file."""
+    if listen is None:
+        return None
+    try:
+        return debug_access(*listen, token_file)
+    except DebugConfigError as exc:
+        log.error("%s", exc)
+        sys.exit(2)
+
+
+def _tls_context(
+    cert: str | None, key: str | None, client_ca: str | None
+) -> ssl.SSLContext | None:
+    """The TLS context agents are served with (None: plain TCP); exits with status 2 when
+    the flags are incomplete or the files are unusable."""
+    if not (cert or key or client_ca):
+        return None
+    if not (cert and key):
+        log.error("TLS needs both --tls-cert and --tls-key")
+        sys.exit(2)
+    try:
+        return server_context(cert, key, client_ca)
+    except TlsConfigError as exc:
+        log.error("%s", exc)
+        sys.exit(2)
+
+
+def _serve(server: Server, config: ServerConfig, pid_file: str | None) -> None:
+    """Run ``server`` until it stops; exits with status 1 when it cannot listen."""
     # A SIGHUP before the server's own handler is installed must not kill it.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:

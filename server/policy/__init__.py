@@ -16,10 +16,11 @@ Import from the package: the names below are its API.
 
 File format
 ===========
-The YAML format of the Rust project's policy files, plus a few keys of
-Carapace's own (marked *added* below). It is read with PyYAML's safe loader
-and a check that refuses duplicate mapping keys, which YAML would otherwise
-silently collapse to the last one::
+The YAML format Carapace policy files are written in (``tools: NAME:
+{type: cli|http, ...}``), plus a few keys of Carapace's own (marked *added*
+below). It is read with PyYAML's safe loader and a check that refuses
+duplicate mapping keys, which YAML would otherwise silently collapse to the
+last one::
 
     settings:                       # optional, added
       min_secret_length: 8          # secrets shorter than this are refused
@@ -165,6 +166,7 @@ from .model import (
     BASE_ENV,
     DEFAULT_CWD,
     DEFAULT_MIN_SECRET_LENGTH,
+    DEFAULT_TIMEOUT_SECS,
     AgentGrant,
     AuditConfig,
     CliTool,
@@ -186,6 +188,7 @@ __all__ = [
     "DEFAULT_CWD",
     "DEFAULT_LIMITS",
     "DEFAULT_MIN_SECRET_LENGTH",
+    "DEFAULT_TIMEOUT_SECS",
     "INLINE_DECIDE_BYTES",
     "LIMIT_NAMES",
     "UNAVAILABLE_CODES",

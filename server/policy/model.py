@@ -28,6 +28,9 @@ DEFAULT_CWD: Final = b"/"
 DEFAULT_MIN_SECRET_LENGTH: Final = 8
 """Default ``settings.min_secret_length``: shorter secrets cannot be masked safely."""
 
+DEFAULT_TIMEOUT_SECS: Final = 30.0
+"""A tool's ``timeout_secs`` when its policy gives none, HTTP and CLI alike."""
+
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 """A tool or agent name: short, and safe to print unquoted in a message."""
 

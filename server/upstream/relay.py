@@ -41,6 +41,7 @@ from carapace.protocol.messages import (
 from carapace.protocol.sse import Comment, Event, SseParser
 from carapace.runtime.http import HOP_BY_HOP
 
+from ..policy import DEFAULT_TIMEOUT_SECS
 from ..streams import ServerStream
 from .client import UpstreamClient, UpstreamResponse
 from .decoding import ContentDecoder
@@ -105,24 +106,9 @@ async def forward_http(
     if scrubber is not None:
         headers = [(k, v) for k, v in headers if k.lower() != b"accept-encoding"]
         headers.append((b"Accept-Encoding", b"identity"))
-    url = (tool.upstream.rstrip("/"), req.target)  # split already: no URL parsing per request
-    timeout = float(tool.timeout_secs or 30)
-    try:
-        response = await client.request(req.method, url, headers, req.body, timeout)
-    except UpstreamTimeout:
-        log.warning("upstream of tool %s (%s) did not answer within %.0f s", tool_name,
-                    tool.upstream, timeout)
-        stream.fail(504, "upstream_timeout",
-                    _said(scrubber, f"the host service behind tool {tool_name!r} did not "
-                          f"answer within {timeout:.0f} s (timeout_secs); check that it is "
-                          "healthy"))
-        return
-    except UpstreamError as exc:
-        log.warning("upstream of tool %s (%s) unreachable: %s", tool_name, tool.upstream, exc)
-        stream.fail(502, "upstream_unavailable",
-                    _said(scrubber, f"the host service behind tool {tool_name!r} is "
-                          f"unreachable ({type(exc).__name__}); check that it is running on "
-                          "the host"))
+    timeout = float(tool.timeout_secs or DEFAULT_TIMEOUT_SECS)
+    response = await _request(client, stream, req, tool_name, tool, headers, timeout, scrubber)
+    if response is None:
         return
     try:
         content_type = response.header(b"content-type")
@@ -166,6 +152,37 @@ async def forward_http(
                           "the response"))
     finally:
         response.close()  # pooled if read to its end, else closed; no I/O
+
+
+async def _request(
+    client: UpstreamClient,
+    stream: ServerStream,
+    req: HttpRequest,
+    tool_name: str,
+    tool: HttpTool,
+    headers: list[tuple[bytes, bytes]],
+    timeout: float,
+    scrubber: Scrubber | None,
+) -> UpstreamResponse | None:
+    """Send the request upstream and wait for its head; None (the stream failed with
+    504 or 502) when the upstream does not answer in time or cannot be reached."""
+    url = (tool.upstream.rstrip("/"), req.target)  # split already: no URL parsing per request
+    try:
+        return await client.request(req.method, url, headers, req.body, timeout)
+    except UpstreamTimeout:
+        log.warning("upstream of tool %s (%s) did not answer within %.0f s", tool_name,
+                    tool.upstream, timeout)
+        stream.fail(504, "upstream_timeout",
+                    _said(scrubber, f"the host service behind tool {tool_name!r} did not "
+                          f"answer within {timeout:.0f} s (timeout_secs); check that it is "
+                          "healthy"))
+    except UpstreamError as exc:
+        log.warning("upstream of tool %s (%s) unreachable: %s", tool_name, tool.upstream, exc)
+        stream.fail(502, "upstream_unavailable",
+                    _said(scrubber, f"the host service behind tool {tool_name!r} is "
+                          f"unreachable ({type(exc).__name__}); check that it is running on "
+                          "the host"))
+    return None
 
 
 WHOLE_ANSWER_MAX = 64 * 1024

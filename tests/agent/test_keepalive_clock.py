@@ -101,8 +101,8 @@ async def test_streams_due_together_share_a_wake_up(autojump_clock: trio.testing
 async def test_idle_streams_leave_no_cyclic_garbage(autojump_clock: trio.testing.MockClock
                                                     ) -> None:
     """Keepalives for idle streams must not feed the cyclic collector: beside thousands
-    of streams its pauses stall live ones (the old per-stream timeout made a cycle
-    per keepalive)."""
+    of streams its pauses stall live ones (a timeout around each stream's wait would
+    leave a cycle per keepalive)."""
     clock = KeepaliveClock(1.0)
     inboxes = []
 

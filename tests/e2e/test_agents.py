@@ -1,4 +1,4 @@
-"""Per-agent identity and grants (issue 9), through real processes.
+"""Per-agent identity and grants, through real processes.
 
 One server, two agents (``alice`` and ``bob``) with their own tokens and
 grants: each reaches its own HTTP and CLI tools only, the other's are denied
@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,17 +28,17 @@ import httpx
 import pytest
 
 from helpers.jsonlines import json_lines, read_records
-from helpers.procs import CapturedProcess, free_port, running, script, start_process, stop_process
+from helpers.procs import (
+    CapturedProcess,
+    free_port,
+    running,
+    script,
+    start_process,
+    stop_process,
+    wait_until,
+)
 
 AGENTS = ("alice", "bob")
-
-
-def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Injected secrets never reach the VM through an HTTP tool (issue 9), end to end.
+"""Injected secrets never reach the VM through an HTTP tool, end to end.
 
 Real upstream, server and agent processes. The policy injects
 ``Authorization: Bearer <40-character token>``; the test upstream echoes it

@@ -1,4 +1,4 @@
-"""Issue 4's attack list, through real upstream, server and agent processes.
+"""The attacks a hostile VM tries on the policy, through real upstream, server and agent processes.
 
 Every attack is denied, leaves a decision record in the audit log, and never
 reaches the upstream: the upstream's own ``/stats`` (read directly, not
@@ -342,7 +342,7 @@ def test_injected_header_overrides_the_vm_and_stays_out_of_the_audit(dep: Deploy
     assert r.status_code == 200, r.text
     seen = [(k.lower(), v) for k, v in r.json()["headers"]]
     # Exactly one Authorization reached the upstream, the injected one: the echo that
-    # brings it back to the VM is masked (issue 9), which shows it was the secret.
+    # brings it back to the VM is masked (injected secrets are), which shows it was the secret.
     assert [v for k, v in seen if k == "authorization"] == ["[REDACTED]"]
     assert INJECTED not in r.text
     assert ("x-other", "kept") in seen

@@ -198,7 +198,7 @@ def served(url: str) -> bool:
 
 
 def test_revoked_token_cuts_the_agent_off_within_a_second(dep: Deployment) -> None:
-    """Issue 9: removing an agent's token and reloading ends its live session at once."""
+    """Removing an agent's token and reloading ends its live session at once."""
     assert dep.server is not None
     prober = dep.tmp / "prober-token"
     prober.write_text(f"prober:{dep.prober_token}\n")

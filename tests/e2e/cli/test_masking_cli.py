@@ -1,4 +1,4 @@
-"""Injected secrets never reach the VM through a CLI tool's output (issue 9).
+"""Injected secrets never reach the VM through a CLI tool's output.
 
 Real processes: a server whose policy injects a 40-character token into
 tools that print it — ``env``, a host-side helper that prints it one

@@ -37,6 +37,7 @@ from carapace.protocol.messages import (
     Welcome,
 )
 from carapace.protocol.summary import (
+    _SUMMARIZERS,
     REDACTED,
     Redactor,
     RequestTracker,
@@ -288,3 +289,7 @@ def test_human_bytes() -> None:
     assert human_bytes(57) == "57 B"
     assert human_bytes(1536) == "1.5 KiB"
     assert human_bytes(3 * 1024 * 1024) == "3.0 MiB"
+
+
+def test_every_message_type_has_a_summarizer() -> None:
+    assert set(_SUMMARIZERS) == set(ALL_MESSAGES)

@@ -13,6 +13,7 @@ import httpx
 from carapace.protocol.sse import Event, SseParser
 from helpers.deployment import Deployment, rpc, wait_until_tunnel_up
 from helpers.jsonlines import json_lines
+from helpers.operator import POLICY_SECRET, wait_for_subscribers
 from helpers.procs import (
     CapturedProcess,
     free_port,
@@ -22,8 +23,6 @@ from helpers.procs import (
     stop_process,
     wait_for_port,
 )
-
-from .conftest import POLICY_SECRET, wait_for_subscribers
 
 RPC_AND_SSE_TYPES = ["http_request", "http_head", "http_response", "sse_event", "end"]
 

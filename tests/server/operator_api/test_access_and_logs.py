@@ -10,9 +10,8 @@ import httpx
 
 from helpers.deployment import deployment, rpc
 from helpers.jsonlines import complete_lines
+from helpers.operator import token_file
 from helpers.procs import free_port, poll, run_debug, script, start_process, stop_process
-
-from .conftest import token_file
 
 
 def test_non_loopback_debug_listen_without_token_is_refused(tmp_path: Path) -> None:

@@ -1,8 +1,14 @@
 """One real deployment (upstream, carapace-server with --debug-listen and --audit-log,
-carapace-agent) shared by the operator-view tests, and helpers to read its debug listener."""
+carapace-agent) for the operator-view tests, and helpers to read its debug listener.
+
+The tests of the server's operator API (tests/server/operator_api) and of
+``carapace-debug sniff`` (tests/debug) each start one, once per session, from
+their folder's conftest (fixture ``dep``).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import textwrap
 from collections.abc import Iterator
@@ -10,10 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
-from helpers.deployment import Deployment, deployment
-from helpers.procs import free_port, poll
+from .deployment import Deployment, deployment
+from .procs import free_port, poll
 
 POLICY_SECRET = "injected-" + secrets.token_urlsafe(24)
 """A headers_inject value: a policy secret that must never show in a sniff feed."""
@@ -32,9 +37,10 @@ POLICY = textwrap.dedent(
 )
 
 
-@pytest.fixture(scope="session")
-def dep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    tmp = tmp_path_factory.mktemp("ops")
+@contextlib.contextmanager
+def operator_deployment(tmp: Path) -> Iterator[Deployment]:
+    """A deployment under :data:`POLICY` whose server has a debug listener
+    (``d.debug_port``) and an audit log (``d.extra["audit_log"]``)."""
     debug_port = free_port()
     audit_log = tmp / "audit.log"
     with deployment(

@@ -15,9 +15,8 @@ from carapace.protocol.summary import SummaryFilter
 from carapace.server.metrics import ServerMetrics
 from carapace.server.operator_api import SniffHub, is_loopback
 from helpers.deployment import Deployment
+from helpers.operator import get_json
 from helpers.procs import poll
-
-from .conftest import get_json
 
 
 class FakeSession:

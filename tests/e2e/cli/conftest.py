@@ -12,14 +12,20 @@ import secrets
 import subprocess
 import sys
 import textwrap
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from helpers.procs import CapturedProcess, free_port, script, start_process, stop_process
+from helpers.procs import (
+    CapturedProcess,
+    free_port,
+    script,
+    start_process,
+    stop_process,
+    wait_until,
+)
 
 HERE = Path(__file__).resolve().parent
 HOSTPROC = HERE / "hostproc.py"
@@ -29,15 +35,6 @@ TOOLS = ("cat", "false", "echo", "sh", "ticker", "selfkill", "sleeper", "slow", 
 """Shims the fixture installs (``nosuchtool`` is deliberately not in the policy)."""
 
 SECRET_NAME = "CARAPACE_TEST_TOKEN"
-
-
-def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll ``check`` until it is true; fail with ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def pid_gone(pid: int) -> bool:

@@ -168,7 +168,9 @@ def test_a_batch_counts_every_event_in_the_metrics() -> None:
         await stream.send_batch(events(5), now)  # queued "now": latency ~0, first bucket
         await stream.send_batch(events(2))  # the end of a stream: counted, no latency
 
-    trio.run(run)
+    # A clock that stands still: "queued now" is exactly zero latency however loaded the
+    # machine is (on a real clock a busy host put it past the first bucket's 0.1 ms).
+    trio.run(run, clock=trio.testing.MockClock())
     metrics.event_latency.observe(0.003, 4)
     m = scrape(metrics)
     assert m[("carapace_sse_events_total", ())] == 7

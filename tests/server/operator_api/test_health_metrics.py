@@ -11,10 +11,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from carapace.protocol.messages import CliRequest, HttpRequest, Ping, RequestFailed
 from helpers.deployment import Deployment, rpc
+from helpers.operator import debug_url, get_json
 from helpers.procs import free_port, poll, run_debug
 from helpers.rawlink import RawLink
-
-from .conftest import debug_url, get_json
 
 
 def metrics(d: Deployment) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
