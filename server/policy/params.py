@@ -77,7 +77,7 @@ def _check_pinned(
         if name not in params:
             continue
         values = _strings(params[name])
-        shown = f"params.{_show(name)}"
+        shown = f"params.{name}"
         if values is None:
             return (f"{label}: {shown} must be a string or an array of strings",
                     f"default deny: {fpath}.field_patterns.{name} checks strings only")
@@ -96,7 +96,7 @@ def check_params(filt: ParamFilter, params: Any, label: str, fpath: str) -> Deni
                 f"default deny: {fpath} requires {wanted}")
     for k, name in enumerate(filt.deny_fields):
         if name in params:
-            return (f"{label}: params.{_show(name)} is denied",
+            return (f"{label}: params.{name} is denied",
                     f"{fpath}.deny_fields[{k}] {_show(name)}")
     if filt.allow_fields is not None:
         known = {*filt.fields, *filt.allow_fields, *filt.field_patterns}
