@@ -145,7 +145,7 @@ globs, case-sensitive).
 from .cli import argv_matches, decide_cli
 from .decision import UNAVAILABLE_CODES, CliDecision, Decision, vm_denial
 from .http import decide_http, prepare_http_headers
-from .lint import LintWarning, lint_policy
+from .lint import RISKY_ARGS, LintWarning, RiskyArgs, lint_policy
 from .load import load_policy, load_policy_file
 from .model import (
     BASE_ENV,
@@ -169,6 +169,7 @@ from .secrets import env_name_is_secret, passthrough_refusal
 __all__ = [
     "BASE_ENV",
     "DEFAULT_CWD",
+    "RISKY_ARGS",
     "DEFAULT_MIN_SECRET_LENGTH",
     "UNAVAILABLE_CODES",
     "AgentGrant",
@@ -184,6 +185,7 @@ __all__ = [
     "PolicyError",
     "RateLimit",
     "RateLimiter",
+    "RiskyArgs",
     "Settings",
     "Tool",
     "apply_rate_limits",

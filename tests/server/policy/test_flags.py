@@ -71,7 +71,7 @@ def test_denied_flag_in_every_spelling(policy: Policy, tool: str, args: list[str
                                        flag: str) -> None:
     decision = run(policy, tool, args)
     assert not decision.allow, args
-    assert f"argv_deny_flags" in decision.rule and flag in decision.rule, decision.rule
+    assert "argv_deny_flags" in decision.rule and flag in decision.rule, decision.rule
     assert flag in decision.reason
 
 
