@@ -212,8 +212,8 @@ from .secrets import env_name_is_secret, passthrough_refusal
 __all__ = [
     "BASE_ENV",
     "DEFAULT_CWD",
-    "RISKY_ARGS",
     "DEFAULT_MIN_SECRET_LENGTH",
+    "RISKY_ARGS",
     "UNAVAILABLE_CODES",
     "AgentGrant",
     "AuditConfig",

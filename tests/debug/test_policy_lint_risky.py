@@ -1,4 +1,4 @@
-"""``carapace-debug policy lint`` warns when a policy lets the risky flags of gh, op or gog through."""
+"""``carapace-debug policy lint`` warns when a policy lets risky flags of gh, op or gog through."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "policies"
 
 
 def lint_messages(path: Path) -> list[str]:
-    result = CliRunner().invoke(policy, ["lint", str(path), "--json"], env={"CARAPACE_POLICY_FILE": ""})
+    result = CliRunner().invoke(policy, ["lint", str(path), "--json"],
+                                env={"CARAPACE_POLICY_FILE": ""})
     assert result.exit_code in (0, 1), result.output
     return [w["message"] for w in json.loads(result.output)]
 

@@ -73,7 +73,9 @@ def rpc(method: str, **params: Any) -> dict[str, Any]:
     return {"jsonrpc": "2.0", "id": 1, "method": method, "params": params}
 
 
-def shim(d: Deployment, tool: str, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+def shim(
+    d: Deployment, tool: str, *args: str, stdin: bytes = b""
+) -> subprocess.CompletedProcess[bytes]:
     env = {"PATH": os.environ["PATH"], "CARAPACE_AGENT_SOCKET": str(d.extra["sock"])}
     return subprocess.run([str(Path(str(d.extra["bin"])) / tool), *args], input=stdin,
                           capture_output=True, timeout=60, env=env)

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from carapace.server.policy import Policy, PolicyError, argv_matches, decide_cli, load_policy
+from carapace.server.policy import (
+    Policy,
+    PolicyError,
+    argv_matches,
+    decide_cli,
+    load_policy,
+    load_policy_file,
+)
 
 POLICY = """
 tools:
@@ -184,3 +193,15 @@ def test_property_flags_never_raise(args: list[str]) -> None:
     policy = load_policy(POLICY)
     for tool in ("op", "gh", "strict", "bare"):
         run(policy, tool, [a for a in args if a.isprintable()])
+
+
+ANCHORS = Path(__file__).resolve().parents[3].parent / "shared" / "anchor-policies"
+
+
+@pytest.mark.skipif(not ANCHORS.is_dir(), reason=f"anchor policies not found at {ANCHORS}")
+@pytest.mark.parametrize(("name", "tool"), [("1password.yaml", "op"), ("gogcli.yaml", "gog")])
+def test_anchor_cli_policies_still_deny_a_bare_command(name: str, tool: str) -> None:
+    """No anchor pattern matches the empty line, so ``"*"`` matching it changes nothing there."""
+    anchor = load_policy_file(ANCHORS / name)
+    decision = run(anchor, tool, [])
+    assert not decision.allow and decision.rule.startswith("default deny"), decision.rule

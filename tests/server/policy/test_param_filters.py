@@ -1,4 +1,4 @@
-"""Param filters that mean what signal-cli means: every recipient field, no host files, one account."""
+"""Param filters that mean what signal-cli means: every recipient, no host files, one account."""
 
 from __future__ import annotations
 
@@ -186,3 +186,19 @@ def test_property_a_denied_prefix_is_denied_however_written(rest: str) -> None:
     policy = load_policy_file(EXAMPLE)
     decision = call(policy, "send", {"recipient": [f"+1 (900) {rest}"], "message": "x"})
     assert not decision.allow
+
+
+json_params = st.dictionaries(
+    st.sampled_from(["recipient", "recipients", "groupId", "account", "attachment", "message",
+                     "id", "emoji"]) | st.text(max_size=5),
+    st.none() | st.booleans() | st.integers() | st.text(max_size=12)
+    | st.lists(st.text(max_size=12) | st.integers(), max_size=3),
+    max_size=5,
+)
+
+
+@given(st.sampled_from(["send", "sendTyping", "sendReceipt", "sendReaction", "getAttachment"]),
+       json_params | st.lists(st.integers(), max_size=2) | st.text(max_size=5))
+def test_property_the_example_filters_never_raise(method: str, params: Any) -> None:
+    decision = call(load_policy_file(EXAMPLE), method, params)
+    assert isinstance(decision, Decision)
