@@ -64,6 +64,8 @@ RISKY_ARGS: Final[Mapping[str, tuple[RiskyArgs, ...]]] = {
 
 _LOOPBACK_HOSTS: Final = frozenset({"127.0.0.1", "localhost", "::1"})
 _PLACEHOLDER_RE: Final = re.compile(r"<[^<>]+>")
+_PHONE_GLOB: Final = re.compile(r"[0-9+*?\[\]!-]*\Z")
+"""A glob that can match a number normalized to digits and '+'."""
 
 
 def lint_policy(
@@ -167,9 +169,20 @@ def _argv_passes(tool: CliTool, args: list[str]) -> bool:
 
 
 def _lint_param_filters(tool: HttpTool, warn: Callable[[str, str], None]) -> None:
-    """A deny list of params without an allow list misses the spellings an upstream also reads."""
+    """Filters that let params through unchecked, or match numbers as signal-cli does not."""
     for method, filt in (tool.jsonrpc_param_filters or {}).items():
-        if filt.deny_fields and filt.allow_fields is None:
-            warn(tool.name, f"jsonrpc_param_filters.{method}.deny_fields without allow_fields: "
-                 "an upstream may read other spellings of a denied field (signal-cli also "
-                 "takes attachments, preview-image); list the allowed fields instead")
+        where = f"jsonrpc_param_filters.{method}"
+        patterns = (*filt.allow_patterns, *filt.deny_patterns)
+        if filt.normalize is None and any(p.startswith("+") for p in patterns):
+            warn(tool.name, f"{where} matches phone numbers without normalize: phone: "
+                 "signal-cli ignores spaces and punctuation, so \"+1 900 555 0000\" passes "
+                 "a deny pattern \"+1900*\"")
+        if filt.normalize == "phone":
+            for p in patterns:
+                if not _PHONE_GLOB.match(p):
+                    warn(tool.name, f"{where}: pattern {_show(p)} can never match a "
+                         "normalized number (digits and '+' only)")
+        if filt.allow_fields is None:
+            warn(tool.name, f"{where} has no allow_fields: every other param passes unchecked "
+                 "(signal-cli reads host files from attachment, sends to groupId, and also "
+                 "reads spellings a deny_fields list misses: attachments, group-id)")

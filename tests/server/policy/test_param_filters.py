@@ -162,14 +162,25 @@ def test_filter_mistakes_are_errors(spec: str, words: str) -> None:
         load_policy(text)
 
 
-def test_lint_warns_on_deny_fields_without_allow_fields() -> None:
+def lint_filter(spec: str) -> list[str]:
     policy = load_policy(
-        "tools: {s: {type: http, upstream: 'http://127.0.0.1:1', allow_paths: ['POST /'], "
-        "timeout_secs: 5, jsonrpc_allow_methods: [send], jsonrpc_param_filters: "
-        "{send: {field: recipient, allow_patterns: ['+1*'], deny_fields: [attachment]}}}}"
+        "tools: {s: {type: http, upstream: 'http://127.0.0.1:1', allow_paths: ['POST /rpc'], "
+        "timeout_secs: 5, jsonrpc_allow_methods: [send], "
+        f"jsonrpc_param_filters: {{send: {spec}}}}}}}"
     )
-    messages = [w.message for w in lint_policy(policy)]
-    assert any("deny_fields without allow_fields" in m for m in messages), messages
+    return [w.message for w in lint_policy(policy)]
+
+
+def test_lint_warns_on_filters_that_let_params_or_numbers_through() -> None:
+    open_ = lint_filter("{field: recipient, allow_patterns: ['+1*'], deny_fields: [attachment]}")
+    assert any("has no allow_fields" in m for m in open_), open_
+    assert any("without normalize: phone" in m for m in open_), open_
+    dead = lint_filter("{field: r, normalize: phone, allow_patterns: ['+1 555*'], "
+                       "allow_fields: []}")
+    assert dead == ['jsonrpc_param_filters.send: pattern "+1 555*" can never match a '
+                    "normalized number (digits and '+' only)"], dead
+    assert lint_filter("{field: r, normalize: phone, allow_patterns: ['+1[2-9]*'], "
+                       "deny_patterns: ['+1900*'], allow_fields: [message]}") == []
 
 
 @given(st.text(max_size=20))
