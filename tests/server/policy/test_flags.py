@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from carapace.server.policy import (
@@ -41,9 +41,12 @@ tools:
 """
 
 
+FLAGS_POLICY = load_policy(POLICY)
+
+
 @pytest.fixture(scope="module")
 def policy() -> Policy:
-    return load_policy(POLICY)
+    return FLAGS_POLICY
 
 
 def run(policy: Policy, tool: str, args: list[str]):  # type: ignore[no-untyped-def]
@@ -166,31 +169,34 @@ def _spellings(long: str, short: str, value: str) -> st.SearchStrategy[list[str]
     ])
 
 
+@settings(deadline=None)
 @given(before=prefix_args, after=prefix_args, data=st.data(),
        value=st.text(alphabet="abc/.", min_size=1, max_size=5))
 def test_property_a_denied_flag_is_found_before_double_dash(
     before: list[str], after: list[str], data: st.DataObject, value: str
 ) -> None:
-    policy = load_policy(POLICY)
+    policy = FLAGS_POLICY
     spelled = data.draw(_spellings("web", "w", value))
     decision = run(policy, "gh", ["pr", "view", *before, *spelled, *after])
     assert not decision.allow
 
 
+@settings(deadline=None)
 @given(before=prefix_args, after=prefix_args, data=st.data(),
        value=st.text(alphabet="abc/.", min_size=1, max_size=5))
 def test_property_after_double_dash_it_is_an_operand(
     before: list[str], after: list[str], data: st.DataObject, value: str
 ) -> None:
-    policy = load_policy(POLICY)
+    policy = FLAGS_POLICY
     spelled = data.draw(_spellings("web", "w", value))
     decision = run(policy, "gh", ["pr", "view", *before, "--", *spelled, *after])
     assert decision.allow, decision.reason
 
 
+@settings(deadline=None)
 @given(st.lists(st.text(max_size=8), max_size=6))
 def test_property_flags_never_raise(args: list[str]) -> None:
-    policy = load_policy(POLICY)
+    policy = FLAGS_POLICY
     for tool in ("op", "gh", "strict", "bare"):
         run(policy, tool, [a for a in args if a.isprintable()])
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from carapace.server.policy import (
@@ -23,6 +23,7 @@ from carapace.server.policy.params import normalize_phone
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "policies" / "signal-cli.yaml"
 ACCOUNT = "+15550100"
+EXAMPLE_POLICY = load_policy_file(EXAMPLE)
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +184,7 @@ def test_lint_warns_on_filters_that_let_params_or_numbers_through() -> None:
                        "deny_patterns: ['+1900*'], allow_fields: [message]}") == []
 
 
+@settings(deadline=None)
 @given(st.text(max_size=20))
 def test_property_normalized_phone_is_digits_and_plus(value: str) -> None:
     normalized = normalize_phone(value)
@@ -192,10 +194,10 @@ def test_property_normalized_phone_is_digits_and_plus(value: str) -> None:
         assert normalized == "".join(c for c in value if c in "0123456789+")
 
 
+@settings(deadline=None)
 @given(st.text(alphabet="0123456789 ()-./", max_size=12))
 def test_property_a_denied_prefix_is_denied_however_written(rest: str) -> None:
-    policy = load_policy_file(EXAMPLE)
-    decision = call(policy, "send", {"recipient": [f"+1 (900) {rest}"], "message": "x"})
+    decision = call(EXAMPLE_POLICY, "send", {"recipient": [f"+1 (900) {rest}"], "message": "x"})
     assert not decision.allow
 
 
@@ -208,8 +210,9 @@ json_params = st.dictionaries(
 )
 
 
+@settings(deadline=None)
 @given(st.sampled_from(["send", "sendTyping", "sendReceipt", "sendReaction", "getAttachment"]),
        json_params | st.lists(st.integers(), max_size=2) | st.text(max_size=5))
 def test_property_the_example_filters_never_raise(method: str, params: Any) -> None:
-    decision = call(load_policy_file(EXAMPLE), method, params)
+    decision = call(EXAMPLE_POLICY, method, params)
     assert isinstance(decision, Decision)
