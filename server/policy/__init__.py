@@ -32,17 +32,20 @@ last one::
         ...
 
 CLI tool keys: ``binary`` (absolute path, required), ``argv_allow_patterns``,
-``argv_deny_patterns``, ``env_inject`` (name -> value), ``env_passthrough``
-(added: names the VM may pass through), ``cwd_allowed`` (absolute dirs),
-``timeout_secs``, ``audit``, ``rate_limit``, ``agents``, ``limits`` (added:
-``{max_argv, max_argv_bytes, max_env}``).
+``argv_deny_patterns``, ``argv_deny_flags`` and ``argv_allow_flags`` (added:
+flags in every spelling, below), ``env_inject`` (name -> value),
+``env_passthrough`` (added: names the VM may pass through), ``cwd_allowed``
+(absolute dirs), ``timeout_secs``, ``audit``, ``rate_limit``, ``agents``,
+``limits`` (added: ``{max_argv, max_argv_bytes, max_env}``).
 
 HTTP tool keys: ``upstream`` (``http(s)://host[:port][/base]``, required),
 ``allow_paths`` (added), ``jsonrpc_allow_methods``, ``jsonrpc_deny_methods``,
 ``jsonrpc_param_filters`` (``METHOD: {field, allow_patterns,
-deny_patterns}``), ``headers_inject`` (added: header -> value), ``rate_limit``,
-``timeout_secs``, ``audit``, ``agents``, ``limits`` (added:
-``{max_jsonrpc_body_bytes, max_jsonrpc_batch, max_headers, max_header_bytes}``).
+deny_patterns}``; added: ``fields``, ``deny_fields``, ``allow_fields``,
+``field_patterns``, ``normalize``, below), ``headers_inject`` (added: header ->
+value), ``rate_limit``, ``timeout_secs``, ``audit``, ``agents``, ``limits``
+(added: ``{max_jsonrpc_body_bytes, max_jsonrpc_batch, max_headers,
+max_header_bytes}``).
 
 ``limits`` overrides, for one tool, the server-wide parse limits (positive
 whole numbers; see :mod:`.limits` and DEPLOYMENT.md, "Parse limits"): a
@@ -99,10 +102,33 @@ word boundaries either. A pattern ending in ``" *"`` also matches with
 nothing after it (``"item delete *"`` denies a bare ``item delete``). A
 pattern like ``"item list*"`` is a prefix match: it allows ``item list``,
 ``item list --vault x`` and also ``item listx`` (on purpose: the tool itself
-rejects unknown subcommands). An empty argv matches only the pattern
-``""``. Deny patterns are checked first and win; if no allow pattern matches,
-the request is denied. To allow an argument with spaces, quote it the way
-``shlex.join`` does: ``"item get 'My Login'"``.
+rejects unknown subcommands). An empty argv is the empty line, so ``"*"``
+matches a bare command (``cat`` alone) as well as every other, and so does
+``""``; ``"item *"`` does not. Deny patterns are checked first and win; then
+the flags (below); if no allow pattern matches, the request is denied. To
+allow an argument with spaces, quote it the way ``shlex.join`` does:
+``"item get 'My Login'"``.
+
+A deny pattern sees one spelling of a flag: ``"* --reveal *"`` misses
+``--reveal=true`` and ``"* --web*"`` misses ``-w``. ``argv_deny_flags:
+[--reveal, -w, --web]`` denies a flag in every spelling the tools' parsers
+(getopt_long, Go's pflag, kong, argparse) accept: ``--web``, ``--web=VALUE``,
+``-web`` (Go's flag package); a short flag ``-w`` alone, in a cluster (``-cw``,
+``-wc``) or with a value attached (``-wVALUE``, ``-oFILE``). ``--`` ends the
+flags as getopt has it: after it ``--web`` is an operand. Where parsers
+disagree the reading that finds a flag wins, so an argument that only looks
+like one is denied too (``--title -w``: write ``--title=-w``). Abbreviations
+(``--rev`` for ``--reveal``, which getopt_long and argparse accept but pflag
+and kong, the parsers of gh, op and gog, refuse) are not expanded.
+``argv_allow_flags: [--repo, -R, --json]`` is the closed form: every flag
+before ``--`` must be listed (long flags exactly, so no abbreviation passes;
+in a short cluster every character), so a flag a later version of the tool
+adds is denied until it is listed. A flag in a policy is written ``-x`` or
+``--name``, without a value. Examples: gh ``--jq``/``-q`` (a jq filter reads
+the host environment, ``$ENV.GH_TOKEN``), ``--body-file``/``-F`` (posts a host
+file), ``--web``/``-w`` (a browser on the host); op ``--out-file``/``-o``
+(writes a host file); ``carapace-debug policy lint`` warns when a policy lets
+these through (:data:`RISKY_ARGS`).
 
 Environment semantics (CLI tools)
 =================================
@@ -146,6 +172,24 @@ other method is denied. A param filter requires ``params`` to be an object
 holding the field; the field is a string or a non-empty array of strings, and
 EVERY element must match no deny pattern and some allow pattern (fnmatch
 globs, case-sensitive).
+
+A filter may check several fields, ``fields: [recipient, recipients]``
+(``field: X`` is ``fields: [X]``; give one of the two): the call must hold at
+least one of them and every one it holds is checked as above. ``deny_fields``
+denies a call holding any of the named params (with any value).
+``allow_fields`` closes the list: a call holding a param that is in none of
+``fields``, ``allow_fields`` and ``field_patterns`` is denied, which is how a
+filter keeps up with an upstream that reads several spellings of one param
+(signal-cli reads ``attachment`` also as ``attachments``, ``groupId`` also as
+``group-id``; lint warns about ``deny_fields`` without ``allow_fields``).
+``field_patterns: {account: ["+15550100"]}`` constrains other params when
+present: a string, or an array of strings, each matching one of the globs.
+``normalize: phone`` reads each checked value as signal-cli reads a number:
+a value made only of ASCII digits, ``+`` and the separators `` ()-./`` is
+matched with everything but digits and ``+`` removed (``"+1 (900) 555-0000"``
+is ``+19005550000``, so ``deny_patterns: ["+1900*"]`` holds); any other value
+(letters, ``u:username``, a UUID, non-ASCII digits) is denied, since signal-cli
+would not read it as a number.
 """
 
 
@@ -160,7 +204,7 @@ from .limits import (
     ParseLimits,
     needs_worker,
 )
-from .lint import LintWarning, lint_policy
+from .lint import RISKY_ARGS, LintWarning, RiskyArgs, lint_policy
 from .load import load_policy, load_policy_file
 from .model import (
     BASE_ENV,
@@ -191,6 +235,7 @@ __all__ = [
     "DEFAULT_TIMEOUT_SECS",
     "INLINE_DECIDE_BYTES",
     "LIMIT_NAMES",
+    "RISKY_ARGS",
     "UNAVAILABLE_CODES",
     "AgentGrant",
     "AuditConfig",
@@ -206,6 +251,7 @@ __all__ = [
     "PolicyError",
     "RateLimit",
     "RateLimiter",
+    "RiskyArgs",
     "Settings",
     "Tool",
     "apply_rate_limits",

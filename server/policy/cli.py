@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Final
 
 from .decision import CliDecision, Decision, _cli_deny, _lookup, _rule
+from .flags import denied_flag, unlisted_flag
 from .limits import DEFAULT_LIMITS, ParseLimits, cli_limit_denial
 from .model import BASE_ENV, DEFAULT_CWD, CliTool, Policy
 from .quoting import _show
@@ -20,9 +21,10 @@ one regex scan, ~50 times faster than asking ``unicodedata`` about each characte
 
 
 def argv_matches(args: Sequence[str], pattern: str) -> bool:
-    """Whether decoded arguments match one argv pattern (semantics in the package docstring)."""
-    if not args:
-        return pattern == ""
+    """Whether decoded arguments match one argv pattern (semantics in the package docstring).
+
+    An empty argv is the empty line, so ``"*"`` and ``""`` match it.
+    """
     line = shlex.join(args)
     if fnmatch.fnmatchcase(line, pattern):
         return True
@@ -78,6 +80,9 @@ def decide_cli(
         if argv_matches(args, pattern):
             return _cli_deny("the arguments match a deny pattern",
                              _rule(tool, "argv_deny_patterns", k, pattern))
+    flag_denial = _flag_denial(found, tool, args)
+    if flag_denial is not None:
+        return flag_denial
     for k, pattern in enumerate(found.argv_allow_patterns):
         if argv_matches(args, pattern):
             rule = _rule(tool, "argv_allow_patterns", k, pattern)
@@ -104,6 +109,24 @@ def decide_cli(
         env=run_env,
         cwd=run_cwd,
     )
+
+
+def _flag_denial(found: CliTool, tool: str, args: list[str]) -> CliDecision | None:
+    """The deny for a flag that ``argv_deny_flags`` names or ``argv_allow_flags`` omits."""
+    hit = denied_flag(args, found.argv_deny_flags)
+    if hit is not None:
+        i, flag = hit
+        k = found.argv_deny_flags.index(flag)
+        return _cli_deny(f"argument {i + 1} gives the denied flag {flag}",
+                         _rule(tool, "argv_deny_flags", k, flag))
+    if found.argv_allow_flags is not None:
+        unlisted = unlisted_flag(args, found.argv_allow_flags)
+        if unlisted is not None:
+            i, flag = unlisted
+            return _cli_deny(f"argument {i + 1} gives the flag {_show(flag)}, "
+                             "which argv_allow_flags does not list",
+                             f"default deny: no tools.{tool}.argv_allow_flags entry names it")
+    return None
 
 
 def _decoded_args(argv: list[bytes]) -> list[str] | CliDecision:

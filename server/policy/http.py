@@ -13,6 +13,7 @@ from carapace.runtime.http import HOP_BY_HOP, TOKEN, TOKEN_BYTES
 from .decision import Decision, _deny, _lookup, _rule
 from .limits import DEFAULT_LIMITS, ParseLimits, batch_limit_denial, http_limit_denial
 from .model import HttpTool, Policy
+from .params import check_params
 from .quoting import _kind, _show
 
 _HEADER_VALUE_BAD: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
@@ -162,33 +163,9 @@ def _check_call(tool: HttpTool, call: Any, label: str) -> Decision:
     if filt is None:
         return Decision(True, f"{label}: method {shown} is allowed", rule)
     fpath = f"tools.{name}.jsonrpc_param_filters.{method}"
-    params = call.get("params")
-    if not isinstance(params, dict):
-        return _deny(f"{label}: params must be an object holding {_show(filt.field)}",
-                     f"default deny: {fpath} requires params.{filt.field}")
-    if filt.field not in params:
-        return _deny(f"{label}: params.{filt.field} is missing",
-                     f"default deny: {fpath} requires params.{filt.field}")
-    value = params[filt.field]
-    if isinstance(value, str):
-        values = [value]
-    elif isinstance(value, list) and value and all(isinstance(v, str) for v in value):
-        values = value
-    elif isinstance(value, list) and not value:
-        return _deny(f"{label}: params.{filt.field} is an empty array",
-                     f"default deny: {fpath} needs at least one value to check")
-    else:
-        return _deny(f"{label}: params.{filt.field} must be a string or an array of strings",
-                     f"default deny: {fpath} checks strings only")
-    for j, item in enumerate(values):
-        where = f"params.{filt.field}" + (f"[{j}]" if isinstance(value, list) else "")
-        for k, pattern in enumerate(filt.deny_patterns):
-            if fnmatch.fnmatchcase(item, pattern):
-                return _deny(f"{label}: {where} matches a deny pattern",
-                             f"{fpath}.deny_patterns[{k}] {_show(pattern)}")
-        if not any(fnmatch.fnmatchcase(item, p) for p in filt.allow_patterns):
-            return _deny(f"{label}: {where} matches no allow pattern",
-                         f"default deny: no {fpath}.allow_patterns entry matches {where}")
+    denial = check_params(filt, call.get("params"), label, fpath)
+    if denial is not None:
+        return _deny(*denial)
     return Decision(True, f"{label}: method {shown} is allowed and its params pass {fpath}", rule)
 
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import posixpath
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final
 from urllib.parse import urlsplit
 
-from .model import CliTool, Policy
+from .cli import argv_matches
+from .flags import denied_flag, unlisted_flag
+from .model import CliTool, HttpTool, Policy
 from .quoting import _show
 
 
@@ -24,8 +27,45 @@ class LintWarning:
         return {"tool": self.tool, "level": self.level, "message": self.message}
 
 
+@dataclass(frozen=True)
+class RiskyArgs:
+    """Arguments of a known tool that reach past what the VM should: its spellings and why."""
+
+    args: tuple[str, ...]
+    why: str
+
+
+RISKY_ARGS: Final[Mapping[str, tuple[RiskyArgs, ...]]] = {
+    # Keyed by the binary's file name. A flag entry lists its spellings (all must be
+    # denied); an entry that is not a flag is a command line probed against the rules.
+    "gh": (
+        RiskyArgs(("--jq", "-q"), "a jq filter reads the host environment ($ENV), the "
+                  "injected GH_TOKEN included, and can print it in a form masking misses"),
+        RiskyArgs(("--body-file", "-F"), "reads a file on the host and posts it"),
+        RiskyArgs(("--recover",), "reads a file on the host"),
+        RiskyArgs(("--web", "-w"), "opens a browser on the host"),
+        RiskyArgs(("--editor", "-e"), "starts an editor on the host"),
+        RiskyArgs(("api", "user"), "gh api calls any endpoint the token reaches and reads "
+                  "host files with -F field=@FILE"),
+    ),
+    "op": (
+        RiskyArgs(("--out-file", "-o"), "writes a file on the host (with --force over any "
+                  "file the server's user may write)"),
+        RiskyArgs(("--reveal",), "prints concealed fields in list output"),
+        RiskyArgs(("--config",), "points op at another configuration directory on the host"),
+    ),
+    "gog": (
+        RiskyArgs(("--account",), "selects another account of the host's keyring than "
+                  "GOG_ACCOUNT"),
+        RiskyArgs(("--force",), "skips the confirmation of destructive commands"),
+    ),
+}
+"""Risky flags and commands of the tools the examples cover; ``policy lint`` warns on them."""
+
 _LOOPBACK_HOSTS: Final = frozenset({"127.0.0.1", "localhost", "::1"})
 _PLACEHOLDER_RE: Final = re.compile(r"<[^<>]+>")
+_PHONE_GLOB: Final = re.compile(r"[0-9+*?\[\]!-]*\Z")
+"""A glob that can match a number normalized to digits and '+'."""
 
 
 def lint_policy(
@@ -56,6 +96,8 @@ def lint_policy(
             for key, value in tool.env_inject.items():
                 if _PLACEHOLDER_RE.search(value):
                     warn(name, f"env_inject.{key} looks like an unfilled placeholder")
+            for message in _risky_args(tool):
+                warn(name, message)
             if binary_problem is not None:
                 problem = binary_problem(tool.binary)
                 if problem:
@@ -74,6 +116,7 @@ def lint_policy(
                      "in the deny list is allowed")
             if tool.jsonrpc_allow_methods is not None and not tool.jsonrpc_allow_methods:
                 warn(name, "jsonrpc_allow_methods is empty: every JSON-RPC call is denied")
+            _lint_param_filters(tool, warn)
             for method, filt in (tool.jsonrpc_param_filters or {}).items():
                 if not filt.allow_patterns:
                     warn(name, f"jsonrpc_param_filters.{method}.allow_patterns is empty: "
@@ -92,3 +135,54 @@ def lint_policy(
             if not grant.tools:
                 warn(None, f"agents.{agent}.tools is empty: this agent can use nothing")
     return out
+
+
+def _risky_args(tool: CliTool) -> list[str]:
+    """Warnings for the :data:`RISKY_ARGS` of this tool's binary that its rules let through."""
+    out: list[str] = []
+    for risky in RISKY_ARGS.get(posixpath.basename(tool.binary), ()):
+        if risky.args[0].startswith("-"):
+            open_ = [f for f in risky.args if _flag_passes(tool, f)]
+            if open_:
+                out.append(f"{' / '.join(open_)} is not in argv_deny_flags: {risky.why}")
+        elif _argv_passes(tool, list(risky.args)):
+            out.append(f"the rules allow {_show(' '.join(risky.args))}: {risky.why}")
+    return out
+
+
+def _flag_passes(tool: CliTool, flag: str) -> bool:
+    """Whether the flag gets past ``argv_deny_flags`` and ``argv_allow_flags``."""
+    if denied_flag([flag], tool.argv_deny_flags) is not None:
+        return False
+    return tool.argv_allow_flags is None or unlisted_flag([flag], tool.argv_allow_flags) is None
+
+
+def _argv_passes(tool: CliTool, args: list[str]) -> bool:
+    """Whether an argument list passes the tool's argv rules (deny, flags, allow)."""
+    if any(argv_matches(args, p) for p in tool.argv_deny_patterns):
+        return False
+    if denied_flag(args, tool.argv_deny_flags) is not None:
+        return False
+    if tool.argv_allow_flags is not None and unlisted_flag(args, tool.argv_allow_flags):
+        return False
+    return any(argv_matches(args, p) for p in tool.argv_allow_patterns)
+
+
+def _lint_param_filters(tool: HttpTool, warn: Callable[[str, str], None]) -> None:
+    """Filters that let params through unchecked, or match numbers as signal-cli does not."""
+    for method, filt in (tool.jsonrpc_param_filters or {}).items():
+        where = f"jsonrpc_param_filters.{method}"
+        patterns = (*filt.allow_patterns, *filt.deny_patterns)
+        if filt.normalize is None and any(p.startswith("+") for p in patterns):
+            warn(tool.name, f"{where} matches phone numbers without normalize: phone: "
+                 "signal-cli ignores spaces and punctuation, so \"+1 900 555 0000\" passes "
+                 "a deny pattern \"+1900*\"")
+        if filt.normalize == "phone":
+            for p in patterns:
+                if not _PHONE_GLOB.match(p):
+                    warn(tool.name, f"{where}: pattern {_show(p)} can never match a "
+                         "normalized number (digits and '+' only)")
+        if filt.allow_fields is None:
+            warn(tool.name, f"{where} has no allow_fields: every other param passes unchecked "
+                 "(signal-cli reads host files from attachment, sends to groupId, and also "
+                 "reads spellings a deny_fields list misses: attachments, group-id)")

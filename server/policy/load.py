@@ -14,11 +14,13 @@ import yaml
 
 from carapace.runtime.http import TOKEN
 
+from .flags import FLAG_RE
 from .http import NOT_INJECTABLE
 from .limits import CLI_LIMITS, HTTP_LIMITS
 from .model import (
     _NAME_RE,
     DEFAULT_MIN_SECRET_LENGTH,
+    PARAM_NORMALIZERS,
     AgentGrant,
     AuditConfig,
     CliTool,
@@ -41,6 +43,7 @@ _CLI_KEYS: Final = frozenset(
         "type", "binary", "argv_allow_patterns", "argv_deny_patterns", "env_inject",
         "env_passthrough", "cwd_allowed", "timeout_secs", "audit", "rate_limit", "agents",
         "limits",
+        "argv_deny_flags", "argv_allow_flags",
     }
 )
 _HTTP_KEYS: Final = frozenset(
@@ -358,7 +361,21 @@ class _Loader:
             env_passthrough=passthrough,
             cwd_allowed=cwd_allowed,
             **self.common(raw, path),
+            **self.argv_flags(raw, path),
         )
+
+    def argv_flags(self, raw: dict[str, Any], path: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key in ("argv_deny_flags", "argv_allow_flags"):
+            if key in raw:
+                flags = self.strings(raw[key], f"{path}.{key}")
+                for i, flag in enumerate(flags):
+                    if not FLAG_RE.match(flag):
+                        self.fail(f"{path}.{key}[{i}]", f"{_show(flag)} is not a flag",
+                                  "Write a short flag as -x (one character) and a long one as "
+                                  "--name, without a value.")
+                out[key] = flags
+        return out
 
     def env_inject(self, value: Any, path: str) -> dict[str, str]:
         inject: dict[str, str] = {}
@@ -479,16 +496,35 @@ class _Loader:
 
     def param_filter(self, value: Any, path: str) -> ParamFilter:
         raw = self.mapping(value, path)
-        self.known_keys(raw, path, ("field", "allow_patterns", "deny_patterns"))
-        if "field" not in raw:
-            self.fail(f"{path}.field", "is required", "Name the params field to check.")
-        return ParamFilter(
-            field=self.string(raw["field"], f"{path}.field"),
-            allow_patterns=self.strings(raw["allow_patterns"], f"{path}.allow_patterns")
-            if "allow_patterns" in raw else (),
-            deny_patterns=self.strings(raw["deny_patterns"], f"{path}.deny_patterns")
-            if "deny_patterns" in raw else (),
-        )
+        self.known_keys(raw, path, ("field", "fields", "allow_patterns", "deny_patterns",
+                                    "deny_fields", "allow_fields", "field_patterns",
+                                    "normalize"))
+        if ("field" in raw) == ("fields" in raw):
+            self.fail(f"{path}.field", "is required" if "field" not in raw
+                      else "give 'field' or 'fields', not both",
+                      "Name the params field to check (field: recipient), or several "
+                      "(fields: [recipient, groupId]).")
+        if "field" in raw:
+            fields: tuple[str, ...] = (self.string(raw["field"], f"{path}.field"),)
+        else:
+            fields = self.strings(raw["fields"], f"{path}.fields")
+            if not fields:
+                self.fail(f"{path}.fields", "is empty", "Name at least one params field.")
+        normalize = None
+        if "normalize" in raw:
+            normalize = self.string(raw["normalize"], f"{path}.normalize")
+            if normalize not in PARAM_NORMALIZERS:
+                self.fail(f"{path}.normalize", f"unknown normalization {_show(normalize)}",
+                          f"Known: {', '.join(sorted(PARAM_NORMALIZERS))}.")
+        patterns: dict[str, tuple[str, ...]] = {}
+        if "field_patterns" in raw:
+            ppath = f"{path}.field_patterns"
+            for name, globs in self.mapping(raw["field_patterns"], ppath).items():
+                patterns[name] = self.strings(globs, f"{ppath}.{name}")
+        opt = {k: self.strings(raw[k], f"{path}.{k}") for k in
+               ("allow_patterns", "deny_patterns", "deny_fields", "allow_fields") if k in raw}
+        return ParamFilter(fields=fields, normalize=normalize,
+                           field_patterns=MappingProxyType(patterns), **opt)
 
 
 def load_policy(text: str, source: str = "<policy>") -> Policy:

@@ -66,13 +66,32 @@ class AuditConfig:
     redact_patterns: tuple[str, ...] = ()
 
 
+PARAM_NORMALIZERS: Final = frozenset({"phone"})
+"""The values of a param filter's ``normalize``."""
+
+
 @dataclass(frozen=True)
 class ParamFilter:
-    """Which values one JSON-RPC method's ``params[field]`` may carry."""
+    """Which params one JSON-RPC method may carry, and which values its checked fields may hold.
 
-    field: str
+    ``fields`` are checked against the patterns (``field: X`` is ``fields:
+    [X]``); ``deny_fields`` may not be present; with ``allow_fields`` no param
+    outside ``fields``, ``allow_fields`` and ``field_patterns`` may be;
+    ``field_patterns`` constrain other params when present (an ``account``).
+    """
+
+    fields: tuple[str, ...]
     allow_patterns: tuple[str, ...] = ()
     deny_patterns: tuple[str, ...] = ()
+    deny_fields: tuple[str, ...] = ()
+    allow_fields: tuple[str, ...] | None = None
+    field_patterns: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    normalize: str | None = None
+
+    @property
+    def field(self) -> str:
+        """The first checked field (the only one in a ``field: X`` filter)."""
+        return self.fields[0]
 
 
 @dataclass(frozen=True)
@@ -108,6 +127,8 @@ class CliTool:
     agents: tuple[str, ...] | None = None
     limits: Mapping[str, int] = field(default_factory=dict)
     """Overrides of the server-wide parse limits (``policy/limits.py``) for this tool."""
+    argv_deny_flags: tuple[str, ...] = ()
+    argv_allow_flags: tuple[str, ...] | None = None
 
     @property
     def type(self) -> str:

@@ -241,7 +241,7 @@ def test_argv_matches_semantics() -> None:
     assert not argv_matches(["item", "getx"], "item get *")
     assert not argv_matches(["item get x"], "item get *")
     assert argv_matches([], "")
-    assert not argv_matches([], "*")
+    assert argv_matches([], "*")  # the empty line: "*" matches a bare command
     assert not argv_matches(["x"], "")
     assert argv_matches(["x"], "*")
     assert argv_matches(["a b"], "'a b'")
