@@ -12,6 +12,8 @@ from carapace.protocol.flow import DEFAULT_WINDOW
 from carapace.protocol.framing import DEFAULT_MAX_FRAME
 
 from .audit import DEFAULT_BACKUPS, DEFAULT_DENY_LIMIT, DEFAULT_MAX_BYTES
+from .audit.caps import DEFAULT_MAX_RECORD_BYTES
+from .audit.throttle import DEFAULT_DENY_BYTES
 
 DEFAULT_LISTEN = ("127.0.0.1", 8765)
 DEFAULT_POLICY_FILE = "/etc/carapace/policy.yaml"
@@ -52,3 +54,5 @@ class ServerConfig:
     audit_backups: int = DEFAULT_BACKUPS
     audit_fsync: bool = False
     audit_deny_limit: tuple[int, float] = DEFAULT_DENY_LIMIT
+    audit_deny_bytes: int = DEFAULT_DENY_BYTES
+    audit_max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES

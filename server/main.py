@@ -32,6 +32,8 @@ from .audit import (
     AuditError,
     utc_timestamp,
 )
+from .audit.caps import DEFAULT_MAX_RECORD_BYTES, MIN_RECORD_BYTES
+from .audit.throttle import DEFAULT_DENY_BYTES
 from .config import (
     DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_HANDSHAKE_TIMEOUT,
@@ -121,6 +123,16 @@ class ServerCommand(click.Command):
 @click.option("--log-level", default="info", envvar="CARAPACE_LOG_LEVEL", show_default=True)
 @click.option("--log-json", is_flag=True, envvar="CARAPACE_LOG_JSON",
               help="Log JSON lines (for journald/Loki pipelines).")
+@click.option("--audit-deny-bytes", type=click.IntRange(min=0), default=DEFAULT_DENY_BYTES,
+              envvar="CARAPACE_AUDIT_DENY_BYTES", show_default=True,
+              help="Bytes of deny records per agent in the --audit-deny-limit window (0: no "
+              "byte budget); past it denials are counted like those past the limit, so "
+              "large records cannot rotate older ones away either.")
+@click.option("--audit-max-record-bytes", type=click.IntRange(min=MIN_RECORD_BYTES),
+              default=DEFAULT_MAX_RECORD_BYTES, envvar="CARAPACE_AUDIT_MAX_RECORD_BYTES",
+              show_default=True,
+              help="Largest audit record, as written (JSON); longer values are cut to a "
+              "marked head with the byte count and SHA-256 of the whole.")
 def main(
     listen: tuple[str, int],
     policy_file: str,
@@ -145,6 +157,8 @@ def main(
     audit_fsync: bool = False,
     audit_deny_limit: tuple[int, float] = DEFAULT_DENY_LIMIT,
     pid_file: str | None = None,
+    audit_deny_bytes: int = DEFAULT_DENY_BYTES,
+    audit_max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
 ) -> None:
     """Serve Carapace agents: decide, run and audit their tool requests on this host.
 
@@ -178,6 +192,8 @@ def main(
         audit_backups=audit_backups,
         audit_fsync=audit_fsync,
         audit_deny_limit=audit_deny_limit,
+        audit_deny_bytes=audit_deny_bytes,
+        audit_max_record_bytes=audit_max_record_bytes,
     )
     debug_token = None
     if debug_listen is not None:

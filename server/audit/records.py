@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from carapace.protocol.messages import CliRequest, HttpRequest
 
+from .caps import MAX_FIELD_BYTES, cut_text
 from .redaction import redact_argv, redact_json, redact_query
 
 if TYPE_CHECKING:
@@ -23,12 +24,14 @@ if TYPE_CHECKING:
     from ..policy import AuditConfig, Decision
     from ..streams import ResponseSent
 
-MAX_TEXT: Final = 2048
-"""Longest VM-supplied string (a path, one argument, a cwd) kept in a record."""
+MAX_TEXT: Final = MAX_FIELD_BYTES
+"""Longest VM-supplied string (a path, one argument, a cwd) kept whole in a record, in
+bytes as written; :mod:`.caps` cuts every string when the record is written."""
 MAX_ARGS: Final = 256
 MAX_BODY: Final = 64 * 1024
 MAX_TOOL: Final = 256
-"""Longest tool name kept: the VM names tools, and a deny records any name."""
+"""Longest tool name kept, in bytes as written: the VM names tools, a deny records any
+name, and the deny throttle remembers up to 20 of them per agent."""
 
 
 def utc_timestamp(now: float | None = None) -> str:
@@ -43,7 +46,8 @@ def request_id(agent: str, session_id: bytes, rid: int) -> str:
 
 
 def truncate(text: str, limit: int = MAX_TEXT) -> str:
-    return text if len(text) <= limit else text[:limit] + "…[truncated]"
+    """``text`` cut to ``limit`` bytes as written, with the marker of :mod:`.caps`."""
+    return cut_text(text, limit) or text
 
 
 # ---------------------------------------------------------------------------
@@ -77,13 +81,13 @@ def http_decision_fields(req: HttpRequest, cfg: AuditConfig,
     path, has_query, query = target.partition("?")
     fields = {
         **verdict_fields(decision),
-        "method": truncate(str(req.method), 64),
-        "path": truncate(path),
+        "method": str(req.method),
+        "path": path,
         "bytes_in": len(req.body),
     }
     if cfg.log_body:
         if has_query:
-            fields["query"] = truncate(redact_query(query, cfg.redact_patterns))
+            fields["query"] = redact_query(query, cfg.redact_patterns)
         fields.update(body_fields(req.body, cfg.redact_patterns))
     return fields
 
@@ -92,14 +96,15 @@ def cli_decision_fields(req: CliRequest, cfg: AuditConfig,
                         decision: Decision) -> dict[str, Any]:
     fields: dict[str, Any] = verdict_fields(decision)
     if cfg.log_argv:
-        args = [truncate(a.decode("utf-8", "backslashreplace")) for a in req.argv[:MAX_ARGS]]
+        args = [a.decode("utf-8", "backslashreplace") for a in req.argv[:MAX_ARGS]]
         fields["argv"] = redact_argv(args, cfg.redact_patterns)
         if len(req.argv) > MAX_ARGS:
             fields["argv_truncated"] = len(req.argv)
-    fields["cwd"] = truncate(req.cwd.decode("utf-8", "backslashreplace"))
-    fields["peer_uid"] = req.peer_uid
-    fields["peer_gid"] = req.peer_gid
-    fields["peer_pid"] = req.peer_pid
+    fields["cwd"] = req.cwd.decode("utf-8", "backslashreplace")
+    # What the VM's agent says it read from SO_PEERCRED: a claim, not a fact the host saw.
+    fields["vm_claimed_peer_uid"] = req.peer_uid
+    fields["vm_claimed_peer_gid"] = req.peer_gid
+    fields["vm_claimed_peer_pid"] = req.peer_pid
     # A rate-limited deny is a plain Decision, without the resolved binary and cwd.
     binary = getattr(decision, "binary", "")
     if decision.allow and binary:
@@ -117,7 +122,7 @@ def body_fields(body: bytes, patterns: Sequence[str]) -> dict[str, Any]:
     except (UnicodeDecodeError, ValueError, RecursionError):
         if patterns:
             return {"body_note": "not JSON: not logged, redact_patterns cannot be applied"}
-        return {"body_text": truncate(body[:MAX_BODY].decode("utf-8", "replace"), MAX_BODY)}
+        return {"body_text": body[:MAX_BODY].decode("utf-8", "replace")}
     if len(body) > MAX_BODY:
         return {"body_note": f"JSON body of {len(body)} bytes: over {MAX_BODY}, not logged"}
     return {"body": redact_json(doc, patterns)}

@@ -19,15 +19,20 @@ from .records import (
     http_decision_fields,
     utc_timestamp,
 )
+from .caps import DEFAULT_MAX_RECORD_BYTES, RecordCap
 from .redaction import AuditRedactor
 from .rotating_log import AuditError, AuditLog
-from .throttle import DEFAULT_DENY_LIMIT, DenyThrottle
+from .throttle import DEFAULT_DENY_BYTES, DEFAULT_DENY_LIMIT, DenyThrottle
 
 if TYPE_CHECKING:
     from ..cli_runner import ExitInfo
     from ..streams import ResponseSent
 
 log = logging.getLogger("carapace.server")
+
+CUT_LOG_EVERY_SECS = 60.0
+"""At most one log line per minute about records cut to size: a VM can make every
+record large, and the log must not become the flood the cap stops in the audit file."""
 
 
 class AuditEntry:
@@ -59,11 +64,12 @@ class AuditEntry:
         """
         if not self.write or self.trail.log is None:
             return
+        data = self.trail.encode({"ts": utc_timestamp(), "event": "decision", **self.base,
+                                  **self.decision_fields})
         if self.base["decision"] != "allow" and not self.trail.admit_deny(
-                self.base, str(self.decision_fields.get("code"))):
+                self.base, str(self.decision_fields.get("code")), len(data)):
             return  # counted for a denials_suppressed record: a deny runs nothing
-        self.trail.emit({"ts": utc_timestamp(), "event": "decision", **self.base,
-                         **self.decision_fields})
+        self.trail.log.write_line(data)
         await self.trail.log.sync()
 
     def completed(self, **fields: Any) -> None:
@@ -102,17 +108,22 @@ class AuditTrail:
     """
 
     def __init__(self, log: AuditLog | None,
-                 deny_limit: tuple[int, float] = DEFAULT_DENY_LIMIT) -> None:
+                 deny_limit: tuple[int, float] = DEFAULT_DENY_LIMIT,
+                 deny_bytes: int = DEFAULT_DENY_BYTES,
+                 max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> None:
         self.log = log
         self.redactor = AuditRedactor()
-        self.deny_throttle = DenyThrottle(*deny_limit)
+        self.deny_throttle = DenyThrottle(*deny_limit, max_bytes=deny_bytes)
+        self.cap = RecordCap(max_record_bytes)
+        self._cut_logged_at: float | None = None
+        self._cut_since_logged = 0
 
-    def admit_deny(self, base: Mapping[str, Any], code: str) -> bool:
+    def admit_deny(self, base: Mapping[str, Any], code: str, size: int = 0) -> bool:
         """Whether a deny gets its own record (see "Floods of denials"); a summary of
         the agent's earlier suppressed denials is written first, to keep the order."""
         agent = str(base["agent"])
         now, ts = time.monotonic(), utc_timestamp()
-        if not self.deny_throttle.admit(agent, str(base["tool"]), code, now, ts):
+        if not self.deny_throttle.admit(agent, str(base["tool"]), code, now, ts, size):
             return False
         self.write_summaries(self.deny_throttle.due(now, agent=agent))
         return True
@@ -132,10 +143,31 @@ class AuditTrail:
     def add_secrets(self, values: Iterable[str | bytes]) -> None:
         self.redactor.add(values)
 
+    def encode(self, record: dict[str, Any]) -> bytes:
+        """The record's line: secrets redacted, then cut to the size caps."""
+        data, cut = self.cap.encode(self.redactor.redact(record))
+        if cut:
+            self._log_cut(record, cut)
+        return data
+
+    def _log_cut(self, record: Mapping[str, Any], cut: list[str]) -> None:
+        self._cut_since_logged += 1
+        now = time.monotonic()
+        if self._cut_logged_at is not None and now - self._cut_logged_at < CUT_LOG_EVERY_SECS:
+            return
+        log.warning("audit: cut %s of a %s record of agent %s to the size caps (fields "
+                    "over %d bytes, records over %d: --audit-max-record-bytes); %d record(s) "
+                    "cut since the last such message; the record's 'truncated' key lists them",
+                    ", ".join(cut), record.get("event"), record.get("agent"),
+                    self.cap.max_field_bytes, self.cap.max_record_bytes,
+                    self._cut_since_logged)
+        self._cut_logged_at = now
+        self._cut_since_logged = 0
+
     def emit(self, record: dict[str, Any]) -> None:
         if self.log is None:
             return
-        self.log.write(self.redactor.redact(record))
+        self.log.write_line(self.encode(record))
 
     def reopen(self) -> None:
         if self.log is None:
