@@ -91,6 +91,11 @@ class Server:
     def denials_suppressed(self) -> int:
         return self.audit.deny_throttle.suppressed_total
 
+    def audit_counts(self) -> dict[str, int]:
+        return {"records_truncated": self.audit.cap.truncated_records,
+                "denials_suppressed": self.audit.deny_throttle.suppressed_total,
+                "denied_bytes_suppressed": self.audit.deny_throttle.suppressed_bytes}
+
     # -- sessions ---------------------------------------------------------------
     def resumable(self, agent: str, session_id: bytes | None,
                   received: int) -> AgentSession | None:
