@@ -302,8 +302,10 @@ def summarize(msg: Message, redactor: Redactor | None = None) -> dict[str, Any]:
         out["tool"] = msg.tool
         argv = r.argv(msg.argv)
         out.update(argv=argv, argc=len(msg.argv), cwd=r.preview(msg.cwd),
-                   env_count=len(msg.env), tty=list(msg.tty), peer_uid=msg.peer_uid,
-                   peer_pid=msg.peer_pid)
+                   env_count=len(msg.env), tty=list(msg.tty),
+                   # what the VM's agent says SO_PEERCRED told it: a claim, not a fact
+                   vm_claimed_peer_uid=msg.peer_uid, vm_claimed_peer_gid=msg.peer_gid,
+                   vm_claimed_peer_pid=msg.peer_pid)
         summary = (f"{shlex.quote(msg.tool)} {argv}".rstrip()
                    + f"  (cwd {out['cwd']}, {len(msg.env)} env names)")
     elif isinstance(msg, Output):

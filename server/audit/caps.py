@@ -31,7 +31,8 @@ DEFAULT_MAX_RECORD_BYTES: Final = 16 * 1024
 """Largest record written. A real record is 300-700 bytes; 16 KiB still holds an argv
 of 256 short arguments or a modest logged body, and keeps a flood of deny records
 (at most ``--audit-deny-limit`` of them, 100 per 10 s) at 160 KiB/s before the byte
-budget (``--audit-deny-bytes``) applies (see DEPLOYMENT.md, "Audit retention")."""
+budget (``--audit-deny-bytes``) applies (see DEPLOYMENT.md, "Audit retention under a
+flood")."""
 MIN_RECORD_BYTES: Final = 4096
 """Smallest ``--audit-max-record-bytes`` accepted: every key of every record, each cut
 to its marker (about 110 bytes), still fits."""

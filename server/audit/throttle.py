@@ -18,8 +18,8 @@ DEFAULT_DENY_BYTES: Final = 64 * 1024
 """Bytes of deny records per agent in the same window. 100 ordinary deny records
 (300-700 bytes each) fit; records made large on purpose (up to
 ``--audit-max-record-bytes``) get 4 per window, not 100: one agent's flood then writes
-at most ~8 KiB/s, so the default rotation (6 x 50 MiB) keeps ~10 hours of it (see
-DEPLOYMENT.md, "Audit retention")."""
+at most ~10 KiB/s with its summaries, so the default rotation (6 x 50 MiB) keeps
+about 9 hours of it (see DEPLOYMENT.md, "Audit retention under a flood")."""
 MAX_SUPPRESSED_KINDS: Final = 20
 """Distinct (tool, code) pairs one ``denials_suppressed`` record lists; the VM names tools."""
 
@@ -115,6 +115,13 @@ class DenyThrottle:
         self.suppressed_total += 1
         self.suppressed_bytes += size
         return False
+
+    def charge(self, agent: str, now: float, size: int) -> None:
+        """Count a ``denials_suppressed`` record of ``size`` bytes against the agent's
+        byte budget: written whatever the budget, it still uses it up, so that the
+        summaries of a long flood cannot become a flood of their own."""
+        if self.max_bytes:
+            self._written.setdefault(agent, deque()).append((now, size))
 
     @property
     def bytes_limit(self) -> str:

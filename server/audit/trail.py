@@ -137,8 +137,12 @@ class AuditTrail:
             log.error("audit: lost a denials_suppressed record: %s", exc)
 
     def write_summaries(self, records: Iterable[dict[str, Any]]) -> None:
+        if self.log is None:
+            return
         for record in records:
-            self.emit({"ts": utc_timestamp(), **record})
+            data = self.encode({"ts": utc_timestamp(), **record})
+            self.deny_throttle.charge(str(record["agent"]), time.monotonic(), len(data))
+            self.log.write_line(data)
 
     def add_secrets(self, values: Iterable[str | bytes]) -> None:
         self.redactor.add(values)
