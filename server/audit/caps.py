@@ -36,6 +36,9 @@ flood")."""
 MIN_RECORD_BYTES: Final = 4096
 """Smallest ``--audit-max-record-bytes`` accepted: every key of every record, each cut
 to its marker (about 110 bytes), still fits."""
+KEY_LIMITS: Final = {"tool": 256, "method": 64}
+"""Tighter caps for fields that name rather than describe: the VM names tools (and a
+deny records any name), and a method is a word."""
 CONTENT_KEYS: Final = frozenset({"body", "body_text"})
 """Content the operator opted into (``log_body``): only the record cap applies to it."""
 FIXED_KEYS: Final = ("ts", "event", "request_id", "agent", "kind", "decision")
@@ -150,7 +153,8 @@ class RecordCap:
             if key in CONTENT_KEYS:
                 capped[key] = value
                 continue
-            capped[key], was_cut = cap_fields(value, self.max_field_bytes)
+            limit = min(KEY_LIMITS.get(key, self.max_field_bytes), self.max_field_bytes)
+            capped[key], was_cut = cap_fields(value, limit)
             if was_cut:
                 cut_keys.append(key)
         data = encode_record(self._marked(capped, cut_keys))

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from carapace.protocol.messages import CliRequest, HttpRequest
 
-from .caps import MAX_FIELD_BYTES, cut_text
+from .caps import KEY_LIMITS, MAX_FIELD_BYTES, cut_text
 from .redaction import redact_argv, redact_json, redact_query
 
 if TYPE_CHECKING:
@@ -29,7 +29,7 @@ MAX_TEXT: Final = MAX_FIELD_BYTES
 bytes as written; :mod:`.caps` cuts every string when the record is written."""
 MAX_ARGS: Final = 256
 MAX_BODY: Final = 64 * 1024
-MAX_TOOL: Final = 256
+MAX_TOOL: Final = KEY_LIMITS["tool"]
 """Longest tool name kept, in bytes as written: the VM names tools, a deny records any
 name, and the deny throttle remembers up to 20 of them per agent."""
 
@@ -60,7 +60,7 @@ def base_fields(agent: str, session_id: bytes, rid: int, tool: str, kind: str,
     return {
         "request_id": request_id(agent, session_id, rid),
         "agent": agent,
-        "tool": truncate(tool, MAX_TOOL),
+        "tool": tool,
         "kind": kind,
         "decision": decision.decision,
     }

@@ -12,11 +12,13 @@ from carapace.protocol.messages import CliRequest, HttpRequest
 
 from ..policy import AuditConfig, Decision, Policy
 from .records import (
+    MAX_TOOL,
     base_fields,
     cli_completion_fields,
     cli_decision_fields,
     http_completion_fields,
     http_decision_fields,
+    truncate,
     utc_timestamp,
 )
 from .caps import DEFAULT_MAX_RECORD_BYTES, RecordCap
@@ -123,7 +125,8 @@ class AuditTrail:
         the agent's earlier suppressed denials is written first, to keep the order."""
         agent = str(base["agent"])
         now, ts = time.monotonic(), utc_timestamp()
-        if not self.deny_throttle.admit(agent, str(base["tool"]), code, now, ts, size):
+        tool = truncate(str(base["tool"]), MAX_TOOL)  # as the record names it; bounded
+        if not self.deny_throttle.admit(agent, tool, code, now, ts, size):
             return False
         self.write_summaries(self.deny_throttle.due(now, agent=agent))
         return True
