@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from carapace.protocol.messages import CliRequest, HttpRequest
 
 from ..policy import AuditConfig, Decision, Policy
+from .caps import DEFAULT_MAX_RECORD_BYTES, RecordCap
 from .records import (
     MAX_TOOL,
     base_fields,
@@ -21,7 +22,6 @@ from .records import (
     truncate,
     utc_timestamp,
 )
-from .caps import DEFAULT_MAX_RECORD_BYTES, RecordCap
 from .redaction import AuditRedactor
 from .rotating_log import AuditError, AuditLog
 from .throttle import DEFAULT_DENY_BYTES, DEFAULT_DENY_LIMIT, DenyThrottle

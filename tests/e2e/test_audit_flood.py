@@ -20,7 +20,6 @@ import pytest
 from carapace.protocol.messages import CliRequest, RequestFailed
 from carapace.server.audit.caps import DEFAULT_MAX_RECORD_BYTES
 from carapace.server.audit.throttle import DEFAULT_DENY_BYTES
-
 from helpers.deployment import Deployment, deployment, free_port, rpc
 from helpers.procs import stop_process
 from helpers.rawlink import RawLink

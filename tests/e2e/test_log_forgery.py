@@ -19,7 +19,6 @@ from carapace.protocol.messages import (
     Reject,
     RequestFailed,
 )
-
 from helpers.deployment import deployment
 from helpers.jsonlines import read_records
 from helpers.procs import stop_process
