@@ -53,10 +53,19 @@ class AuditEntry:
         self.write = write
         self.started = time.monotonic()
         self.done = False
+        self.suppressed = False
+        """A deny past the agent's deny limit or byte budget: counted, not recorded."""
 
     @property
     def request_id(self) -> str:
         return str(self.base["request_id"])
+
+    @property
+    def log_level(self) -> int:
+        """Where the server logs this request's deny: at debug level once its record is
+        suppressed, so that a flood of denials does not flood the journal either (whose
+        own rate limit would then drop the lines that matter)."""
+        return logging.DEBUG if self.suppressed else logging.INFO
 
     async def decided(self) -> None:
         """Write (and flush, and with --audit-fsync sync) the decision record.
@@ -70,6 +79,7 @@ class AuditEntry:
                                   **self.decision_fields})
         if self.base["decision"] != "allow" and not self.trail.admit_deny(
                 self.base, str(self.decision_fields.get("code")), len(data)):
+            self.suppressed = True
             return  # counted for a denials_suppressed record: a deny runs nothing
         self.trail.log.write_line(data)
         await self.trail.log.sync()

@@ -72,6 +72,7 @@ def test_a_flood_cannot_rotate_away_another_agents_records(
         metrics = httpx.get(f"http://127.0.0.1:{debug}/metrics", timeout=10).text
         assert d.server is not None
         stop_process(d.server)  # shutdown writes the count of what was suppressed
+        log = d.server.stderr_text()
     lines = list(all_lines(tmp_path))
     assert all(len(line) + 1 <= DEFAULT_MAX_RECORD_BYTES for line in lines), \
         max(len(line) for line in lines)
@@ -88,6 +89,9 @@ def test_a_flood_cannot_rotate_away_another_agents_records(
     assert summary["agent"] == "prober" and summary["count"] == count - len(denies)
     assert summary["suppressed_bytes"] > 0 and "--audit-deny-bytes" in summary["reason"]
     assert "carapace_audit_denied_bytes_suppressed_total" in metrics
+    # The journal is not flooded either: a suppressed deny is logged at debug level.
+    assert log.count("denied cli tool gh for agent prober") == len(denies)
+    assert log.count("is over its deny byte budget") == 1
     if argv is EMOJI_ARGV:
         # Cut, not dropped: the byte count and SHA-256 of the whole argv stay checkable.
         whole = json.dumps([a.decode() for a in argv], ensure_ascii=False,
