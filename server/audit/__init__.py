@@ -65,6 +65,8 @@ What is kept out
   the flag with dashes (``recipient`` covers ``--recipient X``). A body that
   is not JSON cannot be redacted by name, so with ``redact_patterns`` set it
   is not logged at all (``body_note`` says so); without, its text is logged.
+  A JSON body nested deeper than 64 levels is not logged either (``body_note``):
+  redacting and writing it would recurse past Python's limit.
 - Every string in every record (keys too) is scrubbed of every injected
   secret the server has loaded (``env_inject`` secrets and
   ``headers_inject`` values, :meth:`Policy.secrets`) and every agent token,

@@ -29,6 +29,9 @@ MAX_TEXT: Final = MAX_FIELD_BYTES
 bytes as written; :mod:`.caps` cuts every string when the record is written."""
 MAX_ARGS: Final = 256
 MAX_BODY: Final = 64 * 1024
+MAX_BODY_DEPTH: Final = 64
+"""Deepest nesting of a logged JSON body: far beyond any real API's documents, far
+below the recursion limit that redacting and writing it would hit."""
 MAX_TOOL: Final = KEY_LIMITS["tool"]
 """Longest tool name kept, in bytes as written: the VM names tools, a deny records any
 name, and the deny throttle remembers up to 20 of them per agent."""
@@ -125,7 +128,20 @@ def body_fields(body: bytes, patterns: Sequence[str]) -> dict[str, Any]:
         return {"body_text": body[:MAX_BODY].decode("utf-8", "replace")}
     if len(body) > MAX_BODY:
         return {"body_note": f"JSON body of {len(body)} bytes: over {MAX_BODY}, not logged"}
+    if _deeper_than(doc, MAX_BODY_DEPTH):
+        return {"body_note": f"JSON body nested over {MAX_BODY_DEPTH} levels: not logged"}
     return {"body": redact_json(doc, patterns)}
+
+
+def _deeper_than(doc: Any, limit: int) -> bool:
+    """Whether ``doc`` nests lists and objects more than ``limit`` deep (no recursion)."""
+    level = [doc]
+    for _ in range(limit + 1):
+        level = [child for node in level if isinstance(node, list | dict)
+                 for child in (node.values() if isinstance(node, dict) else node)]
+        if not level:
+            return False
+    return True
 
 
 # ---------------------------------------------------------------------------

@@ -167,3 +167,15 @@ async def test_peer_credentials_are_recorded_as_the_vms_claim(tmp_path: Path) ->
 def test_encode_record_is_one_ascii_line() -> None:
     data = encode_record({"a": "x\u2028y\n😀"})
     assert data.endswith(b"\n") and data.count(b"\n") == 1 and data.isascii()
+
+
+async def test_a_deeply_nested_body_is_noted_not_logged(tmp_path: Path) -> None:
+    """Redacting and writing it would recurse past Python's limit."""
+    trail = AuditTrail(AuditLog(tmp_path / "a.jsonl"))
+    for rid, body in enumerate([b"[" * 900 + b"]" * 900, b'{"a":' * 60 + b"1" + b"}" * 60], 1):
+        req = HttpRequest(id=rid, tool="web", method="POST", target="/", headers=(), body=body)
+        await trail.http("vm1", SESSION, req, POLICY,
+                         decide_http(POLICY, "vm1", "web", "POST", "/", [], body)).decided()
+    deep, shallow = [json.loads(line) for line in lines(tmp_path / "a.jsonl")]
+    assert "nested over 64 levels" in deep["body_note"] and "body" not in deep
+    assert "body" in shallow
