@@ -179,3 +179,19 @@ async def test_a_deeply_nested_body_is_noted_not_logged(tmp_path: Path) -> None:
     deep, shallow = [json.loads(line) for line in lines(tmp_path / "a.jsonl")]
     assert "nested over 64 levels" in deep["body_note"] and "body" not in deep
     assert "body" in shallow
+
+
+@pytest.mark.parametrize(("args", "env"), [
+    (["--audit-max-record-bytes", "100"], {}),
+    ([], {"CARAPACE_AUDIT_MAX_RECORD_BYTES": "100"}),
+    ([], {"CARAPACE_AUDIT_DENY_BYTES": "-1"}),
+])
+def test_the_new_flags_and_their_env_vars_are_checked(args: list[str],
+                                                      env: dict[str, str]) -> None:
+    from click.testing import CliRunner
+
+    from carapace.server.main import main
+
+    result = CliRunner().invoke(main, ["--token-file", "/nonexistent", *args], env=env)
+    assert result.exit_code == 2
+    assert "audit-max-record-bytes" in result.output or "audit-deny-bytes" in result.output
