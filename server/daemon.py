@@ -92,7 +92,7 @@ class Server:
         return self.audit.deny_throttle.suppressed_total
 
     def audit_counts(self) -> dict[str, int]:
-        return {"records_truncated": self.audit.cap.truncated_records,
+        return {"records_truncated": self.audit.truncated_records,
                 "denials_suppressed": self.audit.deny_throttle.suppressed_total,
                 "denied_bytes_suppressed": self.audit.deny_throttle.suppressed_bytes}
 

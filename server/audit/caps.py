@@ -130,7 +130,7 @@ def cap_fields(value: Any, limit: int = MAX_FIELD_BYTES) -> tuple[Any, bool]:
 
 
 class RecordCap:
-    """Fits records into ``max_record_bytes`` and counts the ones it had to cut.
+    """Fits records into ``max_record_bytes``.
 
     First every string outside :data:`CONTENT_KEYS` is cut to ``max_field_bytes``;
     if the record is still too large, its largest fields are cut as a whole,
@@ -143,7 +143,6 @@ class RecordCap:
             raise ValueError(f"--audit-max-record-bytes must be at least {MIN_RECORD_BYTES}")
         self.max_record_bytes = max_record_bytes
         self.max_field_bytes = min(max_field_bytes, max_record_bytes // 4)
-        self.truncated_records = 0
 
     def encode(self, record: Mapping[str, Any]) -> tuple[bytes, list[str]]:
         """The record's line, cut to fit; and the top-level keys that were cut."""
@@ -160,8 +159,6 @@ class RecordCap:
         data = encode_record(self._marked(capped, cut_keys))
         if len(data) > self.max_record_bytes:
             data = self._fit_whole(record, capped, cut_keys, data)
-        if cut_keys:
-            self.truncated_records += 1
         return data, cut_keys
 
     @staticmethod

@@ -75,13 +75,14 @@ class AuditEntry:
         """
         if not self.write or self.trail.log is None:
             return
-        data = self.trail.encode({"ts": utc_timestamp(), "event": "decision", **self.base,
-                                  **self.decision_fields})
+        record = {"ts": utc_timestamp(), "event": "decision", **self.base,
+                  **self.decision_fields}
+        data, cut = self.trail.encode(record)
         if self.base["decision"] != "allow" and not self.trail.admit_deny(
                 self.base, str(self.decision_fields.get("code")), len(data)):
             self.suppressed = True
             return  # counted for a denials_suppressed record: a deny runs nothing
-        self.trail.log.write_line(data)
+        self.trail.write(record, data, cut)
         await self.trail.log.sync()
 
     def completed(self, **fields: Any) -> None:
@@ -127,6 +128,8 @@ class AuditTrail:
         self.redactor = AuditRedactor()
         self.deny_throttle = DenyThrottle(*deny_limit, max_bytes=deny_bytes)
         self.cap = RecordCap(max_record_bytes)
+        self.truncated_records = 0
+        """Records written with something cut to the size caps."""
         self._cut_logged_at: float | None = None
         self._cut_since_logged = 0
 
@@ -152,20 +155,27 @@ class AuditTrail:
     def write_summaries(self, records: Iterable[dict[str, Any]]) -> None:
         if self.log is None:
             return
-        for record in records:
-            data = self.encode({"ts": utc_timestamp(), **record})
+        for summary in records:
+            record = {"ts": utc_timestamp(), **summary}
+            data, cut = self.encode(record)
             self.deny_throttle.charge(str(record["agent"]), time.monotonic(), len(data))
-            self.log.write_line(data)
+            self.write(record, data, cut)
 
     def add_secrets(self, values: Iterable[str | bytes]) -> None:
         self.redactor.add(values)
 
-    def encode(self, record: dict[str, Any]) -> bytes:
-        """The record's line: secrets redacted, then cut to the size caps."""
-        data, cut = self.cap.encode(self.redactor.redact(record))
+    def encode(self, record: dict[str, Any]) -> tuple[bytes, list[str]]:
+        """The record's line (secrets redacted, then cut to the size caps) and the keys
+        that were cut."""
+        return self.cap.encode(self.redactor.redact(record))
+
+    def write(self, record: Mapping[str, Any], data: bytes, cut: list[str]) -> None:
+        """Append an encoded record (raises AuditError); count and report what was cut."""
+        assert self.log is not None
+        self.log.write_line(data)
         if cut:
+            self.truncated_records += 1
             self._log_cut(record, cut)
-        return data
 
     def _log_cut(self, record: Mapping[str, Any], cut: list[str]) -> None:
         self._cut_since_logged += 1
@@ -184,7 +194,7 @@ class AuditTrail:
     def emit(self, record: dict[str, Any]) -> None:
         if self.log is None:
             return
-        self.log.write_line(self.encode(record))
+        self.write(record, *self.encode(record))
 
     def reopen(self) -> None:
         if self.log is None:

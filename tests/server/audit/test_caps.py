@@ -114,7 +114,7 @@ async def test_a_huge_tool_name_and_target_are_cut_and_logged_once(
     recs = lines(tmp_path / "a.jsonl")
     assert len(recs) == 3 and all(len(r) < DEFAULT_MAX_RECORD_BYTES for r in recs)
     assert json.loads(recs[0])["truncated"] == ["path", "tool"]
-    assert trail.cap.truncated_records == 3
+    assert trail.truncated_records == 3
     cut_logs = [r for r in caplog.records if "to the size caps" in r.getMessage()]
     assert len(cut_logs) == 1  # once a minute, not once a record
 
