@@ -195,3 +195,28 @@ def test_the_new_flags_and_their_env_vars_are_checked(args: list[str],
     result = CliRunner().invoke(main, ["--token-file", "/nonexistent", *args], env=env)
     assert result.exit_code == 2
     assert "audit-max-record-bytes" in result.output or "audit-deny-bytes" in result.output
+
+
+def test_the_documented_retention_bound_holds_for_a_flood_at_the_highest_rate() -> None:
+    """DEPLOYMENT.md: one agent writes at most 65,536 + 2 x 16,384 bytes in any 10 s,
+    however it times maximal denials; summaries are charged as the trail does."""
+    from carapace.server.audit.throttle import DEFAULT_DENY_BYTES, DEFAULT_DENY_LIMIT
+
+    throttle = DenyThrottle(*DEFAULT_DENY_LIMIT, max_bytes=DEFAULT_DENY_BYTES)
+    big = DEFAULT_MAX_RECORD_BYTES
+    writes: list[tuple[float, int]] = []
+    for step in range(20_000):  # 200 s, a maximal deny every 10 ms
+        now = step / 100
+        if throttle.admit("vm1", "gh", "unknown_tool", now, "t", big):
+            for _ in throttle.due(now, agent="vm1"):  # a summary first, as the trail does
+                throttle.charge("vm1", now, big)
+                writes.append((now, big))
+            writes.append((now, big))
+        if step % 100 == 0:  # the server's once-a-second flush
+            for _ in throttle.due(now):
+                throttle.charge("vm1", now, big)
+                writes.append((now, big))
+    worst = max(sum(n for t, n in writes if start <= t < start + 10)
+                for start in (s / 100 for s in range(0, 19_000, 10)))
+    assert worst <= DEFAULT_DENY_BYTES + 2 * big
+    assert worst >= DEFAULT_DENY_BYTES  # and the budget is used, not starved
