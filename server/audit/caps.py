@@ -56,16 +56,9 @@ def encode_record(record: Mapping[str, Any]) -> bytes:
     return (json.dumps(record, separators=(",", ":"), default=str) + "\n").encode("ascii")
 
 
-def _char_bytes(ch: str) -> int:
-    """Bytes ``ch`` takes inside a JSON string written ASCII-only."""
-    code = ord(ch)
-    if code < 0x20:
-        return 2 if ch in "\b\f\n\r\t" else 6
-    if ch in '"\\':
-        return 2
-    if code < 0x80:
-        return 1
-    return 6 if code < 0x10000 else 12
+def _encoded_len(text: str) -> int:
+    """Bytes ``text`` takes inside a JSON string written ASCII-only (json's C encoder)."""
+    return len(json.dumps(text)) - 2
 
 
 def _marker(full: bytes) -> str:
@@ -76,31 +69,30 @@ def cut_text(text: str, limit: int, full: bytes | None = None) -> str | None:
     """``text`` cut so that, JSON-encoded (without its quotes), it takes at most
     ``limit`` bytes, marker included; None if it fits as it is.
 
-    ``full``: the bytes the marker describes (default: ``text`` in UTF-8).
+    ``full``: the bytes the marker describes (default: ``text`` in UTF-8). Each
+    character takes at least one byte, so only the first ``limit`` characters are
+    ever encoded, and the cut point is found by bisection: a few encodings of at most
+    ``limit`` characters each, whatever the VM sent.
     """
     if len(text) * 12 <= limit:
         return None  # the common case: fits even if every character were an emoji
-    used = 0
-    end = 0
-    for ch in text:
-        used += _char_bytes(ch)
-        if used > limit:
-            break
-        end += 1
-    else:
+    if len(text) <= limit and _encoded_len(text) <= limit:
         return None
     if full is None:
         full = text.encode("utf-8", "surrogatepass")
     mark = _marker(full)
-    room = limit - (len(json.dumps(mark)) - 2)
-    used = 0
-    keep = 0
-    for ch in text[:end]:
-        used += _char_bytes(ch)
-        if used > room:
-            break
-        keep += 1
-    return text[:keep] + mark
+    room = limit - _encoded_len(mark)
+    low, high = 0, min(len(text), max(room, 0))  # the longest head that fits is in here
+    head = text[:high]
+    if head.isascii() and head.isprintable() and '"' not in head and "\\" not in head:
+        low = high  # one byte a character: no need to search
+    while low < high:
+        mid = (low + high + 1) // 2
+        if _encoded_len(text[:mid]) <= room:
+            low = mid
+        else:
+            high = mid - 1
+    return text[:low] + mark
 
 
 def cut_value(value: Any, limit: int) -> str:
@@ -109,8 +101,7 @@ def cut_value(value: Any, limit: int) -> str:
         return cut_text(value, limit) or value
     doc = json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
     full = doc.encode("utf-8", "surrogatepass")
-    cut = cut_text(doc, limit, full=full)
-    return cut if cut is not None else doc[:0] + _marker(full)
+    return cut_text(doc, limit, full=full) or doc  # None: the JSON fits after all
 
 
 def cap_fields(value: Any, limit: int = MAX_FIELD_BYTES) -> tuple[Any, bool]:

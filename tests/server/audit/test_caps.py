@@ -220,3 +220,17 @@ def test_the_documented_retention_bound_holds_for_a_flood_at_the_highest_rate() 
                 for start in (s / 100 for s in range(0, 19_000, 10)))
     assert worst <= DEFAULT_DENY_BYTES + 2 * big
     assert worst >= DEFAULT_DENY_BYTES  # and the budget is used, not starved
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=600), st.integers(min_value=120, max_value=700))
+def test_a_cut_is_a_prefix_and_its_marker_within_the_limit(text: str, limit: int) -> None:
+    cut = cut_text(text, limit)
+    if cut is None:
+        assert len(json.dumps(text)) - 2 <= limit
+        return
+    mark = marker(text.encode("utf-8", "surrogatepass"))
+    assert cut.endswith(mark) and text.startswith(cut[: -len(mark)])
+    assert len(json.dumps(cut)) - 2 <= limit
+    kept = len(cut) - len(mark)  # and no shorter than it has to be
+    assert len(json.dumps(text[: kept + 1] + mark)) - 2 > limit
