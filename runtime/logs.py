@@ -71,7 +71,7 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         first, *rest = super().format(record).split("\n")
-        return "\n".join([first, *(CONTINUATION + escape(line) for line in rest)])
+        return "\n".join([first, *(CONTINUATION + escape(bounded(line)) for line in rest)])
 
 
 class JsonFormatter(logging.Formatter):
