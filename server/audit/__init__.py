@@ -80,8 +80,9 @@ What is kept out
 Size caps
 =========
 Sizes are bytes as written (JSON, ASCII only: an emoji takes 12). Every
-string in a record (object keys too) longer than 2 KiB is cut, except in
-``body`` and ``body_text``, which the operator asked for; then, if the record
+string in a record (object keys too) longer than 2 KiB is cut (``tool``
+at 256 bytes, ``method`` at 64), except in ``body`` and ``body_text``, which
+the operator asked for; then, if the record
 is still over ``--audit-max-record-bytes`` (default 16 KiB), its largest
 fields are cut as a whole, largest first, each just enough, until it fits.
 A cut value becomes the string ``HEAD…[truncated: N bytes, sha256 HEX]``:
@@ -131,7 +132,10 @@ per window while they go on, and when the server shuts down. Its keys:
 ``by`` (``[{tool, code, count}]``, the most frequent first, at most 20, the
 rest in ``other``), ``limit``, and ``tool`` when they were all of one tool;
 when the byte budget was what they exceeded, also ``bytes_limit`` and
-``suppressed_bytes`` (what their records would have taken). The server logs a
+``suppressed_bytes`` (what their records would have taken). The summaries
+themselves use up the agent's byte budget (they are written whatever it is
+left), so those of a long flood cannot become a flood of their own. A
+suppressed deny is logged at debug level only. The server logs a
 line when an agent starts being counted; the metrics
 ``carapace_audit_denials_suppressed_total`` and
 ``carapace_audit_denied_bytes_suppressed_total`` count them. DEPLOYMENT.md
