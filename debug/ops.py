@@ -474,6 +474,8 @@ def _request_text(row: dict[str, Any]) -> str:
     argv = row.get("argv")
     if isinstance(argv, list):
         return " ".join(str(a) for a in argv)
+    if isinstance(argv, str):  # cut to the record's size cap: its JSON's start and marker
+        return argv
     target = row.get("target") or row.get("path")
     if target:
         query = row.get("query")

@@ -318,8 +318,10 @@ def _cli_request(msg: CliRequest, r: Redactor) -> tuple[_Fields, str]:
     argv = r.argv(msg.argv)
     cwd = r.preview(msg.cwd)
     fields = {"tool": msg.tool, "argv": argv, "argc": len(msg.argv), "cwd": cwd,
-              "env_count": len(msg.env), "tty": list(msg.tty), "peer_uid": msg.peer_uid,
-              "peer_pid": msg.peer_pid}
+              "env_count": len(msg.env), "tty": list(msg.tty),
+              # what the VM's agent says SO_PEERCRED told it: a claim, not a fact
+              "vm_claimed_peer_uid": msg.peer_uid, "vm_claimed_peer_gid": msg.peer_gid,
+              "vm_claimed_peer_pid": msg.peer_pid}
     summary = (f"{shlex.quote(msg.tool)} {argv}".rstrip()
                + f"  (cwd {cwd}, {len(msg.env)} env names)")
     return fields, summary

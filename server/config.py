@@ -15,6 +15,8 @@ from carapace.protocol.keepalive import DEFAULT_IDLE_TIMEOUT, DEFAULT_PING_INTER
 from carapace.protocol.resume import DEFAULT_REPLAY_LIMIT
 
 from .audit import DEFAULT_BACKUPS, DEFAULT_DENY_LIMIT, DEFAULT_MAX_BYTES
+from .audit.caps import DEFAULT_MAX_RECORD_BYTES
+from .audit.throttle import DEFAULT_DENY_BYTES
 from .policy import DEFAULT_LIMITS, ParseLimits
 
 DEFAULT_LISTEN = ("127.0.0.1", 8765)
@@ -52,3 +54,5 @@ class ServerConfig:
     audit_deny_limit: tuple[int, float] = DEFAULT_DENY_LIMIT
     parse_limits: ParseLimits = DEFAULT_LIMITS
     """Server-wide caps on what the policy engine parses; tools may override them."""
+    audit_deny_bytes: int = DEFAULT_DENY_BYTES
+    audit_max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES

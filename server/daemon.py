@@ -71,7 +71,8 @@ class Server:
         self.audit = AuditTrail(AuditLog(
             config.audit_log, max_bytes=config.audit_max_bytes, backups=config.audit_backups,
             fsync=config.audit_fsync) if config.audit_log else None,
-            deny_limit=config.audit_deny_limit)
+            deny_limit=config.audit_deny_limit, deny_bytes=config.audit_deny_bytes,
+            max_record_bytes=config.audit_max_record_bytes)
         self.audit.add_secrets(policy.secrets())
         self.audit.add_secrets(tokens.values())
         self.metrics = ServerMetrics(self)
@@ -90,6 +91,11 @@ class Server:
     @property
     def denials_suppressed(self) -> int:
         return self.audit.deny_throttle.suppressed_total
+
+    def audit_counts(self) -> dict[str, int]:
+        return {"records_truncated": self.audit.truncated_records,
+                "denials_suppressed": self.audit.deny_throttle.suppressed_total,
+                "denied_bytes_suppressed": self.audit.deny_throttle.suppressed_bytes}
 
     # -- sessions ---------------------------------------------------------------
     def resumable(self, agent: str, session_id: bytes | None,
@@ -209,7 +215,7 @@ class Server:
                                   self.config.debug_port or 0, self.debug_token)
                 await nursery.start(api.serve)
             nursery.start_soon(self._signals, nursery.cancel_scope)
-            if self.audit.log is not None and self.audit.deny_throttle.max_records:
+            if self.audit.log is not None and self.audit.deny_throttle.active:
                 nursery.start_soon(self._flush_suppressed_denials)
             task_status.started(self.listeners)
 

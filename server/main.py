@@ -33,6 +33,8 @@ from .audit import (
     AuditError,
     utc_timestamp,
 )
+from .audit.caps import DEFAULT_MAX_RECORD_BYTES, MIN_RECORD_BYTES
+from .audit.throttle import DEFAULT_DENY_BYTES
 from .config import (
     DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_HANDSHAKE_TIMEOUT,
@@ -136,6 +138,16 @@ def parse_limit_options(command: Any) -> Any:
 @click.option("--log-level", default="info", envvar="CARAPACE_LOG_LEVEL", show_default=True)
 @click.option("--log-json", is_flag=True, envvar="CARAPACE_LOG_JSON",
               help="Log JSON lines (for journald/Loki pipelines).")
+@click.option("--audit-deny-bytes", type=click.IntRange(min=0), default=DEFAULT_DENY_BYTES,
+              envvar="CARAPACE_AUDIT_DENY_BYTES", show_default=True,
+              help="Bytes of deny records per agent in the --audit-deny-limit window (0: no "
+              "byte budget); past it denials are counted like those past the limit, so "
+              "large records cannot rotate older ones away either.")
+@click.option("--audit-max-record-bytes", type=click.IntRange(min=MIN_RECORD_BYTES),
+              default=DEFAULT_MAX_RECORD_BYTES, envvar="CARAPACE_AUDIT_MAX_RECORD_BYTES",
+              show_default=True,
+              help="Largest audit record, as written (JSON); longer values are cut to a "
+              "marked head with the byte count and SHA-256 of the whole.")
 @parse_limit_options
 def main(
     listen: tuple[str, int],
@@ -161,6 +173,8 @@ def main(
     audit_fsync: bool = False,
     audit_deny_limit: tuple[int, float] = DEFAULT_DENY_LIMIT,
     pid_file: str | None = None,
+    audit_deny_bytes: int = DEFAULT_DENY_BYTES,
+    audit_max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
     **parse_limits: int,
 ) -> None:
     """Serve Carapace agents: decide, run and audit their tool requests on this host.
@@ -195,6 +209,8 @@ def main(
         audit_backups=audit_backups,
         audit_fsync=audit_fsync,
         audit_deny_limit=audit_deny_limit,
+        audit_deny_bytes=audit_deny_bytes,
+        audit_max_record_bytes=audit_max_record_bytes,
         parse_limits=ParseLimits(**parse_limits),
     )
     debug_token = _debug_token(debug_listen, debug_token_file)

@@ -51,6 +51,19 @@ LATENCY_BUCKETS = (
 )
 
 
+AUDIT_COUNTERS = (
+    ("carapace_audit_records_truncated",
+     "Audit records with a field cut to the size caps (--audit-max-record-bytes).",
+     "records_truncated"),
+    ("carapace_audit_denials_suppressed",
+     "Deny records counted in a denials_suppressed record instead of written "
+     "(--audit-deny-limit, --audit-deny-bytes).", "denials_suppressed"),
+    ("carapace_audit_denied_bytes_suppressed",
+     "Bytes of the deny records counted instead of written.", "denied_bytes_suppressed"),
+)
+"""(metric, help, key of OperatorView.audit_counts()) of the audit trail's own limits."""
+
+
 class ServerMetrics:
     def __init__(self, server: OperatorView) -> None:
         self.server = server
@@ -209,6 +222,8 @@ class _LiveCollector(Collector):
             yield CounterMetricFamily(name, "")
         yield CounterMetricFamily("carapace_sse_events", "")
         yield HistogramMetricFamily("carapace_event_latency_seconds", "")
+        for name, _doc, _key in AUDIT_COUNTERS:
+            yield CounterMetricFamily(name, "")
 
     def collect(self) -> Iterator[Metric]:
         m = self.metrics
@@ -272,3 +287,6 @@ class _LiveCollector(Collector):
             "being queued on the agent link (includes waiting for the stream's credit; "
             "the events of one upstream read are queued together).",
         )
+        counts = server.audit_counts()
+        for name, doc, key in AUDIT_COUNTERS:
+            yield CounterMetricFamily(name, doc, value=counts.get(key, 0))

@@ -107,8 +107,9 @@ class RequestPipeline:
         if not await self._audited(entry, stream):
             return
         if not decision.allow:
-            log.info("denied http %s %s on tool %s for agent %s (%s): %s", req.method,
-                     req.target[:200], req.tool, agent, entry.request_id, decision.reason)
+            log.log(entry.log_level, "denied http %s %s on tool %s for agent %s (%s): %s",
+                    req.method, req.target[:200], req.tool, agent, entry.request_id,
+                    decision.reason)
             self._deny(stream, decision, agent, req.tool)
             return
         tool = policy.tools[req.tool]
@@ -138,8 +139,10 @@ class RequestPipeline:
         if not await self._audited(entry, stream):
             return
         if not decision.allow:
-            log.info("denied cli tool %s for agent %s (peer uid %s pid %s, %s): %s", req.tool,
-                     agent, req.peer_uid, req.peer_pid, entry.request_id, decision.reason)
+            log.log(entry.log_level,
+                    "denied cli tool %s for agent %s (VM-claimed peer uid %s pid %s, %s): %s",
+                    req.tool, agent, req.peer_uid, req.peer_pid, entry.request_id,
+                    decision.reason)
             self._deny(stream, decision, agent, req.tool)
             return
         tool = policy.tools[req.tool]

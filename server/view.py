@@ -55,3 +55,7 @@ class OperatorView(Protocol):
     def denials_suppressed(self) -> int:
         """Deny records the audit trail counted instead of writing one by one."""
         ...
+
+    def audit_counts(self) -> Mapping[str, int]:
+        """``records_truncated``, ``denials_suppressed``, ``denied_bytes_suppressed``."""
+        ...

@@ -27,9 +27,11 @@ Decision records add: ``code`` on a deny (``denied``, ``unknown_tool``,
 told less, see :func:`carapace.server.policy.vm_denial`) and ``retry_after``
 for ``rate_limited``; for HTTP ``method``, ``path`` (the request target
 without its query string) and ``bytes_in`` (body length); for CLI
-``argv`` (only with ``audit.log_argv``), ``cwd`` (the VM's), ``peer_uid``,
-``peer_gid``, ``peer_pid`` (the shim's, from the agent's SO_PEERCRED) and, if
-allowed, ``binary`` and ``run_cwd`` (the resolved host directory).
+``argv`` (only with ``audit.log_argv``), ``cwd`` (the VM's),
+``vm_claimed_peer_uid``, ``vm_claimed_peer_gid``, ``vm_claimed_peer_pid`` (the
+shim's credentials as the VM's agent says it read them with SO_PEERCRED: the
+host cannot verify them, a hostile VM sends what it likes) and, if allowed,
+``binary`` and ``run_cwd`` (the resolved host directory).
 
 Completion records add ``duration_ms`` (from the decision), ``bytes_in``
 and ``bytes_out`` (HTTP: request body and response body bytes; CLI: stdin
@@ -63,15 +65,36 @@ What is kept out
   the flag with dashes (``recipient`` covers ``--recipient X``). A body that
   is not JSON cannot be redacted by name, so with ``redact_patterns`` set it
   is not logged at all (``body_note`` says so); without, its text is logged.
+  A JSON body nested deeper than 64 levels is not logged either (``body_note``):
+  redacting and writing it would recurse past Python's limit.
 - Every string in every record (keys too) is scrubbed of every injected
   secret the server has loaded (``env_inject`` secrets and
   ``headers_inject`` values, :meth:`Policy.secrets`) and every agent token,
   replaced by ``[REDACTED]``. Request headers and the environment are never
   recorded at all.
-- VM-supplied strings are truncated (paths and single arguments to 2 KiB,
-  argv to 256 arguments, logged bodies to 64 KiB) so one request cannot
-  write megabytes; ``json`` escaping (ASCII only) keeps control characters
-  and Unicode line separators from forging lines.
+- Every record is held to size caps (see "Size caps"), argv to 256
+  arguments, a logged body to its first 64 KiB; ``json`` escaping (ASCII
+  only) keeps control characters and Unicode line separators from forging
+  lines.
+
+Size caps
+=========
+Sizes are bytes as written (JSON, ASCII only: an emoji takes 12). Every
+string in a record (object keys too) longer than 2 KiB is cut (``tool``
+at 256 bytes, ``method`` at 64), except in ``body`` and ``body_text``, which
+the operator asked for; then, if the record
+is still over ``--audit-max-record-bytes`` (default 16 KiB), its largest
+fields are cut as a whole, largest first, each just enough, until it fits.
+A cut value becomes the string ``HEAD…[truncated: N bytes, sha256 HEX]``:
+its start, then the size and SHA-256 of the whole value — of a string's
+UTF-8, or of a list's or object's compact JSON in UTF-8
+(``json.dumps(v, ensure_ascii=False, separators=(",", ":"))``), whose start
+HEAD then is. So ``argv`` cut as a whole is a string beginning ``["``.
+Secrets are redacted before anything is cut. A record with anything cut has
+``truncated``: the sorted top-level keys that were. The
+``carapace_audit_records_truncated_total`` metric counts such records, and
+the server logs it (at most once a minute, with the count since).
+See :mod:`.caps`.
 
 Why synchronous writes
 ======================
@@ -98,14 +121,26 @@ Floods of denials
 A hostile VM can send denied requests as fast as the link carries them, and
 with one record each it could push the evidence of what it did before out
 through rotation within minutes. So an agent's deny records are limited
-(``--audit-deny-limit``, default 100 per 10 s, a sliding window): past that,
+(``--audit-deny-limit``, default 100 per 10 s, a sliding window), and so are
+their bytes as written (``--audit-deny-bytes``, default 64 KiB in the same
+window: 100 ordinary records fit, 4 made as large as the cap allows): past either,
 its denials are still denied and counted in metrics, but not written one by
 one; a ``denials_suppressed`` record says how many there were instead, once
 per window while they go on, and when the server shuts down. Its keys:
 ``agent``, ``decision`` (``deny``, so that queries for denies find it),
 ``reason``, ``count``, ``first_ts`` / ``last_ts`` (of the suppressed denials),
 ``by`` (``[{tool, code, count}]``, the most frequent first, at most 20, the
-rest in ``other``), ``limit``, and ``tool`` when they were all of one tool.
+rest in ``other``), ``limit``, and ``tool`` when they were all of one tool;
+when the byte budget was what they exceeded, also ``bytes_limit`` and
+``suppressed_bytes`` (what their records would have taken). The summaries
+themselves use up the agent's byte budget (they are written whatever it is
+left), so those of a long flood cannot become a flood of their own. A
+suppressed deny is logged at debug level only. The server logs a
+line when an agent starts being counted; the metrics
+``carapace_audit_denials_suppressed_total`` and
+``carapace_audit_denied_bytes_suppressed_total`` count them. DEPLOYMENT.md
+("Audit retention under a flood") works out how long the defaults keep the
+trail.
 Allowed requests are never suppressed: every one that ran has its decision
 record.
 
@@ -118,25 +153,29 @@ old file is deleted). ``max_bytes`` 0 turns rotation off (for an external
 logrotate: SIGHUP reopens the file). A record is never split across files.
 
 Where each part lives: :mod:`.records` (the keys and fields of each record),
-:mod:`.redaction` (what is kept out), :mod:`.rotating_log` (the file, its
+:mod:`.redaction` (what is kept out), :mod:`.caps` (size caps), :mod:`.rotating_log` (the file, its
 writes and rotation), :mod:`.throttle` (floods of denials) and :mod:`.trail`
 (what the server calls: one :class:`AuditEntry` per request).
 """
 
 from __future__ import annotations
 
+from .caps import DEFAULT_MAX_RECORD_BYTES, MAX_FIELD_BYTES, RecordCap
 from .records import MAX_ARGS, MAX_BODY, MAX_TEXT, request_id, utc_timestamp
 from .redaction import REDACTED, AuditRedactor, redact_argv, redact_json, redact_query
 from .rotating_log import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES, AuditError, AuditLog
-from .throttle import DEFAULT_DENY_LIMIT, MAX_SUPPRESSED_KINDS, DenyThrottle
+from .throttle import DEFAULT_DENY_BYTES, DEFAULT_DENY_LIMIT, MAX_SUPPRESSED_KINDS, DenyThrottle
 from .trail import AuditEntry, AuditTrail
 
 __all__ = [
     "DEFAULT_BACKUPS",
+    "DEFAULT_DENY_BYTES",
     "DEFAULT_DENY_LIMIT",
     "DEFAULT_MAX_BYTES",
+    "DEFAULT_MAX_RECORD_BYTES",
     "MAX_ARGS",
     "MAX_BODY",
+    "MAX_FIELD_BYTES",
     "MAX_SUPPRESSED_KINDS",
     "MAX_TEXT",
     "REDACTED",
@@ -146,6 +185,7 @@ __all__ = [
     "AuditRedactor",
     "AuditTrail",
     "DenyThrottle",
+    "RecordCap",
     "redact_argv",
     "redact_json",
     "redact_query",

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from carapace.protocol.messages import CliRequest, HttpRequest
 
+from .caps import KEY_LIMITS, MAX_FIELD_BYTES, cut_text
 from .redaction import redact_argv, redact_json, redact_query
 
 if TYPE_CHECKING:
@@ -23,12 +24,17 @@ if TYPE_CHECKING:
     from ..policy import AuditConfig, Decision
     from ..streams import ResponseSent
 
-MAX_TEXT: Final = 2048
-"""Longest VM-supplied string (a path, one argument, a cwd) kept in a record."""
+MAX_TEXT: Final = MAX_FIELD_BYTES
+"""Longest VM-supplied string (a path, one argument, a cwd) kept whole in a record, in
+bytes as written; :mod:`.caps` cuts every string when the record is written."""
 MAX_ARGS: Final = 256
 MAX_BODY: Final = 64 * 1024
-MAX_TOOL: Final = 256
-"""Longest tool name kept: the VM names tools, and a deny records any name."""
+MAX_BODY_DEPTH: Final = 64
+"""Deepest nesting of a logged JSON body: far beyond any real API's documents, far
+below the recursion limit that redacting and writing it would hit."""
+MAX_TOOL: Final = KEY_LIMITS["tool"]
+"""Longest tool name kept, in bytes as written: the VM names tools, a deny records any
+name, and the deny throttle remembers up to 20 of them per agent."""
 
 
 def utc_timestamp(now: float | None = None) -> str:
@@ -43,7 +49,8 @@ def request_id(agent: str, session_id: bytes, rid: int) -> str:
 
 
 def truncate(text: str, limit: int = MAX_TEXT) -> str:
-    return text if len(text) <= limit else text[:limit] + "…[truncated]"
+    """``text`` cut to ``limit`` bytes as written, with the marker of :mod:`.caps`."""
+    return cut_text(text, limit) or text
 
 
 # ---------------------------------------------------------------------------
@@ -56,7 +63,7 @@ def base_fields(agent: str, session_id: bytes, rid: int, tool: str, kind: str,
     return {
         "request_id": request_id(agent, session_id, rid),
         "agent": agent,
-        "tool": truncate(tool, MAX_TOOL),
+        "tool": tool,
         "kind": kind,
         "decision": decision.decision,
     }
@@ -79,13 +86,13 @@ def http_decision_fields(req: HttpRequest, cfg: AuditConfig,
     path, has_query, query = target.partition("?")
     fields = {
         **verdict_fields(decision),
-        "method": truncate(str(req.method), 64),
-        "path": truncate(path),
+        "method": str(req.method),
+        "path": path,
         "bytes_in": len(req.body),
     }
     if cfg.log_body and not decision.limit:  # over a parse limit: its size is in the reason
         if has_query:
-            fields["query"] = truncate(redact_query(query, cfg.redact_patterns))
+            fields["query"] = redact_query(query, cfg.redact_patterns)
         fields.update(body_fields(req.body, cfg.redact_patterns))
     return fields
 
@@ -94,14 +101,15 @@ def cli_decision_fields(req: CliRequest, cfg: AuditConfig,
                         decision: Decision) -> dict[str, Any]:
     fields: dict[str, Any] = verdict_fields(decision)
     if cfg.log_argv and not decision.limit:  # over a parse limit: its size is in the reason
-        args = [truncate(a.decode("utf-8", "backslashreplace")) for a in req.argv[:MAX_ARGS]]
+        args = [a.decode("utf-8", "backslashreplace") for a in req.argv[:MAX_ARGS]]
         fields["argv"] = redact_argv(args, cfg.redact_patterns)
         if len(req.argv) > MAX_ARGS:
             fields["argv_truncated"] = len(req.argv)
-    fields["cwd"] = truncate(req.cwd.decode("utf-8", "backslashreplace"))
-    fields["peer_uid"] = req.peer_uid
-    fields["peer_gid"] = req.peer_gid
-    fields["peer_pid"] = req.peer_pid
+    fields["cwd"] = req.cwd.decode("utf-8", "backslashreplace")
+    # What the VM's agent says it read from SO_PEERCRED: a claim, not a fact the host saw.
+    fields["vm_claimed_peer_uid"] = req.peer_uid
+    fields["vm_claimed_peer_gid"] = req.peer_gid
+    fields["vm_claimed_peer_pid"] = req.peer_pid
     # A rate-limited deny is a plain Decision, without the resolved binary and cwd.
     binary = getattr(decision, "binary", "")
     if decision.allow and binary:
@@ -121,8 +129,21 @@ def body_fields(body: bytes, patterns: Sequence[str]) -> dict[str, Any]:
     except (UnicodeDecodeError, ValueError, RecursionError):
         if patterns:
             return {"body_note": "not JSON: not logged, redact_patterns cannot be applied"}
-        return {"body_text": truncate(body[:MAX_BODY].decode("utf-8", "replace"), MAX_BODY)}
+        return {"body_text": body.decode("utf-8", "replace")}
+    if _deeper_than(doc, MAX_BODY_DEPTH):
+        return {"body_note": f"JSON body nested over {MAX_BODY_DEPTH} levels: not logged"}
     return {"body": redact_json(doc, patterns)}
+
+
+def _deeper_than(doc: Any, limit: int) -> bool:
+    """Whether ``doc`` nests lists and objects more than ``limit`` deep (no recursion)."""
+    level = [doc]
+    for _ in range(limit + 1):
+        level = [child for node in level if isinstance(node, list | dict)
+                 for child in (node.values() if isinstance(node, dict) else node)]
+        if not level:
+            return False
+    return True
 
 
 # ---------------------------------------------------------------------------

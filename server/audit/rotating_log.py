@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping
 from typing import Any, Final
 
 import trio
+
+from .caps import encode_record
 
 log = logging.getLogger("carapace.server")
 
@@ -117,9 +118,10 @@ class AuditLog:
 
     def write(self, record: Mapping[str, Any]) -> None:
         """Append one record as one line, flushed to the OS. Raises AuditError."""
-        # ASCII only: U+2028/U+2029/U+0085 would be line breaks to some readers.
-        line = json.dumps(record, separators=(",", ":"), default=str)
-        data = (line + "\n").encode("ascii")
+        self.write_line(encode_record(record))
+
+    def write_line(self, data: bytes) -> None:
+        """Append one encoded record (:func:`.caps.encode_record`). Raises AuditError."""
         try:
             if self._fd is None:
                 self._open()

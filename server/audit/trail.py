@@ -11,23 +11,30 @@ from typing import TYPE_CHECKING, Any
 from carapace.protocol.messages import CliRequest, HttpRequest
 
 from ..policy import AuditConfig, Decision, Policy
+from .caps import DEFAULT_MAX_RECORD_BYTES, RecordCap
 from .records import (
+    MAX_TOOL,
     base_fields,
     cli_completion_fields,
     cli_decision_fields,
     http_completion_fields,
     http_decision_fields,
+    truncate,
     utc_timestamp,
 )
 from .redaction import AuditRedactor
 from .rotating_log import AuditError, AuditLog
-from .throttle import DEFAULT_DENY_LIMIT, DenyThrottle
+from .throttle import DEFAULT_DENY_BYTES, DEFAULT_DENY_LIMIT, DenyThrottle
 
 if TYPE_CHECKING:
     from ..cli_runner import ExitInfo
     from ..streams import ResponseSent
 
 log = logging.getLogger("carapace.server")
+
+CUT_LOG_EVERY_SECS = 60.0
+"""At most one log line per minute about records cut to size: a VM can make every
+record large, and the log must not become the flood the cap stops in the audit file."""
 
 
 class AuditEntry:
@@ -46,10 +53,19 @@ class AuditEntry:
         self.write = write
         self.started = time.monotonic()
         self.done = False
+        self.suppressed = False
+        """A deny past the agent's deny limit or byte budget: counted, not recorded."""
 
     @property
     def request_id(self) -> str:
         return str(self.base["request_id"])
+
+    @property
+    def log_level(self) -> int:
+        """Where the server logs this request's deny: at debug level once its record is
+        suppressed, so that a flood of denials does not flood the journal either (whose
+        own rate limit would then drop the lines that matter)."""
+        return logging.DEBUG if self.suppressed else logging.INFO
 
     async def decided(self) -> None:
         """Write (and flush, and with --audit-fsync sync) the decision record.
@@ -59,11 +75,14 @@ class AuditEntry:
         """
         if not self.write or self.trail.log is None:
             return
+        record = {"ts": utc_timestamp(), "event": "decision", **self.base,
+                  **self.decision_fields}
+        data, cut = self.trail.encode(record)
         if self.base["decision"] != "allow" and not self.trail.admit_deny(
-                self.base, str(self.decision_fields.get("code"))):
+                self.base, str(self.decision_fields.get("code")), len(data)):
+            self.suppressed = True
             return  # counted for a denials_suppressed record: a deny runs nothing
-        self.trail.emit({"ts": utc_timestamp(), "event": "decision", **self.base,
-                         **self.decision_fields})
+        self.trail.write(record, data, cut)
         await self.trail.log.sync()
 
     def completed(self, **fields: Any) -> None:
@@ -102,17 +121,25 @@ class AuditTrail:
     """
 
     def __init__(self, log: AuditLog | None,
-                 deny_limit: tuple[int, float] = DEFAULT_DENY_LIMIT) -> None:
+                 deny_limit: tuple[int, float] = DEFAULT_DENY_LIMIT,
+                 deny_bytes: int = DEFAULT_DENY_BYTES,
+                 max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> None:
         self.log = log
         self.redactor = AuditRedactor()
-        self.deny_throttle = DenyThrottle(*deny_limit)
+        self.deny_throttle = DenyThrottle(*deny_limit, max_bytes=deny_bytes)
+        self.cap = RecordCap(max_record_bytes)
+        self.truncated_records = 0
+        """Records written with something cut to the size caps."""
+        self._cut_logged_at: float | None = None
+        self._cut_since_logged = 0
 
-    def admit_deny(self, base: Mapping[str, Any], code: str) -> bool:
+    def admit_deny(self, base: Mapping[str, Any], code: str, size: int = 0) -> bool:
         """Whether a deny gets its own record (see "Floods of denials"); a summary of
         the agent's earlier suppressed denials is written first, to keep the order."""
         agent = str(base["agent"])
         now, ts = time.monotonic(), utc_timestamp()
-        if not self.deny_throttle.admit(agent, str(base["tool"]), code, now, ts):
+        tool = truncate(str(base["tool"]), MAX_TOOL)  # as the record names it; bounded
+        if not self.deny_throttle.admit(agent, tool, code, now, ts, size):
             return False
         self.write_summaries(self.deny_throttle.due(now, agent=agent))
         return True
@@ -126,16 +153,48 @@ class AuditTrail:
             log.error("audit: lost a denials_suppressed record: %s", exc)
 
     def write_summaries(self, records: Iterable[dict[str, Any]]) -> None:
-        for record in records:
-            self.emit({"ts": utc_timestamp(), **record})
+        if self.log is None:
+            return
+        for summary in records:
+            record = {"ts": utc_timestamp(), **summary}
+            data, cut = self.encode(record)
+            self.deny_throttle.charge(str(record["agent"]), time.monotonic(), len(data))
+            self.write(record, data, cut)
 
     def add_secrets(self, values: Iterable[str | bytes]) -> None:
         self.redactor.add(values)
 
+    def encode(self, record: dict[str, Any]) -> tuple[bytes, list[str]]:
+        """The record's line (secrets redacted, then cut to the size caps) and the keys
+        that were cut."""
+        return self.cap.encode(self.redactor.redact(record))
+
+    def write(self, record: Mapping[str, Any], data: bytes, cut: list[str]) -> None:
+        """Append an encoded record (raises AuditError); count and report what was cut."""
+        assert self.log is not None
+        self.log.write_line(data)
+        if cut:
+            self.truncated_records += 1
+            self._log_cut(record, cut)
+
+    def _log_cut(self, record: Mapping[str, Any], cut: list[str]) -> None:
+        self._cut_since_logged += 1
+        now = time.monotonic()
+        if self._cut_logged_at is not None and now - self._cut_logged_at < CUT_LOG_EVERY_SECS:
+            return
+        log.warning("audit: cut %s of a %s record of agent %s to the size caps (fields "
+                    "over %d bytes, records over %d: --audit-max-record-bytes); %d record(s) "
+                    "cut since the last such message; the record's 'truncated' key lists them",
+                    ", ".join(cut), record.get("event"), record.get("agent"),
+                    self.cap.max_field_bytes, self.cap.max_record_bytes,
+                    self._cut_since_logged)
+        self._cut_logged_at = now
+        self._cut_since_logged = 0
+
     def emit(self, record: dict[str, Any]) -> None:
         if self.log is None:
             return
-        self.log.write(self.redactor.redact(record))
+        self.write(record, *self.encode(record))
 
     def reopen(self) -> None:
         if self.log is None:

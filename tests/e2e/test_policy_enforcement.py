@@ -790,7 +790,7 @@ def test_cli_argv_is_audited_with_session_redacted(cli: CliDep) -> None:
     decision, completion = audit.wait_for(lambda rs: len(rs) == 2)
     assert decision["argv"] == ["item", "get", "x", "--session", "[REDACTED]",
                                 "--session=[REDACTED]", "[REDACTED]"]
-    assert decision["peer_pid"] and decision["peer_uid"] == os.getuid()
+    assert decision["vm_claimed_peer_pid"] and decision["vm_claimed_peer_uid"] == os.getuid()
     assert completion["exit_code"] == 0 and completion["outcome"] == "completed"
     assert completion["bytes_out"] == len(r.stdout)
     text = audit.path.read_text()

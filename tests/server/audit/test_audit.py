@@ -385,7 +385,8 @@ async def test_cli_records(tmp_path: Path) -> None:
                     decide_cli(POLICY, "vm1", "hidden", [b"secret-arg"], b"/", [])).decided()
     op, hid = lines(tmp_path / "a.jsonl")
     assert op["argv"] == ["item", "get", "login", "--session", REDACTED, f"--note={REDACTED}"]
-    assert (op["peer_uid"], op["peer_gid"], op["peer_pid"]) == (1000, 1000, 4242)
+    assert (op["vm_claimed_peer_uid"], op["vm_claimed_peer_gid"],
+            op["vm_claimed_peer_pid"]) == (1000, 1000, 4242)
     assert op["binary"] == "/bin/echo" and op["run_cwd"] == "/" and op["cwd"] == "/home/vm"
     assert "LD_PRELOAD" not in json.dumps(op)
     assert "argv" not in hid
