@@ -1,0 +1,218 @@
+"""Agent B's side of the noisy-neighbour scenario: what a well-behaved user sees.
+
+Run as ``python -m benchmarks.neighbour_client SPEC_JSON`` (``port``: agent B's
+exposed tool; ``sse_interval_ms``). It holds one live SSE stream
+(``/sse-forever``, numbered events stamped with the upstream's ``ts``) and makes
+one JSON-RPC call every 100 ms, both through the real agent B. Interactive,
+like the idle-streams client: it prints ``{"phase": "ready"}`` once both work,
+then reads ``go`` (the attack starts: measuring begins) and ``stop`` (it ended)
+on stdin, drains the stream for a moment and prints ``{"result": ...}``.
+
+Measured between ``go`` and ``stop``: each event's latency (arrival − ``ts``,
+same host, same clock), each call's round trip, calls that failed (any answer
+but 200, a broken connection, no answer within 5 s), events lost (gaps in the
+ids, or a stream that ended or fell silent) — all of B's, none of A's.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import sys
+import time
+from typing import Any
+
+import h11
+import trio
+
+from carapace.protocol.sse import Event, SseParser
+
+from .client import READ, BenchError, connect, get_request
+
+RPC_EVERY = 0.1
+RPC_TIMEOUT = 5.0
+DRAIN = 1.5
+"""Seconds the stream is still read after ``stop``, so late events count as late, not lost."""
+
+
+class State:
+    def __init__(self) -> None:
+        self.go: float | None = None
+        self.stop: float | None = None
+        self.events: list[tuple[int, float, float]] = []  # id, ts, arrival
+        self.stream_error: str | None = None
+        self.rpcs: list[tuple[float, float | None, str]] = []  # start, ms or None, error
+        self.first_event = trio.Event()
+        self.first_rpc = trio.Event()
+
+
+async def stream(host: str, port: int, path: str, st: State) -> None:
+    sock = await connect(host, port)
+    async with sock:
+        conn, req = get_request(host, port, path)
+        await sock.send_all(req)
+        parser = SseParser()
+        while True:
+            data = await sock.receive_some(READ)
+            now = time.time()
+            if not data:
+                raise BenchError("the stream ended")
+            conn.receive_data(data)
+            while (ev := conn.next_event()) is not h11.NEED_DATA:
+                if isinstance(ev, h11.Response) and ev.status_code != 200:
+                    raise BenchError(f"HTTP {ev.status_code} for the stream")
+                if isinstance(ev, h11.Data):
+                    for item in parser.feed(bytes(ev.data)):
+                        if isinstance(item, Event) and item.data:
+                            body = json.loads(item.data)
+                            st.events.append((int(body["seq"]), float(body["ts"]), now))
+                            st.first_event.set()
+                elif isinstance(ev, h11.EndOfMessage | h11.ConnectionClosed):
+                    raise BenchError("the stream ended")
+
+
+RPC_BODY = json.dumps({"jsonrpc": "2.0", "method": "version", "id": 1}).encode()
+
+
+async def one_call(sock: trio.SocketStream, conn: h11.Connection, host: str, port: int) -> None:
+    """One call on a keep-alive connection; BenchError unless it answered 200 with a result."""
+    if conn.our_state is h11.DONE:
+        conn.start_next_cycle()
+    await sock.send_all(conn.send(h11.Request(method="POST", target="/api/v1/rpc", headers=[
+        ("Host", f"{host}:{port}"), ("Content-Type", "application/json"),
+        ("Content-Length", str(len(RPC_BODY)))])) + conn.send(h11.Data(data=RPC_BODY))
+        + conn.send(h11.EndOfMessage()))
+    status, body = 0, b""
+    while True:
+        ev = conn.next_event()
+        if ev is h11.NEED_DATA:
+            data = await sock.receive_some(65536)
+            conn.receive_data(data)
+            if not data and conn.their_state is not h11.DONE:
+                raise BenchError("connection closed")
+        elif isinstance(ev, h11.Response):
+            status = ev.status_code
+        elif isinstance(ev, h11.Data):
+            body += bytes(ev.data)
+        elif isinstance(ev, h11.EndOfMessage):
+            break
+        elif isinstance(ev, h11.ConnectionClosed):
+            raise BenchError("connection closed")
+    if status != 200 or b'"result"' not in body:
+        raise BenchError(f"HTTP {status}: {body[:80].decode(errors='replace')}")
+    if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+        raise BenchError("the connection cannot be reused")
+
+
+async def caller(host: str, port: int, st: State) -> None:
+    sock: trio.SocketStream | None = None
+    conn = h11.Connection(h11.CLIENT)
+    due = trio.current_time()
+    while True:
+        await trio.sleep_until(due)
+        due = max(due + RPC_EVERY, trio.current_time())
+        start = time.time()
+        t0 = time.perf_counter()
+        error = ""
+        try:
+            with trio.fail_after(RPC_TIMEOUT):
+                if sock is None:
+                    sock = await connect(host, port)
+                    conn = h11.Connection(h11.CLIENT)
+                await one_call(sock, conn, host, port)
+        except (BenchError, OSError, trio.BrokenResourceError, trio.TooSlowError,
+                h11.ProtocolError) as exc:
+            error = str(exc) or type(exc).__name__
+            if sock is not None:
+                sock.socket.close()
+            sock = None
+        ms = (time.perf_counter() - t0) * 1000.0
+        st.rpcs.append((start, None if error else ms, error))
+        if not error:
+            st.first_rpc.set()
+
+
+async def commands(st: State, done: trio.Event) -> None:
+    await st.first_event.wait()
+    await st.first_rpc.wait()
+    sys.stdout.write(json.dumps({"phase": "ready"}) + "\n")
+    sys.stdout.flush()
+    for want in ("go", "stop"):
+        line = await trio.to_thread.run_sync(sys.stdin.readline)
+        if line.strip() != want:
+            raise BenchError(f"expected {want!r} on stdin, got {line.strip()!r}")
+        if want == "go":
+            st.go = time.time()
+        else:
+            st.stop = time.time()
+    await trio.sleep(DRAIN)
+    done.set()
+
+
+def pct(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile, as in :func:`benchmarks.common.pct`."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q * len(ordered) - 1e-9))
+    return ordered[min(len(ordered), rank) - 1]
+
+
+def summarise(st: State, interval_s: float) -> dict[str, Any]:
+    assert st.go is not None and st.stop is not None
+    window = [(i, ts, at) for i, ts, at in st.events if st.go <= ts <= st.stop]
+    latencies = [(at - ts) * 1000.0 for _, ts, at in window]
+    ids = sorted(i for i, _, _ in st.events)
+    gaps = sum(b - a - 1 for a, b in itertools.pairwise(ids) if b > a + 1)
+    # Events the upstream should have sent by ``stop`` but that never came (the
+    # stream died or went silent): counted from the last event received.
+    last_ts = max((ts for _, ts, _ in st.events), default=st.go)
+    silent = max(0, int((st.stop - last_ts) / interval_s) - 1)
+    calls = [(ms, err) for start, ms, err in st.rpcs if st.go <= start <= st.stop]
+    ok = [ms for ms, _ in calls if ms is not None]
+    errors = [err for ms, err in calls if ms is None]
+    return {
+        "events": len(window), "event_p50_ms": pct(latencies, 0.5),
+        "event_p99_ms": pct(latencies, 0.99), "event_max_ms": max(latencies, default=None),
+        "events_lost": gaps + silent, "stream_error": st.stream_error,
+        "rpcs": len(calls), "rpc_p50_ms": pct(ok, 0.5), "rpc_p99_ms": pct(ok, 0.99),
+        "rpc_max_ms": max(ok, default=None), "rpcs_failed": len(errors),
+        "rpc_errors": sorted(set(errors))[:3],
+    }
+
+
+async def run(spec: dict[str, Any]) -> dict[str, Any]:
+    host, port = "127.0.0.1", int(spec["port"])
+    interval = float(spec.get("sse_interval_ms", 20))
+    st = State()
+    done = trio.Event()
+
+    async def watch_stream() -> None:
+        try:
+            await stream(host, port, f"/sse-forever?interval_ms={interval:g}&size=200", st)
+        except (BenchError, OSError, trio.BrokenResourceError, h11.ProtocolError) as exc:
+            st.stream_error = str(exc) or type(exc).__name__
+            st.first_event.set()  # do not hang the harness; the error is reported
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch_stream)
+        nursery.start_soon(caller, host, port, st)
+        nursery.start_soon(commands, st, done)
+        await done.wait()
+        nursery.cancel_scope.cancel()
+    return summarise(st, interval / 1000.0)
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    try:
+        result = trio.run(run, spec)
+    except Exception as exc:
+        sys.stdout.write(json.dumps({"error": f"{type(exc).__name__}: {exc}"}) + "\n")
+        sys.exit(1)
+    sys.stdout.write(json.dumps({"result": result}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
