@@ -178,7 +178,7 @@ async def hello16(spec: Spec, tally: Tally) -> None:
     at a time, beside ``idle_conns`` unauthenticated connections held open (and
     reopened when the server drops them)."""
     frame = huge_hello(spec["agent"], BIG)
-    held = [0, 0]  # open now, closed by the server
+    held = [0, 0, 0, 0]  # open now, most open at once, opened, closed by the server
 
     async def sender() -> None:
         while True:
@@ -207,12 +207,14 @@ async def hello16(spec: Spec, tally: Tally) -> None:
                 await trio.sleep(0.2)
                 continue
             held[0] += 1
+            held[1] = max(held[1], held[0])
+            held[2] += 1
             try:
                 while await stream.receive_some(4096):
                     pass
-                held[1] += 1
+                held[3] += 1
             except (trio.BrokenResourceError, OSError):
-                held[1] += 1
+                held[3] += 1
             finally:
                 held[0] -= 1
                 with trio.move_on_after(1):
@@ -225,8 +227,8 @@ async def hello16(spec: Spec, tally: Tally) -> None:
             for _ in range(2):
                 nursery.start_soon(sender)
     finally:
-        tally.extra["idle conns open"] = held[0]
-        tally.extra["idle conns dropped by server"] = held[1]
+        tally.extra["idle conns"] = f"{held[2]} opened, {held[1]} at once, " \
+                                    f"{held[3]} dropped by the server"
 
 
 async def pings(spec: Spec, tally: Tally) -> None:

@@ -10,8 +10,11 @@ on stdin, drains the stream for a moment and prints ``{"result": ...}``.
 
 Measured between ``go`` and ``stop``: each event's latency (arrival − ``ts``,
 same host, same clock), each call's round trip, calls that failed (any answer
-but 200, a broken connection, no answer within 5 s), events lost (gaps in the
-ids, or a stream that ended or fell silent) — all of B's, none of A's.
+but 200, a broken connection, no answer within 5 s or by the end), events
+lost (due in that time by the upstream's schedule but not arrived 1.5 s after
+``stop``: skipped, or held up by a stalled server) — all of B's, none of A's.
+An event or call that never came enters the percentiles with a lower bound
+(the end − when it was due), flagged ``*_lower_bound`` when that sets the value.
 """
 
 from __future__ import annotations
@@ -40,9 +43,11 @@ class State:
     def __init__(self) -> None:
         self.go: float | None = None
         self.stop: float | None = None
+        self.end: float | None = None
         self.events: list[tuple[int, float, float]] = []  # id, ts, arrival
         self.stream_error: str | None = None
         self.rpcs: list[tuple[float, float | None, str]] = []  # start, ms or None, error
+        self.pending: set[float] = set()  # start times of calls still unanswered
         self.first_event = trio.Event()
         self.first_rpc = trio.Event()
 
@@ -106,31 +111,41 @@ async def one_call(sock: trio.SocketStream, conn: h11.Connection, host: str, por
 
 
 async def caller(host: str, port: int, st: State) -> None:
-    sock: trio.SocketStream | None = None
-    conn = h11.Connection(h11.CLIENT)
-    due = trio.current_time()
-    while True:
-        await trio.sleep_until(due)
-        due = max(due + RPC_EVERY, trio.current_time())
+    """One call every ``RPC_EVERY`` on schedule (open loop: a stalled call does not
+    hold back the next, each takes an idle keep-alive connection or opens one), so
+    a stall shows as slow or unanswered calls, not as calls never made."""
+    idle: list[tuple[trio.SocketStream, h11.Connection]] = []
+
+    async def call() -> None:
         start = time.time()
+        st.pending.add(start)
         t0 = time.perf_counter()
         error = ""
+        sock: trio.SocketStream | None = None
         try:
             with trio.fail_after(RPC_TIMEOUT):
-                if sock is None:
-                    sock = await connect(host, port)
-                    conn = h11.Connection(h11.CLIENT)
+                if idle:
+                    sock, conn = idle.pop()
+                else:
+                    sock, conn = await connect(host, port), h11.Connection(h11.CLIENT)
                 await one_call(sock, conn, host, port)
+            idle.append((sock, conn))
         except (BenchError, OSError, trio.BrokenResourceError, trio.TooSlowError,
                 h11.ProtocolError) as exc:
             error = str(exc) or type(exc).__name__
             if sock is not None:
                 sock.socket.close()
-            sock = None
-        ms = (time.perf_counter() - t0) * 1000.0
-        st.rpcs.append((start, None if error else ms, error))
+        st.pending.discard(start)
+        st.rpcs.append((start, None if error else (time.perf_counter() - t0) * 1000.0, error))
         if not error:
             st.first_rpc.set()
+
+    async with trio.open_nursery() as nursery:
+        due = trio.current_time()
+        while True:
+            nursery.start_soon(call)
+            due += RPC_EVERY
+            await trio.sleep_until(due)
 
 
 async def commands(st: State, done: trio.Event) -> None:
@@ -147,6 +162,7 @@ async def commands(st: State, done: trio.Event) -> None:
         else:
             st.stop = time.time()
     await trio.sleep(DRAIN)
+    st.end = time.time()
     done.set()
 
 
@@ -159,27 +175,58 @@ def pct(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered), rank) - 1]
 
 
-def summarise(st: State, interval_s: float) -> dict[str, Any]:
-    assert st.go is not None and st.stop is not None
-    window = [(i, ts, at) for i, ts, at in st.events if st.go <= ts <= st.stop]
-    latencies = [(at - ts) * 1000.0 for _, ts, at in window]
-    ids = sorted(i for i, _, _ in st.events)
-    gaps = sum(b - a - 1 for a, b in itertools.pairwise(ids) if b > a + 1)
-    # Events the upstream should have sent by ``stop`` but that never came (the
-    # stream died or went silent): counted from the last event received.
-    last_ts = max((ts for _, ts, _ in st.events), default=st.go)
-    silent = max(0, int((st.stop - last_ts) / interval_s) - 1)
+def _events(st: State, interval_s: float) -> dict[str, Any]:
+    """Latency of the events due between ``go`` and ``stop``; one that never came
+    counts with a lower bound (the end of the drain − when it was due) and as lost."""
+    assert st.go is not None and st.stop is not None and st.end is not None
+    got = {i: (ts, at) for i, ts, at in st.events}
+    latencies = {i: (at - ts) * 1000.0 for i, (ts, at) in got.items() if st.go <= ts <= st.stop}
+    missing: dict[int, float] = {}
+    if got:  # the upstream's schedule, from the first event: id k is due at ts0 + (k − i0)·T
+        i0 = min(got)
+        ts0 = got[i0][0]
+        first = max(i0, i0 + math.ceil((st.go - ts0) / interval_s))
+        last = i0 + math.floor((st.stop - ts0) / interval_s)
+        for k in range(first, last + 1):
+            if k not in got:
+                missing[k] = (st.end - (ts0 + (k - i0) * interval_s)) * 1000.0
+    else:
+        due = int((st.stop - st.go) / interval_s)
+        missing = {k: (st.end - st.go - k * interval_s) * 1000.0 for k in range(due)}
+    values = [*latencies.values(), *missing.values()]
+    bound = set(missing.values())
+    p50, p99 = pct(values, 0.5), pct(values, 0.99)
+    ids = sorted(got)
+    return {
+        "events": len(latencies), "events_lost": len(missing),
+        "events_skipped": sum(b - a - 1 for a, b in itertools.pairwise(ids) if b > a + 1),
+        "event_p50_ms": p50, "event_p99_ms": p99,
+        "event_p50_lower_bound": p50 in bound, "event_p99_lower_bound": p99 in bound,
+        "event_max_ms": max(values, default=None), "stream_error": st.stream_error,
+    }
+
+
+def _calls(st: State) -> dict[str, Any]:
+    """Round trips of the calls started between ``go`` and ``stop``; one still
+    unanswered at the end counts with a lower bound and as failed."""
+    assert st.go is not None and st.stop is not None and st.end is not None
     calls = [(ms, err) for start, ms, err in st.rpcs if st.go <= start <= st.stop]
+    unanswered = [(st.end - start) * 1000.0 for start in st.pending
+                  if st.go <= start <= st.stop]
     ok = [ms for ms, _ in calls if ms is not None]
     errors = [err for ms, err in calls if ms is None]
+    values = ok + unanswered
+    p50, p99 = pct(values, 0.5), pct(values, 0.99)
     return {
-        "events": len(window), "event_p50_ms": pct(latencies, 0.5),
-        "event_p99_ms": pct(latencies, 0.99), "event_max_ms": max(latencies, default=None),
-        "events_lost": gaps + silent, "stream_error": st.stream_error,
-        "rpcs": len(calls), "rpc_p50_ms": pct(ok, 0.5), "rpc_p99_ms": pct(ok, 0.99),
-        "rpc_max_ms": max(ok, default=None), "rpcs_failed": len(errors),
-        "rpc_errors": sorted(set(errors))[:3],
+        "rpcs": len(calls) + len(unanswered), "rpcs_failed": len(errors) + len(unanswered),
+        "rpcs_unanswered": len(unanswered), "rpc_errors": sorted(set(errors))[:3],
+        "rpc_p50_ms": p50, "rpc_p99_ms": p99, "rpc_p99_lower_bound": p99 in set(unanswered),
+        "rpc_max_ms": max(values, default=None),
     }
+
+
+def summarise(st: State, interval_s: float) -> dict[str, Any]:
+    return {**_events(st, interval_s), **_calls(st)}
 
 
 async def run(spec: dict[str, Any]) -> dict[str, Any]:
