@@ -35,6 +35,7 @@ from .client import READ, BenchError, connect, get_request
 
 RPC_EVERY = 0.1
 RPC_TIMEOUT = 5.0
+NO_ANSWER = f"no answer within {RPC_TIMEOUT:g} s"
 DRAIN = 1.5
 """Seconds the stream is still read after ``stop``, so late events count as late, not lost."""
 
@@ -130,8 +131,11 @@ async def caller(host: str, port: int, st: State) -> None:
                     sock, conn = await connect(host, port), h11.Connection(h11.CLIENT)
                 await one_call(sock, conn, host, port)
             idle.append((sock, conn))
-        except (BenchError, OSError, trio.BrokenResourceError, trio.TooSlowError,
-                h11.ProtocolError) as exc:
+        except trio.TooSlowError:
+            error = NO_ANSWER
+            if sock is not None:
+                sock.socket.close()
+        except (BenchError, OSError, trio.BrokenResourceError, h11.ProtocolError) as exc:
             error = str(exc) or type(exc).__name__
             if sock is not None:
                 sock.socket.close()
@@ -207,18 +211,19 @@ def _events(st: State, interval_s: float) -> dict[str, Any]:
 
 
 def _calls(st: State) -> dict[str, Any]:
-    """Round trips of the calls started between ``go`` and ``stop``; one still
-    unanswered at the end counts with a lower bound and as failed."""
+    """Round trips of the calls started between ``go`` and ``stop``; one unanswered
+    (at the end, or within ``RPC_TIMEOUT``) counts with a lower bound and as failed."""
     assert st.go is not None and st.stop is not None and st.end is not None
     calls = [(ms, err) for start, ms, err in st.rpcs if st.go <= start <= st.stop]
-    unanswered = [(st.end - start) * 1000.0 for start in st.pending
-                  if st.go <= start <= st.stop]
+    pending = [start for start in st.pending if st.go <= start <= st.stop]
+    unanswered = [(st.end - start) * 1000.0 for start in pending]
+    unanswered += [RPC_TIMEOUT * 1000.0 for ms, err in calls if err == NO_ANSWER]
     ok = [ms for ms, _ in calls if ms is not None]
-    errors = [err for ms, err in calls if ms is None]
+    errors = [err for ms, err in calls if ms is None and err != NO_ANSWER]
     values = ok + unanswered
     p50, p99 = pct(values, 0.5), pct(values, 0.99)
     return {
-        "rpcs": len(calls) + len(unanswered), "rpcs_failed": len(errors) + len(unanswered),
+        "rpcs": len(calls) + len(pending), "rpcs_failed": len(errors) + len(unanswered),
         "rpcs_unanswered": len(unanswered), "rpc_errors": sorted(set(errors))[:3],
         "rpc_p50_ms": p50, "rpc_p99_ms": p99, "rpc_p99_lower_bound": p99 in set(unanswered),
         "rpc_max_ms": max(values, default=None),
