@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import selectors
 import shutil
 import signal
 import subprocess
@@ -51,6 +52,8 @@ RSS_KILL_MIB = 1536
 """Past this the server itself is killed, to keep a shared machine alive."""
 RATE_LIMIT = (300, 10)
 """The ``signal`` tool's shared rate_limit: 30 calls/s, three times what B makes."""
+SETTLE = 1.0
+"""Seconds the server's RSS is still watched (and capped) after the attacker ends."""
 SSE_INTERVAL_MS = 20
 IDLE_CONNS = (200, 500)  # quick, full: attack 3's unauthenticated connections
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -177,13 +180,16 @@ class Watch:
 
 
 def _guard(pair: Pair, attacker: subprocess.Popen[str] | None, until: float) -> Watch:
-    """Sample the server's RSS until ``until`` or the attacker exits; enforce the caps."""
+    """Sample the server's RSS until ``until`` or ``SETTLE`` after the attacker
+    exits; stop the attacker past ``RSS_STOP_MIB``, the server past ``RSS_KILL_MIB``."""
     assert pair.server is not None
     w = Watch()
     pid = pair.server.pid
+    settle: float | None = None
     while time.monotonic() < until:
-        if attacker is not None and attacker.poll() is not None:
-            break
+        if settle is None and attacker is not None and attacker.poll() is not None:
+            settle = time.monotonic() + SETTLE  # the server may still be digesting
+            until = min(until, settle)
         if not pair.server.alive():
             break
         rss = proc_status(pid).get("VmRSS", 0)
@@ -203,8 +209,6 @@ def _guard(pair: Pair, attacker: subprocess.Popen[str] | None, until: float) -> 
 
 def _ask(proc: subprocess.Popen[str], want: str, timeout: float) -> dict[str, Any]:
     """The next JSON line of ``proc`` that carries ``want`` (``phase`` or ``result``)."""
-    import selectors
-
     assert proc.stdout is not None
     deadline = time.monotonic() + timeout
     with selectors.DefaultSelector() as sel:
