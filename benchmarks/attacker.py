@@ -1,7 +1,8 @@
 """Agent A of the noisy-neighbour scenario: one attack on the server, for a bounded time.
 
 Run as ``python -m benchmarks.attacker SPEC_JSON`` (``port``, ``agent``,
-``token``, ``attack``, ``seconds``, ``tools``); it prints one JSON line,
+``token``, ``attack``, ``seconds``, ``tools``); it prints ``{"phase":
+"attacking"}`` as it starts and at the end one JSON line,
 ``{"result": {"summary": ..., ...}}``: what it sent and how the server answered
 (request errors by status and code, links the server closed, refused
 handshakes). Loopback only; every loop stops at the deadline by itself, and
@@ -331,6 +332,8 @@ def main() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    sys.stdout.write(json.dumps({"phase": "attacking"}) + "\n")  # the harness starts B's clock
+    sys.stdout.flush()
     result = trio.run(run, spec)
     sys.stdout.write(json.dumps({"result": result}) + "\n")
 

@@ -263,9 +263,6 @@ def run_case(ctx: Ctx, attack: str | None, n: int) -> dict[str, Any]:
         _ask(b, "ready", 30)
         time.sleep(0.5)  # a few undisturbed calls and events before the attack
         reset_peak_rss(pair.server.pid)
-        assert b.stdin is not None
-        b.stdin.write("go\n")
-        b.stdin.flush()
         length = seconds(ctx)
         if attack is not None:
             attacker = _spawn("benchmarks.attacker", {
@@ -273,6 +270,10 @@ def run_case(ctx: Ctx, attack: str | None, n: int) -> dict[str, Any]:
                 "attack": attack, "seconds": length,
                 "idle_conns": IDLE_CONNS[0 if ctx.quick else 1],
                 "tools": {"rpc": "signal", "cli": "echo", "sleep": "sleep"}}, False)
+            _ask(attacker, "attacking", 30)
+        assert b.stdin is not None
+        b.stdin.write("go\n")
+        b.stdin.flush()
         watch = _guard(pair, attacker, time.monotonic() + length + (15 if attacker else 0))
         b.stdin.write("stop\n")
         b.stdin.flush()
@@ -295,10 +296,12 @@ def _attacker_outcome(attacker: subprocess.Popen[str] | None, watch: Watch) -> d
     if watch.exceeded:
         return {"summary": f"stopped: server RSS exceeded {RSS_STOP_MIB} MiB", "stopped": True}
     try:
-        out, err = attacker.communicate(timeout=20)
+        attacker.wait(timeout=20)  # its output is two short lines: the pipes cannot fill
     except subprocess.TimeoutExpired:
         attacker.kill()
         return {"summary": "did not stop by itself (killed)", "stopped": True}
+    assert attacker.stdout is not None and attacker.stderr is not None
+    out, err = attacker.stdout.read(), attacker.stderr.read()
     for line in reversed(out.splitlines()):
         if line.startswith("{"):
             return dict(json.loads(line)["result"])
