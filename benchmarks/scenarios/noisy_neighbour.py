@@ -231,8 +231,8 @@ def _ask(proc: subprocess.Popen[str], want: str, timeout: float) -> dict[str, An
                 return dict(msg["result"])
             if msg.get("phase") == want:
                 return dict(msg)
-    raise ScenarioError(f"no {want!r} from {proc.args[2] if len(proc.args) > 2 else proc.args}"
-                        f" within {timeout:.0f} s")
+    err = proc.stderr.read()[-400:] if proc.stderr and proc.poll() is not None else ""
+    raise ScenarioError(f"no {want!r} line within {timeout:.0f} s {err}".strip())
 
 
 def _spawn(module: str, spec: dict[str, Any], interactive: bool) -> subprocess.Popen[str]:
