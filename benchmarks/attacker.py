@@ -25,6 +25,7 @@ from typing import Any
 
 import trio
 
+from carapace.protocol.errors import ProtocolError
 from carapace.protocol.framing import DEFAULT_MAX_FRAME, encode
 from carapace.protocol.messages import (
     CliRequest,
@@ -128,8 +129,8 @@ async def flood(spec: Spec, tally: Tally, frame: Callable[[int], bytes], infligh
                             slots.release()
                 except LinkClosed as exc:
                     how[0] = f"{exc} by the server"
-                except Exception as exc:  # a frame we cannot decode: say so, end the link
-                    how[0] = f"bad frame: {type(exc).__name__}"
+                except ProtocolError as exc:  # a frame we cannot decode: say so, end the link
+                    how[0] = f"bad frame: {exc}"[:60]
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(read)
@@ -197,6 +198,8 @@ async def hello16(spec: Spec, tally: Tally) -> None:
                     tally.answers[msg.TYPE] += 1
             except (LinkClosed, trio.BrokenResourceError, OSError) as exc:
                 tally.ends[str(exc) if isinstance(exc, LinkClosed) else "send failed"] += 1
+            except ProtocolError as exc:  # an answer we cannot decode: say so, go on
+                tally.ends[f"bad frame: {exc}"[:60]] += 1
             finally:
                 await wire.aclose()
 
@@ -267,7 +270,9 @@ async def stdin30(spec: Spec, tally: Tally) -> None:
                         tally.answer(await wire.receive())
                 except LinkClosed as exc:
                     how[0] = f"{exc} by the server"
-                    nursery.cancel_scope.cancel()
+                except ProtocolError as exc:
+                    how[0] = f"bad frame: {exc}"[:60]
+                nursery.cancel_scope.cancel()
 
             nursery.start_soon(read)
             for rid in range(1, 31):
