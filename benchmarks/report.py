@@ -110,6 +110,14 @@ def _max_of(scenario: str, keys: list[str], unit: str,
     return f
 
 
+def _attacks_met(results: Results) -> tuple[float | None, str]:
+    res = results.get("noisy-neighbour")
+    if res is None or res.skipped or not res.raw.get("attacks"):
+        return None, "–"
+    met, total = res.raw["met"], res.raw["attacks"]
+    return met / total, f"{met} of {total} attacks"
+
+
 TARGETS = [
     Target("SSE added latency p50 ≤ 0.5 ms", _added("sse-latency", "sse.p50"),
            lambda v: v <= 0.5),
@@ -137,6 +145,8 @@ TARGETS = [
            lambda v: v <= 64),
     Target("shim round trip ≤ 25 ms over direct p50", _added("shim", "shim.p50"),
            lambda v: v <= 25),
+    Target("noisy neighbour: B p99 < 50 ms, nothing lost, server < 256 MiB, every attack",
+           _attacks_met, lambda v: v >= 1.0),
     Target("masking costs < 10% of SSE throughput",
            _value("masking", "masking.cost", unit="%"), lambda v: v < 10),
 ]
@@ -183,6 +193,10 @@ def results_table(results: Results, ssh_available: bool) -> Table:
             table.add_row(Text(res.title, style="bold"), "", "", "", "",
                           Text("skipped", style="yellow"), "")
             continue
+        if res.raw.get("table"):
+            table.add_row(Text(res.title, style="bold"), "", "", "", "",
+                          Text("its own table below", style="dim"), "")
+            continue
         table.add_row(Text(res.title, style="bold"), "", "", "", "", "", "")
         for row in res.rows:
             table.add_row("  " + row.label, row.unit, *(cell(row, p) for p in PEERS),
@@ -204,9 +218,28 @@ def targets_table(targets: list[dict[str, Any]]) -> Table:
     return table
 
 
+def own_tables(results: Results) -> list[dict[str, Any]]:
+    """The tables of scenarios whose rows are not peers (``raw["table"]``)."""
+    return [res.raw["table"] for res in results.values()
+            if not res.skipped and res.raw.get("table")]
+
+
+def own_table(spec: dict[str, Any]) -> Table:
+    table = Table(title=spec["title"], title_justify="left", header_style="bold")
+    for i, col in enumerate(spec["columns"]):
+        table.add_column(col, justify="left" if i in (0, 6) else "right",
+                         overflow="fold")
+    for row in spec["rows"]:
+        met = row[-1]
+        table.add_row(*row[:-1], Text(met, style="green" if met == "yes" else "red"))
+    return table
+
+
 def print_report(console: Console, results: Results, targets: list[dict[str, Any]],
                  ssh_available: bool) -> None:
     console.print(results_table(results, ssh_available))
+    for spec in own_tables(results):
+        console.print(own_table(spec))
     for res in results.values():
         if res.skipped:
             console.print(f"[yellow]{res.name}[/yellow]: skipped — {res.skipped}")
@@ -227,6 +260,11 @@ def markdown(results: Results, targets: list[dict[str, Any]]) -> str:
             cells = " | ".join(cell(row, p) for p in PEERS)
             lines.append(f"| {row.label} | {row.unit} | {cells} | {fmt_vs(row, 'carapace')} "
                          f"| {fmt_vs(row, 'ssh')} |")
+    for spec in own_tables(results):
+        lines += ["", f"**{spec['title']}**", "", "| " + " | ".join(spec["columns"]) + " |",
+                  "|" + "---|" * len(spec["columns"])]
+        lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |"
+                  for row in spec["rows"]]
     lines += ["", "| target | Carapace measured | met? |", "|---|--:|:-:|"]
     for t in targets:
         met = "–" if t["met"] is None else ("met" if t["met"] else "**not met**")

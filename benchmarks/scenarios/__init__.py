@@ -8,7 +8,16 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import download, idle_streams, jsonrpc, masking, shim, sse_latency, sse_throughput
+from . import (
+    download,
+    idle_streams,
+    jsonrpc,
+    masking,
+    noisy_neighbour,
+    shim,
+    sse_latency,
+    sse_throughput,
+)
 
 SCENARIOS: list[ModuleType] = [
     sse_latency,
@@ -18,6 +27,7 @@ SCENARIOS: list[ModuleType] = [
     shim,
     masking,
     idle_streams,
+    noisy_neighbour,
 ]
 
 BY_NAME = {m.NAME: m for m in SCENARIOS}
