@@ -160,10 +160,18 @@ from .model import (
     Policy,
     PolicyError,
     RateLimit,
+    SecretRef,
     Settings,
     Tool,
 )
 from .ratelimit import RateLimiter, apply_rate_limits
+from .secret_refs import (
+    CommandResult,
+    SecretRefError,
+    SecretResolver,
+    resolve_policy,
+    run_command,
+)
 from .secrets import env_name_is_secret, passthrough_refusal
 
 __all__ = [
@@ -173,6 +181,7 @@ __all__ = [
     "UNAVAILABLE_CODES",
     "AgentGrant",
     "AuditConfig",
+    "CommandResult",
     "CliDecision",
     "CliTool",
     "Decision",
@@ -184,6 +193,9 @@ __all__ = [
     "PolicyError",
     "RateLimit",
     "RateLimiter",
+    "SecretRef",
+    "SecretRefError",
+    "SecretResolver",
     "Settings",
     "Tool",
     "apply_rate_limits",
@@ -196,5 +208,7 @@ __all__ = [
     "load_policy_file",
     "passthrough_refusal",
     "prepare_http_headers",
+    "resolve_policy",
+    "run_command",
     "vm_denial",
 ]
