@@ -44,7 +44,13 @@ from .config import (
 )
 from .daemon import Server
 from .operator_api import DebugConfigError, debug_access
-from .policy import PolicyError, load_policy_file
+from .policy import (
+    DEFAULT_SECRET_COMMAND_TIMEOUT,
+    PolicyError,
+    SecretResolver,
+    load_policy_file,
+    resolve_policy,
+)
 
 log = logging.getLogger("carapace.server")
 
@@ -121,6 +127,12 @@ class ServerCommand(click.Command):
 @click.option("--log-level", default="info", envvar="CARAPACE_LOG_LEVEL", show_default=True)
 @click.option("--log-json", is_flag=True, envvar="CARAPACE_LOG_JSON",
               help="Log JSON lines (for journald/Loki pipelines).")
+@click.option("--secret-command-timeout", type=click.FloatRange(min=0, min_open=True),
+              default=DEFAULT_SECRET_COMMAND_TIMEOUT, envvar="CARAPACE_SECRET_COMMAND_TIMEOUT",
+              show_default=True,
+              help="Seconds a policy's {command: [...]} secret reference may run (at start and "
+              "each reload) unless it sets its own timeout_secs; then its process group is "
+              "killed and the policy refused.")
 def main(
     listen: tuple[str, int],
     policy_file: str,
@@ -145,15 +157,27 @@ def main(
     audit_fsync: bool = False,
     audit_deny_limit: tuple[int, float] = DEFAULT_DENY_LIMIT,
     pid_file: str | None = None,
+    secret_command_timeout: float = DEFAULT_SECRET_COMMAND_TIMEOUT,
 ) -> None:
     """Serve Carapace agents: decide, run and audit their tool requests on this host.
 
     SIGHUP (or 'carapace-server reload --pid-file FILE') re-reads the policy
     and the token file; an invalid file is rejected and the old ones stay.
+
+    A secret in the policy (an env_inject or headers_inject value) may be a
+    reference instead of plain text: {file: /path} (not readable by others;
+    one trailing newline dropped), {credential: NAME} (systemd's
+    $CREDENTIALS_DIRECTORY/NAME, from LoadCredential= or
+    LoadCredentialEncrypted=), {env: NAME} (this server's environment) or
+    {command: [PROGRAM, ARG...]} (run without a shell, stdout stripped, e.g.
+    ["op", "read", "op://vault/item/field"]). They are resolved at start and
+    at each reload; one that fails refuses the policy, naming the key and the
+    reference, never a value.
     """
     setup_logging(log_level, log_json)
+    resolver = SecretResolver.from_environment(os.environ, secret_command_timeout)
     try:
-        policy = load_policy_file(policy_file)
+        policy = resolve_policy(load_policy_file(policy_file), resolver)
         tokens = load_server_tokens(token_file)
     except (PolicyError, TokenFileError) as exc:
         log.error("%s", exc)
@@ -197,7 +221,8 @@ def main(
             log.error("%s", exc)
             sys.exit(2)
     try:
-        server = Server(config, policy, tokens, debug_token=debug_token, ssl_context=ssl_context)
+        server = Server(config, policy, tokens, debug_token=debug_token, ssl_context=ssl_context,
+                        secret_resolver=resolver)
     except AuditError as exc:
         log.error("%s", exc)
         sys.exit(2)

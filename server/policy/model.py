@@ -29,9 +29,10 @@ DEFAULT_MIN_SECRET_LENGTH: Final = 8
 """Default ``settings.min_secret_length``: shorter secrets cannot be masked safely."""
 
 DEFAULT_SECRET_COMMAND_TIMEOUT: Final = 10.0
-"""Seconds a ``{command: [...]}`` secret reference may run: enough for a password
-manager's CLI to ask its agent or service, short enough that a hung one does not
-hold a reload (or the server's start) for long."""
+"""Seconds a ``{command: [...]}`` secret reference may run unless its own
+``timeout_secs`` says otherwise (``--secret-command-timeout``): enough for a
+password manager's CLI to ask its agent or service, short enough that a hung one
+does not hold a reload (or the server's start) for long."""
 
 SECRET_REF_KINDS: Final = ("file", "credential", "env", "command")
 """The forms a secret value may take instead of the value itself."""
@@ -99,7 +100,7 @@ class SecretRef:
 
     ``kind`` is one of :data:`SECRET_REF_KINDS`; ``target`` is the file path,
     the credential name or the environment variable name; a ``command`` has
-    its ``argv`` and ``timeout_secs`` instead. ``str()`` shows the reference
+    its ``argv`` and ``timeout_secs`` (None: the resolver's default) instead. ``str()`` shows the reference
     as an operator wrote it, but of a command only ``argv[0]``: its arguments
     may be a secret of their own.
     """
@@ -107,7 +108,7 @@ class SecretRef:
     kind: str
     target: str = ""
     argv: tuple[str, ...] = field(default=(), repr=False)
-    timeout_secs: float = DEFAULT_SECRET_COMMAND_TIMEOUT
+    timeout_secs: float | None = None
 
     def __str__(self) -> str:
         if self.kind == "command":

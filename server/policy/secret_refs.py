@@ -28,7 +28,15 @@ from types import MappingProxyType
 from typing import Final
 
 from .load import _Loader
-from .model import CliTool, Policy, PolicyError, SecretRef, Tool, inject_parts
+from .model import (
+    DEFAULT_SECRET_COMMAND_TIMEOUT,
+    CliTool,
+    Policy,
+    PolicyError,
+    SecretRef,
+    Tool,
+    inject_parts,
+)
 
 __all__ = [
     "MAX_SECRET_BYTES",
@@ -36,6 +44,7 @@ __all__ = [
     "CommandRunner",
     "SecretRefError",
     "SecretResolver",
+    "UnresolvedSecret",
     "resolve_policy",
     "run_command",
 ]
@@ -58,6 +67,14 @@ group and holds them open must not hold the reload forever."""
 
 class SecretRefError(Exception):
     """A reference cannot give its value. The message never contains a value."""
+
+
+class UnresolvedSecret(PolicyError):
+    """The policy cannot be used because ``ref`` (at key ``path``) gave no usable value."""
+
+    def __init__(self, message: str, path: str, source: str, ref: SecretRef) -> None:
+        super().__init__(message, path, source)
+        self.ref = ref
 
 
 @dataclass(frozen=True)
@@ -126,20 +143,26 @@ class SecretResolver:
     ``environ`` is the server's own environment (for ``{env:}`` and as the
     environment of ``{command:}``), ``credentials_dir`` is systemd's
     ``$CREDENTIALS_DIRECTORY`` (None when the server was not given one) and
-    ``run`` runs a command (:func:`run_command`).
+    ``run`` runs a command (:func:`run_command`) for at most its reference's
+    ``timeout_secs``, else ``command_timeout``.
     """
 
     def __init__(self, environ: Mapping[str, str], credentials_dir: str | None = None,
-                 run: CommandRunner = run_command) -> None:
+                 run: CommandRunner = run_command,
+                 command_timeout: float = DEFAULT_SECRET_COMMAND_TIMEOUT) -> None:
         self.environ = environ
         self.credentials_dir = credentials_dir
         self.run = run
+        self.command_timeout = command_timeout
 
     @classmethod
-    def from_environment(cls, environ: Mapping[str, str]) -> SecretResolver:
+    def from_environment(cls, environ: Mapping[str, str],
+                         command_timeout: float = DEFAULT_SECRET_COMMAND_TIMEOUT
+                         ) -> SecretResolver:
         """The resolver of a process started with ``environ`` (systemd sets the credentials
         directory there)."""
-        return cls(environ, environ.get("CREDENTIALS_DIRECTORY") or None)
+        return cls(environ, environ.get("CREDENTIALS_DIRECTORY") or None,
+                   command_timeout=command_timeout)
 
     def value(self, ref: SecretRef, mask: Iterable[str] = ()) -> str:
         """The value ``ref`` gives; ``mask`` lists secrets an error must not show."""
@@ -178,13 +201,14 @@ class SecretResolver:
 
     def _command(self, ref: SecretRef, mask: Iterable[str]) -> str:
         program = ref.argv[0]
+        timeout = ref.timeout_secs or self.command_timeout
         try:
-            done = self.run(ref.argv, ref.timeout_secs, self.environ)
+            done = self.run(ref.argv, timeout, self.environ)
         except OSError as exc:
             raise SecretRefError(f"cannot run {program!r}: {exc.strerror or exc}") from None
         if done.returncode is None:
             raise SecretRefError(
-                f"{program!r} did not finish within {ref.timeout_secs:g} s and was killed "
+                f"{program!r} did not finish within {timeout:g} s and was killed "
                 "(raise timeout_secs in the reference if it needs longer)")
         if done.returncode != 0:
             # A failing command's stderr is written for people and usually says why
@@ -226,17 +250,17 @@ def resolve_policy(policy: Policy, resolver: SecretResolver,
             try:
                 value = resolver.value(ref, mask)
             except SecretRefError as exc:
-                raise PolicyError(
+                raise UnresolvedSecret(
                     f"{policy.source}: {path}: cannot resolve {ref}: {exc}. The policy was "
-                    "not loaded.", path, policy.source) from None
+                    "not loaded.", path, policy.source, ref) from None
             try:
                 if isinstance(tool, CliTool):
                     loader.env_value(item, value, path, by_ref=True)
                 else:
                     loader.header_value(value, path)
             except PolicyError as exc:
-                raise PolicyError(f"{exc} (the value comes from {ref})", path,
-                                  policy.source) from None
+                raise UnresolvedSecret(f"{exc} (the value comes from {ref})", path,
+                                       policy.source, ref) from None
             resolved[item] = value
             mask.append(value)
         frozen = MappingProxyType(resolved)
