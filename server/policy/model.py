@@ -100,9 +100,9 @@ class SecretRef:
 
     ``kind`` is one of :data:`SECRET_REF_KINDS`; ``target`` is the file path,
     the credential name or the environment variable name; a ``command`` has
-    its ``argv`` and ``timeout_secs`` (None: the resolver's default) instead. ``str()`` shows the reference
-    as an operator wrote it, but of a command only ``argv[0]``: its arguments
-    may be a secret of their own.
+    its ``argv`` and ``timeout_secs`` (None: the resolver's default) instead.
+    ``str()`` shows the reference as an operator wrote it, but of a command
+    only ``argv[0]``: its arguments may be a secret of their own.
     """
 
     kind: str

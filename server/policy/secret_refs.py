@@ -189,7 +189,7 @@ class SecretResolver:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as exc:
             raise SecretRefError(f"cannot open {what}: {exc.strerror or exc}") from None
-        with os.fdopen(fd, "rb") as f:
+        try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise SecretRefError(f"{what} is not a regular file")
@@ -197,7 +197,17 @@ class SecretResolver:
                 raise SecretRefError(
                     f"{what} is readable by every user of the host (mode "
                     f"{stat.S_IMODE(st.st_mode):04o}); run 'chmod o-r {path}'")
-            return _decode(f.read(MAX_SECRET_BYTES + 1), what)
+            data = b""
+            while len(data) <= MAX_SECRET_BYTES:
+                chunk = os.read(fd, MAX_SECRET_BYTES + 1 - len(data))
+                if not chunk:
+                    break
+                data += chunk
+        except OSError as exc:
+            raise SecretRefError(f"cannot read {what}: {exc.strerror or exc}") from None
+        finally:
+            os.close(fd)
+        return _decode(data, what)
 
     def _command(self, ref: SecretRef, mask: Iterable[str]) -> str:
         program = ref.argv[0]
