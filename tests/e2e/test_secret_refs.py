@@ -44,7 +44,7 @@ ENV_VAR = "CARAPACE_TEST_REF_SECRET"
 # The {command:} reference: prints the secret kept in a file, touches a marker if
 # given one, and, while a "fail" file exists, fails the way a password manager
 # might: a partial secret on stdout, the secret again on stderr.
-COMMAND = f"""\
+COMMAND = """\
 import pathlib, sys
 here = pathlib.Path(sys.argv[1])
 if len(sys.argv) > 2:
