@@ -9,7 +9,7 @@ requested working directory in :func:`decide_cli` (through an injectable
 tests all run the same engine.
 
 ``model`` holds the typed policy, ``secrets`` which names hold secrets,
-``load`` the YAML loader, ``http`` and ``cli`` the two kinds of decision
+``load`` the YAML loader, ``secret_refs`` the resolver of secret references, ``http`` and ``cli`` the two kinds of decision
 (``decision`` their common verdict), ``ratelimit`` the limits applied to an
 allowed decision and ``lint`` the warnings of ``carapace-debug policy lint``.
 Import from the package: the names below are its API.
@@ -76,6 +76,23 @@ because a short value cannot be masked in output without mangling ordinary
 text.
 :meth:`Policy.secrets` lists every secret for the output scrubber. No error
 message and no ``repr`` ever contains an injected value.
+
+Secret references (added)
+=========================
+An ``env_inject`` or ``headers_inject`` value may be a reference instead of
+the value: ``{file: /abs/path}`` (the content, one trailing newline dropped;
+refused if the file is readable by others), ``{credential: NAME}``
+(``$CREDENTIALS_DIRECTORY/NAME`` from systemd's ``LoadCredential=`` or
+``LoadCredentialEncrypted=``, read the same way), ``{env: NAME}`` (the
+server's own environment) or ``{command: [PROGRAM, ARG, ...], timeout_secs:
+S}`` (run without a shell, stdin closed, in its own process group, killed
+after the timeout; stdout stripped). The loader only parses them
+(:class:`SecretRef`, :meth:`Policy.unresolved_refs`); :func:`resolve_policy`
+reads and runs them through a :class:`SecretResolver` it is given, checks each
+value as if it were written in the file, and returns the policy to serve.
+A value given by reference is always a secret, whatever its name. A failure
+is an :class:`UnresolvedSecret` naming the key path and the reference (a
+command by ``argv[0]`` only), never a value.
 
 argv semantics (CLI tools)
 ==========================
