@@ -9,9 +9,10 @@ requested working directory in :func:`decide_cli` (through an injectable
 tests all run the same engine.
 
 ``model`` holds the typed policy, ``secrets`` which names hold secrets,
-``load`` the YAML loader, ``secret_refs`` the resolver of secret references, ``http`` and ``cli`` the two kinds of decision
-(``decision`` their common verdict), ``ratelimit`` the limits applied to an
-allowed decision and ``lint`` the warnings of ``carapace-debug policy lint``.
+``load`` the YAML loader, ``secret_refs`` the resolver of secret references,
+``http`` and ``cli`` the two kinds of decision (``decision`` their common
+verdict), ``ratelimit`` the limits applied to an allowed decision and ``lint``
+the warnings of ``carapace-debug policy lint``.
 Import from the package: the names below are its API.
 
 File format
