@@ -3,10 +3,11 @@
 The VM is assumed hostile, so everything here denies by default and treats
 every byte the VM sends as an attack. The package is pure: no trio, no clock
 (the rate limiter is given the time), no environment variables. Its only I/O
-is reading the policy file in :func:`load_policy_file` and resolving a
+is reading the policy file in :func:`load_policy_file`, resolving a
 requested working directory in :func:`decide_cli` (through an injectable
-``realpath``), so the server, the ``carapace-debug policy`` commands and the
-tests all run the same engine.
+``realpath``) and resolving secret references in :func:`resolve_policy`
+(through the :class:`SecretResolver` it is given), so the server, the
+``carapace-debug policy`` commands and the tests all run the same engine.
 
 ``model`` holds the typed policy, ``secrets`` which names hold secrets,
 ``load`` the YAML loader, ``secret_refs`` the resolver of secret references,

@@ -42,13 +42,19 @@ ROTATED_SECRET = token()
 ENV_VAR = "CARAPACE_TEST_REF_SECRET"
 
 # The {command:} reference: prints the secret kept in a file, touches a marker if
-# given one, and, while a "fail" file exists, fails the way a password manager
-# might: a partial secret on stdout, the secret again on stderr.
+# given one, waits for a "go" file while a "hold" file exists, and, while a "fail"
+# file exists, fails the way a password manager might: a partial secret on stdout,
+# the secret again on stderr.
 COMMAND = """\
-import pathlib, sys
+import pathlib, sys, time
 here = pathlib.Path(sys.argv[1])
 if len(sys.argv) > 2:
     pathlib.Path(sys.argv[2]).touch()
+if (here / "hold").exists():  # a slow password manager: wait for the test's go
+    (here / "started").touch()
+    deadline = time.monotonic() + 30
+    while not (here / "go").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
 value = (here / "cmd-value").read_text()
 if (here / "fail").exists():
     print("partial", value)
@@ -249,6 +255,34 @@ def test_a_reload_whose_command_fails_keeps_the_old_policy_and_names_the_key(
     assert dep.server is not None and dep.server.poll() is None
     run_tool(dep)  # the old policy still serves, with the old values
     assert host_env(dep)["FROM_COMMAND_TOKEN"] == CMD_SECRET
+
+
+def test_a_slow_command_at_reload_does_not_hold_up_requests(dep: Deployment) -> None:
+    """The references are resolved in a worker thread: while the command runs, the
+    server goes on serving (if it did not, this request would wait for the command's
+    10 s timeout and fail)."""
+    assert dep.server is not None
+    status_file = Path(f"{dep.extra['pid_file']}.reload")
+
+    def status_text() -> str:
+        return status_file.read_text() if status_file.exists() else ""
+
+    before = status_text()
+    (dep.tmp / "hold").touch()
+    try:
+        dep.server.send_signal(signal.SIGHUP)
+        poll(lambda: (dep.tmp / "started").exists(), 10, "the command to start")
+        r = httpx.get(dep.url("/api/v1/check"), timeout=5)
+        assert r.status_code == 200
+        assert through_host(dep) == ("[REDACTED]", f"Bearer {HEADER_SECRET}")
+        assert status_text() == before  # the reload is still waiting
+    finally:
+        (dep.tmp / "go").touch()
+        (dep.tmp / "hold").unlink()
+    poll(lambda: status_text() != before, 15, "the reload status")
+    assert json.loads(status_file.read_text())["ok"] is True
+    (dep.tmp / "go").unlink()
+    (dep.tmp / "started").unlink()
 
 
 def test_a_reload_with_a_world_readable_secret_file_is_refused(dep: Deployment) -> None:
