@@ -2,7 +2,8 @@
 
 Both commands call the server's own engine (:mod:`carapace.server.policy`),
 so what ``check`` prints is what the server would decide. They work on a file
-and need no running server.
+and need no running server. Secret references in the policy are neither read
+nor run unless ``check --resolve`` asks for it (then as the server would).
 
 Exit codes: ``check`` exits 0 for allow, 1 for deny, 2 if the policy does not
 load or the command line is wrong; ``lint`` exits 0 with no warnings, 1 with
