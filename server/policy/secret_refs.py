@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import selectors
 import signal
 import stat
 import subprocess
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from types import MappingProxyType
@@ -61,8 +63,10 @@ _MASKED_WORD: Final = 6
 its stderr line; shorter ones are ordinary words, not secrets."""
 
 _KILL_WAIT: Final = 2.0
-"""Seconds to collect a killed command's pipes: a child that escaped its process
-group and holds them open must not hold the reload forever."""
+"""Seconds to wait for a killed command to be reaped."""
+
+_STDERR_KEPT: Final = 4096
+"""Bytes of a command's stderr kept: enough for its first line."""
 
 
 class SecretRefError(Exception):
@@ -94,25 +98,51 @@ def run_command(argv: Sequence[str], timeout: float, env: Mapping[str, str]) -> 
     """Run ``argv`` without a shell, stdin closed, in a process group of its own.
 
     On timeout the whole group is killed, so a password manager's helper
-    processes go with it.
+    processes go with it. Output is kept only up to what could be used (more
+    than :data:`MAX_SECRET_BYTES` of stdout also stops the command): a command
+    that floods, such as ``cat /dev/urandom``, cannot fill the server's memory.
     """
     proc = subprocess.Popen(
         list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         env=dict(env), start_new_session=True, close_fds=True,
     )
+    assert proc.stdout is not None and proc.stderr is not None
+    deadline = time.monotonic() + timeout
+    out, err = bytearray(), bytearray()
+    limits = {proc.stdout.fileno(): (out, MAX_SECRET_BYTES + 1),
+              proc.stderr.fileno(): (err, _STDERR_KEPT)}
     try:
-        out, err = proc.communicate(timeout=timeout)
+        with selectors.DefaultSelector() as selector:
+            for pipe in (proc.stdout, proc.stderr):
+                selector.register(pipe, selectors.EVENT_READ)
+            while selector.get_map() and len(out) <= MAX_SECRET_BYTES:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise subprocess.TimeoutExpired(proc.args, timeout)
+                for key, _events in selector.select(left):
+                    chunk = os.read(key.fd, 65536)
+                    if not chunk:
+                        selector.unregister(key.fileobj)
+                    buf, limit = limits[key.fd]
+                    buf += chunk[:max(0, limit - len(buf))]
+        if len(out) > MAX_SECRET_BYTES:
+            _kill_group(proc)
+        returncode = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.communicate(timeout=_KILL_WAIT)
-        for pipe in (proc.stdout, proc.stderr):
-            if pipe is not None:
-                pipe.close()
-        proc.wait()
+        _kill_group(proc)
         return CommandResult(None, b"", b"")
-    return CommandResult(proc.returncode, out, err)
+    finally:
+        proc.stdout.close()
+        proc.stderr.close()
+    return CommandResult(returncode, bytes(out), bytes(err))
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the command's whole process group, and reap the command."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=_KILL_WAIT)
 
 
 def _mask(text: str, secrets: Iterable[str]) -> str:
@@ -220,6 +250,9 @@ class SecretResolver:
             raise SecretRefError(
                 f"{program!r} did not finish within {timeout:g} s and was killed "
                 "(raise timeout_secs in the reference if it needs longer)")
+        if len(done.stdout) > MAX_SECRET_BYTES:
+            raise SecretRefError(f"{program!r} printed more than {MAX_SECRET_BYTES} bytes "
+                                 "(and was stopped)")
         if done.returncode != 0:
             # A failing command's stderr is written for people and usually says why
             # (not signed in, no such item); but it may echo a secret. So only its

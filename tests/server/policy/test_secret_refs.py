@@ -445,3 +445,19 @@ def test_run_command_timeout_kills_its_whole_process_group(tmp_path: Path) -> No
 def test_run_command_missing_program_raises_oserror() -> None:
     with pytest.raises(OSError):
         run_command(["/nonexistent/program"], 1, {})
+
+
+def test_run_command_stops_a_flood_and_keeps_no_more_than_it_can_use() -> None:
+    start = time.monotonic()
+    done = run_command(["/usr/bin/yes", "0123456789"], 10, {})
+    assert time.monotonic() - start < 5  # stopped at once, not at the timeout
+    assert len(done.stdout) == MAX_SECRET_BYTES + 1
+    flood = cli_policy('{command: ["/usr/bin/yes", "0123456789"]}')
+    exc = resolve_error(flood, SecretResolver({}, None))
+    assert f"'/usr/bin/yes' printed more than {MAX_SECRET_BYTES} bytes" in str(exc)
+    assert "0123456789" not in str(exc)
+
+
+def test_run_command_waits_for_a_command_that_closed_its_output() -> None:
+    done = run_command(["/bin/sh", "-c", "exec >&- 2>&-; sleep 0.2; exit 4"], 10, {})
+    assert done == CommandResult(4, b"", b"")
