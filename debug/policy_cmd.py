@@ -2,7 +2,8 @@
 
 Both commands call the server's own engine (:mod:`carapace.server.policy`),
 so what ``check`` prints is what the server would decide. They work on a file
-and need no running server.
+and need no running server. Secret references in the policy are neither read
+nor run unless ``check --resolve`` asks for it (then as the server would).
 
 Exit codes: ``check`` exits 0 for allow, 1 for deny, 2 if the policy does not
 load or the command line is wrong; ``lint`` exits 0 with no warnings, 1 with
@@ -27,10 +28,12 @@ from carapace.server.policy import (
     Decision,
     Policy,
     PolicyError,
+    SecretResolver,
     decide_cli,
     decide_http,
     lint_policy,
     load_policy_file,
+    resolve_policy,
 )
 
 POLICY_ENV = "CARAPACE_POLICY_FILE"
@@ -51,6 +54,22 @@ def _load(path: str, as_json: bool) -> Policy:
         return load_policy_file(path)
     except PolicyError as exc:
         _fail_load(str(exc), as_json)
+
+
+def _resolve(loaded: Policy, as_json: bool) -> Policy:
+    """Resolve the secret references as the server would (its environment, systemd's
+    $CREDENTIALS_DIRECTORY, commands run): exit 2, naming the reference, if one fails."""
+    try:
+        return resolve_policy(loaded, SecretResolver.from_environment(os.environ))
+    except PolicyError as exc:
+        _fail_load(str(exc), as_json)
+
+
+def _tool_refs(loaded: Policy, tool: str) -> dict[str, str]:
+    """The unresolved secret references of ``tool``, by key path (never a value)."""
+    prefix = f"tools.{tool}."
+    return {path: str(ref) for path, ref in loaded.unresolved_refs().items()
+            if path.startswith(prefix)}
 
 
 def _looks_like_policy(arg: str) -> bool:
@@ -134,6 +153,10 @@ def policy() -> None:
 @click.option("--env", "env", multiple=True, metavar="NAME=VALUE",
               help="Environment variable the VM sends (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--resolve", is_flag=True,
+              help="Also resolve the policy's secret references ({file:}, {credential:}, "
+              "{env:}, {command:}: commands RUN) as the server would, exiting 2 if one "
+              "fails. Without it nothing is read or run, and the decision lists them unresolved.")
 @click.pass_context
 def check(
     ctx: click.Context,
@@ -147,6 +170,7 @@ def check(
     cwd: str | None,
     env: tuple[str, ...],
     as_json: bool,
+    resolve: bool = False,
 ) -> None:
     """Decide one request: exit 0 if allowed, 1 if denied, 2 if the policy is unusable.
 
@@ -161,6 +185,9 @@ def check(
     """
     path, argv = _split_policy(ctx, args, policy_opt, as_json)
     loaded = _load(path, as_json)
+    if resolve:
+        loaded = _resolve(loaded, as_json)
+    refs = _tool_refs(loaded, tool)
     decision: Decision
     if http:
         if argv:
@@ -184,9 +211,14 @@ def check(
             _parse_env(env),
         )
     if as_json:
-        click.echo(json.dumps(decision.as_dict()))
+        click.echo(json.dumps({**decision.as_dict(), **({"unresolved_refs": refs} if refs
+                                                          else {})}))
     else:
-        _print_decision(decision, Console(highlight=False, soft_wrap=True))
+        console = Console(highlight=False, soft_wrap=True)
+        _print_decision(decision, console)
+        for key, ref in refs.items():
+            console.print(Text.assemble(("ref:  ", "dim"), f"{key} = {ref} (not resolved; "
+                                        "--resolve to resolve it)"))
     ctx.exit(0 if decision.allow else 1)
 
 

@@ -50,8 +50,14 @@ class Server:
         *,
         debug_token: bytes | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        secret_resolver: policy_mod.SecretResolver | None = None,
     ) -> None:
+        if policy.unresolved_refs():
+            raise ValueError("the policy's secret references are not resolved (resolve_policy)")
         self.config = config
+        self.secret_resolver = secret_resolver or policy_mod.SecretResolver({})
+        """Resolves the secret references of each reloaded policy (main.py gives it the
+        server's environment and $CREDENTIALS_DIRECTORY)."""
         self.policy = policy
         self.tokens = tokens
         self.version = SERVER_VERSION
@@ -170,15 +176,39 @@ class Server:
         (for an external logrotate).
         """
         try:
-            new = policy_mod.load_policy_file(self.config.policy_file)
-            tokens = load_server_tokens(self.config.token_file) if self.config.token_file \
-                else self.tokens
+            new, tokens = self.read_files()
         except (policy_mod.PolicyError, TokenFileError) as exc:
-            message = f"reload rejected, the previous policy and tokens stay in force: {exc}"
-            log.error("%s", message)
-            if self.on_reload is not None:
-                self.on_reload(False, message)
-            return False
+            return self.reload_rejected(exc)
+        return self.apply_reload(new, tokens)
+
+    async def reload_in_thread(self) -> bool:
+        """:meth:`reload`, with the files read and secrets resolved in a worker thread:
+        a ``{command:}`` reference may take seconds, and streams must not wait for it."""
+        try:
+            new, tokens = await trio.to_thread.run_sync(self.read_files)
+        except (policy_mod.PolicyError, TokenFileError) as exc:
+            return self.reload_rejected(exc)
+        return self.apply_reload(new, tokens)
+
+    def read_files(self) -> tuple[policy_mod.Policy, dict[str, bytes]]:
+        """The new policy, its secret references resolved, and the new tokens."""
+        loaded = policy_mod.load_policy_file(self.config.policy_file)
+        new = policy_mod.resolve_policy(loaded, self.secret_resolver, self.secrets())
+        tokens = load_server_tokens(self.config.token_file) if self.config.token_file \
+            else self.tokens
+        return new, tokens
+
+    def reload_rejected(self, exc: Exception) -> bool:
+        if isinstance(exc, policy_mod.UnresolvedSecret):
+            self.metrics.secret_ref_failures.labels(exc.ref.kind).inc()
+        message = f"reload rejected, the previous policy and tokens stay in force: {exc}"
+        log.error("%s", message)
+        if self.on_reload is not None:
+            self.on_reload(False, message)
+        return False
+
+    def apply_reload(self, new: policy_mod.Policy, tokens: dict[str, bytes]) -> bool:
+        """Put a read, valid policy and token set in force (see :meth:`reload`)."""
         revoked = sorted(name for name, token in self.tokens.items()
                          if tokens.get(name) != token)
         self.audit.add_secrets(new.secrets())
@@ -238,7 +268,7 @@ class Server:
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     log.info("SIGHUP: reloading the policy and tokens")
-                    self.reload()
+                    await self.reload_in_thread()
                 else:
                     await self.shutdown(scope)
                     return

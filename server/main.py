@@ -48,7 +48,15 @@ from .config import (
 )
 from .daemon import Server
 from .operator_api import DebugConfigError, debug_access
-from .policy import LIMIT_NAMES, ParseLimits, PolicyError, load_policy_file
+from .policy import (
+    DEFAULT_SECRET_COMMAND_TIMEOUT,
+    LIMIT_NAMES,
+    ParseLimits,
+    PolicyError,
+    SecretResolver,
+    load_policy_file,
+    resolve_policy,
+)
 from .policy.limits import DEFAULT_LIMITS, LIMIT_HELP, env_var, flag
 
 log = logging.getLogger("carapace.server")
@@ -148,6 +156,12 @@ def parse_limit_options(command: Any) -> Any:
               show_default=True,
               help="Largest audit record, as written (JSON); longer values are cut to a "
               "marked head with the byte count and SHA-256 of the whole.")
+@click.option("--secret-command-timeout", type=click.FloatRange(min=0, min_open=True),
+              default=DEFAULT_SECRET_COMMAND_TIMEOUT, envvar="CARAPACE_SECRET_COMMAND_TIMEOUT",
+              show_default=True,
+              help="Seconds a policy's {command: [...]} secret reference may run (at start and "
+              "each reload) unless it sets its own timeout_secs; then its process group is "
+              "killed and the policy refused.")
 @parse_limit_options
 def main(
     listen: tuple[str, int],
@@ -175,16 +189,28 @@ def main(
     pid_file: str | None = None,
     audit_deny_bytes: int = DEFAULT_DENY_BYTES,
     audit_max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+    secret_command_timeout: float = DEFAULT_SECRET_COMMAND_TIMEOUT,
     **parse_limits: int,
 ) -> None:
     """Serve Carapace agents: decide, run and audit their tool requests on this host.
 
     SIGHUP (or 'carapace-server reload --pid-file FILE') re-reads the policy
     and the token file; an invalid file is rejected and the old ones stay.
+
+    A secret in the policy (an env_inject or headers_inject value) may be a
+    reference instead of plain text: {file: /path} (not readable by others;
+    one trailing newline dropped), {credential: NAME} (systemd's
+    $CREDENTIALS_DIRECTORY/NAME, from LoadCredential= or
+    LoadCredentialEncrypted=), {env: NAME} (this server's environment) or
+    {command: [PROGRAM, ARG...]} (run without a shell, stdout stripped, e.g.
+    ["op", "read", "op://vault/item/field"]). They are resolved at start and
+    at each reload; one that fails refuses the policy, naming the key and the
+    reference, never a value.
     """
     setup_logging(log_level, log_json)
+    resolver = SecretResolver.from_environment(os.environ, secret_command_timeout)
     try:
-        policy = load_policy_file(policy_file)
+        policy = resolve_policy(load_policy_file(policy_file), resolver)
         tokens = load_server_tokens(token_file)
     except (PolicyError, TokenFileError) as exc:
         log.error("%s", exc)
@@ -216,7 +242,8 @@ def main(
     debug_token = _debug_token(debug_listen, debug_token_file)
     ssl_context = _tls_context(tls_cert, tls_key, tls_client_ca)
     try:
-        server = Server(config, policy, tokens, debug_token=debug_token, ssl_context=ssl_context)
+        server = Server(config, policy, tokens, debug_token=debug_token, ssl_context=ssl_context,
+                        secret_resolver=resolver)
     except AuditError as exc:
         log.error("%s", exc)
         sys.exit(2)

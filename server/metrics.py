@@ -99,6 +99,11 @@ class ServerMetrics:
         """id(reader) → (FrameReader, FrameWriter) of links seen, until folded."""
         self._closed_bytes = {"in": 0, "out": 0}
         self._attached = False
+        self.secret_ref_failures = Counter(
+            "carapace_secret_ref_failures",
+            "Secret references that gave no usable value at a reload (which was rejected).",
+            ["kind"], registry=reg,
+        )
         reg.register(_LiveCollector(self))
 
     # -- called where things happen -------------------------------------------------

@@ -3,15 +3,17 @@
 The VM is assumed hostile, so everything here denies by default and treats
 every byte the VM sends as an attack. The package is pure: no trio, no clock
 (the rate limiter is given the time), no environment variables. Its only I/O
-is reading the policy file in :func:`load_policy_file` and resolving a
+is reading the policy file in :func:`load_policy_file`, resolving a
 requested working directory in :func:`decide_cli` (through an injectable
-``realpath``), so the server, the ``carapace-debug policy`` commands and the
-tests all run the same engine.
+``realpath``) and resolving secret references in :func:`resolve_policy`
+(through the :class:`SecretResolver` it is given), so the server, the
+``carapace-debug policy`` commands and the tests all run the same engine.
 
 ``model`` holds the typed policy, ``secrets`` which names hold secrets,
-``load`` the YAML loader, ``http`` and ``cli`` the two kinds of decision
-(``decision`` their common verdict), ``ratelimit`` the limits applied to an
-allowed decision and ``lint`` the warnings of ``carapace-debug policy lint``.
+``load`` the YAML loader, ``secret_refs`` the resolver of secret references,
+``http`` and ``cli`` the two kinds of decision (``decision`` their common
+verdict), ``ratelimit`` the limits applied to an allowed decision and ``lint``
+the warnings of ``carapace-debug policy lint``.
 Import from the package: the names below are its API.
 
 File format
@@ -86,6 +88,23 @@ because a short value cannot be masked in output without mangling ordinary
 text.
 :meth:`Policy.secrets` lists every secret for the output scrubber. No error
 message and no ``repr`` ever contains an injected value.
+
+Secret references (added)
+=========================
+An ``env_inject`` or ``headers_inject`` value may be a reference instead of
+the value: ``{file: /abs/path}`` (the content, one trailing newline dropped;
+refused if the file is readable by others), ``{credential: NAME}``
+(``$CREDENTIALS_DIRECTORY/NAME`` from systemd's ``LoadCredential=`` or
+``LoadCredentialEncrypted=``, read the same way), ``{env: NAME}`` (the
+server's own environment) or ``{command: [PROGRAM, ARG, ...], timeout_secs:
+S}`` (run without a shell, stdin closed, in its own process group, killed
+after the timeout; stdout stripped). The loader only parses them
+(:class:`SecretRef`, :meth:`Policy.unresolved_refs`); :func:`resolve_policy`
+reads and runs them through a :class:`SecretResolver` it is given, checks each
+value as if it were written in the file, and returns the policy to serve.
+A value given by reference is always a secret, whatever its name. A failure
+is an :class:`UnresolvedSecret` naming the key path and the reference (a
+command by ``argv[0]`` only), never a value.
 
 argv semantics (CLI tools)
 ==========================
@@ -210,6 +229,7 @@ from .model import (
     BASE_ENV,
     DEFAULT_CWD,
     DEFAULT_MIN_SECRET_LENGTH,
+    DEFAULT_SECRET_COMMAND_TIMEOUT,
     DEFAULT_TIMEOUT_SECS,
     AgentGrant,
     AuditConfig,
@@ -220,10 +240,19 @@ from .model import (
     Policy,
     PolicyError,
     RateLimit,
+    SecretRef,
     Settings,
     Tool,
 )
 from .ratelimit import RateLimiter, apply_rate_limits
+from .secret_refs import (
+    CommandResult,
+    SecretRefError,
+    SecretResolver,
+    UnresolvedSecret,
+    resolve_policy,
+    run_command,
+)
 from .secrets import env_name_is_secret, passthrough_refusal
 
 __all__ = [
@@ -232,6 +261,7 @@ __all__ = [
     "DEFAULT_CWD",
     "DEFAULT_LIMITS",
     "DEFAULT_MIN_SECRET_LENGTH",
+    "DEFAULT_SECRET_COMMAND_TIMEOUT",
     "DEFAULT_TIMEOUT_SECS",
     "INLINE_DECIDE_BYTES",
     "LIMIT_NAMES",
@@ -241,6 +271,7 @@ __all__ = [
     "AuditConfig",
     "CliDecision",
     "CliTool",
+    "CommandResult",
     "Decision",
     "HttpTool",
     "LintWarning",
@@ -252,8 +283,12 @@ __all__ = [
     "RateLimit",
     "RateLimiter",
     "RiskyArgs",
+    "SecretRef",
+    "SecretRefError",
+    "SecretResolver",
     "Settings",
     "Tool",
+    "UnresolvedSecret",
     "apply_rate_limits",
     "argv_matches",
     "decide_cli",
@@ -265,5 +300,7 @@ __all__ = [
     "needs_worker",
     "passthrough_refusal",
     "prepare_http_headers",
+    "resolve_policy",
+    "run_command",
     "vm_denial",
 ]

@@ -21,6 +21,7 @@ from .model import (
     _NAME_RE,
     DEFAULT_MIN_SECRET_LENGTH,
     PARAM_NORMALIZERS,
+    SECRET_REF_KINDS,
     AgentGrant,
     AuditConfig,
     CliTool,
@@ -30,6 +31,7 @@ from .model import (
     Policy,
     PolicyError,
     RateLimit,
+    SecretRef,
     Settings,
     Tool,
 )
@@ -340,8 +342,9 @@ class _Loader:
         if "argv_deny_patterns" in raw:
             deny = self.strings(raw["argv_deny_patterns"], f"{path}.argv_deny_patterns")
         inject: dict[str, str] = {}
+        inject_refs: dict[str, SecretRef] = {}
         if "env_inject" in raw:
-            inject = self.env_inject(raw["env_inject"], f"{path}.env_inject")
+            inject, inject_refs = self.env_inject(raw["env_inject"], f"{path}.env_inject")
         if "env_passthrough" in raw:
             passthrough = self.env_passthrough(raw["env_passthrough"], f"{path}.env_passthrough")
         cwd_allowed = None
@@ -362,6 +365,7 @@ class _Loader:
             cwd_allowed=cwd_allowed,
             **self.common(raw, path),
             **self.argv_flags(raw, path),
+            env_inject_refs=MappingProxyType(inject_refs),
         )
 
     def argv_flags(self, raw: dict[str, Any], path: str) -> dict[str, Any]:
@@ -377,18 +381,57 @@ class _Loader:
                 out[key] = flags
         return out
 
-    def env_inject(self, value: Any, path: str) -> dict[str, str]:
+    def env_inject(self, value: Any, path: str) -> tuple[dict[str, str], dict[str, SecretRef]]:
         inject: dict[str, str] = {}
+        refs: dict[str, SecretRef] = {}
         for env_name, raw_value in self.mapping(value, path).items():
             vpath = f"{path}.{env_name}"
             if not _ENV_NAME_RE.match(env_name):
                 self.fail(vpath, f"{_show(env_name)} is not a valid environment variable name",
                           "Use letters, digits and '_', not starting with a digit.")
-            text = self.string(raw_value, vpath)
-            if env_name_is_secret(env_name):
-                self.secret_check(text, vpath, "this secret")
-            inject[env_name] = text
-        return inject
+            if isinstance(raw_value, dict):
+                refs[env_name] = self.secret_ref(raw_value, vpath)
+            else:
+                inject[env_name] = self.env_value(env_name, self.string(raw_value, vpath), vpath)
+        return inject, refs
+
+    def env_value(self, env_name: str, text: str, path: str, by_ref: bool = False) -> str:
+        """Check one ``env_inject`` value; a value given by reference is always a secret."""
+        if "\x00" in text:
+            self.fail(path, "must not contain NUL characters")
+        if by_ref or env_name_is_secret(env_name):
+            self.secret_check(text, path, "this secret")
+        return text
+
+    def secret_ref(self, value: dict[str, Any], path: str) -> SecretRef:
+        """``{file: P}``, ``{credential: NAME}``, ``{env: NAME}`` or ``{command: [ARGV]}``."""
+        fix = ("Write the value itself, or one of {file: /abs/path}, {credential: NAME}, "
+               "{env: NAME}, {command: [PROGRAM, ARG, ...]} (with an optional timeout_secs).")
+        raw = self.mapping(value, path, "a string or a secret reference")
+        kinds = [key for key in SECRET_REF_KINDS if key in raw]
+        if len(kinds) != 1:
+            self.fail(path, "a secret reference needs exactly one of "
+                      f"{', '.join(SECRET_REF_KINDS)}", fix)
+        kind = kinds[0]
+        self.known_keys(raw, path, (kind, "timeout_secs") if kind == "command" else (kind,), fix)
+        kpath = f"{path}.{kind}"
+        if kind == "file":
+            return SecretRef(kind, self.absolute_path(raw[kind], kpath, "the secret file"))
+        if kind == "credential":
+            return SecretRef(kind, self.name(raw[kind], kpath, "credential name"))
+        if kind == "env":
+            name = self.string(raw[kind], kpath)
+            if not _ENV_NAME_RE.match(name):
+                self.fail(kpath, f"{_show(name)} is not a valid environment variable name")
+            return SecretRef(kind, name)
+        argv = self.strings(raw[kind], kpath)
+        if not argv or not argv[0]:
+            self.fail(kpath, "must name a program to run", fix)
+        ref = SecretRef(kind, argv=argv)
+        if "timeout_secs" in raw:
+            timeout = self.positive_number(raw["timeout_secs"], f"{path}.timeout_secs")
+            ref = SecretRef(kind, argv=argv, timeout_secs=timeout)
+        return ref
 
     def env_passthrough(self, value: Any, path: str) -> tuple[str, ...]:
         passthrough = self.strings(value, path)
@@ -452,8 +495,10 @@ class _Loader:
             for method, spec in self.mapping(raw["jsonrpc_param_filters"], fpath).items():
                 filters[method] = self.param_filter(spec, f"{fpath}.{method}")
         inject: dict[str, str] = {}
+        inject_refs: dict[str, SecretRef] = {}
         if "headers_inject" in raw:
-            inject = self.headers_inject(raw["headers_inject"], f"{path}.headers_inject")
+            inject, inject_refs = self.headers_inject(
+                raw["headers_inject"], f"{path}.headers_inject")
         return HttpTool(
             name=tool_name,
             upstream=upstream,
@@ -463,10 +508,14 @@ class _Loader:
             jsonrpc_param_filters=None if filters is None else MappingProxyType(filters),
             headers_inject=MappingProxyType(inject),
             **self.common(raw, path),
+            headers_inject_refs=MappingProxyType(inject_refs),
         )
 
-    def headers_inject(self, value: Any, path: str) -> dict[str, str]:
+    def headers_inject(
+        self, value: Any, path: str
+    ) -> tuple[dict[str, str], dict[str, SecretRef]]:
         inject: dict[str, str] = {}
+        refs: dict[str, SecretRef] = {}
         for header, raw_value in self.mapping(value, path).items():
             vpath = f"{path}.{header}"
             if not TOKEN.match(header):
@@ -474,14 +523,20 @@ class _Loader:
             if header.lower() in NOT_INJECTABLE:
                 self.fail(vpath, f"{header} cannot be injected",
                           "Framing and routing headers belong to the HTTP client.")
-            if any(h.lower() == header.lower() for h in inject):
+            if any(h.lower() == header.lower() for h in [*inject, *refs]):
                 self.fail(vpath, f"{header} is listed twice (header names ignore case)")
-            text = self.string(raw_value, vpath)
-            if any((ord(c) < 0x20 and c != "\t") or ord(c) > 0x7E for c in text):
-                self.fail(vpath, "the value must be printable ASCII (no control characters)")
-            self.secret_check(text, vpath, "this header value (always a secret)")
-            inject[header] = text
-        return inject
+            if isinstance(raw_value, dict):
+                refs[header] = self.secret_ref(raw_value, vpath)
+            else:
+                inject[header] = self.header_value(self.string(raw_value, vpath), vpath)
+        return inject, refs
+
+    def header_value(self, text: str, path: str) -> str:
+        """Check one ``headers_inject`` value (always a secret)."""
+        if any((ord(c) < 0x20 and c != "\t") or ord(c) > 0x7E for c in text):
+            self.fail(path, "the value must be printable ASCII (no control characters)")
+        self.secret_check(text, path, "this header value (always a secret)")
+        return text
 
     def path_rule(self, text: str, path: str) -> PathRule:
         fix = 'Write "METHOD /path" with one space, e.g. "POST /api/v1/rpc" or "GET /api/*".'

@@ -30,6 +30,14 @@ DEFAULT_MIN_SECRET_LENGTH: Final = 8
 
 DEFAULT_TIMEOUT_SECS: Final = 30.0
 """A tool's ``timeout_secs`` when its policy gives none, HTTP and CLI alike."""
+DEFAULT_SECRET_COMMAND_TIMEOUT: Final = 10.0
+"""Seconds a ``{command: [...]}`` secret reference may run unless its own
+``timeout_secs`` says otherwise (``--secret-command-timeout``): enough for a
+password manager's CLI to ask its agent or service, short enough that a hung one
+does not hold a reload (or the server's start) for long."""
+
+SECRET_REF_KINDS: Final = ("file", "credential", "env", "command")
+"""The forms a secret value may take instead of the value itself."""
 
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 """A tool or agent name: short, and safe to print unquoted in a message."""
@@ -108,6 +116,29 @@ class PathRule:
 
 
 @dataclass(frozen=True)
+class SecretRef:
+    """Where a secret value comes from, when the policy names it instead of holding it.
+
+    ``kind`` is one of :data:`SECRET_REF_KINDS`; ``target`` is the file path,
+    the credential name or the environment variable name; a ``command`` has
+    its ``argv`` and ``timeout_secs`` (None: the resolver's default) instead.
+    ``str()`` shows the reference as an operator wrote it, but of a command
+    only ``argv[0]``: its arguments may be a secret of their own.
+    """
+
+    kind: str
+    target: str = ""
+    argv: tuple[str, ...] = field(default=(), repr=False)
+    timeout_secs: float | None = None
+
+    def __str__(self) -> str:
+        if self.kind == "command":
+            more = " ..." if len(self.argv) > 1 else ""
+            return f"{{command: [{_show(self.argv[0])}{more}]}}" if self.argv else "{command}"
+        return f"{{{self.kind}: {_show(self.target)}}}"
+
+
+@dataclass(frozen=True)
 class CliTool:
     """A host binary the VM may run with some argument lists.
 
@@ -129,14 +160,18 @@ class CliTool:
     """Overrides of the server-wide parse limits (``policy/limits.py``) for this tool."""
     argv_deny_flags: tuple[str, ...] = ()
     argv_allow_flags: tuple[str, ...] | None = None
+    env_inject_refs: Mapping[str, SecretRef] = field(default_factory=dict)
+    """``env_inject`` names whose value is a reference; the resolved value joins
+    ``env_inject`` (:func:`~.secret_refs.resolve_policy`) and is always a secret."""
 
     @property
     def type(self) -> str:
         return "cli"
 
     def secret_values(self) -> list[str]:
-        """The ``env_inject`` values whose names mark them as secrets."""
-        return [v for k, v in self.env_inject.items() if env_name_is_secret(k)]
+        """The ``env_inject`` values that are secrets: by name, or given by reference."""
+        return [v for k, v in self.env_inject.items()
+                if env_name_is_secret(k) or k in self.env_inject_refs]
 
 
 @dataclass(frozen=True)
@@ -159,6 +194,8 @@ class HttpTool:
     agents: tuple[str, ...] | None = None
     limits: Mapping[str, int] = field(default_factory=dict)
     """Overrides of the server-wide parse limits (``policy/limits.py``) for this tool."""
+    headers_inject_refs: Mapping[str, SecretRef] = field(default_factory=dict)
+    """``headers_inject`` names whose value is a reference (see ``CliTool.env_inject_refs``)."""
 
     @property
     def type(self) -> str:
@@ -179,6 +216,13 @@ class HttpTool:
 
 
 Tool: TypeAlias = CliTool | HttpTool
+
+
+def inject_parts(tool: Tool) -> tuple[str, Mapping[str, str], Mapping[str, SecretRef]]:
+    """A tool's injection key (``env_inject``/``headers_inject``), its values and its refs."""
+    if isinstance(tool, CliTool):
+        return "env_inject", tool.env_inject, tool.env_inject_refs
+    return "headers_inject", tool.headers_inject, tool.headers_inject_refs
 
 
 @dataclass(frozen=True)
@@ -217,6 +261,24 @@ class Policy:
             cached = sorted(seen, key=lambda s: (-len(s), s))
             self.__dict__["_secrets"] = cached
         return list(cached)
+
+    def secret_refs(self) -> dict[str, SecretRef]:
+        """Every secret reference, by the key path of its value
+        (``tools.gh.env_inject.GH_TOKEN``), resolved or not."""
+        out: dict[str, SecretRef] = {}
+        for tool in self.tools.values():
+            key, _values, refs = inject_parts(tool)
+            out.update({f"tools.{tool.name}.{key}.{name}": r for name, r in refs.items()})
+        return out
+
+    def unresolved_refs(self) -> dict[str, SecretRef]:
+        """The references whose value is not there yet: a policy to serve has none."""
+        out: dict[str, SecretRef] = {}
+        for tool in self.tools.values():
+            key, values, refs = inject_parts(tool)
+            out.update({f"tools.{tool.name}.{key}.{name}": r
+                        for name, r in refs.items() if name not in values})
+        return out
 
     def is_granted(self, agent: str, tool: str) -> bool:
         """Whether ``agent`` may use ``tool`` at all (the tool must exist)."""
