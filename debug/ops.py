@@ -133,7 +133,19 @@ def health_table(doc: dict[str, Any], address: str) -> Table:
     sniff = doc.get("sniff") or {}
     table.add_row("sniff clients", f"{sniff.get('subscribers', 0)} "
                   f"({sniff.get('dropped', 0)} records dropped)")
+    sandbox = doc.get("sandbox")
+    if isinstance(sandbox, dict):
+        table.add_row("tool sandbox", sandbox_text(sandbox))
     return table
+
+
+def sandbox_text(sandbox: dict[str, Any]) -> Text:
+    """The confinement of CLI tools: green when bwrap, red when tools run unconfined."""
+    mode = str(sandbox.get("mode", "?"))
+    detail = f" (settings.sandbox: {sandbox.get('setting')}; {sandbox.get('reason')})"
+    if mode == "bwrap":
+        return Text.assemble(("bwrap", "bold green"), detail)
+    return Text.assemble((f"{mode}: CLI tools run UNCONFINED", "bold red"), detail)
 
 
 @click.command()

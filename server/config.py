@@ -52,3 +52,7 @@ class ServerConfig:
     audit_backups: int = DEFAULT_BACKUPS
     audit_fsync: bool = False
     audit_deny_limit: tuple[int, float] = DEFAULT_DENY_LIMIT
+    tls_key: str | None = None
+    """The TLS private key file (hidden from tools; its key material is masked)."""
+    debug_token_file: str | None = None
+    """The debug listener's token file (hidden from tools)."""

@@ -11,7 +11,7 @@ import logging
 import os
 import signal
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 
 import trio
@@ -26,6 +26,7 @@ from .link import ServerLink
 from .metrics import ServerMetrics
 from .operator_api import OperatorApi
 from .pipeline import RequestPipeline
+from .sandbox import Sandbox, SandboxError, SandboxStatus, server_files
 from .session import AgentSession, TooManyAgents
 from .stats import Stats
 from .streams import ServerStream
@@ -50,7 +51,11 @@ class Server:
         *,
         debug_token: bytes | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        tls_key_material: Sequence[bytes] = (),
+        sandbox: Sandbox | None = None,
     ) -> None:
+        """Raises AuditError (the audit log cannot be opened) or SandboxError
+        (``settings.sandbox: bwrap`` where bwrap does not work)."""
         self.config = config
         self.policy = policy
         self.tokens = tokens
@@ -74,17 +79,42 @@ class Server:
             deny_limit=config.audit_deny_limit)
         self.audit.add_secrets(policy.secrets())
         self.audit.add_secrets(tokens.values())
+        self.tls_key_material = tuple(tls_key_material)
+        self.sandbox = sandbox if sandbox is not None else Sandbox(server_files(
+            config.policy_file, config.token_file, tls_key=config.tls_key,
+            debug_token_file=config.debug_token_file, audit_log=config.audit_log))
+        self.sandbox.configure(policy.settings.sandbox)
         self.metrics = ServerMetrics(self)
         self.http_client = UpstreamClient()
         self.pipeline = RequestPipeline(audit=self.audit, metrics=self.metrics,
-                                        stats=self.stats, http_client=self.http_client)
+                                        stats=self.stats, http_client=self.http_client,
+                                        sandbox=self.sandbox)
+        self._hold_secrets()
         self.on_reload: Callable[[bool, str], None] | None = None
         """Called after each reload attempt with (accepted, message); main.py reports it."""
 
     # -- what the operator API and the metrics read (view.OperatorView) ---------------
     def secrets(self) -> list[bytes]:
         """Every secret the server holds that a frame summary must never show."""
-        return [*self.tokens.values(), *self.policy.secrets()]
+        return [*self.held_secrets(), *self.policy.secrets()]
+
+    def held_secrets(self) -> list[bytes]:
+        """The server's own secrets: every agent's token, the debug token, TLS key material."""
+        own = [*self.tokens.values(), *self.tls_key_material]
+        if self.debug_token:
+            own.append(self.debug_token)
+        return own
+
+    def _hold_secrets(self) -> None:
+        """Mask the server's own secrets in everything sent to a VM and in the audit trail."""
+        held = self.held_secrets()
+        self.pipeline.held_secrets = tuple(held)
+        self.audit.add_secrets(held)
+
+    @property
+    def sandbox_status(self) -> SandboxStatus:
+        """How CLI tools are confined now (health and metrics show it)."""
+        return self.sandbox.status
 
     @property
     def denials_suppressed(self) -> int:
@@ -166,7 +196,9 @@ class Server:
             new = policy_mod.load_policy_file(self.config.policy_file)
             tokens = load_server_tokens(self.config.token_file) if self.config.token_file \
                 else self.tokens
-        except (policy_mod.PolicyError, TokenFileError) as exc:
+            if new.settings.sandbox != self.policy.settings.sandbox:
+                self.sandbox.configure(new.settings.sandbox)
+        except (policy_mod.PolicyError, TokenFileError, SandboxError) as exc:
             message = f"reload rejected, the previous policy and tokens stay in force: {exc}"
             log.error("%s", message)
             if self.on_reload is not None:
@@ -178,6 +210,7 @@ class Server:
         self.audit.add_secrets(tokens.values())
         self.policy = new
         self.tokens = tokens
+        self._hold_secrets()
         for name in revoked:
             session = self.sessions.get(name)
             if session is not None:

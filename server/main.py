@@ -43,8 +43,10 @@ from .config import (
     ServerConfig,
 )
 from .daemon import Server
+from .masking import private_key_blocks
 from .operator_api import DebugConfigError, debug_access
 from .policy import PolicyError, load_policy_file
+from .sandbox import SandboxError
 
 log = logging.getLogger("carapace.server")
 
@@ -178,6 +180,8 @@ def main(
         audit_backups=audit_backups,
         audit_fsync=audit_fsync,
         audit_deny_limit=audit_deny_limit,
+        tls_key=tls_key,
+        debug_token_file=debug_token_file,
     )
     debug_token = None
     if debug_listen is not None:
@@ -196,9 +200,17 @@ def main(
         except TlsConfigError as exc:
             log.error("%s", exc)
             sys.exit(2)
+    key_material: list[bytes] = []
+    if tls_key:
+        try:  # the context loaded it just now; here only to mask it in tool output
+            key_material = private_key_blocks(Path(tls_key).read_bytes())
+        except OSError as exc:
+            log.error("cannot read --tls-key %s: %s", tls_key, exc.strerror or exc)
+            sys.exit(2)
     try:
-        server = Server(config, policy, tokens, debug_token=debug_token, ssl_context=ssl_context)
-    except AuditError as exc:
+        server = Server(config, policy, tokens, debug_token=debug_token, ssl_context=ssl_context,
+                        tls_key_material=key_material)
+    except (AuditError, SandboxError) as exc:
         log.error("%s", exc)
         sys.exit(2)
     log.info("loaded policy %s (%d tools) and %d agent token(s)", policy_file,

@@ -19,9 +19,10 @@ from carapace.protocol.messages import CliRequest, HttpRequest
 from . import policy as policy_mod
 from .audit import AuditEntry, AuditError, AuditTrail
 from .cli_runner import ExitInfo, run_cli
-from .masking import policy_scrubber
+from .masking import server_scrubber
 from .metrics import ServerMetrics
 from .policy import RateLimiter, apply_rate_limits
+from .sandbox import Sandbox
 from .stats import Stats
 from .streams import ServerStream
 from .upstream import UpstreamClient
@@ -35,13 +36,19 @@ class RequestPipeline:
 
     def __init__(self, *, audit: AuditTrail, metrics: ServerMetrics, stats: Stats,
                  http_client: UpstreamClient,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 sandbox: Sandbox | None = None) -> None:
         self.audit = audit
         self.metrics = metrics
         self.stats = stats
         self.http_client = http_client
         self.rate_limiter = RateLimiter()
         self.clock = clock
+        self.sandbox = sandbox
+        """How CLI tools are confined (None: not at all)."""
+        self.held_secrets: tuple[bytes, ...] = ()
+        """The server's own secrets (agent tokens, debug token, TLS key), masked in all
+        output besides the policy's; the daemon sets them at start and on reload."""
 
     async def handle(self, agent: str, session_id: bytes, stream: ServerStream,
                      msg: HttpRequest | CliRequest, policy: policy_mod.Policy) -> None:
@@ -76,7 +83,7 @@ class RequestPipeline:
         aborted: str | None = "cancelled"  # unless forward_http returns or raises
         try:
             await forward_http(self.http_client, stream, req, req.tool, tool, headers,
-                               scrubber=policy_scrubber(policy))
+                               scrubber=server_scrubber(policy, self.held_secrets))
             aborted = None
         except Exception:
             aborted = "error"
@@ -106,7 +113,8 @@ class RequestPipeline:
         info = ExitInfo()
         try:
             await run_cli(stream, req, cli_decision, tool, info=info,
-                          filters=policy_scrubber(policy).output_filters())
+                          filters=server_scrubber(policy, self.held_secrets).output_filters(),
+                          sandbox=self.sandbox)
         finally:
             entry.completed_cli(info)
 

@@ -14,6 +14,7 @@ from carapace.protocol.messages import Message
 
 from .config import ServerConfig
 from .policy import Policy
+from .sandbox import SandboxStatus
 from .session import AgentSession, Direction
 from .stats import Stats
 
@@ -54,4 +55,9 @@ class OperatorView(Protocol):
     @property
     def denials_suppressed(self) -> int:
         """Deny records the audit trail counted instead of writing one by one."""
+        ...
+
+    @property
+    def sandbox_status(self) -> SandboxStatus:
+        """How CLI tools are confined now (bwrap or none, and why)."""
         ...

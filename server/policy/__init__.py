@@ -33,7 +33,10 @@ silently collapse to the last one::
 CLI tool keys: ``binary`` (absolute path, required), ``argv_allow_patterns``,
 ``argv_deny_patterns``, ``env_inject`` (name -> value), ``env_passthrough``
 (added: names the VM may pass through), ``cwd_allowed`` (absolute dirs),
-``timeout_secs``, ``audit``, ``rate_limit``, ``agents``.
+``timeout_secs``, ``audit``, ``rate_limit``, ``agents``, ``sandbox`` (added:
+``{writable_paths, hide_paths, network: host|none, rlimits: {cpu_secs,
+memory_mb, nproc, fsize_mb}}``; with ``settings.sandbox: auto|bwrap|none``,
+see :mod:`.sandbox`).
 
 HTTP tool keys: ``upstream`` (``http(s)://host[:port][/base]``, required),
 ``allow_paths`` (added), ``jsonrpc_allow_methods``, ``jsonrpc_deny_methods``,
@@ -164,12 +167,15 @@ from .model import (
     Tool,
 )
 from .ratelimit import RateLimiter, apply_rate_limits
+from .sandbox import DEFAULT_SANDBOX_SETTING, SANDBOX_SETTINGS, Rlimits, ToolSandbox
 from .secrets import env_name_is_secret, passthrough_refusal
 
 __all__ = [
     "BASE_ENV",
     "DEFAULT_CWD",
     "DEFAULT_MIN_SECRET_LENGTH",
+    "DEFAULT_SANDBOX_SETTING",
+    "SANDBOX_SETTINGS",
     "UNAVAILABLE_CODES",
     "AgentGrant",
     "AuditConfig",
@@ -184,8 +190,10 @@ __all__ = [
     "PolicyError",
     "RateLimit",
     "RateLimiter",
+    "Rlimits",
     "Settings",
     "Tool",
+    "ToolSandbox",
     "apply_rate_limits",
     "argv_matches",
     "decide_cli",

@@ -9,6 +9,7 @@ from types import MappingProxyType
 from typing import Final, TypeAlias
 
 from .quoting import _show
+from .sandbox import DEFAULT_SANDBOX_SETTING, ToolSandbox
 from .secrets import env_name_is_secret
 
 BASE_PATH: Final = "/usr/local/bin:/usr/bin:/bin"
@@ -103,6 +104,7 @@ class CliTool:
     audit: AuditConfig = field(default_factory=AuditConfig)
     rate_limit: RateLimit | None = None
     agents: tuple[str, ...] | None = None
+    sandbox: ToolSandbox = field(default_factory=ToolSandbox)
 
     @property
     def type(self) -> str:
@@ -167,6 +169,8 @@ class Settings:
     """The optional top-level ``settings`` section."""
 
     min_secret_length: int = DEFAULT_MIN_SECRET_LENGTH
+    sandbox: str = DEFAULT_SANDBOX_SETTING
+    """How CLI tools are confined on the host (``auto``, ``bwrap`` or ``none``)."""
 
 
 @dataclass(frozen=True)
