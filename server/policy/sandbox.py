@@ -26,10 +26,7 @@ processes of the server's user as the kernel does (RLIMIT_NPROC);
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
-
-if TYPE_CHECKING:
-    from .load import _Loader
+from typing import Any, Final, NoReturn, Protocol
 
 SANDBOX_SETTINGS: Final = ("auto", "bwrap", "none")
 """Values of ``settings.sandbox``."""
@@ -43,6 +40,23 @@ NETWORK_MODES: Final = ("host", "none")
 
 SANDBOX_KEYS: Final = ("writable_paths", "hide_paths", "network", "rlimits")
 RLIMIT_KEYS: Final = ("cpu_secs", "memory_mb", "nproc", "fsize_mb")
+
+
+class _Loader(Protocol):
+    """The checks of the policy loader (``load._Loader``) that these keys use."""
+
+    def fail(self, path: str, problem: str, fix: str = "") -> NoReturn: ...
+
+    def mapping(self, value: Any, path: str, what: str = "a mapping") -> dict[str, Any]: ...
+
+    def known_keys(self, value: dict[str, Any], path: str, allowed: Any,
+                   hint: str = "") -> None: ...
+
+    def strings(self, value: Any, path: str) -> tuple[str, ...]: ...
+
+    def absolute_path(self, value: Any, path: str, what: str) -> str: ...
+
+    def positive_int(self, value: Any, path: str) -> int: ...
 
 
 @dataclass(frozen=True)
