@@ -262,7 +262,9 @@ class Sandbox:
         # Hidden last, so that no writable or cwd bind above can uncover them.
         for path in (*self.hidden, *sandbox.hide_paths):
             args += self._hide(path)
-        args += ["--chdir", chdir, "--", self.env, f"--default-signal={FORWARDED_SIGNAL_NAMES}"]
+        # bwrap sets PWD after --chdir; the tool's environment stays exactly the policy's.
+        args += ["--chdir", chdir, "--", self.env, "-u", "PWD",
+                 f"--default-signal={FORWARDED_SIGNAL_NAMES}"]
         return [*(a.encode("utf-8", "surrogateescape") for a in args),
                 *self._rlimit_prefix(sandbox), *argv]
 

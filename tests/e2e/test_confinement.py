@@ -112,12 +112,16 @@ def base_policy(work: Path, extra: str = "", settings: str = "") -> str:
             binary: /bin/sh
             argv_allow_patterns: ["-c *"]
             timeout_secs: 1
+          envdump:
+            type: cli
+            binary: /usr/bin/env
+            argv_allow_patterns: [""]
         """) + extra
 
 
 @contextlib.contextmanager
 def host(tmp: Path, policy_text: Callable[[Path], str], *,
-         tools: tuple[str, ...] = ("sh", "shwork", "shquick")) -> Iterator[Host]:
+         tools: tuple[str, ...] = ("sh", "shwork", "shquick", "envdump")) -> Iterator[Host]:
     """Start a server (files under /var/tmp) and an agent ``alice``; ``bob`` has a token too."""
     base = Path(tempfile.mkdtemp(prefix="carapace-confine-", dir="/var/tmp"))
     try:
@@ -288,6 +292,14 @@ def test_exit_status_stdin_and_signals_pass_through_the_sandbox(confined: Host) 
 
 
 @needs_bwrap
+def test_environment_is_the_policys_only(confined: Host) -> None:
+    done = subprocess.run([str(confined.bin / "envdump")], capture_output=True, timeout=30,
+                          env={"CARAPACE_AGENT_SOCKET": str(confined.socket), "MY": "x"})
+    names = {line.split(b"=", 1)[0] for line in done.stdout.splitlines()}
+    assert names == {b"PATH", b"LANG", b"LC_ALL"}, done.stdout  # no PWD from bwrap
+
+
+@needs_bwrap
 def test_timeout_stops_a_confined_tool(confined: Host) -> None:
     done = confined.sh("echo start; sleep 30", tool="shquick")
     assert done.returncode == 124 and done.stdout == b"start\n"
@@ -316,7 +328,7 @@ def _keys_policy(work: Path) -> str:
 @pytest.fixture(scope="module")
 def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Host]:
     with host(tmp_path_factory.mktemp("keyed"), _keys_policy,
-              tools=("sh", "shwork", "shquick", "shkeys")) as h:
+              tools=("sh", "shwork", "shquick", "envdump", "shkeys")) as h:
         yield h
 
 
