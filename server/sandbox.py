@@ -167,6 +167,8 @@ class Sandbox:
     def _probe(self) -> str | None:
         if self.bwrap is None:
             return "bwrap was not found on PATH (install the bubblewrap package)"
+        if not os.access(self.bwrap, os.X_OK):
+            return f"bwrap could not be run: {self.bwrap} is missing or not executable"
         argv = self._bwrap_argv(ToolSandbox(), None, None, "/", [b"/bin/true"])
         try:
             done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
