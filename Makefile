@@ -21,7 +21,15 @@ $(STAMP): pyproject.toml Makefile $(PACKAGE_DIRS)
 	$(BIN)/python -m pip install --quiet $(EDITABLE) -e '.[dev]'
 	touch $(STAMP)
 
+# CLI tools run confined by bubblewrap, and the confinement tests need it: installed
+# from Debian's packages if missing (as root); otherwise those tests skip and say why.
 test: $(STAMP)
+	@command -v bwrap >/dev/null 2>&1 \
+	  || if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      bubblewrap >/dev/null) \
+	    || echo "installing bubblewrap failed: the confinement tests will be skipped"; \
+	  else echo "bubblewrap is missing and this is not root: the confinement tests will be skipped"; fi
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 demo: $(STAMP)
