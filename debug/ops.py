@@ -94,6 +94,9 @@ def health_headline(doc: dict[str, Any], address: str) -> Text:
                 + (f", up {_ago(uptime)}" if isinstance(uptime, int | float) else "")
                 + f", {count} agent{'' if count == 1 else 's'} connected"
                 + (f": {', '.join(agents)}" if agents else "") + ")")
+    sandbox = doc.get("sandbox")
+    if isinstance(sandbox, dict) and sandbox.get("mode") == "none":
+        line.append("; CLI tools run UNCONFINED (no sandbox)", style="bold red")
     return line
 
 
