@@ -397,11 +397,11 @@ def test_sandbox_none_is_reported_everywhere(tmp_path: Path) -> None:
         assert leaked.stdout == f"alice:{REDACTED}\nbob:{REDACTED}\n".encode()
 
 
-def test_a_token_added_by_reload_is_masked_too(keyed: Host) -> None:
+def test_a_token_added_by_reload_is_masked_too(confined: Host) -> None:
     carol = secrets.token_urlsafe(32)
-    with keyed.token_file.open("a") as f:
+    with confined.token_file.open("a") as f:
         f.write(f"carol:{carol}\n")
-    keyed.server.send_signal(signal.SIGHUP)
-    wait_until(lambda: "3 agent token(s)" in keyed.server.stderr_text(), 10, "the reload")
-    done = keyed.sh(f"echo new {carol}")
+    confined.server.send_signal(signal.SIGHUP)
+    wait_until(lambda: "3 agent token(s)" in confined.server.stderr_text(), 10, "the reload")
+    done = confined.sh(f"echo new {carol}")
     assert done.stdout == f"new {REDACTED}\n".encode(), done.stdout
