@@ -19,7 +19,7 @@ from carapace.protocol.messages import CliRequest, HttpRequest
 from . import policy as policy_mod
 from .audit import AuditEntry, AuditError, AuditTrail
 from .cli_runner import ExitInfo, run_cli
-from .masking import server_scrubber
+from .masking import policy_scrubber, server_scrubber
 from .metrics import ServerMetrics
 from .policy import RateLimiter, apply_rate_limits
 from .sandbox import Sandbox
@@ -80,10 +80,17 @@ class RequestPipeline:
         tool = policy.tools[req.tool]
         assert isinstance(tool, policy_mod.HttpTool)
         headers = policy_mod.prepare_http_headers(tool, list(req.headers))
+        # An upstream never receives the server's own secrets (agent tokens, TLS key), so
+        # its answers are scrubbed of them only when the policy injects secrets and every
+        # body is scrubbed anyway: otherwise bodies pass as they are (compressed, with
+        # their Content-Length), which is the upstream relay's fast path.
+        scrubber = policy_scrubber(policy)
+        if scrubber.active:
+            scrubber = server_scrubber(policy, self.held_secrets)
         aborted: str | None = "cancelled"  # unless forward_http returns or raises
         try:
             await forward_http(self.http_client, stream, req, req.tool, tool, headers,
-                               scrubber=server_scrubber(policy, self.held_secrets))
+                               scrubber=scrubber)
             aborted = None
         except Exception:
             aborted = "error"
