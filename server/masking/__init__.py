@@ -15,8 +15,9 @@ itself (:func:`server_scrubber`: every agent's token, the debug listener's
 token, the body of each TLS private key block) — and every tool's output is
 scrubbed of every secret, so a tool cannot show another tool's credential,
 nor any agent's token, either (HTTP answers get the server's own secrets in
-their scrubber when the policy injects any: an upstream is never sent them). From each secret the scrubber also derives the credential part of an
-HTTP authorization value (``Bearer TOKEN`` → ``TOKEN``; for ``Basic`` also
+their scrubber when the policy injects any: an upstream is never sent them).
+From each secret the scrubber also derives the credential part of an HTTP
+authorization value (``Bearer TOKEN`` → ``TOKEN``; for ``Basic`` also
 the decoded ``user:password`` and the password), and a secret that spans
 several lines (a PEM key) is masked line by line. Derived parts shorter than
 the policy's ``min_secret_length`` are not masked on their own.
