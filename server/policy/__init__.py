@@ -23,6 +23,7 @@ silently collapse to the last one::
 
     settings:                       # optional, added
       min_secret_length: 8          # secrets shorter than this are refused
+      sandbox: auto                 # auto | bwrap | none: how CLI tools are confined
     agents:                         # optional, added; absent = every agent, every tool
       NAME: {tools: [TOOL, ...], rate_limit: {max_requests: N, window_secs: S}}
     tools:
