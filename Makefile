@@ -21,14 +21,21 @@ $(STAMP): pyproject.toml Makefile $(PACKAGE_DIRS)
 	$(BIN)/python -m pip install --quiet $(EDITABLE) -e '.[dev]'
 	touch $(STAMP)
 
-# The real-tool tests run Debian's gh: installed if missing (as root); otherwise
-# they are skipped and pytest says why.
+# The real-tool tests run Debian's gh, and CLI tools run confined by bubblewrap
+# (the confinement tests need it): each installed from Debian's packages if missing
+# (as root); otherwise those tests skip and say why.
 test: $(STAMP)
 	@command -v gh >/dev/null 2>&1 \
 	  || if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gh >/dev/null) \
 	    || echo "installing gh failed: the real-gh tests will be skipped"; \
 	  else echo "gh is missing and this is not root: the real-gh tests will be skipped"; fi
+	@command -v bwrap >/dev/null 2>&1 \
+	  || if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      bubblewrap >/dev/null) \
+	    || echo "installing bubblewrap failed: the confinement tests will be skipped"; \
+	  else echo "bubblewrap is missing and this is not root: the confinement tests will be skipped"; fi
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 demo: $(STAMP)

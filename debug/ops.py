@@ -94,6 +94,9 @@ def health_headline(doc: dict[str, Any], address: str) -> Text:
                 + (f", up {_ago(uptime)}" if isinstance(uptime, int | float) else "")
                 + f", {count} agent{'' if count == 1 else 's'} connected"
                 + (f": {', '.join(agents)}" if agents else "") + ")")
+    sandbox = doc.get("sandbox")
+    if isinstance(sandbox, dict) and sandbox.get("mode") == "none":
+        line.append("; CLI tools run UNCONFINED (no sandbox)", style="bold red")
     return line
 
 
@@ -133,7 +136,19 @@ def health_table(doc: dict[str, Any], address: str) -> Table:
     sniff = doc.get("sniff") or {}
     table.add_row("sniff clients", f"{sniff.get('subscribers', 0)} "
                   f"({sniff.get('dropped', 0)} records dropped)")
+    sandbox = doc.get("sandbox")
+    if isinstance(sandbox, dict):
+        table.add_row("tool sandbox", sandbox_text(sandbox))
     return table
+
+
+def sandbox_text(sandbox: dict[str, Any]) -> Text:
+    """The confinement of CLI tools: green when bwrap, red when tools run unconfined."""
+    mode = str(sandbox.get("mode", "?"))
+    detail = f" (settings.sandbox: {sandbox.get('setting')}; {sandbox.get('reason')})"
+    if mode == "bwrap":
+        return Text.assemble(("bwrap", "bold green"), detail)
+    return Text.assemble((f"{mode}: CLI tools run UNCONFINED", "bold red"), detail)
 
 
 @click.command()

@@ -268,3 +268,32 @@ common_option() {
         *) USED=0 ;;
     esac
 }
+
+# bubblewrap confines the CLI tools the server runs (DEPLOYMENT.md, "Confinement").
+# A real install by root gets it from the distribution's packages when it is
+# missing; then it is checked as the service user, since unprivileged user
+# namespaces may be turned off (sysctl, AppArmor) and the server would then run
+# its tools unconfined (it says so: WARNING at start, carapace-debug health).
+ensure_bubblewrap() {
+    if ! command -v bwrap >/dev/null 2>&1; then
+        if [ -z "$ROOT" ] && is_root && command -v apt-get >/dev/null 2>&1; then
+            say "installing bubblewrap (confines CLI tools)"
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null \
+                || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+                     apt-get install -y -qq bubblewrap >/dev/null; } \
+                || warn "installing bubblewrap failed: CLI tools will run unconfined"
+        else
+            warn "bubblewrap (bwrap) is not installed: CLI tools will run unconfined" \
+                "until it is (apt-get install bubblewrap)"
+            return 0
+        fi
+    fi
+    [ -z "$ROOT" ] && is_root && have_service_user || return 0
+    command -v runuser >/dev/null 2>&1 || return 0
+    if ! runuser -u "$SERVICE_USER" -- bwrap --ro-bind / / --dev /dev --proc /proc \
+            --unshare-user --unshare-pid true >/dev/null 2>&1; then
+        warn "bwrap does not work for user $SERVICE_USER (unprivileged user namespaces" \
+            "off?): CLI tools will run unconfined; see DEPLOYMENT.md, Confinement"
+    fi
+}
+

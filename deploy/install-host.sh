@@ -17,6 +17,7 @@ Usage: install-host.sh [OPTIONS]
 Installs carapace-server and carapace-debug into a venv under PREFIX, links them
 into BINDIR, creates /etc/carapace (server.env, tokens, a deny-all policy.yaml if
 there is none), /var/log/carapace, the user 'carapace' and carapace-server.service.
+Installs bubblewrap (which confines the CLI tools) with apt-get if it is missing.
 
 Host options:
   --agent NAME       make a token for agent NAME (repeatable): a NAME:TOKEN line in
@@ -73,6 +74,7 @@ if [ -n "$POLICY_SRC" ] && [ ! -f "$POLICY_SRC" ]; then
 fi
 
 ensure_service_user
+ensure_bubblewrap
 install_release
 link_scripts carapace-server carapace-debug
 make_etc

@@ -19,6 +19,10 @@ group, grandchildren included:
 - when the leader exits, whatever is left of its group is stopped too: a
   run's processes end with the run.
 
+How the process is started — confined by bubblewrap or not, and how the
+checked working directory is entered — is :class:`~.sandbox.Sandbox`'s
+business: it gives the argv, the cwd and the fds to pass.
+
 ``env_inject`` values are in ``decision.env``; nothing here logs, formats or
 sends the environment. Output passes through an optional per-fd
 :class:`OutputFilter` — the hook where secret masking plugs in.
@@ -40,6 +44,7 @@ import trio
 from carapace.protocol.messages import CliRequest, Data, End, Exit, Output, Signal
 
 from .policy import DEFAULT_TIMEOUT_SECS, CliDecision, CliTool
+from .sandbox import Sandbox
 from .streams import ServerStream
 
 log = logging.getLogger("carapace.server")
@@ -99,7 +104,7 @@ def _spawn_error(decision: CliDecision, exc: OSError | ValueError) -> str:
     """What went wrong starting the binary — from the OS error, never from the environment."""
     if isinstance(exc, OSError):
         why = exc.strerror or type(exc).__name__
-        if exc.filename is not None and os.fsencode(exc.filename) == decision.cwd:
+        if exc.filename is not None and os.fsencode(exc.filename) == decision.cwd != b"/":
             shown = decision.cwd.decode("utf-8", "replace")
             return f"cannot run {decision.binary} in {shown}: {why}"
         return f"cannot run {decision.binary}: {why}"
@@ -115,24 +120,31 @@ async def run_cli(
     kill_grace: float = 2.0,
     filters: OutputFilterFactory | None = None,
     info: ExitInfo | None = None,
+    sandbox: Sandbox | None = None,
 ) -> ExitInfo:
     """Run ``decision`` for ``req``, streaming over ``stream``; end with ``exit`` or ``failed``.
 
     Returns (and fills ``info`` in place, if given) how the run ended. On
     cancellation the process group is stopped before Cancelled propagates.
+    ``sandbox`` confines the process (None: unconfined, as ``settings.sandbox: none``).
     """
     info = info if info is not None else ExitInfo()
     started = trio.current_time()
     try:
-        proc = await trio.lowlevel.open_process(
-            decision.argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=decision.env,  # type: ignore[arg-type]  # bytes on POSIX, as subprocess allows
-            cwd=decision.cwd,
-            start_new_session=True,
-        )
+        spawn = (sandbox if sandbox is not None else Sandbox(())).spawn(decision, tool)
+        try:
+            proc = await trio.lowlevel.open_process(
+                spawn.argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=decision.env,  # type: ignore[arg-type]  # bytes on POSIX, as subprocess allows
+                cwd=spawn.cwd,
+                pass_fds=spawn.pass_fds,
+                start_new_session=True,
+            )
+        finally:
+            spawn.close()
     except (OSError, ValueError) as exc:
         info.error = _spawn_error(decision, exc)
         log.warning("request %d (tool %s): %s", req.id, req.tool, info.error)

@@ -56,3 +56,7 @@ class ServerConfig:
     """Server-wide caps on what the policy engine parses; tools may override them."""
     audit_deny_bytes: int = DEFAULT_DENY_BYTES
     audit_max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
+    tls_key: str | None = None
+    """The TLS private key file (hidden from tools; its key material is masked)."""
+    debug_token_file: str | None = None
+    """The debug listener's token file (hidden from tools)."""

@@ -11,7 +11,7 @@ import logging
 import os
 import signal
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 
 import trio
@@ -26,6 +26,7 @@ from .link import ServerLink
 from .metrics import ServerMetrics
 from .operator_api import OperatorApi
 from .pipeline import RequestPipeline
+from .sandbox import Sandbox, SandboxError, SandboxStatus, server_files
 from .session import AgentSession, TooManyAgents
 from .stats import Stats
 from .streams import ServerStream
@@ -51,7 +52,11 @@ class Server:
         debug_token: bytes | None = None,
         ssl_context: ssl.SSLContext | None = None,
         secret_resolver: policy_mod.SecretResolver | None = None,
+        tls_key_material: Sequence[bytes] = (),
+        sandbox: Sandbox | None = None,
     ) -> None:
+        """Raises AuditError (the audit log cannot be opened) or SandboxError
+        (``settings.sandbox: bwrap`` where bwrap does not work)."""
         if policy.unresolved_refs():
             raise ValueError("the policy's secret references are not resolved (resolve_policy)")
         self.config = config
@@ -81,18 +86,43 @@ class Server:
             max_record_bytes=config.audit_max_record_bytes)
         self.audit.add_secrets(policy.secrets())
         self.audit.add_secrets(tokens.values())
+        self.tls_key_material = tuple(tls_key_material)
+        self.sandbox = sandbox if sandbox is not None else Sandbox(server_files(
+            config.policy_file, config.token_file, tls_key=config.tls_key,
+            debug_token_file=config.debug_token_file, audit_log=config.audit_log))
+        self.sandbox.configure(policy.settings.sandbox)
         self.metrics = ServerMetrics(self)
         self.http_client = UpstreamClient()
         self.pipeline = RequestPipeline(audit=self.audit, metrics=self.metrics,
                                         stats=self.stats, http_client=self.http_client,
-                                        limits=config.parse_limits)
+                                        limits=config.parse_limits,
+                                        sandbox=self.sandbox)
+        self._hold_secrets()
         self.on_reload: Callable[[bool, str], None] | None = None
         """Called after each reload attempt with (accepted, message); main.py reports it."""
 
     # -- what the operator API and the metrics read (view.OperatorView) ---------------
     def secrets(self) -> list[bytes]:
         """Every secret the server holds that a frame summary must never show."""
-        return [*self.tokens.values(), *self.policy.secrets()]
+        return [*self.held_secrets(), *self.policy.secrets()]
+
+    def held_secrets(self) -> list[bytes]:
+        """The server's own secrets: every agent's token, the debug token, TLS key material."""
+        own = [*self.tokens.values(), *self.tls_key_material]
+        if self.debug_token:
+            own.append(self.debug_token)
+        return own
+
+    def _hold_secrets(self) -> None:
+        """Mask the server's own secrets in everything sent to a VM and in the audit trail."""
+        held = self.held_secrets()
+        self.pipeline.held_secrets = tuple(held)
+        self.audit.add_secrets(held)
+
+    @property
+    def sandbox_status(self) -> SandboxStatus:
+        """How CLI tools are confined now (health and metrics show it)."""
+        return self.sandbox.status
 
     @property
     def denials_suppressed(self) -> int:
@@ -209,12 +239,18 @@ class Server:
 
     def apply_reload(self, new: policy_mod.Policy, tokens: dict[str, bytes]) -> bool:
         """Put a read, valid policy and token set in force (see :meth:`reload`)."""
+        if new.settings.sandbox != self.policy.settings.sandbox:
+            try:  # a policy asking for bwrap where it does not work is refused whole
+                self.sandbox.configure(new.settings.sandbox)
+            except SandboxError as exc:
+                return self.reload_rejected(exc)
         revoked = sorted(name for name, token in self.tokens.items()
                          if tokens.get(name) != token)
         self.audit.add_secrets(new.secrets())
         self.audit.add_secrets(tokens.values())
         self.policy = new
         self.tokens = tokens
+        self._hold_secrets()
         for name in revoked:
             session = self.sessions.get(name)
             if session is not None:

@@ -47,6 +47,7 @@ from .config import (
     ServerConfig,
 )
 from .daemon import Server
+from .masking import private_key_blocks
 from .operator_api import DebugConfigError, debug_access
 from .policy import (
     DEFAULT_SECRET_COMMAND_TIMEOUT,
@@ -58,6 +59,7 @@ from .policy import (
     resolve_policy,
 )
 from .policy.limits import DEFAULT_LIMITS, LIMIT_HELP, env_var, flag
+from .sandbox import SandboxError
 
 log = logging.getLogger("carapace.server")
 
@@ -238,13 +240,22 @@ def main(
         audit_deny_bytes=audit_deny_bytes,
         audit_max_record_bytes=audit_max_record_bytes,
         parse_limits=ParseLimits(**parse_limits),
+        tls_key=tls_key,
+        debug_token_file=debug_token_file,
     )
     debug_token = _debug_token(debug_listen, debug_token_file)
     ssl_context = _tls_context(tls_cert, tls_key, tls_client_ca)
+    key_material: list[bytes] = []
+    if tls_key:
+        try:  # the context loaded it just now; here only to mask it in tool output
+            key_material = private_key_blocks(Path(tls_key).read_bytes())
+        except OSError as exc:
+            log.error("cannot read --tls-key %s: %s", tls_key, exc.strerror or exc)
+            sys.exit(2)
     try:
         server = Server(config, policy, tokens, debug_token=debug_token, ssl_context=ssl_context,
-                        secret_resolver=resolver)
-    except AuditError as exc:
+                        secret_resolver=resolver, tls_key_material=key_material)
+    except (AuditError, SandboxError) as exc:
         log.error("%s", exc)
         sys.exit(2)
     log.info("loaded policy %s (%d tools) and %d agent token(s)", policy_file,

@@ -35,6 +35,8 @@ from prometheus_client.utils import floatToGoString
 
 from carapace.protocol.messages import PROTOCOL_VERSION, Message
 
+from .sandbox import SANDBOX_MODES
+
 if TYPE_CHECKING:
     from .session import AgentSession
     from .view import OperatorView
@@ -105,6 +107,7 @@ class ServerMetrics:
             ["kind"], registry=reg,
         )
         reg.register(_LiveCollector(self))
+        reg.register(_SandboxCollector(server))
 
     # -- called where things happen -------------------------------------------------
     def count_request(self, kind: str, allowed: bool, agent: str, tool: str) -> None:
@@ -295,3 +298,24 @@ class _LiveCollector(Collector):
         counts = server.audit_counts()
         for name, doc, key in AUDIT_COUNTERS:
             yield CounterMetricFamily(name, doc, value=counts.get(key, 0))
+
+
+class _SandboxCollector(Collector):
+    """``carapace_sandbox_mode{mode}``: 1 for the confinement in force, 0 for the others,
+    so an alert on ``carapace_sandbox_mode{mode="none"} == 1`` finds unconfined hosts."""
+
+    def __init__(self, server: OperatorView) -> None:
+        self.server = server
+
+    def describe(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("carapace_sandbox_mode", "")
+
+    def collect(self) -> Iterator[Metric]:
+        mode = GaugeMetricFamily(
+            "carapace_sandbox_mode",
+            "How CLI tools are confined on the host: bwrap, or none (unconfined).",
+            labels=["mode"])
+        current = self.server.sandbox_status.mode
+        for name in SANDBOX_MODES:
+            mode.add_metric([name], 1 if name == current else 0)
+        yield mode

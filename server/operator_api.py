@@ -20,6 +20,7 @@ bearer token (``--debug-token-file``): every request must carry
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import ipaddress
 import json
@@ -373,6 +374,7 @@ class OperatorApi:
             "audit_denials_suppressed": server.denials_suppressed,
             "sniff": {"subscribers": len(self.hub.subscribers),
                       "dropped": self.metrics.sniff_dropped},
+            "sandbox": dataclasses.asdict(server.sandbox_status),
         }
 
     def connections(self, request: RequestHead | None = None) -> dict[str, Any]:

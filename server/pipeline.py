@@ -23,7 +23,7 @@ from carapace.protocol.messages import CliRequest, HttpRequest
 from . import policy as policy_mod
 from .audit import AuditEntry, AuditError, AuditTrail
 from .cli_runner import ExitInfo, run_cli
-from .masking import policy_scrubber
+from .masking import policy_scrubber, server_scrubber
 from .metrics import ServerMetrics
 from .policy import (
     DECIDE_WORKERS,
@@ -33,6 +33,7 @@ from .policy import (
     apply_rate_limits,
     needs_worker,
 )
+from .sandbox import Sandbox
 from .stats import Stats
 from .streams import ServerStream
 from .upstream import UpstreamClient
@@ -49,7 +50,8 @@ class RequestPipeline:
     def __init__(self, *, audit: AuditTrail, metrics: ServerMetrics, stats: Stats,
                  http_client: UpstreamClient,
                  clock: Callable[[], float] = time.monotonic,
-                 limits: ParseLimits = DEFAULT_LIMITS) -> None:
+                 limits: ParseLimits = DEFAULT_LIMITS,
+                 sandbox: Sandbox | None = None) -> None:
         self.audit = audit
         self.metrics = metrics
         self.stats = stats
@@ -63,6 +65,11 @@ class RequestPipeline:
         self._agent_deciders: dict[str, trio.CapacityLimiter] = {}
         """One large decision per agent at a time, so one agent cannot hold every worker.
         Keyed by authenticated agent name: bounded by the token file."""
+        self.sandbox = sandbox
+        """How CLI tools are confined (None: not at all)."""
+        self.held_secrets: tuple[bytes, ...] = ()
+        """The server's own secrets (agent tokens, debug token, TLS key), masked in all
+        output besides the policy's; the daemon sets them at start and on reload."""
 
     async def handle(self, agent: str, session_id: bytes, stream: ServerStream,
                      msg: HttpRequest | CliRequest, policy: policy_mod.Policy) -> None:
@@ -115,10 +122,17 @@ class RequestPipeline:
         tool = policy.tools[req.tool]
         assert isinstance(tool, policy_mod.HttpTool)
         headers = policy_mod.prepare_http_headers(tool, list(req.headers))
+        # An upstream never receives the server's own secrets (agent tokens, TLS key), so
+        # its answers are scrubbed of them only when the policy injects secrets and every
+        # body is scrubbed anyway: otherwise bodies pass as they are (compressed, with
+        # their Content-Length), which is the upstream relay's fast path.
+        scrubber = policy_scrubber(policy)
+        if scrubber.active:
+            scrubber = server_scrubber(policy, self.held_secrets)
         aborted: str | None = "cancelled"  # unless forward_http returns or raises
         try:
             await forward_http(self.http_client, stream, req, req.tool, tool, headers,
-                               scrubber=policy_scrubber(policy))
+                               scrubber=scrubber)
             aborted = None
         except Exception:
             aborted = "error"
@@ -151,7 +165,8 @@ class RequestPipeline:
         info = ExitInfo()
         try:
             await run_cli(stream, req, cli_decision, tool, info=info,
-                          filters=policy_scrubber(policy).output_filters())
+                          filters=server_scrubber(policy, self.held_secrets).output_filters(),
+                          sandbox=self.sandbox)
         finally:
             entry.completed_cli(info)
 

@@ -14,6 +14,7 @@ from carapace.protocol.messages import Message
 
 from .config import ServerConfig
 from .policy import Policy
+from .sandbox import SandboxStatus
 from .session import AgentSession, Direction
 from .stats import Stats
 
@@ -58,4 +59,8 @@ class OperatorView(Protocol):
 
     def audit_counts(self) -> Mapping[str, int]:
         """``records_truncated``, ``denials_suppressed``, ``denied_bytes_suppressed``."""
+
+    @property
+    def sandbox_status(self) -> SandboxStatus:
+        """How CLI tools are confined now (bwrap or none, and why)."""
         ...

@@ -10,10 +10,14 @@ error texts.
 What is masked
 ==============
 Every secret the policy injects (:meth:`Policy.secrets`: ``headers_inject``
-values and secret-named ``env_inject`` values) and every tool's output is
-scrubbed of every secret, so a tool cannot show another tool's credential
-either. From each secret the scrubber also derives the credential part of an
-HTTP authorization value (``Bearer TOKEN`` → ``TOKEN``; for ``Basic`` also
+values and secret-named ``env_inject`` values) and every secret of the server
+itself (:func:`server_scrubber`: every agent's token, the debug listener's
+token, the body of each TLS private key block) — and every tool's output is
+scrubbed of every secret, so a tool cannot show another tool's credential,
+nor any agent's token, either (HTTP answers get the server's own secrets in
+their scrubber when the policy injects any: an upstream is never sent them).
+From each secret the scrubber also derives the credential part of an HTTP
+authorization value (``Bearer TOKEN`` → ``TOKEN``; for ``Basic`` also
 the decoded ``user:password`` and the password), and a secret that spans
 several lines (a PEM key) is masked line by line. Derived parts shorter than
 the policy's ``min_secret_length`` are not masked on their own.
@@ -106,7 +110,14 @@ from .forms import (
     encoded_forms,
     expand_secrets,
 )
-from .scrubber import EventScrubber, Scrubber, StreamScrubber, policy_scrubber
+from .scrubber import (
+    EventScrubber,
+    Scrubber,
+    StreamScrubber,
+    policy_scrubber,
+    private_key_blocks,
+    server_scrubber,
+)
 
 __all__ = [
     "MIN_FORM_LENGTH",
@@ -120,4 +131,6 @@ __all__ = [
     "encoded_forms",
     "expand_secrets",
     "policy_scrubber",
+    "private_key_blocks",
+    "server_scrubber",
 ]

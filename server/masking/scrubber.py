@@ -6,7 +6,7 @@ import dataclasses
 import functools
 import re
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Final, Protocol
 
 from carapace.protocol.sse import Event
@@ -477,3 +477,29 @@ def _cached(secrets: tuple[bytes, ...], min_length: int) -> Scrubber:
 def policy_scrubber(policy: _PolicyLike) -> Scrubber:
     """The scrubber for every secret ``policy`` injects (built once per set of secrets)."""
     return _cached(tuple(policy.secrets()), policy.settings.min_secret_length)
+
+
+def server_scrubber(policy: _PolicyLike, held: Sequence[bytes]) -> Scrubber:
+    """The scrubber for ``policy``'s secrets and ``held``, the secrets of the server itself
+    (every agent's token, the debug token, TLS private key material): built once per set."""
+    secrets = tuple(dict.fromkeys([*policy.secrets(), *held]))
+    return _cached(secrets, policy.settings.min_secret_length)
+
+
+_PEM_KEY = re.compile(
+    rb"-----BEGIN ([A-Z0-9 ]*PRIVATE KEY)-----\r?\n(.*?)-----END \1-----", re.DOTALL)
+
+
+def private_key_blocks(pem: bytes) -> list[bytes]:
+    """The body (base64 lines, headers dropped) of each private key block in a PEM file.
+
+    The ``-----BEGIN ... PRIVATE KEY-----`` lines are the same in every key,
+    so only the body is secret; it is masked line by line (see ``expand_secrets``).
+    """
+    out = []
+    for match in _PEM_KEY.finditer(pem):
+        lines = [line for line in match.group(2).splitlines() if b":" not in line]
+        body = b"\n".join(line.strip() for line in lines if line.strip())
+        if body:
+            out.append(body)
+    return out

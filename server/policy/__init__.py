@@ -26,6 +26,7 @@ last one::
 
     settings:                       # optional, added
       min_secret_length: 8          # secrets shorter than this are refused
+      sandbox: auto                 # auto | bwrap | none: how CLI tools are confined
     agents:                         # optional, added; absent = every agent, every tool
       NAME: {tools: [TOOL, ...], rate_limit: {max_requests: N, window_secs: S}}
     tools:
@@ -38,7 +39,10 @@ CLI tool keys: ``binary`` (absolute path, required), ``argv_allow_patterns``,
 flags in every spelling, below), ``env_inject`` (name -> value),
 ``env_passthrough`` (added: names the VM may pass through), ``cwd_allowed``
 (absolute dirs), ``timeout_secs``, ``audit``, ``rate_limit``, ``agents``,
-``limits`` (added: ``{max_argv, max_argv_bytes, max_env}``).
+``limits`` (added: ``{max_argv, max_argv_bytes, max_env}``), ``sandbox`` (added:
+``{writable_paths, hide_paths, network: host|none, rlimits: {cpu_secs,
+memory_mb, nproc, fsize_mb}}``; with ``settings.sandbox: auto|bwrap|none``,
+see :mod:`.sandbox`).
 
 HTTP tool keys: ``upstream`` (``http(s)://host[:port][/base]``, required),
 ``allow_paths`` (added), ``jsonrpc_allow_methods``, ``jsonrpc_deny_methods``,
@@ -245,6 +249,7 @@ from .model import (
     Tool,
 )
 from .ratelimit import RateLimiter, apply_rate_limits
+from .sandbox import DEFAULT_SANDBOX_SETTING, SANDBOX_SETTINGS, Rlimits, ToolSandbox
 from .secret_refs import (
     CommandResult,
     SecretRefError,
@@ -261,11 +266,13 @@ __all__ = [
     "DEFAULT_CWD",
     "DEFAULT_LIMITS",
     "DEFAULT_MIN_SECRET_LENGTH",
+    "DEFAULT_SANDBOX_SETTING",
     "DEFAULT_SECRET_COMMAND_TIMEOUT",
     "DEFAULT_TIMEOUT_SECS",
     "INLINE_DECIDE_BYTES",
     "LIMIT_NAMES",
     "RISKY_ARGS",
+    "SANDBOX_SETTINGS",
     "UNAVAILABLE_CODES",
     "AgentGrant",
     "AuditConfig",
@@ -283,11 +290,13 @@ __all__ = [
     "RateLimit",
     "RateLimiter",
     "RiskyArgs",
+    "Rlimits",
     "SecretRef",
     "SecretRefError",
     "SecretResolver",
     "Settings",
     "Tool",
+    "ToolSandbox",
     "UnresolvedSecret",
     "apply_rate_limits",
     "argv_matches",

@@ -36,6 +36,7 @@ from .model import (
     Tool,
 )
 from .quoting import _kind, _show
+from .sandbox import ToolSandbox, load_sandbox_setting, load_tool_sandbox
 from .secrets import env_name_is_secret, passthrough_refusal
 
 _ENV_NAME_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -46,6 +47,7 @@ _CLI_KEYS: Final = frozenset(
         "env_passthrough", "cwd_allowed", "timeout_secs", "audit", "rate_limit", "agents",
         "limits",
         "argv_deny_flags", "argv_allow_flags",
+        "sandbox",
     }
 )
 _HTTP_KEYS: Final = frozenset(
@@ -203,11 +205,14 @@ class _Loader:
 
     def settings(self, value: Any, path: str) -> Settings:
         raw = self.mapping(value, path)
-        self.known_keys(raw, path, ("min_secret_length",))
+        self.known_keys(raw, path, ("min_secret_length", "sandbox"))
         min_len = DEFAULT_MIN_SECRET_LENGTH
         if "min_secret_length" in raw:
             min_len = self.positive_int(raw["min_secret_length"], f"{path}.min_secret_length")
-        return Settings(min_secret_length=min_len)
+        sandbox = Settings().sandbox
+        if "sandbox" in raw:
+            sandbox = load_sandbox_setting(self, raw["sandbox"], f"{path}.sandbox")
+        return Settings(min_secret_length=min_len, sandbox=sandbox)
 
     def agents(self, value: Any, path: str, tools: Mapping[str, Tool]) -> dict[str, AgentGrant]:
         raw = self.mapping(value, path)
@@ -363,6 +368,8 @@ class _Loader:
             env_inject=MappingProxyType(inject),
             env_passthrough=passthrough,
             cwd_allowed=cwd_allowed,
+            sandbox=load_tool_sandbox(self, raw["sandbox"], f"{path}.sandbox")
+            if "sandbox" in raw else ToolSandbox(),
             **self.common(raw, path),
             **self.argv_flags(raw, path),
             env_inject_refs=MappingProxyType(inject_refs),

@@ -9,6 +9,7 @@ from types import MappingProxyType
 from typing import Final, TypeAlias
 
 from .quoting import _show
+from .sandbox import DEFAULT_SANDBOX_SETTING, ToolSandbox
 from .secrets import env_name_is_secret
 
 BASE_PATH: Final = "/usr/local/bin:/usr/bin:/bin"
@@ -163,6 +164,7 @@ class CliTool:
     env_inject_refs: Mapping[str, SecretRef] = field(default_factory=dict)
     """``env_inject`` names whose value is a reference; the resolved value joins
     ``env_inject`` (:func:`~.secret_refs.resolve_policy`) and is always a secret."""
+    sandbox: ToolSandbox = field(default_factory=ToolSandbox)
 
     @property
     def type(self) -> str:
@@ -239,6 +241,8 @@ class Settings:
     """The optional top-level ``settings`` section."""
 
     min_secret_length: int = DEFAULT_MIN_SECRET_LENGTH
+    sandbox: str = DEFAULT_SANDBOX_SETTING
+    """How CLI tools are confined on the host (``auto``, ``bwrap`` or ``none``)."""
 
 
 @dataclass(frozen=True)

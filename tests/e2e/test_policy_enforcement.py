@@ -480,7 +480,10 @@ def anchor_policy(recorder: Path) -> str:
     assert '"http://127.0.0.1:18080"' in signal_cli
     assert "binary: /usr/bin/op\n" in op and "binary: /usr/local/bin/gog\n" in gog
     assert op.startswith("tools:\n") and gog.startswith("tools:\n")
-    return (signal_cli.replace("http://127.0.0.1:18080", "http://127.0.0.1:{upstream_port}")
+    # Unconfined: the recorder and its log live under /tmp, which a confined tool does not
+    # share (confinement has its own tests, test_confinement.py).
+    return "settings: {sandbox: none}\n" + (
+        signal_cli.replace("http://127.0.0.1:18080", "http://127.0.0.1:{upstream_port}")
             + op.replace("/usr/bin/op", str(recorder)).removeprefix("tools:\n")
             + gog.replace("/usr/local/bin/gog", str(recorder)).removeprefix("tools:\n"))
 
@@ -722,7 +725,9 @@ def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CliDep]:
     (allowed / "sub").mkdir(parents=True)
     outside.mkdir()
     (allowed / "escape").symlink_to(outside)
-    policy = (CLI_POLICY.replace("RECORDER", str(recorder)).replace("ALLOWED", str(allowed))
+    # Unconfined, as in anchor_policy: the recorder lives under /tmp.
+    policy = ("settings: {sandbox: none}\n"
+              + CLI_POLICY.replace("RECORDER", str(recorder)).replace("ALLOWED", str(allowed))
               .replace("OPTOKEN", OP_TOKEN))
     sock = tmp / "agent.sock"
     audit = tmp / "audit.jsonl"

@@ -63,7 +63,11 @@ if (here / "fail").exists():
 print(value)
 """
 
+# The tool script lives under pytest's /tmp, which a confined tool cannot see (its /tmp
+# is private); these tests are about secret references, not confinement.
 POLICY = """\
+settings:
+  sandbox: none
 tools:
   signal-cli:
     type: http

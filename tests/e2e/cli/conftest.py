@@ -36,6 +36,12 @@ TOOLS = ("cat", "false", "echo", "sh", "ticker", "selfkill", "sleeper", "slow", 
 
 SECRET_NAME = "CARAPACE_TEST_TOKEN"
 
+CLI_SANDBOX = os.environ.get("CARAPACE_TEST_CLI_SANDBOX", "none")
+"""``settings.sandbox`` of this folder's servers. ``none`` by default: tests here check host
+pids (a confined tool has its own PID namespace) and run wrappers under /tmp (private to a
+confined tool); tests/e2e/test_confinement.py runs confined tools. With
+CARAPACE_TEST_CLI_SANDBOX=bwrap the folder runs confined, the pytest temp dir writable."""
+
 
 def pid_gone(pid: int) -> bool:
     """True once ``pid`` no longer runs (a zombie nobody reaped counts as gone)."""
@@ -94,7 +100,8 @@ def _wrapper(directory: Path, mode: str) -> Path:
 def policy_yaml(wrappers: Path, secret: str) -> str:
     w = {m: _wrapper(wrappers, m) for m in ("ticker", "selfkill", "pidsleep", "flood",
                                             "envcheck")}
-    return textwrap.dedent(f"""\
+    text = textwrap.dedent(f"""\
+        settings: {{sandbox: {CLI_SANDBOX}}}
         tools:
           cat:
             type: cli
@@ -149,6 +156,11 @@ def policy_yaml(wrappers: Path, secret: str) -> str:
             binary: /nonexistent/carapace-test-tool
             argv_allow_patterns: ["", "*"]
         """)
+    if CLI_SANDBOX != "none":
+        shared = wrappers.parent.parent  # the pytest temp dir: wrappers and tests' files
+        text = text.replace("    type: cli\n",
+                            f"    type: cli\n    sandbox: {{writable_paths: [\"{shared}\"]}}\n")
+    return text
 
 
 def start_agent(socket_path: Path, server_port: int, token_file: Path,

@@ -23,7 +23,7 @@ import pytest
 from carapace.server.masking import Scrubber
 from helpers.procs import CapturedProcess, free_port, script, start_process, stop_process
 
-from .conftest import install_shims, start_agent, wait_until
+from .conftest import CLI_SANDBOX, install_shims, start_agent, wait_until
 
 TOOLS = ("printenv", "dribble", "b64sh")
 
@@ -69,8 +69,11 @@ def masked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MaskDeployment]
     wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} {helper} "$@"\n')
     wrapper.chmod(0o755)
     inject = f'    env_inject: {{CARAPACE_TEST_TOKEN: "{token}"}}\n'
+    if CLI_SANDBOX != "none":  # the helper lives under /tmp, private to a confined tool
+        inject += f'    sandbox: {{writable_paths: ["{tmp}"]}}\n'
     policy = tmp / "policy.yaml"
     policy.write_text(
+        f"settings: {{sandbox: {CLI_SANDBOX}}}\n"
         "tools:\n"
         "  printenv:\n    type: cli\n    binary: /usr/bin/env\n"
         '    argv_allow_patterns: [""]\n' + inject
