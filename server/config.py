@@ -10,7 +10,9 @@ from dataclasses import dataclass
 
 from carapace.protocol.flow import DEFAULT_WINDOW
 from carapace.protocol.framing import DEFAULT_MAX_FRAME
+from carapace.protocol.handshake import MAX_HANDSHAKE_FRAME
 
+from .admission import DEFAULT_MAX_UNAUTHENTICATED, DEFAULT_MAX_UNAUTHENTICATED_PER_ADDRESS
 from .audit import DEFAULT_BACKUPS, DEFAULT_DENY_LIMIT, DEFAULT_MAX_BYTES
 
 DEFAULT_LISTEN = ("127.0.0.1", 8765)
@@ -25,6 +27,19 @@ DEFAULT_DRAIN_TIMEOUT = 10.0
 DEFAULT_RESUME_GRACE = 30.0
 DEFAULT_REPLAY_LIMIT = 64 * 1024 * 1024
 """Bytes of unacknowledged frames a session keeps for resumption before it gives up."""
+DEFAULT_HANDSHAKE_MAX_FRAME = MAX_HANDSHAKE_FRAME
+"""Largest frame accepted before ``welcome`` (protocol/handshake.py says why)."""
+DEFAULT_MAX_LINK_QUEUE = DEFAULT_REPLAY_LIMIT + DEFAULT_REPLAY_LIMIT // 2
+"""Bytes queued on one link for an agent that is not reading them (96 MiB). Every
+numbered frame in the queue is also unacknowledged, so the replay limit already bounds
+those (and a resuming agent gets all of them queued at once); the other half covers
+the per-frame overhead the queue counts (64 B) and link frames — pongs, acks — that an
+agent reading its socket drains at once. Only a peer that stops reading reaches it."""
+DEFAULT_AGENT_MEMORY_LIMIT = 2 * DEFAULT_REPLAY_LIMIT
+"""Bytes one agent may make the server hold: its stream inboxes, its replay buffer and
+its link's queue (128 MiB). A frame waiting in the queue is also kept for replay and
+counts twice, so an agent at the replay limit still fits; a compliant agent's inboxes
+hold about a window (256 KiB) per stream whose consumer is slow."""
 
 
 @dataclass
@@ -52,3 +67,8 @@ class ServerConfig:
     audit_backups: int = DEFAULT_BACKUPS
     audit_fsync: bool = False
     audit_deny_limit: tuple[int, float] = DEFAULT_DENY_LIMIT
+    handshake_max_frame: int = DEFAULT_HANDSHAKE_MAX_FRAME
+    max_unauthenticated: int = DEFAULT_MAX_UNAUTHENTICATED
+    max_unauthenticated_per_address: int = DEFAULT_MAX_UNAUTHENTICATED_PER_ADDRESS
+    max_link_queue: int = DEFAULT_MAX_LINK_QUEUE
+    agent_memory_limit: int = DEFAULT_AGENT_MEMORY_LIMIT

@@ -25,6 +25,7 @@ from carapace.runtime.tls import TlsConfigError, server_context
 from carapace.runtime.tokens import TokenFileError, load_server_tokens
 from carapace.runtime.tuning import tune_gc
 
+from .admission import DEFAULT_MAX_UNAUTHENTICATED, DEFAULT_MAX_UNAUTHENTICATED_PER_ADDRESS
 from .audit import (
     DEFAULT_BACKUPS,
     DEFAULT_DENY_LIMIT,
@@ -33,10 +34,13 @@ from .audit import (
     utc_timestamp,
 )
 from .config import (
+    DEFAULT_AGENT_MEMORY_LIMIT,
     DEFAULT_DRAIN_TIMEOUT,
+    DEFAULT_HANDSHAKE_MAX_FRAME,
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_AGENTS,
+    DEFAULT_MAX_LINK_QUEUE,
     DEFAULT_MAX_REQUESTS_PER_AGENT,
     DEFAULT_POLICY_FILE,
     DEFAULT_RESUME_GRACE,
@@ -118,6 +122,31 @@ class ServerCommand(click.Command):
 @click.option("--resume-grace", type=float, default=DEFAULT_RESUME_GRACE, show_default=True,
               help="How long a dropped agent's session (its requests and processes) waits "
               "for the agent to reconnect and resume.")
+@click.option("--handshake-max-frame", type=click.IntRange(min=256),
+              default=DEFAULT_HANDSHAKE_MAX_FRAME, envvar="CARAPACE_HANDSHAKE_MAX_FRAME",
+              show_default=True, show_envvar=True,
+              help="Largest frame accepted before an agent has authenticated, in bytes; a "
+              "larger length prefix closes the connection before its body is read.")
+@click.option("--max-unauthenticated", type=click.IntRange(min=1),
+              default=DEFAULT_MAX_UNAUTHENTICATED, envvar="CARAPACE_MAX_UNAUTHENTICATED",
+              show_default=True, show_envvar=True,
+              help="Connections still in their handshake at once; more are closed at once.")
+@click.option("--max-unauthenticated-per-address", type=click.IntRange(min=1),
+              default=DEFAULT_MAX_UNAUTHENTICATED_PER_ADDRESS,
+              envvar="CARAPACE_MAX_UNAUTHENTICATED_PER_ADDRESS", show_default=True,
+              show_envvar=True,
+              help="Of those, from one source address.")
+@click.option("--max-link-queue", type=click.IntRange(min=64 * 1024),
+              default=DEFAULT_MAX_LINK_QUEUE, envvar="CARAPACE_MAX_LINK_QUEUE",
+              show_default=True, show_envvar=True,
+              help="Bytes queued on one agent link; an agent that stops reading its socket "
+              "until the queue holds this much is disconnected.")
+@click.option("--agent-memory-limit", type=click.IntRange(min=1024 * 1024),
+              default=DEFAULT_AGENT_MEMORY_LIMIT, envvar="CARAPACE_AGENT_MEMORY_LIMIT",
+              show_default=True, show_envvar=True,
+              help="Bytes one agent may make the server hold: data sent to its requests "
+              "and not yet consumed (e.g. stdin a process does not read), frames kept for "
+              "its resumption, and its link's queue. Past it its session is ended.")
 @click.option("--log-level", default="info", envvar="CARAPACE_LOG_LEVEL", show_default=True)
 @click.option("--log-json", is_flag=True, envvar="CARAPACE_LOG_JSON",
               help="Log JSON lines (for journald/Loki pipelines).")
@@ -145,6 +174,11 @@ def main(
     audit_fsync: bool = False,
     audit_deny_limit: tuple[int, float] = DEFAULT_DENY_LIMIT,
     pid_file: str | None = None,
+    handshake_max_frame: int = DEFAULT_HANDSHAKE_MAX_FRAME,
+    max_unauthenticated: int = DEFAULT_MAX_UNAUTHENTICATED,
+    max_unauthenticated_per_address: int = DEFAULT_MAX_UNAUTHENTICATED_PER_ADDRESS,
+    max_link_queue: int = DEFAULT_MAX_LINK_QUEUE,
+    agent_memory_limit: int = DEFAULT_AGENT_MEMORY_LIMIT,
 ) -> None:
     """Serve Carapace agents: decide, run and audit their tool requests on this host.
 
@@ -178,6 +212,11 @@ def main(
         audit_backups=audit_backups,
         audit_fsync=audit_fsync,
         audit_deny_limit=audit_deny_limit,
+        handshake_max_frame=handshake_max_frame,
+        max_unauthenticated=max_unauthenticated,
+        max_unauthenticated_per_address=max_unauthenticated_per_address,
+        max_link_queue=max_link_queue,
+        agent_memory_limit=agent_memory_limit,
     )
     debug_token = None
     if debug_listen is not None:

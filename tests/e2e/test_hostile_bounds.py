@@ -132,12 +132,13 @@ def test_unauthenticated_connections_are_capped(tmp_path: Path) -> None:
         assert sum(closed_by_server(s) for s in flood) == 27
         # Another agent, from another address, still gets in and is served.
         (d.tmp / "prober-token").write_text(f"prober:{d.prober_token}\n")
-        d.tool_ports = {"signal-cli": free_port()}
+        first_agent_ports, d.tool_ports = d.tool_ports, {"signal-cli": free_port()}
         prober = start_agent(d, token_file=d.tmp / "prober-token")
         try:
             poll(lambda: rpc(d, "version").status_code == 200, 10, "the second agent to connect")
         finally:
             stop_process(prober)
+            d.tool_ports = first_agent_ports
         # The overall cap: more addresses fill it; past it everyone is turned away.
         more = [connect_from(f"127.0.0.{n}", port) for n in (3, 4) for _ in range(3)]
         late = [connect_from("127.0.0.9", port) for _ in range(3)]
