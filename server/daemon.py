@@ -16,9 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 import trio
 
-from carapace.protocol.framing import encode
-from carapace.protocol.messages import CliRequest, HttpRequest, Message, Reject
-from carapace.runtime.sockets import write_now
+from carapace.protocol.messages import CliRequest, HttpRequest, Message
 from carapace.runtime.tokens import TokenFileError, load_server_tokens
 
 from . import policy as policy_mod
@@ -159,16 +157,17 @@ class Server:
             slot.release()
 
     async def _turn_away(self, stream: trio.SocketStream, peer: str, reason: str) -> None:
-        """Close a connection over an unauthenticated-connection cap, with a word if it fits."""
+        """Close a connection over an unauthenticated-connection cap.
+
+        Without a ``reject``: an agent takes a reject as final and gives up the
+        session it was resuming, but retries a closed connection (and resumes).
+        """
         cfg = self.config
         cap = (f"{cfg.max_unauthenticated} connections in their handshake"
                " (--max-unauthenticated)" if reason == "total" else
                f"{cfg.max_unauthenticated_per_address} connections in their handshake from "
                "this address (--max-unauthenticated-per-address)")
         self.refuse_unauthenticated(reason, peer, f"already {cap}")
-        if self.ssl_context is None:  # a plain socket with room: one write, never a wait
-            write_now(stream.socket, encode(Reject(
-                code="limit", message=f"server busy: already {cap}; retry shortly")))
         with trio.move_on_after(1) as scope:
             scope.shield = True
             await stream.aclose()

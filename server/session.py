@@ -182,6 +182,22 @@ class AgentSession:
             raise LinkClosed("session ended") from None
         return frame
 
+    def _room_for(self, request_id: int, size: int) -> bool:
+        """Whether a request of ``size`` bytes (its body, its argv) fits the agent's budget
+        for as long as it runs; if not, it is refused (the agent may retry later)."""
+        used, limit = self.memory.used, self.memory.limit
+        if used + size <= limit:
+            return True
+        detail = (f"request {request_id} refused: {size} bytes on top of the {used} the agent "
+                  f"holds would pass --agent-memory-limit {limit}")
+        log.warning("agent %s: %s", self.agent, detail)
+        self.server.audit_limit("agent_memory", self.agent, self.peer, detail)
+        self.send(RequestFailed(
+            id=request_id, status=503, code="too_many_requests",
+            message=f"agent {self.agent} has too much in flight on the Carapace server "
+            f"(--agent-memory-limit {limit} bytes); retry when some requests finish"))
+        return False
+
     def _over_budget(self, exc: MemoryLimitExceeded) -> None:
         """The agent holds more than --agent-memory-limit: record it and end the session."""
         log.warning("agent %s (%s): %s; ending its session", self.agent, self.peer, exc)
@@ -334,8 +350,12 @@ class AgentSession:
                 "in flight (--max-requests-per-agent); retry when some finish",
             ))
             return
+        size = _request_bytes(msg)
+        if not self._room_for(msg.id, size):
+            return
         stream = ServerStream(self, msg.id, cfg.window,
                               on_events=self.on_events, memory=self.memory)
+        stream.hold(size)
         self.streams[msg.id] = stream
         assert self.nursery is not None
         self.nursery.start_soon(self._run_request, stream, msg)
@@ -365,3 +385,11 @@ class AgentSession:
             stream.close_inbox()
             self.streams.pop(msg.id, None)
             self.server.request_finished()
+
+
+def _request_bytes(msg: HttpRequest | CliRequest) -> int:
+    """What a request's own frame keeps in memory while it runs (near enough)."""
+    if isinstance(msg, HttpRequest):
+        return len(msg.body) + len(msg.target) + sum(len(k) + len(v) for k, v in msg.headers)
+    return (sum(len(a) for a in msg.argv) + len(msg.cwd)
+            + sum(len(k) + len(v) for k, v in msg.env))

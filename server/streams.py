@@ -154,6 +154,11 @@ class ServerStream:
             return
         self._charge(flow_cost(msg) + INBOX_ITEM_OVERHEAD)
 
+    def hold(self, amount: int) -> None:
+        """Charge the agent's budget with what this request keeps while it runs (its body);
+        released with everything else when the request ends."""
+        self._charge(amount)
+
     def _charge(self, amount: int) -> None:
         self._held += amount
         if self._memory is not None:

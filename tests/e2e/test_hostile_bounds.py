@@ -222,3 +222,12 @@ def test_stdin_beyond_the_credit_window_is_cut_off(tmp_path: Path) -> None:
         link.sock.settimeout(3)
         assert link.closed_by_peer()
         served(d)
+
+
+def test_a_request_body_past_the_agent_budget_is_refused_clearly(tmp_path: Path) -> None:
+    with hostile(tmp_path, "--agent-memory-limit", str(MIB)) as d:
+        r = httpx.post(d.url("/echo"), content=b"z" * (2 * MIB), timeout=10)
+        assert r.status_code == 503, r.text
+        assert "--agent-memory-limit" in r.json()["message"]
+        poll(lambda: limit_records(d, "agent_memory"), 5, "an agent_memory limit record")
+        served(d)  # the agent's session goes on

@@ -157,8 +157,10 @@ def test_a_batch_counts_every_event_in_the_metrics() -> None:
     server: Any = SimpleNamespace(policy=None, sessions={}, frame_observers=[],
                                   stats=SimpleNamespace(started=0.0, connections=0,
                                                         handshake_failures=0,
-                                                        protocol_errors=0, errors=0),
-                                  version="test")
+                                                        protocol_errors=0, errors=0,
+                                                        limit_hits={},
+                                                        unauthenticated_refused={}),
+                                  admission=SimpleNamespace(open=0), version="test")
     metrics = ServerMetrics(server)
     stream = ServerStream(FakeSession(), 1, window=100_000,  # type: ignore[arg-type]
                           on_events=metrics.count_events)
