@@ -179,8 +179,8 @@ class Server:
         refused[reason] = refused.get(reason, 0) + 1
         skipped = self._refusals_log.allow(trio.current_time())
         if skipped is not None:
-            log.warning("refusing unauthenticated connections: %s from %s: %s (%d more "
-                        "refused since the last such line; totals: %s)", reason, peer, detail,
+            log.warning("closing unauthenticated connections: %s from %s: %s (%d more "
+                        "closed since the last such line; totals: %s)", reason, peer, detail,
                         skipped, refused)
 
     # -- requests ---------------------------------------------------------------

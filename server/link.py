@@ -131,14 +131,12 @@ class ServerLink:
             with trio.fail_after(self.server.config.handshake_timeout):
                 session = await self._handshake()
         except trio.TooSlowError:
-            log.warning(
-                "handshake from %s timed out after %.0f s; closing",
-                self.peer,
-                self.server.config.handshake_timeout,
-            )
+            # Anyone can open connections and stay silent: counted and logged at most once
+            # per interval, never an audit record or a log line each.
             self.server.stats.handshake_failures += 1
-            self.server.audit_limit("handshake_timeout", "?", self.peer,
-                                    f"no handshake within {self.server.config.handshake_timeout} s")
+            self.server.refuse_unauthenticated(
+                "handshake_timeout", self.peer,
+                f"no handshake within {self.server.config.handshake_timeout:g} s; closed")
             return
         except OversizedFrame as exc:
             self.server.stats.handshake_failures += 1

@@ -280,8 +280,8 @@ def _bounds_families(server: OperatorView) -> Iterator[Metric]:
     yield hits
     refused = CounterMetricFamily(
         "carapace_unauthenticated_refused",
-        "Connections closed before their handshake for a cap (total, per_address, "
-        "handshake_frame).", labels=["reason"])
+        "Connections closed before their handshake: over a cap (total, per_address), "
+        "handshake_frame, handshake_timeout.", labels=["reason"])
     for reason, count in sorted(stats.unauthenticated_refused.items()):
         refused.add_metric([reason], count)
     yield refused

@@ -22,8 +22,8 @@ class Stats:
     limit_hits: dict[str, int] = field(default_factory=dict)
     """Limits hit (each also an audit ``limit`` record), by the record's ``limit`` name."""
     unauthenticated_refused: dict[str, int] = field(default_factory=dict)
-    """Connections closed before their handshake for a cap: total, per_address,
-    handshake_frame (a frame over --handshake-max-frame)."""
+    """Connections closed before their handshake: over a cap (total, per_address),
+    handshake_frame (a frame over --handshake-max-frame), handshake_timeout."""
 
     def count_request(self, kind: str, decision: str) -> None:
         key = (kind, decision)

@@ -231,3 +231,17 @@ def test_a_request_body_past_the_agent_budget_is_refused_clearly(tmp_path: Path)
         assert "--agent-memory-limit" in r.json()["message"]
         poll(lambda: limit_records(d, "agent_memory"), 5, "an agent_memory limit record")
         served(d)  # the agent's session goes on
+
+
+def test_silent_connections_time_out_without_a_line_or_record_each(tmp_path: Path) -> None:
+    with hostile(tmp_path, "--handshake-timeout", "0.5") as d:
+        silent = [connect_from("127.0.0.5", d.server_port) for _ in range(20)]
+        poll(lambda: all(closed_by_server(s) for s in silent), 10, "the handshake timeouts")
+        assert metric(d, "carapace_unauthenticated_refused_total",
+                      reason="handshake_timeout") == 20
+        assert d.server is not None
+        assert d.server.stderr_text().count("unauthenticated connections") <= 2
+        assert not limit_records(d, "handshake_timeout")
+        for s in silent:
+            s.close()
+        served(d)
