@@ -147,9 +147,10 @@ class ServerLink:
             if self.reader.bytes_received == 0:
                 # A port probe or health check, not an agent.
                 log.info("connection from %s closed before the handshake", self.peer)
-            else:
-                log.warning("handshake from %s failed: %s", self.peer, exc)
+            else:  # garbage from anyone who can reach the port: no line each
                 self.server.stats.handshake_failures += 1
+                self.server.refuse_unauthenticated("handshake_error", self.peer,
+                                                   f"handshake failed: {exc}")
             return
         if session is None:
             return

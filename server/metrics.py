@@ -281,7 +281,7 @@ def _bounds_families(server: OperatorView) -> Iterator[Metric]:
     refused = CounterMetricFamily(
         "carapace_unauthenticated_refused",
         "Connections closed before their handshake: over a cap (total, per_address), "
-        "handshake_frame, handshake_timeout.", labels=["reason"])
+        "handshake_frame, handshake_timeout, handshake_error.", labels=["reason"])
     for reason, count in sorted(stats.unauthenticated_refused.items()):
         refused.add_metric([reason], count)
     yield refused

@@ -23,7 +23,8 @@ class Stats:
     """Limits hit (each also an audit ``limit`` record), by the record's ``limit`` name."""
     unauthenticated_refused: dict[str, int] = field(default_factory=dict)
     """Connections closed before their handshake: over a cap (total, per_address),
-    handshake_frame (a frame over --handshake-max-frame), handshake_timeout."""
+    handshake_frame (a frame over --handshake-max-frame), handshake_timeout,
+    handshake_error (bytes that are no handshake)."""
 
     def count_request(self, kind: str, decision: str) -> None:
         key = (kind, decision)
