@@ -145,8 +145,9 @@ class ServerCommand(click.Command):
               default=DEFAULT_AGENT_MEMORY_LIMIT, envvar="CARAPACE_AGENT_MEMORY_LIMIT",
               show_default=True, show_envvar=True,
               help="Bytes one agent may make the server hold: data sent to its requests "
-              "and not yet consumed (e.g. stdin a process does not read), frames kept for "
-              "its resumption, and its link's queue. Past it its session is ended.")
+              "and not yet consumed (e.g. stdin a process does not read), request bodies "
+              "while they run, frames kept for its resumption, and its link's queue. A "
+              "request that would pass it is refused; past it, the session is ended.")
 @click.option("--log-level", default="info", envvar="CARAPACE_LOG_LEVEL", show_default=True)
 @click.option("--log-json", is_flag=True, envvar="CARAPACE_LOG_JSON",
               help="Log JSON lines (for journald/Loki pipelines).")

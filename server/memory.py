@@ -3,7 +3,8 @@
 What an agent can make the server hold: data it sent toward its requests
 that their consumers have not drained yet (stdin for a process that does
 not read it; every frame waiting in a stream's inbox is counted, its bytes
-plus ``INBOX_ITEM_OVERHEAD``), the frames kept for its replay until it
+plus ``INBOX_ITEM_OVERHEAD``), its requests' own bodies while they run (a
+request that would not fit is refused), the frames kept for its replay until it
 acknowledges them, and the frames queued on its link. A frame waiting in the
 link's queue is also kept for replay and is counted in both: the budget is
 an upper bound of what the agent holds, never an under-estimate. Credit keeps
