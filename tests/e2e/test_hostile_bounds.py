@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 
 from carapace.protocol.framing import encode
-from carapace.protocol.messages import CliRequest, Data, Ping
+from carapace.protocol.messages import Ack, CliRequest, Credit, Data, HttpRequest, Ping
 from helpers.deployment import Deployment, deployment, free_port, rpc, start_agent
 from helpers.jsonlines import read_records
 from helpers.procs import poll, stop_process
@@ -243,4 +243,29 @@ def test_silent_connections_time_out_without_a_line_or_record_each(tmp_path: Pat
         assert not limit_records(d, "handshake_timeout")
         for s in silent:
             s.close()
+        served(d)
+
+
+def test_data_frames_to_an_http_request_past_its_window_are_cut_off(tmp_path: Path) -> None:
+    with hostile(tmp_path) as d:
+        assert d.server is not None
+        before = peak_rss_kib(d.server.pid)
+        link = RawLink(d.server_port)
+        welcome = link.handshake("prober", d.prober_token.encode())
+        link.send(HttpRequest(id=1, tool="signal-cli", method="GET", target="/hang",
+                              headers=(), body=b""))
+        chunk = Data(id=1, data=b"d" * 65536)
+        try:
+            # Nobody reads these (an HTTP request takes no data frames): credit never returns.
+            for _ in range(4 * welcome.window // 65536):
+                link.send(chunk)
+                # ...and credit the agent grants itself, and acks, change nothing.
+                link.send(Credit(id=1, amount=1 << 30))
+                link.send(Ack(received=0))
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        link.sock.settimeout(3)
+        assert link.closed_by_peer()
+        assert peak_rss_kib(d.server.pid) - before < 50 * 1024
+        poll(lambda: limit_records(d, "protocol"), 5, "a protocol limit record")
         served(d)
