@@ -118,6 +118,7 @@ def test_huge_hello_is_refused_from_its_length_prefix(tmp_path: Path) -> None:
         # Closed without waiting for (or decoding) the rest, long before the handshake timeout.
         assert link.closed_by_peer()
         assert time.monotonic() - start < 2
+        assert metric(d, "carapace_unauthenticated_refused_total", reason="handshake_frame") == 1
         served(d)
 
 
