@@ -19,7 +19,15 @@ from pathlib import Path
 import httpx
 
 from carapace.protocol.framing import encode
-from carapace.protocol.messages import Ack, CliRequest, Credit, Data, HttpRequest, Ping
+from carapace.protocol.messages import (
+    Ack,
+    Cancel,
+    CliRequest,
+    Credit,
+    Data,
+    HttpRequest,
+    Ping,
+)
 from helpers.deployment import Deployment, deployment, free_port, rpc, start_agent
 from helpers.jsonlines import read_records
 from helpers.procs import poll, stop_process
@@ -269,4 +277,23 @@ def test_data_frames_to_an_http_request_past_its_window_are_cut_off(tmp_path: Pa
         assert link.closed_by_peer()
         assert peak_rss_kib(d.server.pid) - before < 50 * 1024
         poll(lambda: limit_records(d, "protocol"), 5, "a protocol limit record")
+        served(d)
+
+
+def test_undrained_stdin_shows_in_the_agent_memory_gauge_until_the_request_ends(
+        tmp_path: Path) -> None:
+    with hostile(tmp_path) as d:
+        link = RawLink(d.server_port)
+        link.handshake("prober", d.prober_token.encode())
+        link.send(CliRequest(id=1, tool="sleeper", argv=(b"50",), cwd=b"/", env=(),
+                             tty=(False, False, False)))
+        link.send(Data(id=1, data=b"s" * (200 * 1024)))  # within the window; never read
+
+        def held() -> float:
+            return metric(d, "carapace_agent_memory_bytes", agent="prober")
+
+        poll(lambda: held() >= 200 * 1024, 5, "the undrained stdin to be counted")
+        link.send(Cancel(id=1, reason="done"))
+        poll(lambda: held() < 64 * 1024, 5, "the cancelled request's stdin to be released")
+        link.close()
         served(d)
