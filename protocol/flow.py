@@ -76,16 +76,35 @@ class SendWindow:
         self.credit += amount
 
 
-class ReceiveWindow:
-    """Receiver's side: counts consumed bytes and says when to return credit."""
+OVERDRAW_SLACK = DEFAULT_MAX_FRAME
+"""What a lenient receiver tolerates beyond two windows (one maximal frame) before it
+calls it abuse."""
 
-    def __init__(self, window: int = DEFAULT_WINDOW) -> None:
+
+class ReceiveWindow:
+    """Receiver's side: counts consumed bytes and says when to return credit.
+
+    A *strict* receiver (the server, facing an untrusted agent) holds the
+    sender to the rule exactly: a payload frame that arrives while everything
+    the sender was ever granted is still outstanding was sent without credit,
+    however the credit frames in flight were timed (the sender cannot have
+    seen more credit than we returned). So a compliant sender leaves at most
+    one window plus one frame buffered, and a cheater is caught at its first
+    frame past that. A lenient receiver allows slack for a peer it trusts.
+    """
+
+    def __init__(self, window: int = DEFAULT_WINDOW, *, strict: bool = False) -> None:
         self.window = window
+        self.strict = strict
         self._consumed = 0
         self.outstanding = 0
         """Bytes received and not yet returned as credit."""
+        self.overdrawn = False
+        """A strict receiver saw a payload frame sent without credit."""
 
     def received(self, cost: int) -> None:
+        if self.strict and cost and self.outstanding >= self.window:
+            self.overdrawn = True
         self.outstanding += cost
 
     def consumed(self, cost: int) -> int:
@@ -98,8 +117,9 @@ class ReceiveWindow:
         return 0
 
     def over_limit(self) -> bool:
-        """The sender overdrew beyond two windows plus one maximal frame: a protocol violation."""
-        return self.outstanding > 2 * self.window + DEFAULT_MAX_FRAME
+        """The sender broke flow control: sent without credit (strict), or overdrew
+        beyond two windows plus one maximal frame (lenient)."""
+        return self.overdrawn or self.outstanding > 2 * self.window + OVERDRAW_SLACK
 
 
 class StreamFlow:
@@ -107,15 +127,16 @@ class StreamFlow:
 
     What we send spends ``credit`` and waits while it is not positive;
     what the peer sends is counted until our consumer drains it, then
-    returned as a ``credit`` frame. ``peer`` names the other side in errors.
+    returned as a ``credit`` frame. ``peer`` names the other side in errors;
+    ``strict`` holds it to its credit exactly (see :class:`ReceiveWindow`).
     """
 
     def __init__(self, request_id: int, window: int = DEFAULT_WINDOW, *,
-                 peer: str = "peer") -> None:
+                 peer: str = "peer", strict: bool = False) -> None:
         self.id = request_id
         self.peer = peer
         self._send = SendWindow(window)
-        self._receive = ReceiveWindow(window)
+        self._receive = ReceiveWindow(window, strict=strict)
 
     # -- our sending ---------------------------------------------------------------
     @property
@@ -145,7 +166,10 @@ class StreamFlow:
         if cost:
             self._receive.received(cost)
             if self._receive.over_limit():
-                raise ProtocolError(f"request {self.id}: {self.peer} ignored flow control")
+                raise ProtocolError(
+                    f"request {self.id}: {self.peer} ignored flow control (sent "
+                    f"{self._receive.outstanding} bytes against a {self._receive.window}-byte "
+                    "window without waiting for credit)")
 
     def consumed(self, cost: int) -> Credit | None:
         """``cost`` bytes were drained: the ``credit`` frame to return now, if one is due."""

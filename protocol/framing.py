@@ -23,6 +23,10 @@ class FrameTooLarge(ValueError):
     """A message we were about to send would exceed the receiver's frame cap."""
 
 
+class OversizedFrame(ProtocolError):
+    """The peer announced a frame over our cap (refused from its length prefix alone)."""
+
+
 _LENGTH = struct.Struct(">I")
 HEADER_SIZE = _LENGTH.size
 
@@ -85,7 +89,7 @@ class FrameDecoder:
         if len(self._buf) - self._pos >= HEADER_SIZE:
             (length,) = _LENGTH.unpack_from(self._buf, self._pos)
             if length > self.max_frame:
-                raise ProtocolError(
+                raise OversizedFrame(
                     f"frame of {length} bytes exceeds the {self.max_frame}-byte limit"
                 )
             if length == 0:

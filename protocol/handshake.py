@@ -29,6 +29,11 @@ PROOF_SIZE = 32
 DEFAULT_HANDSHAKE_TIMEOUT = 5.0
 """Seconds a link may take from its opening to ``welcome`` (the spec's 5 s): a
 round trip and two HMACs take milliseconds, so this only bounds a peer that stalls."""
+MAX_HANDSHAKE_FRAME = 4096
+"""Default cap on a frame before ``welcome``: a hello (a few versions, a name of at
+most 128 characters, two nonces' worth of ids) or an auth is a few hundred bytes,
+so 4 KiB leaves room for new fields while an unauthenticated peer cannot make the
+server buffer or decode anything big."""
 
 _SERVER_LABEL = b"carapace-v1 server proof\x00"
 _AGENT_LABEL = b"carapace-v1 agent proof\x00"

@@ -1,17 +1,20 @@
 """Frames over a trio stream: one writer task per socket, a reader that yields messages.
 
 One task owns each socket's writes (:class:`FrameWriter`); everyone else hands
-it encoded frames over an unbounded memory channel, or, while that task is
-idle, makes one non-blocking write itself. Unbounded is deliberate:
+it encoded frames over a memory channel, or, while that task is idle, makes
+one non-blocking write itself. Nobody ever waits for room in that queue:
 the reader must never block on queueing a pong or a credit frame (two peers
 whose readers both wait on full queues deadlock), and payload frames are
-already bounded by the per-stream credit windows.
+already bounded by the per-stream credit windows. Instead the queue may have
+a *byte limit*: a frame that would take it past the limit is refused, the
+writer closes, and its owner is told (``on_overflow``) — a peer that stops
+reading its socket while it keeps sending pings is cut off, not buffered for.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import trio
 
@@ -22,6 +25,10 @@ from .sockets import READ_SIZE, receive_some, write_now
 
 COALESCE_LIMIT = 256 * 1024
 """Bytes of queued frames merged into one write when a backlog exists."""
+
+QUEUE_ITEM_OVERHEAD = 64
+"""What a queued item costs beyond its bytes (its bytes object and tuple), so that
+a flood of tiny frames (pongs) is counted near what it really holds."""
 
 
 class LinkClosed(Exception):
@@ -42,8 +49,14 @@ class FrameWriter:
     order of bytes and the handling of a broken link stay in one place.
     """
 
-    def __init__(self, stream: trio.abc.SendStream) -> None:
+    def __init__(self, stream: trio.abc.SendStream, *, limit: int | None = None,
+                 on_overflow: Callable[[int], None] | None = None) -> None:
         self._stream = stream
+        self.limit = limit
+        """Bytes the queue may hold (items counted with QUEUE_ITEM_OVERHEAD); None: no limit."""
+        self._on_overflow = on_overflow
+        self.queued_bytes = 0
+        """What the queue holds now, as the limit counts it."""
         # Each item: encoded bytes and the number of frames they hold.
         self._send, self._receive = trio.open_memory_channel[tuple[bytes, int]](math.inf)
         self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
@@ -70,10 +83,21 @@ class FrameWriter:
                 self.bytes_sent += written
                 frame = frame[written:]
         self._idle = False
+        cost = len(frame) + QUEUE_ITEM_OVERHEAD
+        if self.limit is not None and self.queued_bytes + cost > self.limit:
+            self._overflow(cost)
+        self.queued_bytes += cost
         try:
             self._send.send_nowait((frame, frames))
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise LinkClosed("link is closed") from None
+
+    def _overflow(self, cost: int) -> None:
+        """The peer is not reading: stop taking frames, tell the owner, refuse this one."""
+        self.closed = True
+        if self._on_overflow is not None:
+            self._on_overflow(self.queued_bytes + cost)
+        raise LinkClosed(f"outbound queue over its limit of {self.limit} bytes")
 
     def close(self) -> None:
         """Stop accepting frames; :meth:`run` sends what is queued and returns."""
@@ -107,6 +131,7 @@ class FrameWriter:
                 batch.append(frame)
                 size += len(frame)
                 count += frames
+            self.queued_bytes -= size + len(batch) * QUEUE_ITEM_OVERHEAD
             await self._stream.send_all(batch[0] if len(batch) == 1 else b"".join(batch))
             self.bytes_sent += size
             self.frames_sent += count

@@ -267,7 +267,7 @@ class _Run:
 
     async def _dispatch_inbox(self) -> None:
         """Signals act at once; stdin frames queue for the writer (which may block)."""
-        async for msg in self.stream.inbox:
+        async for msg in self.stream.incoming():
             if isinstance(msg, Signal):
                 self._signal(msg.signum)
             elif isinstance(msg, Data | End):

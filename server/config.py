@@ -10,10 +10,11 @@ from dataclasses import dataclass
 
 from carapace.protocol.flow import DEFAULT_WINDOW
 from carapace.protocol.framing import DEFAULT_MAX_FRAME
-from carapace.protocol.handshake import DEFAULT_HANDSHAKE_TIMEOUT
+from carapace.protocol.handshake import DEFAULT_HANDSHAKE_TIMEOUT, MAX_HANDSHAKE_FRAME
 from carapace.protocol.keepalive import DEFAULT_IDLE_TIMEOUT, DEFAULT_PING_INTERVAL
 from carapace.protocol.resume import DEFAULT_REPLAY_LIMIT
 
+from .admission import DEFAULT_MAX_UNAUTHENTICATED, DEFAULT_MAX_UNAUTHENTICATED_PER_ADDRESS
 from .audit import DEFAULT_BACKUPS, DEFAULT_DENY_LIMIT, DEFAULT_MAX_BYTES
 from .audit.caps import DEFAULT_MAX_RECORD_BYTES
 from .audit.throttle import DEFAULT_DENY_BYTES
@@ -25,6 +26,19 @@ DEFAULT_MAX_REQUESTS_PER_AGENT = 10_000
 DEFAULT_MAX_AGENTS = 64
 DEFAULT_DRAIN_TIMEOUT = 10.0
 DEFAULT_RESUME_GRACE = 30.0
+DEFAULT_HANDSHAKE_MAX_FRAME = MAX_HANDSHAKE_FRAME
+"""Largest frame accepted before ``welcome`` (protocol/handshake.py says why)."""
+DEFAULT_MAX_LINK_QUEUE = DEFAULT_REPLAY_LIMIT + DEFAULT_REPLAY_LIMIT // 2
+"""Bytes queued on one link for an agent that is not reading them (96 MiB). Every
+numbered frame in the queue is also unacknowledged, so the replay limit already bounds
+those (and a resuming agent gets all of them queued at once); the other half covers
+the per-frame overhead the queue counts (64 B) and link frames — pongs, acks — that an
+agent reading its socket drains at once. Only a peer that stops reading reaches it."""
+DEFAULT_AGENT_MEMORY_LIMIT = 2 * DEFAULT_REPLAY_LIMIT
+"""Bytes one agent may make the server hold: its stream inboxes, its replay buffer and
+its link's queue (128 MiB). A frame waiting in the queue is also kept for replay and
+counts twice, so an agent at the replay limit still fits; a compliant agent's inboxes
+hold about a window (256 KiB) per stream whose consumer is slow."""
 
 
 @dataclass
@@ -60,3 +74,8 @@ class ServerConfig:
     """The TLS private key file (hidden from tools; its key material is masked)."""
     debug_token_file: str | None = None
     """The debug listener's token file (hidden from tools)."""
+    handshake_max_frame: int = DEFAULT_HANDSHAKE_MAX_FRAME
+    max_unauthenticated: int = DEFAULT_MAX_UNAUTHENTICATED
+    max_unauthenticated_per_address: int = DEFAULT_MAX_UNAUTHENTICATED_PER_ADDRESS
+    max_link_queue: int = DEFAULT_MAX_LINK_QUEUE
+    agent_memory_limit: int = DEFAULT_AGENT_MEMORY_LIMIT

@@ -20,6 +20,7 @@ from carapace.protocol.messages import CliRequest, HttpRequest, Message
 from carapace.runtime.tokens import TokenFileError, load_server_tokens
 
 from . import policy as policy_mod
+from .admission import HandshakeSlots, LogThrottle
 from .audit import AuditError, AuditLog, AuditTrail, utc_timestamp
 from .config import ServerConfig
 from .link import ServerLink
@@ -100,6 +101,10 @@ class Server:
         self._hold_secrets()
         self.on_reload: Callable[[bool, str], None] | None = None
         """Called after each reload attempt with (accepted, message); main.py reports it."""
+        self.admission = HandshakeSlots(config.max_unauthenticated,
+                                        config.max_unauthenticated_per_address)
+        """Slots of connections that have not authenticated yet."""
+        self._refusals_log = LogThrottle()
 
     # -- what the operator API and the metrics read (view.OperatorView) ---------------
     def secrets(self) -> list[bytes]:
@@ -180,11 +185,46 @@ class Server:
         except OSError:
             peer = "?"
         self.stats.connections += 1
+        address = peer.rpartition(":")[0] or peer
+        slot = self.admission.admit(address)
+        if isinstance(slot, str):
+            await self._turn_away(stream, peer, slot)
+            return
         link_stream: trio.abc.Stream = stream
         if self.ssl_context is not None:
             # The TLS handshake runs on first use, inside the link's handshake timeout.
             link_stream = trio.SSLStream(stream, self.ssl_context, server_side=True)
-        await ServerLink(self, link_stream, peer).run()
+        try:
+            await ServerLink(self, link_stream, peer, slot).run()
+        finally:
+            slot.release()
+
+    async def _turn_away(self, stream: trio.SocketStream, peer: str, reason: str) -> None:
+        """Close a connection over an unauthenticated-connection cap.
+
+        Without a ``reject``: an agent takes a reject as final and gives up the
+        session it was resuming, but retries a closed connection (and resumes).
+        """
+        cfg = self.config
+        cap = (f"{cfg.max_unauthenticated} connections in their handshake"
+               " (--max-unauthenticated)" if reason == "total" else
+               f"{cfg.max_unauthenticated_per_address} connections in their handshake from "
+               "this address (--max-unauthenticated-per-address)")
+        self.refuse_unauthenticated(reason, peer, f"already {cap}")
+        with trio.move_on_after(1) as scope:
+            scope.shield = True
+            await stream.aclose()
+
+    def refuse_unauthenticated(self, reason: str, peer: str, detail: str) -> None:
+        """Count a connection closed before its handshake for a cap; log at most one line
+        per interval however many there are (a flood must not flood the log)."""
+        refused = self.stats.unauthenticated_refused
+        refused[reason] = refused.get(reason, 0) + 1
+        skipped = self._refusals_log.allow(trio.current_time())
+        if skipped is not None:
+            log.warning("closing unauthenticated connections: %s from %s: %s (%d more "
+                        "closed since the last such line; totals: %s)", reason, peer, detail,
+                        skipped, refused)
 
     # -- requests ---------------------------------------------------------------
     async def handle_request(
@@ -350,6 +390,8 @@ class Server:
 
     def audit_limit(self, limit: str, agent: str, peer: str, detail: str) -> None:
         """Record that a limit was hit: which, by whom, and what was refused."""
+        hits = self.stats.limit_hits
+        hits[limit] = hits.get(limit, 0) + 1
         try:
             self.audit.emit({"ts": utc_timestamp(), "event": "limit", "limit": limit,
                              "agent": agent, "peer": peer, "detail": detail})

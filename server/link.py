@@ -15,11 +15,13 @@ from typing import Protocol
 import trio
 
 from carapace.protocol.errors import ProtocolError
+from carapace.protocol.framing import OversizedFrame
 from carapace.protocol.handshake import NONCE_SIZE, HandshakeError, ServerHandshake
 from carapace.protocol.keepalive import Expired, Keepalive
 from carapace.protocol.messages import Auth, Hello, Ping, Pong, Reject, Welcome
 from carapace.runtime.frames import FrameReader, FrameWriter, LinkClosed
 
+from .admission import Slot
 from .config import ServerConfig
 from .session import AgentSession, TooManyAgents
 from .stats import Stats
@@ -52,16 +54,27 @@ class LinkHost(Protocol):
 
     def audit_limit(self, limit: str, agent: str, peer: str, detail: str) -> None: ...
 
+    def refuse_unauthenticated(self, reason: str, peer: str, detail: str) -> None: ...
+
 
 class ServerLink:
-    """One TCP connection from an agent: handshake, then frames for its session."""
+    """One TCP connection from an agent: handshake, then frames for its session.
 
-    def __init__(self, server: LinkHost, stream: trio.abc.Stream, peer: str) -> None:
+    Until the agent has proved who it is, the link holds a ``slot`` among the
+    server's unauthenticated connections and takes only small frames
+    (``--handshake-max-frame``); its outbound queue is bounded
+    (``--max-link-queue``) and a peer that lets it fill is cut off.
+    """
+
+    def __init__(self, server: LinkHost, stream: trio.abc.Stream, peer: str,
+                 slot: Slot | None = None) -> None:
         self.server = server
         self.stream = stream
         self.peer = peer
-        self.writer = FrameWriter(stream)
-        self.reader = FrameReader(stream, server.config.max_frame)
+        self.slot = slot
+        self.writer = FrameWriter(stream, limit=server.config.max_link_queue,
+                                  on_overflow=self._queue_overflow)
+        self.reader = FrameReader(stream, server.config.handshake_max_frame)
         self.session: AgentSession | None = None
         self.cancel_scope = trio.CancelScope()
         self._writer_scope = trio.CancelScope()
@@ -95,6 +108,16 @@ class ServerLink:
         finally:
             self.done.set()
 
+    def _queue_overflow(self, queued: int) -> None:
+        """The agent stopped reading while frames kept coming for it: cut it off."""
+        agent = self.session.agent if self.session is not None else "?"
+        limit = self.server.config.max_link_queue
+        detail = (f"{queued} bytes queued for an agent that is not reading its link, over "
+                  f"--max-link-queue {limit}")
+        log.warning("agent %s (%s): %s; closing the link", agent, self.peer, detail)
+        self.server.audit_limit("link_queue", agent, self.peer, detail)
+        self.close(f"outbound queue over {limit} bytes: the agent is not reading")
+
     async def _write(self) -> None:
         with self._writer_scope:
             try:
@@ -108,23 +131,26 @@ class ServerLink:
             with trio.fail_after(self.server.config.handshake_timeout):
                 session = await self._handshake()
         except trio.TooSlowError:
-            log.warning(
-                "handshake from %s timed out after %.0f s; closing",
-                self.peer,
-                self.server.config.handshake_timeout,
-            )
+            # Anyone can open connections and stay silent: counted and logged at most once
+            # per interval, never an audit record or a log line each.
             self.server.stats.handshake_failures += 1
-            self.server.audit_limit("handshake_timeout", "?", self.peer,
-                                    f"no handshake within {self.server.config.handshake_timeout} s")
+            self.server.refuse_unauthenticated(
+                "handshake_timeout", self.peer,
+                f"no handshake within {self.server.config.handshake_timeout:g} s; closed")
+            return
+        except OversizedFrame as exc:
+            self.server.stats.handshake_failures += 1
+            self.server.refuse_unauthenticated("handshake_frame", self.peer, str(exc))
             return
         except (ProtocolError, LinkClosed, trio.BrokenResourceError, trio.ClosedResourceError,
                 OSError) as exc:
             if self.reader.bytes_received == 0:
                 # A port probe or health check, not an agent.
                 log.info("connection from %s closed before the handshake", self.peer)
-            else:
-                log.warning("handshake from %s failed: %s", self.peer, exc)
+            else:  # garbage from anyone who can reach the port: no line each
                 self.server.stats.handshake_failures += 1
+                self.server.refuse_unauthenticated("handshake_error", self.peer,
+                                                   f"handshake failed: {exc}")
             return
         if session is None:
             return
@@ -154,6 +180,10 @@ class ServerLink:
             if not isinstance(auth, Auth):
                 raise ProtocolError(f"expected auth, got {auth.TYPE}")
             hs.verify(auth)
+            # Authenticated: its frames may be full-size, and its slot is free for another.
+            self.reader.decoder.max_frame = server.config.max_frame
+            if self.slot is not None:
+                self.slot.release()
         except HandshakeError as exc:
             log.warning(
                 "handshake from %s (agent %r) failed: %s", self.peer, first.agent[:40], exc

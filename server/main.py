@@ -26,6 +26,7 @@ from carapace.runtime.tls import TlsConfigError, server_context
 from carapace.runtime.tokens import TokenFileError, load_server_tokens
 from carapace.runtime.tuning import tune_gc
 
+from .admission import DEFAULT_MAX_UNAUTHENTICATED, DEFAULT_MAX_UNAUTHENTICATED_PER_ADDRESS
 from .audit import (
     DEFAULT_BACKUPS,
     DEFAULT_DENY_LIMIT,
@@ -36,11 +37,14 @@ from .audit import (
 from .audit.caps import DEFAULT_MAX_RECORD_BYTES, MIN_RECORD_BYTES
 from .audit.throttle import DEFAULT_DENY_BYTES
 from .config import (
+    DEFAULT_AGENT_MEMORY_LIMIT,
     DEFAULT_DRAIN_TIMEOUT,
+    DEFAULT_HANDSHAKE_MAX_FRAME,
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_LISTEN,
     DEFAULT_MAX_AGENTS,
+    DEFAULT_MAX_LINK_QUEUE,
     DEFAULT_MAX_REQUESTS_PER_AGENT,
     DEFAULT_POLICY_FILE,
     DEFAULT_RESUME_GRACE,
@@ -145,6 +149,32 @@ def parse_limit_options(command: Any) -> Any:
 @click.option("--resume-grace", type=float, default=DEFAULT_RESUME_GRACE, show_default=True,
               help="How long a dropped agent's session (its requests and processes) waits "
               "for the agent to reconnect and resume.")
+@click.option("--handshake-max-frame", type=click.IntRange(min=256),
+              default=DEFAULT_HANDSHAKE_MAX_FRAME, envvar="CARAPACE_HANDSHAKE_MAX_FRAME",
+              show_default=True, show_envvar=True,
+              help="Largest frame accepted before an agent has authenticated, in bytes; a "
+              "larger length prefix closes the connection before its body is read.")
+@click.option("--max-unauthenticated", type=click.IntRange(min=1),
+              default=DEFAULT_MAX_UNAUTHENTICATED, envvar="CARAPACE_MAX_UNAUTHENTICATED",
+              show_default=True, show_envvar=True,
+              help="Connections still in their handshake at once; more are closed at once.")
+@click.option("--max-unauthenticated-per-address", type=click.IntRange(min=1),
+              default=DEFAULT_MAX_UNAUTHENTICATED_PER_ADDRESS,
+              envvar="CARAPACE_MAX_UNAUTHENTICATED_PER_ADDRESS", show_default=True,
+              show_envvar=True,
+              help="Of those, from one source address.")
+@click.option("--max-link-queue", type=click.IntRange(min=64 * 1024),
+              default=DEFAULT_MAX_LINK_QUEUE, envvar="CARAPACE_MAX_LINK_QUEUE",
+              show_default=True, show_envvar=True,
+              help="Bytes queued on one agent link; an agent that stops reading its socket "
+              "until the queue holds this much is disconnected.")
+@click.option("--agent-memory-limit", type=click.IntRange(min=1024 * 1024),
+              default=DEFAULT_AGENT_MEMORY_LIMIT, envvar="CARAPACE_AGENT_MEMORY_LIMIT",
+              show_default=True, show_envvar=True,
+              help="Bytes one agent may make the server hold: data sent to its requests "
+              "and not yet consumed (e.g. stdin a process does not read), request bodies "
+              "while they run, frames kept for its resumption, and its link's queue. A "
+              "request that would pass it is refused; past it, the session is ended.")
 @click.option("--log-level", default="info", envvar="CARAPACE_LOG_LEVEL", show_default=True)
 @click.option("--log-json", is_flag=True, envvar="CARAPACE_LOG_JSON",
               help="Log JSON lines (for journald/Loki pipelines).")
@@ -192,6 +222,11 @@ def main(
     audit_deny_bytes: int = DEFAULT_DENY_BYTES,
     audit_max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
     secret_command_timeout: float = DEFAULT_SECRET_COMMAND_TIMEOUT,
+    handshake_max_frame: int = DEFAULT_HANDSHAKE_MAX_FRAME,
+    max_unauthenticated: int = DEFAULT_MAX_UNAUTHENTICATED,
+    max_unauthenticated_per_address: int = DEFAULT_MAX_UNAUTHENTICATED_PER_ADDRESS,
+    max_link_queue: int = DEFAULT_MAX_LINK_QUEUE,
+    agent_memory_limit: int = DEFAULT_AGENT_MEMORY_LIMIT,
     **parse_limits: int,
 ) -> None:
     """Serve Carapace agents: decide, run and audit their tool requests on this host.
@@ -242,6 +277,11 @@ def main(
         parse_limits=ParseLimits(**parse_limits),
         tls_key=tls_key,
         debug_token_file=debug_token_file,
+        handshake_max_frame=handshake_max_frame,
+        max_unauthenticated=max_unauthenticated,
+        max_unauthenticated_per_address=max_unauthenticated_per_address,
+        max_link_queue=max_link_queue,
+        agent_memory_limit=agent_memory_limit,
     )
     debug_token = _debug_token(debug_listen, debug_token_file)
     ssl_context = _tls_context(tls_cert, tls_key, tls_client_ca)

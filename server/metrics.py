@@ -232,6 +232,10 @@ class _LiveCollector(Collector):
         yield HistogramMetricFamily("carapace_event_latency_seconds", "")
         for name, _doc, _key in AUDIT_COUNTERS:
             yield CounterMetricFamily(name, "")
+        for name in ("carapace_limit_hits", "carapace_unauthenticated_refused"):
+            yield CounterMetricFamily(name, "")
+        for name in ("carapace_unauthenticated_connections", "carapace_agent_memory_bytes"):
+            yield GaugeMetricFamily(name, "")
 
     def collect(self) -> Iterator[Metric]:
         m = self.metrics
@@ -298,6 +302,7 @@ class _LiveCollector(Collector):
         counts = server.audit_counts()
         for name, doc, key in AUDIT_COUNTERS:
             yield CounterMetricFamily(name, doc, value=counts.get(key, 0))
+        yield from _bounds_families(server)
 
 
 class _SandboxCollector(Collector):
@@ -319,3 +324,30 @@ class _SandboxCollector(Collector):
         for name in SANDBOX_MODES:
             mode.add_metric([name], 1 if name == current else 0)
         yield mode
+
+
+def _bounds_families(server: OperatorView) -> Iterator[Metric]:
+    """What the server's memory and connection bounds hold now, and how often they hit."""
+    stats = server.stats
+    hits = CounterMetricFamily(
+        "carapace_limit_hits", "Limits hit, by the name of their audit limit record.",
+        labels=["limit"])
+    for name, count in sorted(stats.limit_hits.items()):
+        hits.add_metric([name], count)
+    yield hits
+    refused = CounterMetricFamily(
+        "carapace_unauthenticated_refused",
+        "Connections closed before their handshake: over a cap (total, per_address), "
+        "handshake_frame, handshake_timeout, handshake_error.", labels=["reason"])
+    for reason, count in sorted(stats.unauthenticated_refused.items()):
+        refused.add_metric([reason], count)
+    yield refused
+    yield GaugeMetricFamily(
+        "carapace_unauthenticated_connections", "Connections in their handshake now.",
+        value=server.admission.open)
+    memory = GaugeMetricFamily(
+        "carapace_agent_memory_bytes", "What each agent makes the server hold now (stream "
+        "inboxes, replay buffer, link queue), against --agent-memory-limit.", labels=["agent"])
+    for name, session in sorted(server.sessions.items()):
+        memory.add_metric([name], session.memory.used)
+    yield memory

@@ -37,6 +37,7 @@ from carapace.protocol.resume import ReplayBuffer, ReplayOverflow, SessionLedger
 from carapace.runtime.frames import FrameReader, FrameWriter, LinkClosed
 
 from .config import ServerConfig
+from .memory import AgentMemory, MemoryLimitExceeded
 from .stats import Stats
 from .streams import EventsObserver, ServerStream
 
@@ -115,6 +116,8 @@ class AgentSession:
         self.highest_id = 0
         self.last_rtt: float | None = None
         self.ledger = SessionLedger(server.config.replay_limit, peer="agent")
+        self.memory = AgentMemory(server.config.agent_memory_limit, self.ledger.replay)
+        """What this agent holds on the server: inboxes, replay, link queue."""
         self.link: AttachedLink | None = None
         # The last link's reader and writer, for byte and frame counters.
         self.reader: FrameReader | None = None
@@ -124,6 +127,7 @@ class AgentSession:
         self.nursery: trio.Nursery | None = None
         self.close_reason = ""
         self.ended = False
+        self._ending = False
         self._link_changed = trio.Event()
 
     @property
@@ -167,10 +171,38 @@ class AgentSession:
         if self.server.frame_observers:
             self.server.observe(self, "out", msg)
         try:
-            return self.ledger.outgoing(msg)
+            frame = self.ledger.outgoing(msg)
+            if not self._ending:
+                self.memory.check()
         except ReplayOverflow as exc:
             self.end(f"too much unacknowledged data, cannot resume: {exc}")
             raise LinkClosed("session ended") from None
+        except MemoryLimitExceeded as exc:
+            self._over_budget(exc)
+            raise LinkClosed("session ended") from None
+        return frame
+
+    def _room_for(self, request_id: int, size: int) -> bool:
+        """Whether a request of ``size`` bytes (its body, its argv) fits the agent's budget
+        for as long as it runs; if not, it is refused (the agent may retry later)."""
+        used, limit = self.memory.used, self.memory.limit
+        if used + size <= limit:
+            return True
+        detail = (f"request {request_id} refused: {size} bytes on top of the {used} the agent "
+                  f"holds would pass --agent-memory-limit {limit}")
+        log.warning("agent %s: %s", self.agent, detail)
+        self.server.audit_limit("agent_memory", self.agent, self.peer, detail)
+        self.send(RequestFailed(
+            id=request_id, status=503, code="too_many_requests",
+            message=f"agent {self.agent} has too much in flight on the Carapace server "
+            f"(--agent-memory-limit {limit} bytes); retry when some requests finish"))
+        return False
+
+    def _over_budget(self, exc: MemoryLimitExceeded) -> None:
+        """The agent holds more than --agent-memory-limit: record it and end the session."""
+        log.warning("agent %s (%s): %s; ending its session", self.agent, self.peer, exc)
+        self.server.audit_limit("agent_memory", self.agent, self.peer, str(exc))
+        self.end(f"memory limit: {exc}")
 
     # -- lifecycle ---------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -208,9 +240,13 @@ class AgentSession:
         self.peer = link.peer
         self.reader = link.reader
         self.writer = link.writer
+        self.memory.link_queue = link.writer
         self.links += 1
-        for frame in self.ledger.replay_after(peer_received):
-            link.writer.send_bytes(frame)
+        try:
+            for frame in self.ledger.replay_after(peer_received):
+                link.writer.send_bytes(frame)
+        except LinkClosed:
+            pass  # its queue overflowed, and the link is closing: the agent may come back
         self._link_changed.set()
         self._link_changed = trio.Event()
 
@@ -229,6 +265,9 @@ class AgentSession:
         """
         if not self.close_reason:
             self.close_reason = reason
+        if self._ending:  # its own last frames may end it again (over a limit): once is enough
+            return
+        self._ending = True
         if self.link is not None and not self.ended:
             for stream in list(self.streams.values()):
                 if not stream.finished:
@@ -280,7 +319,10 @@ class AgentSession:
             elif isinstance(msg, Cancel):
                 stream.cancel(msg.reason or "cancelled by agent")
             else:  # data, end, signal: for the handler, in order (it ignores what it cannot use)
-                stream.deliver(msg)
+                try:
+                    stream.deliver(msg)
+                except MemoryLimitExceeded as exc:
+                    self._over_budget(exc)
         elif isinstance(msg, Ack):
             self.ledger.on_ack(msg)
         elif type(msg) in HANDSHAKE_MESSAGES:
@@ -308,8 +350,12 @@ class AgentSession:
                 "in flight (--max-requests-per-agent); retry when some finish",
             ))
             return
+        size = _request_bytes(msg)
+        if not self._room_for(msg.id, size):
+            return
         stream = ServerStream(self, msg.id, cfg.window,
-                              on_events=self.on_events)
+                              on_events=self.on_events, memory=self.memory)
+        stream.hold(size)
         self.streams[msg.id] = stream
         assert self.nursery is not None
         self.nursery.start_soon(self._run_request, stream, msg)
@@ -339,3 +385,11 @@ class AgentSession:
             stream.close_inbox()
             self.streams.pop(msg.id, None)
             self.server.request_finished()
+
+
+def _request_bytes(msg: HttpRequest | CliRequest) -> int:
+    """What a request's own frame keeps in memory while it runs (near enough)."""
+    if isinstance(msg, HttpRequest):
+        return len(msg.body) + len(msg.target) + sum(len(k) + len(v) for k, v in msg.headers)
+    return (sum(len(a) for a in msg.argv) + len(msg.cwd)
+            + sum(len(k) + len(v) for k, v in msg.env))

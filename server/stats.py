@@ -19,6 +19,12 @@ class Stats:
     unknown_id_frames: int = 0
     errors: int = 0
     requests: dict[tuple[str, str], int] = field(default_factory=dict)
+    limit_hits: dict[str, int] = field(default_factory=dict)
+    """Limits hit (each also an audit ``limit`` record), by the record's ``limit`` name."""
+    unauthenticated_refused: dict[str, int] = field(default_factory=dict)
+    """Connections closed before their handshake: over a cap (total, per_address),
+    handshake_frame (a frame over --handshake-max-frame), handshake_timeout,
+    handshake_error (bytes that are no handshake)."""
 
     def count_request(self, kind: str, decision: str) -> None:
         key = (kind, decision)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Protocol
 
 import trio
@@ -21,6 +21,8 @@ from carapace.protocol.messages import (
     SseEvents,
 )
 from carapace.protocol.requests import ENDS_REQUEST
+
+from .memory import INBOX_ITEM_OVERHEAD, AgentMemory
 
 
 class FrameSink(Protocol):
@@ -105,12 +107,18 @@ class ServerStream:
     """
 
     def __init__(self, session: FrameSink, request_id: int, window: int,
-                 on_events: EventsObserver | None = None) -> None:
+                 on_events: EventsObserver | None = None,
+                 memory: AgentMemory | None = None) -> None:
         self.session = session
         self.id = request_id
         self.cancel_scope = trio.CancelScope()
         self.cancel_reason: str | None = None
-        self.flow = StreamFlow(request_id, window, peer="agent")
+        # Strict: the agent is untrusted, and its credit is all that bounds this inbox.
+        self.flow = StreamFlow(request_id, window, peer="agent", strict=True)
+        self._memory = memory
+        """The agent's budget, charged with what waits in the inbox (None: not counted)."""
+        self._held = 0
+        """What this stream has charged to the budget and not yet released."""
         self._credit_changed = trio.Event()
         # Made on first use: only CLI requests (stdin, signals) receive frames, and
         # a channel pair per HTTP request showed in the JSON-RPC profile.
@@ -137,12 +145,30 @@ class ServerStream:
         self._credit_changed = trio.Event()
 
     def deliver(self, msg: Message) -> None:
-        """Queue an agent → server frame (stdin, signal); ProtocolError if the agent overdrew."""
+        """Queue an agent → server frame (stdin, signal); ProtocolError if the agent overdrew,
+        MemoryLimitExceeded if it now holds more than its budget."""
         self.flow.received(msg)
         try:
             self._inbox()[0].send_nowait(msg)
         except trio.ClosedResourceError:
-            pass
+            return
+        self._charge(flow_cost(msg) + INBOX_ITEM_OVERHEAD)
+
+    def hold(self, amount: int) -> None:
+        """Charge the agent's budget with what this request keeps while it runs (its body);
+        released with everything else when the request ends."""
+        self._charge(amount)
+
+    def _charge(self, amount: int) -> None:
+        self._held += amount
+        if self._memory is not None:
+            self._memory.charge(amount)
+
+    def _release(self, amount: int) -> None:
+        amount = min(amount, self._held)
+        self._held -= amount
+        if self._memory is not None:
+            self._memory.release(amount)
 
     def _inbox(self) -> tuple[MemorySendChannel[Message], MemoryReceiveChannel[Message]]:
         if self._inbox_pair is None:
@@ -151,19 +177,26 @@ class ServerStream:
                 self._inbox_pair[0].close()
         return self._inbox_pair
 
-    @property
-    def inbox(self) -> MemoryReceiveChannel[Message]:
-        """Frames from the agent for this request (stdin, EOF, signals), in order."""
-        return self._inbox()[1]
+    async def incoming(self) -> AsyncIterator[Message]:
+        """Frames from the agent for this request (stdin, EOF, signals), in order.
+
+        A payload frame still counts against the agent's budget until the
+        handler calls :meth:`consumed` for it.
+        """
+        async for msg in self._inbox()[1]:
+            self._release(INBOX_ITEM_OVERHEAD)
+            yield msg
 
     def cancel(self, reason: str) -> None:
         self.cancel_reason = reason
         self.cancel_scope.cancel()
 
     def close_inbox(self) -> None:
+        """The request is over: whatever it still held is released."""
         self._inbox_closed = True
         if self._inbox_pair is not None:
             self._inbox_pair[0].close()
+        self._release(self._held)
 
     # -- called by the handler -----------------------------------------------------
     async def send(self, msg: RequestMessage) -> None:
@@ -241,6 +274,8 @@ class ServerStream:
 
     def consumed(self, msg: Message) -> None:
         """The handler has passed ``msg`` on (e.g. to stdin): return its credit."""
-        credit = self.flow.consumed(flow_cost(msg))
+        cost = flow_cost(msg)
+        self._release(cost)
+        credit = self.flow.consumed(cost)
         if credit is not None:
             self.session.send(credit)

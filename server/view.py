@@ -12,6 +12,7 @@ from typing import Protocol
 
 from carapace.protocol.messages import Message
 
+from .admission import HandshakeSlots
 from .config import ServerConfig
 from .policy import Policy
 from .sandbox import SandboxStatus
@@ -63,4 +64,8 @@ class OperatorView(Protocol):
     @property
     def sandbox_status(self) -> SandboxStatus:
         """How CLI tools are confined now (bwrap or none, and why)."""
+
+    @property
+    def admission(self) -> HandshakeSlots:
+        """The connections that have not authenticated yet."""
         ...

@@ -157,8 +157,11 @@ def test_a_batch_counts_every_event_in_the_metrics() -> None:
     server: Any = SimpleNamespace(policy=None, sessions={}, frame_observers=[],
                                   stats=SimpleNamespace(started=0.0, connections=0,
                                                         handshake_failures=0,
-                                                        protocol_errors=0, errors=0),
-                                  version="test", audit_counts=dict,
+                                                        protocol_errors=0, errors=0,
+                                                        limit_hits={},
+                                                        unauthenticated_refused={}),
+                                  admission=SimpleNamespace(open=0), version="test",
+                                  audit_counts=dict,
                                   sandbox_status=SimpleNamespace(mode="none"))
     metrics = ServerMetrics(server)
     stream = ServerStream(FakeSession(), 1, window=100_000,  # type: ignore[arg-type]
