@@ -13,6 +13,8 @@ from carapace.protocol.framing import DEFAULT_MAX_FRAME
 from carapace.protocol.handshake import DEFAULT_HANDSHAKE_TIMEOUT
 from carapace.protocol.keepalive import DEFAULT_IDLE_TIMEOUT, DEFAULT_PING_INTERVAL
 from carapace.protocol.resume import DEFAULT_REPLAY_LIMIT
+from carapace.runtime.addresses import Address, TcpAddress
+from carapace.runtime.unix_sockets import SOCKET_MODE
 
 from .audit import DEFAULT_BACKUPS, DEFAULT_DENY_LIMIT, DEFAULT_MAX_BYTES
 from .policy import DEFAULT_LIMITS, ParseLimits
@@ -29,8 +31,8 @@ DEFAULT_RESUME_GRACE = 30.0
 class ServerConfig:
     """Everything the server needs to run, apart from the policy and the tokens."""
 
-    listen_host: str = DEFAULT_LISTEN[0]
-    listen_port: int = DEFAULT_LISTEN[1]
+    listen: tuple[Address, ...] = (TcpAddress(*DEFAULT_LISTEN),)
+    """Every address agents may connect to: TCP, unix sockets, vsock (``--listen``)."""
     policy_file: str = DEFAULT_POLICY_FILE
     token_file: str = ""
     debug_host: str | None = None
@@ -52,3 +54,5 @@ class ServerConfig:
     audit_deny_limit: tuple[int, float] = DEFAULT_DENY_LIMIT
     parse_limits: ParseLimits = DEFAULT_LIMITS
     """Server-wide caps on what the policy engine parses; tools may override them."""
+    unix_socket_mode: int = SOCKET_MODE
+    """File mode of each unix socket the server listens on."""

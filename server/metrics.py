@@ -209,6 +209,7 @@ class _LiveCollector(Collector):
             yield CounterMetricFamily(name, "")
         yield CounterMetricFamily("carapace_sse_events", "")
         yield HistogramMetricFamily("carapace_event_latency_seconds", "")
+        yield CounterMetricFamily("carapace_transport_connections", "", labels=["transport"])
 
     def collect(self) -> Iterator[Metric]:
         m = self.metrics
@@ -272,3 +273,11 @@ class _LiveCollector(Collector):
             "being queued on the agent link (includes waiting for the stream's credit; "
             "the events of one upstream read are queued together).",
         )
+        by_transport = CounterMetricFamily(
+            "carapace_transport_connections",
+            "Connections accepted from agents, by transport (tcp, unix, vsock).",
+            labels=["transport"],
+        )
+        for transport, count in sorted(stats.transports.items()):
+            by_transport.add_metric([transport], count)
+        yield by_transport

@@ -19,7 +19,12 @@ class Stats:
     unknown_id_frames: int = 0
     errors: int = 0
     requests: dict[tuple[str, str], int] = field(default_factory=dict)
+    transports: dict[str, int] = field(default_factory=dict)
+    """Connections accepted, by transport (tcp, unix, vsock)."""
 
     def count_request(self, kind: str, decision: str) -> None:
         key = (kind, decision)
         self.requests[key] = self.requests.get(key, 0) + 1
+
+    def count_transport(self, transport: str) -> None:
+        self.transports[transport] = self.transports.get(transport, 0) + 1
