@@ -75,7 +75,7 @@ class CliSocketListener:
 
     async def serve(self, *, task_status: trio.TaskStatus[trio.SocketListener]
                     = trio.TASK_STATUS_IGNORED) -> None:
-        sock = bind_unix_socket(self.path, self.mode)
+        sock = bind_unix_socket(self.path, self.mode, who="agent")
         ino = os.stat(self.path).st_ino
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
         log.info("tool shims served on %s (mode %o)", self.path, self.mode)

@@ -28,11 +28,12 @@ DIR_MODE = 0o700
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
-def clear_stale_socket(path: str) -> None:
+def clear_stale_socket(path: str, who: str = "process") -> None:
     """Remove ``path`` if it is a socket nobody listens on; OSError if anything else is there.
 
     A regular file (or a directory, a link) is never removed: it may be
-    someone's data. A socket with a live listener is another daemon's.
+    someone's data. A socket with a live listener is another daemon's: the error
+    names it as ``who`` (the agent says "agent": only another agent would be there).
     """
     try:
         st = os.lstat(path)
@@ -50,14 +51,14 @@ def clear_stale_socket(path: str) -> None:
     except OSError:
         pass  # let bind report what is wrong
     else:
-        raise OSError(errno.EADDRINUSE, f"another process is already listening on {path} "
+        raise OSError(errno.EADDRINUSE, f"another {who} is already serving {path} "
                                         "(stop it, or pick another path)")
     finally:
         probe.close()
 
 
 def bind_unix_socket(path: str, mode: int = SOCKET_MODE, *,
-                     dir_mode: int | None = DIR_MODE) -> socket.socket:
+                     dir_mode: int | None = DIR_MODE, who: str = "process") -> socket.socket:
     """A listening, non-blocking unix socket at ``path`` with ``mode``, never looser.
 
     A missing parent directory is created with ``dir_mode``, or with
@@ -72,7 +73,7 @@ def bind_unix_socket(path: str, mode: int = SOCKET_MODE, *,
                                         "(with the owner and group that may connect)")
         os.makedirs(parent, exist_ok=True)
         os.chmod(parent, dir_mode)
-    clear_stale_socket(path)
+    clear_stale_socket(path, who)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         # The socket file is created by bind() with 0777 & ~umask: set the umask so

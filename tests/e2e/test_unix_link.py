@@ -261,7 +261,7 @@ def test_unix_listener_mode_stale_file_and_removal_on_exit() -> None:
             # A second server must not take the live socket over.
             second = start_server(d, "--listen", f"unix:{path}")
             assert second.wait(15) == 1, second.output()
-            assert "another process is already listening on" in second.stderr_text()
+            assert "another process is already serving" in second.stderr_text()
             stop_process(second)
             server.send_signal(signal.SIGTERM)
             assert server.wait(15) == 0, server.output()

@@ -164,7 +164,7 @@ async def test_stale_socket_is_replaced(short_dir: Path) -> None:
 async def test_live_socket_is_not_taken_over(short_dir: Path) -> None:
     path = str(short_dir / "s.sock")
     async with listening([UnixAddress(path)]):
-        with pytest.raises(ListenError, match="another process is already listening"):
+        with pytest.raises(ListenError, match="another process is already serving"):
             async with listening([UnixAddress(path)]):
                 pass  # pragma: no cover
         # The first listener still has its socket.
