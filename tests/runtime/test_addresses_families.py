@@ -279,3 +279,32 @@ async def test_vsock_round_trip_over_loopback() -> None:
         assert await server.receive_some(4) == b"ping"
         await client.aclose()
         await server.aclose()
+
+
+# -- the daemons' flags -----------------------------------------------------------------
+
+def test_help_describes_every_address_form() -> None:
+    from carapace.agent.main import main as agent_main
+    from carapace.server.main import main as server_main
+
+    server_help = " ".join(CliRunner().invoke(server_main, ["--help"]).output.split())
+    for words in ("HOST:PORT (TCP)", "unix:/path/to/socket", "vsock:PORT", "CARAPACE_LISTEN "
+                  "takes several separated by spaces", "--unix-socket-mode", "0660"):
+        assert words in server_help
+    agent_help = " ".join(CliRunner().invoke(agent_main, ["--help"]).output.split())
+    for words in ("HOST:PORT (TCP)", "unix:/path/to/socket", "vsock:CID:PORT",
+                  "CARAPACE_SERVER_HOST + CARAPACE_SERVER_PORT"):
+        assert words in agent_help
+
+
+@pytest.mark.parametrize(("host", "port", "expected"), [
+    ("192.168.122.1", "8765", TcpAddress("192.168.122.1", 8765)),
+    ("vsock:2", "8765", VsockAddress(2, 8765)),  # what install-vm.sh --server vsock:2:8765 writes
+])
+def test_agent_env_vars_keep_working(monkeypatch: pytest.MonkeyPatch, host: str, port: str,
+                                     expected: object) -> None:
+    from carapace.agent.main import _server_address
+
+    monkeypatch.setenv("CARAPACE_SERVER_HOST", host)
+    monkeypatch.setenv("CARAPACE_SERVER_PORT", port)
+    assert _server_address(None) == expected
