@@ -370,14 +370,17 @@ class TunnelClient:
 
 def _is_refused(exc: BaseException | None) -> bool:
     """True if every address we tried refused the connection (trio groups the attempts
-    under an OSError's cause); no file at a unix socket's path says the same."""
+    under an OSError's cause), or said what means the same on another transport."""
     while (isinstance(exc, OSError) and not isinstance(exc, _NOBODY_THERE)
            and exc.__cause__ is not None):
         exc = exc.__cause__
     return exc is not None and consists_of(exc, _NOBODY_THERE)
 
 
-_NOBODY_THERE = (ConnectionRefusedError, FileNotFoundError)
+_NOBODY_THERE = (ConnectionRefusedError, FileNotFoundError, ConnectionResetError)
+"""What connecting says when nothing listens: TCP refuses; a unix socket's file is
+missing (or refuses, when stale); vsock answers a connection to a port nobody
+listens on with a reset."""
 
 
 def _host(address: Address) -> str | None:

@@ -250,7 +250,7 @@ class _LiveCollector(Collector):
             link_bytes.add_metric([direction], count)
         yield link_bytes
         for name, doc, value in (
-            ("carapace_connections", "TCP connections accepted from agents.",
+            ("carapace_connections", "Connections accepted from agents (every transport).",
              stats.connections),
             ("carapace_handshake_failures", "Agent handshakes that failed.",
              stats.handshake_failures),
