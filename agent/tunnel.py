@@ -188,15 +188,15 @@ class TunnelClient:
         stream: trio.abc.Stream
         try:
             with trio.fail_after(cfg.connect_timeout):
-                tcp = await open_stream(cfg.server)
-                stream = tcp
+                plain = await open_stream(cfg.server)
+                stream = plain
                 if cfg.ssl_context is not None:
-                    tls = trio.SSLStream(tcp, cfg.ssl_context,
+                    tls = trio.SSLStream(plain, cfg.ssl_context,
                                          server_hostname=cfg.tls_server_name or _host(cfg.server))
                     try:
                         await tls.do_handshake()
                     except trio.BrokenResourceError as exc:
-                        await tcp.aclose()
+                        await plain.aclose()
                         reason = f"TLS handshake with {cfg.server.describe()} " \
                                  f"failed: {exc.__cause__ or exc}"
                         log.error("%s", reason)
