@@ -180,6 +180,17 @@ async def test_regular_file_is_never_replaced(short_dir: Path) -> None:
     assert path.read_text() == "someone's data"
 
 
+async def test_a_symlink_is_never_followed_or_replaced(short_dir: Path) -> None:
+    target = short_dir / "data"
+    target.write_text("someone's data")
+    link = short_dir / "s.sock"
+    link.symlink_to(target)
+    with pytest.raises(ListenError, match="exists and is not a socket"):
+        async with listening([UnixAddress(str(link))]):
+            pass  # pragma: no cover
+    assert link.is_symlink() and target.read_text() == "someone's data"
+
+
 async def test_missing_directory_is_an_error_that_says_to_create_it(short_dir: Path) -> None:
     path = str(short_dir / "none" / "s.sock")
     with pytest.raises(ListenError, match=r"cannot listen on unix:.*does not exist; create it"):
