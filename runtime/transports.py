@@ -54,7 +54,8 @@ def describe_local(sock: trio.socket.SocketType | socket.socket) -> str:
 def describe_peer(sock: trio.socket.SocketType | socket.socket) -> str:
     """Who is at the other end of an accepted link, for logs, audit and ``connections``.
 
-    TCP: ``HOST:PORT`` (as ever). A unix socket has no peer address: the
+    TCP: ``HOST:PORT``, unmarked (the form scripts reading ``connections``
+    expect; ``transport_of_peer`` tells it apart). A unix socket has no peer address: the
     socket's path and the connecting process (``SO_PEERCRED``; under
     Firecracker that is the VM's firecracker process) say who it is. vsock:
     ``vsock:CID:PORT``, the CID naming the VM.
