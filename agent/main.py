@@ -12,10 +12,10 @@ import click
 import trio
 
 from carapace.protocol.keepalive import DEFAULT_IDLE_TIMEOUT
-from carapace.runtime.addresses import parse_hostport
+from carapace.runtime.addresses import Address, TcpAddress, parse_address, parse_hostport
 from carapace.runtime.errors import find_exception
 from carapace.runtime.logs import setup_logging
-from carapace.runtime.options import HOST_PORT
+from carapace.runtime.options import CONNECT_ADDRESS
 from carapace.runtime.tls import TlsConfigError, agent_context
 from carapace.runtime.tokens import TokenFileError, load_agent_token
 from carapace.runtime.tuning import tune_gc
@@ -48,18 +48,18 @@ def _parse_expose(value: str) -> tuple[str, str, int]:
     return tool, host, port
 
 
-def _server_address(server: tuple[str, int] | None) -> tuple[str, int]:
+def _server_address(server: Address | None) -> Address:
     if server is not None:
         return server
     host = os.environ.get("CARAPACE_SERVER_HOST")
     port = os.environ.get("CARAPACE_SERVER_PORT")
     if host and port:
         try:
-            return parse_hostport(f"{host}:{port}")
+            return parse_address(f"{host}:{port}", listen=False)
         except ValueError as exc:
             raise click.UsageError(f"CARAPACE_SERVER_HOST/PORT: {exc}") from None
     raise click.UsageError(
-        "no server address: pass --server HOST:PORT "
+        "no server address: pass --server HOST:PORT, unix:/path/to/socket or vsock:CID:PORT "
         "(or set CARAPACE_SERVER_HOST and CARAPACE_SERVER_PORT)"
     )
 
@@ -128,8 +128,11 @@ _STOP_SIGNALS = (15, 2)  # SIGTERM, SIGINT
 
 @click.group(invoke_without_command=True,
              context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--server", type=HOST_PORT, default=None,
-              help="The carapace-server address (or CARAPACE_SERVER_HOST + CARAPACE_SERVER_PORT).")
+@click.option("--server", type=CONNECT_ADDRESS, default=None,
+              help="The carapace-server address: HOST:PORT (TCP), unix:/path/to/socket (a "
+              "socket bind-mounted into a container) or vsock:CID:PORT (AF_VSOCK; CID 2 is "
+              "the host, also under Firecracker). Or CARAPACE_SERVER_HOST + "
+              "CARAPACE_SERVER_PORT.")
 @click.option("--token-file", envvar="CARAPACE_TOKEN_FILE", default=None,
               help="This agent's NAME:TOKEN line (a bare token is agent 'default').")
 @click.option("--expose", multiple=True, metavar="TOOL=[HOST:]PORT",
@@ -175,7 +178,7 @@ _STOP_SIGNALS = (15, 2)  # SIGTERM, SIGINT
 @click.pass_context
 def main(
     ctx: click.Context,
-    server: tuple[str, int] | None,
+    server: Address | None,
     token_file: str | None,
     expose: tuple[str, ...],
     cli_socket: str | None,
@@ -199,7 +202,7 @@ def main(
     if ctx.invoked_subcommand is not None:
         return
     setup_logging(log_level, log_json)
-    host, port = _server_address(server)
+    address = _server_address(server)
     if not token_file:
         raise click.UsageError("--token-file (or CARAPACE_TOKEN_FILE) is required")
     try:
@@ -224,7 +227,11 @@ def main(
         except TlsConfigError as exc:
             log.error("%s", exc)
             sys.exit(2)
-    link_config = LinkConfig(server_host=host, server_port=port, agent=agent, token=token,
+    if ssl_context is not None and not isinstance(address, TcpAddress) \
+            and not tls_server_name:
+        raise click.UsageError(f"TLS over {address.describe()} has no host name to check: "
+                               "give --tls-server-name NAME (a name in the server certificate)")
+    link_config = LinkConfig(server=address, agent=agent, token=token,
                              idle_timeout=idle_timeout, ping_interval=idle_timeout / 3,
                              resume_timeout=resume_timeout, ssl_context=ssl_context,
                              tls_server_name=tls_server_name)

@@ -21,13 +21,9 @@ reaches any other connection.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import select
-import socket
-import stat
-import struct
 
 import trio
 
@@ -46,6 +42,12 @@ from carapace.protocol.messages import (
     replace,
 )
 from carapace.protocol.requests import AGENT, SHIM_SENDS, RequestState
+from carapace.runtime.unix_sockets import (
+    SOCKET_MODE,
+    bind_unix_socket,
+    peer_credentials,
+    remove_if_ours,
+)
 
 from .multiplexer import AgentStream, LinkDown, Multiplexer, StreamLost
 from .shim import MAX_REQUEST_FRAME, REQUEST_ID
@@ -55,71 +57,6 @@ log = logging.getLogger("carapace.agent")
 READ_SIZE = 64 * 1024
 WRITE_BATCH = 256 * 1024
 """Output frames already queued are written to the shim together, up to this many bytes."""
-
-SOCKET_MODE = 0o660
-DIR_MODE = 0o700
-
-_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
-
-
-def bind_unix_socket(path: str, mode: int = SOCKET_MODE) -> socket.socket:
-    """A listening unix socket at ``path`` with ``mode``, safe against a race on the mode.
-
-    The parent directory is created 0700 if missing. An existing file is
-    replaced only if it is a socket nobody is listening on (a stale one from a
-    crashed agent); anything else is an error that says what is there.
-    """
-    path = os.path.abspath(path)
-    parent = os.path.dirname(path)
-    if not os.path.isdir(parent):
-        os.makedirs(parent, exist_ok=True)
-        os.chmod(parent, DIR_MODE)
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise OSError(errno.EEXIST, f"{path} exists and is not a socket; "
-                                        "refusing to replace it (remove it or pick another path)")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        probe.settimeout(1.0)
-        try:
-            probe.connect(path)
-        except ConnectionRefusedError:
-            os.unlink(path)  # stale: left by an agent that did not shut down cleanly
-        except OSError:
-            pass  # let bind report what is wrong
-        else:
-            raise OSError(errno.EADDRINUSE, f"another agent is already serving {path}")
-        finally:
-            probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        # The socket file is created by bind() with 0777 & ~umask: set the umask so
-        # it is never looser than ``mode``, not even for the instant before chmod.
-        old_umask = os.umask(0o777 & ~mode)
-        try:
-            sock.bind(path)
-        finally:
-            os.umask(old_umask)
-        os.chmod(path, mode)
-        sock.listen(128)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def peer_credentials(sock: trio.socket.SocketType) -> tuple[int | None, int | None, int | None]:
-    """``(pid, uid, gid)`` of the process at the other end, from the kernel."""
-    try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-    except (OSError, AttributeError):
-        return None, None, None
-    pid, uid, gid = _PEERCRED.unpack(raw)
-    return pid, uid, gid
 
 
 class CliSocketListener:
@@ -138,7 +75,7 @@ class CliSocketListener:
 
     async def serve(self, *, task_status: trio.TaskStatus[trio.SocketListener]
                     = trio.TASK_STATUS_IGNORED) -> None:
-        sock = bind_unix_socket(self.path, self.mode)
+        sock = bind_unix_socket(self.path, self.mode, who="agent")
         ino = os.stat(self.path).st_ino
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
         log.info("tool shims served on %s (mode %o)", self.path, self.mode)
@@ -146,11 +83,7 @@ class CliSocketListener:
             task_status.started(listener)
             await trio.serve_listeners(self._handle, [listener])
         finally:
-            try:  # remove our socket file, but never one a newer agent put there
-                if os.stat(self.path).st_ino == ino:
-                    os.unlink(self.path)
-            except OSError:
-                pass
+            remove_if_ours(self.path, ino)
 
     async def _handle(self, conn: trio.SocketStream) -> None:
         self.active += 1

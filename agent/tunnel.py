@@ -44,8 +44,10 @@ from carapace.protocol.messages import (
     Welcome,
 )
 from carapace.protocol.resume import DEFAULT_REPLAY_LIMIT, ReplayOverflow, SessionLedger
+from carapace.runtime.addresses import Address, TcpAddress
 from carapace.runtime.errors import consists_of
 from carapace.runtime.frames import FrameReader, FrameWriter, LinkClosed
+from carapace.runtime.transports import open_stream
 
 from .multiplexer import LinkDown, Multiplexer
 
@@ -58,8 +60,7 @@ resume grace, so the agent gives up when the server would."""
 
 @dataclass
 class LinkConfig:
-    server_host: str
-    server_port: int
+    server: Address
     agent: str
     token: bytes
     connect_timeout: float = 5.0
@@ -144,8 +145,7 @@ class TunnelClient:
                 if self._session_ok:
                     delay = cfg.backoff_initial
                 sleep = delay * random.uniform(0.5, 1.0)
-                log.info("reconnecting to %s:%d in %.1f s", cfg.server_host, cfg.server_port,
-                         sleep)
+                log.info("reconnecting to %s in %.1f s", cfg.server.describe(), sleep)
                 await trio.sleep(sleep)
                 delay = min(delay * 2, cfg.backoff_max)
 
@@ -188,22 +188,22 @@ class TunnelClient:
         stream: trio.abc.Stream
         try:
             with trio.fail_after(cfg.connect_timeout):
-                tcp = await trio.open_tcp_stream(cfg.server_host, cfg.server_port)
-                stream = tcp
+                plain = await open_stream(cfg.server)
+                stream = plain
                 if cfg.ssl_context is not None:
-                    tls = trio.SSLStream(tcp, cfg.ssl_context,
-                                         server_hostname=cfg.tls_server_name or cfg.server_host)
+                    tls = trio.SSLStream(plain, cfg.ssl_context,
+                                         server_hostname=cfg.tls_server_name or _host(cfg.server))
                     try:
                         await tls.do_handshake()
                     except trio.BrokenResourceError as exc:
-                        await tcp.aclose()
-                        reason = f"TLS handshake with {cfg.server_host}:{cfg.server_port} " \
+                        await plain.aclose()
+                        reason = f"TLS handshake with {cfg.server.describe()} " \
                                  f"failed: {exc.__cause__ or exc}"
                         log.error("%s", reason)
                         return _Outcome(reason)
                     stream = tls
         except (OSError, trio.TooSlowError) as exc:
-            reason = f"cannot connect to {cfg.server_host}:{cfg.server_port}: {_why(exc)}"
+            reason = f"cannot connect to {cfg.server.describe()}: {_why(exc)}"
             log.warning("%s", reason)
             # Refused: nothing listens there, so the server restarted or is gone and
             # no session of ours survives; anything else may be a passing outage.
@@ -293,8 +293,8 @@ class TunnelClient:
                 replayed = session.attach(writer, welcome.received)
             except ValueError as exc:
                 raise ProtocolError(f"server resumed at an impossible frame: {exc}") from None
-            log.info("resumed the session with carapace-server at %s:%d (%d frame(s) resent)",
-                     cfg.server_host, cfg.server_port, replayed)
+            log.info("resumed the session with carapace-server at %s (%d frame(s) resent)",
+                     cfg.server.describe(), replayed)
         else:
             if session is not None:
                 self._end_session("the server could not resume the session (it restarted, or "
@@ -304,8 +304,8 @@ class TunnelClient:
             session.writer = writer
             self.session = session
             self.sessions += 1
-            log.info("connected to carapace-server %s at %s:%d as agent %s",
-                     welcome.server, cfg.server_host, cfg.server_port, cfg.agent)
+            log.info("connected to carapace-server %s at %s as agent %s",
+                     welcome.server, cfg.server.describe(), cfg.agent)
         self._suspended_since = None
         self.mux.link_up(session)
         self.connected.set()
@@ -370,11 +370,22 @@ class TunnelClient:
 
 def _is_refused(exc: BaseException | None) -> bool:
     """True if every address we tried refused the connection (trio groups the attempts
-    under an OSError's cause)."""
-    while (isinstance(exc, OSError) and not isinstance(exc, ConnectionRefusedError)
+    under an OSError's cause), or said what means the same on another transport."""
+    while (isinstance(exc, OSError) and not isinstance(exc, _NOBODY_THERE)
            and exc.__cause__ is not None):
         exc = exc.__cause__
-    return exc is not None and consists_of(exc, ConnectionRefusedError)
+    return exc is not None and consists_of(exc, _NOBODY_THERE)
+
+
+_NOBODY_THERE = (ConnectionRefusedError, FileNotFoundError, ConnectionResetError)
+"""What connecting says when nothing listens: TCP refuses; a unix socket's file is
+missing (or refuses, when stale); vsock answers a connection to a port nobody
+listens on with a reset."""
+
+
+def _host(address: Address) -> str | None:
+    """The name TLS checks in the server certificate by default: a TCP address's host."""
+    return address.host if isinstance(address, TcpAddress) else None
 
 
 def _why(exc: BaseException) -> str:

@@ -25,7 +25,8 @@ Host options:
                      /etc/carapace/agents/NAME.token (mode 0600; copy it, then delete it)
   --rotate NAME      replace agent NAME's token (the old one stops working at the next
                      reload: systemctl reload carapace-server)
-  --listen HOST:PORT where agents connect (CARAPACE_LISTEN; default 0.0.0.0:8765)
+  --listen HOST:PORT where agents connect (CARAPACE_LISTEN; default 0.0.0.0:8765); also
+                     unix:/path/to/socket or vsock:PORT, several separated by spaces
   --policy FILE      use FILE as /etc/carapace/policy.yaml when there is none yet
 
 EOF

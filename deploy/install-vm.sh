@@ -21,7 +21,8 @@ and /etc/carapace/token, installs carapace-agent.service, tool shims, and
 /etc/profile.d/carapace.sh (so shims find the agent's socket).
 
 VM options:
-  --server HOST:PORT       the carapace-server (CARAPACE_SERVER_HOST/PORT)
+  --server HOST:PORT       the carapace-server (CARAPACE_SERVER_HOST/PORT); vsock:2:PORT
+                           dials the host over vsock (no network needed)
   --token-file FILE        this agent's NAME:TOKEN file, as install-host.sh --agent made it;
                            copied to /etc/carapace/token (0640 root:carapace)
   --expose TOOL=[HOST:]PORT  serve HTTP tool TOOL on a local port (repeatable)

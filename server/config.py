@@ -13,6 +13,8 @@ from carapace.protocol.framing import DEFAULT_MAX_FRAME
 from carapace.protocol.handshake import DEFAULT_HANDSHAKE_TIMEOUT, MAX_HANDSHAKE_FRAME
 from carapace.protocol.keepalive import DEFAULT_IDLE_TIMEOUT, DEFAULT_PING_INTERVAL
 from carapace.protocol.resume import DEFAULT_REPLAY_LIMIT
+from carapace.runtime.addresses import Address, TcpAddress
+from carapace.runtime.unix_sockets import SOCKET_MODE
 
 from .admission import DEFAULT_MAX_UNAUTHENTICATED, DEFAULT_MAX_UNAUTHENTICATED_PER_ADDRESS
 from .audit import DEFAULT_BACKUPS, DEFAULT_DENY_LIMIT, DEFAULT_MAX_BYTES
@@ -45,8 +47,8 @@ hold about a window (256 KiB) per stream whose consumer is slow."""
 class ServerConfig:
     """Everything the server needs to run, apart from the policy and the tokens."""
 
-    listen_host: str = DEFAULT_LISTEN[0]
-    listen_port: int = DEFAULT_LISTEN[1]
+    listen: tuple[Address, ...] = (TcpAddress(*DEFAULT_LISTEN),)
+    """Every address agents may connect to: TCP, unix sockets, vsock (``--listen``)."""
     policy_file: str = DEFAULT_POLICY_FILE
     token_file: str = ""
     debug_host: str | None = None
@@ -79,3 +81,5 @@ class ServerConfig:
     max_unauthenticated_per_address: int = DEFAULT_MAX_UNAUTHENTICATED_PER_ADDRESS
     max_link_queue: int = DEFAULT_MAX_LINK_QUEUE
     agent_memory_limit: int = DEFAULT_AGENT_MEMORY_LIMIT
+    unix_socket_mode: int = SOCKET_MODE
+    """File mode of each unix socket the server listens on."""

@@ -18,6 +18,7 @@ import trio
 
 from carapace.protocol.messages import CliRequest, HttpRequest, Message
 from carapace.runtime.tokens import TokenFileError, load_server_tokens
+from carapace.runtime.transports import describe_local, describe_peer, listening, transport_of
 
 from . import policy as policy_mod
 from .admission import HandshakeSlots, LogThrottle
@@ -40,6 +41,15 @@ try:
     SERVER_VERSION = version("carapace")
 except PackageNotFoundError:  # pragma: no cover - running from a bare checkout
     SERVER_VERSION = "0+unknown"
+
+def admission_source(peer: str) -> str:
+    """What a per-source cap on unauthenticated connections counts against: a TCP peer's
+    address, a vsock peer's CID, a unix peer's socket path (every peer of one unix
+    socket is on this host, and the socket's mode already says who may connect)."""
+    if peer.startswith("unix:"):
+        return peer.split(" ", 1)[0]
+    return peer.rpartition(":")[0] or peer
+
 
 class Server:
     """One running server: its links, its agents' sessions, its policy and tokens."""
@@ -179,14 +189,10 @@ class Server:
             observer(session, direction, msg)
 
     async def _handle_connection(self, stream: trio.SocketStream) -> None:
-        try:
-            host, port = stream.socket.getpeername()[:2]
-            peer = f"{host}:{port}"
-        except OSError:
-            peer = "?"
+        peer = describe_peer(stream.socket)
         self.stats.connections += 1
-        address = peer.rpartition(":")[0] or peer
-        slot = self.admission.admit(address)
+        self.stats.count_transport(transport_of(stream.socket))
+        slot = self.admission.admit(admission_source(peer))
         if isinstance(slot, str):
             await self._turn_away(stream, peer, slot)
             return
@@ -307,15 +313,15 @@ class Server:
 
     async def run(self, *, task_status: trio.TaskStatus[list[trio.SocketListener]]
                   = trio.TASK_STATUS_IGNORED) -> None:
-        async with self.http_client, trio.open_nursery() as nursery:
-            self.listeners = await trio.open_tcp_listeners(
-                self.config.listen_port, host=self.config.listen_host
-            )
+        async with self.http_client, listening(
+            self.config.listen, unix_mode=self.config.unix_socket_mode
+        ) as listeners, trio.open_nursery() as nursery:
+            self.listeners = listeners
             self._nursery = nursery
             nursery.start_soon(self._accept, self.listeners)
             for listener in self.listeners:
-                host, port = listener.socket.getsockname()[:2]
-                log.info("carapace-server %s listening on %s:%d", self.version, host, port)
+                log.info("carapace-server %s listening on %s", self.version,
+                         describe_local(listener.socket))
             if self.config.debug_host is not None:
                 api = OperatorApi(self, self.metrics, self.config.debug_host,
                                   self.config.debug_port or 0, self.debug_token)

@@ -19,12 +19,15 @@ import click
 import trio
 
 from carapace.protocol.framing import DEFAULT_MAX_FRAME
+from carapace.runtime.addresses import Address
 from carapace.runtime.errors import find_exception
 from carapace.runtime.logs import setup_logging
-from carapace.runtime.options import COUNT_PER_SECONDS, HOST_PORT
+from carapace.runtime.options import COUNT_PER_SECONDS, FILE_MODE, HOST_PORT, LISTEN_ADDRESS
 from carapace.runtime.tls import TlsConfigError, server_context
 from carapace.runtime.tokens import TokenFileError, load_server_tokens
+from carapace.runtime.transports import ListenError
 from carapace.runtime.tuning import tune_gc
+from carapace.runtime.unix_sockets import SOCKET_MODE
 
 from .admission import DEFAULT_MAX_UNAUTHENTICATED, DEFAULT_MAX_UNAUTHENTICATED_PER_ADDRESS
 from .audit import (
@@ -97,9 +100,13 @@ def parse_limit_options(command: Any) -> Any:
 
 
 @click.command(cls=ServerCommand, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--listen", type=HOST_PORT, default="{}:{}".format(*DEFAULT_LISTEN),
-              envvar="CARAPACE_LISTEN",
-              show_default=True, help="Address agents connect to.")
+@click.option("--listen", type=LISTEN_ADDRESS, multiple=True,
+              default=["{}:{}".format(*DEFAULT_LISTEN)], envvar="CARAPACE_LISTEN",
+              show_default=True, show_envvar=True,
+              help="Address agents connect to: HOST:PORT (TCP), unix:/path/to/socket (a bind "
+              "mount, Firecracker's vsock uds_path_PORT) or vsock:PORT (AF_VSOCK, any CID). "
+              "Repeat it to listen on several; CARAPACE_LISTEN takes several separated by "
+              "spaces.")
 @click.option("--policy", "policy_file", default=DEFAULT_POLICY_FILE,
               envvar="CARAPACE_POLICY_FILE", show_default=True, help="Policy YAML file.")
 @click.option("--token-file", envvar="CARAPACE_TOKEN_FILE", required=True,
@@ -194,9 +201,13 @@ def parse_limit_options(command: Any) -> Any:
               help="Seconds a policy's {command: [...]} secret reference may run (at start and "
               "each reload) unless it sets its own timeout_secs; then its process group is "
               "killed and the policy refused.")
+@click.option("--unix-socket-mode", type=FILE_MODE, default=f"{SOCKET_MODE:04o}",
+              envvar="CARAPACE_UNIX_SOCKET_MODE", show_default=True, show_envvar=True,
+              help="File mode of each --listen unix: socket (its owner and group, and the "
+              "directory's, decide who else may connect).")
 @parse_limit_options
 def main(
-    listen: tuple[str, int],
+    listen: tuple[Address, ...],
     policy_file: str,
     token_file: str,
     debug_listen: tuple[str, int] | None,
@@ -227,6 +238,7 @@ def main(
     max_unauthenticated_per_address: int = DEFAULT_MAX_UNAUTHENTICATED_PER_ADDRESS,
     max_link_queue: int = DEFAULT_MAX_LINK_QUEUE,
     agent_memory_limit: int = DEFAULT_AGENT_MEMORY_LIMIT,
+    unix_socket_mode: int = SOCKET_MODE,
     **parse_limits: int,
 ) -> None:
     """Serve Carapace agents: decide, run and audit their tool requests on this host.
@@ -253,8 +265,7 @@ def main(
         log.error("%s", exc)
         sys.exit(2)
     config = ServerConfig(
-        listen_host=listen[0],
-        listen_port=listen[1],
+        listen=tuple(listen),
         policy_file=policy_file,
         token_file=token_file,
         debug_host=debug_listen[0] if debug_listen else None,
@@ -282,6 +293,7 @@ def main(
         max_unauthenticated_per_address=max_unauthenticated_per_address,
         max_link_queue=max_link_queue,
         agent_memory_limit=agent_memory_limit,
+        unix_socket_mode=unix_socket_mode,
     )
     debug_token = _debug_token(debug_listen, debug_token_file)
     ssl_context = _tls_context(tls_cert, tls_key, tls_client_ca)
@@ -346,8 +358,12 @@ def _serve(server: Server, config: ServerConfig, pid_file: str | None) -> None:
         err = find_exception(exc, OSError)
         if err is None:
             raise
-        log.error("cannot listen on %s:%d: %s", config.listen_host, config.listen_port,
-                  err.strerror or err)
+        if isinstance(err, ListenError):
+            log.error("%s", err.strerror)
+        else:
+            log.error("cannot listen on %s: %s",
+                      ", ".join(address.describe() for address in config.listen),
+                      err.strerror or err)
         sys.exit(1)
 
 

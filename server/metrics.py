@@ -236,6 +236,7 @@ class _LiveCollector(Collector):
             yield CounterMetricFamily(name, "")
         for name in ("carapace_unauthenticated_connections", "carapace_agent_memory_bytes"):
             yield GaugeMetricFamily(name, "")
+        yield CounterMetricFamily("carapace_transport_connections", "", labels=["transport"])
 
     def collect(self) -> Iterator[Metric]:
         m = self.metrics
@@ -276,7 +277,7 @@ class _LiveCollector(Collector):
             link_bytes.add_metric([direction], count)
         yield link_bytes
         for name, doc, value in (
-            ("carapace_connections", "TCP connections accepted from agents.",
+            ("carapace_connections", "Connections accepted from agents (every transport).",
              stats.connections),
             ("carapace_handshake_failures", "Agent handshakes that failed.",
              stats.handshake_failures),
@@ -302,6 +303,14 @@ class _LiveCollector(Collector):
         counts = server.audit_counts()
         for name, doc, key in AUDIT_COUNTERS:
             yield CounterMetricFamily(name, doc, value=counts.get(key, 0))
+        by_transport = CounterMetricFamily(
+            "carapace_transport_connections",
+            "Connections accepted from agents, by transport (tcp, unix, vsock).",
+            labels=["transport"],
+        )
+        for transport, count in sorted(stats.transports.items()):
+            by_transport.add_metric([transport], count)
+        yield by_transport
         yield from _bounds_families(server)
 
 

@@ -39,6 +39,7 @@ from carapace.protocol.messages import PROTOCOL_VERSION, Message, RequestMessage
 from carapace.protocol.summary import Redactor, RequestTracker, SummaryFilter, frame_record
 from carapace.runtime.errors import consists_of
 from carapace.runtime.http import DISCONNECTS, RequestHead
+from carapace.runtime.transports import transport_of_peer
 
 from .metrics import CONTENT_TYPE_LATEST, ServerMetrics
 
@@ -386,6 +387,7 @@ class OperatorApi:
             agents.append({
                 "name": name,
                 "address": session.peer,
+                "transport": transport_of_peer(session.peer),
                 "attached": session.attached,
                 "links": session.links,
                 "connected_since": _iso(session.connected_at),

@@ -25,7 +25,12 @@ class Stats:
     """Connections closed before their handshake: over a cap (total, per_address),
     handshake_frame (a frame over --handshake-max-frame), handshake_timeout,
     handshake_error (bytes that are no handshake)."""
+    transports: dict[str, int] = field(default_factory=dict)
+    """Connections accepted, by transport (tcp, unix, vsock)."""
 
     def count_request(self, kind: str, decision: str) -> None:
         key = (kind, decision)
         self.requests[key] = self.requests.get(key, 0) + 1
+
+    def count_transport(self, transport: str) -> None:
+        self.transports[transport] = self.transports.get(transport, 0) + 1

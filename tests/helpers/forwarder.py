@@ -1,4 +1,6 @@
-"""A TCP forwarder between agent and server that a test can cut, freeze and refuse.
+"""A forwarder between agent and server that a test can cut, freeze and refuse.
+
+:class:`Forwarder` relays TCP; :class:`UnixForwarder` relays between unix sockets.
 
 Threads and blocking sockets, so it runs beside trio or plain tests alike.
 """
@@ -6,6 +8,7 @@ Threads and blocking sockets, so it runs beside trio or plain tests alike.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import threading
 from collections.abc import Iterator
@@ -14,8 +17,9 @@ from collections.abc import Iterator
 class Forwarder:
     def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
         self.target = (target_host, target_port)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self.listener.getsockname()[1]
+        self.listener = self._listen()
+        unix = self.listener.family == socket.AF_UNIX
+        self.port: int = 0 if unix else self.listener.getsockname()[1]
         self._lock = threading.Lock()
         self._conns: list[socket.socket] = []
         self._running = threading.Event()
@@ -35,18 +39,26 @@ class Forwarder:
                 client.close()
                 continue
             try:
-                upstream = socket.create_connection(self.target, timeout=5)
+                upstream = self._dial()
             except OSError:
                 client.close()
                 continue
             upstream.settimeout(None)
-            for s in (client, upstream):
-                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if client.family != socket.AF_UNIX:
+                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
                 self._conns += [client, upstream]
                 self.accepted += 1
             threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
+
+    def _listen(self) -> socket.socket:
+        return socket.create_server(("127.0.0.1", 0))
+
+    def _dial(self) -> socket.socket:
+        upstream = socket.create_connection(self.target, timeout=5)
+        upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return upstream
 
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         try:
@@ -94,3 +106,33 @@ class Forwarder:
         self.listener.close()
         self.thaw()
         self.cut()
+
+
+class UnixForwarder(Forwarder):
+    """The same between unix sockets: agents dial ``path``, it dials ``target_path``."""
+
+    def __init__(self, path: str, target_path: str) -> None:
+        self.path = path
+        self.target_path = target_path
+        super().__init__(0)
+
+    def _listen(self) -> socket.socket:
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(self.path)
+        listener.listen()
+        return listener
+
+    def _dial(self) -> socket.socket:
+        upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        upstream.settimeout(5)
+        try:
+            upstream.connect(self.target_path)
+        except OSError:
+            upstream.close()
+            raise
+        return upstream
+
+    def close(self) -> None:
+        super().close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)

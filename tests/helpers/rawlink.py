@@ -11,8 +11,14 @@ from carapace.protocol.messages import Challenge, Message, Welcome
 
 
 class RawLink:
-    def __init__(self, port: int, timeout: float = 5.0) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    def __init__(self, port: int, timeout: float = 5.0, *, unix_path: str | None = None) -> None:
+        """To ``127.0.0.1:port``, or with ``unix_path`` to that unix socket (port unused)."""
+        if unix_path is None:
+            self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        else:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+            self.sock.connect(unix_path)
         self.decoder = FrameDecoder()
 
     def send(self, msg: Message) -> None:

@@ -159,7 +159,8 @@ def test_a_batch_counts_every_event_in_the_metrics() -> None:
                                                         handshake_failures=0,
                                                         protocol_errors=0, errors=0,
                                                         limit_hits={},
-                                                        unauthenticated_refused={}),
+                                                        unauthenticated_refused={},
+                                                        transports={}),
                                   admission=SimpleNamespace(open=0), version="test",
                                   audit_counts=dict,
                                   sandbox_status=SimpleNamespace(mode="none"))
