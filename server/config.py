@@ -6,12 +6,13 @@ dataclass, so ``--help`` and a server built in a test agree.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from carapace.protocol.flow import DEFAULT_WINDOW
 from carapace.protocol.framing import DEFAULT_MAX_FRAME
 
 from .audit import DEFAULT_BACKUPS, DEFAULT_DENY_LIMIT, DEFAULT_MAX_BYTES
+from .shares import ShareCaps
 
 DEFAULT_LISTEN = ("127.0.0.1", 8765)
 DEFAULT_POLICY_FILE = "/etc/carapace/policy.yaml"
@@ -52,3 +53,5 @@ class ServerConfig:
     audit_backups: int = DEFAULT_BACKUPS
     audit_fsync: bool = False
     audit_deny_limit: tuple[int, float] = DEFAULT_DENY_LIMIT
+    shares: ShareCaps = field(default_factory=ShareCaps)
+    """Caps on CLI processes, upstream connections and event streams (``shares.py``)."""

@@ -27,6 +27,7 @@ from .metrics import ServerMetrics
 from .operator_api import OperatorApi
 from .pipeline import RequestPipeline
 from .session import AgentSession, TooManyAgents
+from .shares import FairShares
 from .stats import Stats
 from .streams import ServerStream
 from .upstream import UpstreamClient
@@ -76,8 +77,11 @@ class Server:
         self.audit.add_secrets(tokens.values())
         self.metrics = ServerMetrics(self)
         self.http_client = UpstreamClient()
+        self.shares = FairShares(config.shares)
+        self.metrics.watch_shares(self.shares)
         self.pipeline = RequestPipeline(audit=self.audit, metrics=self.metrics,
-                                        stats=self.stats, http_client=self.http_client)
+                                        stats=self.stats, http_client=self.http_client,
+                                        shares=self.shares)
         self.on_reload: Callable[[bool, str], None] | None = None
         """Called after each reload attempt with (accepted, message); main.py reports it."""
 
@@ -178,6 +182,7 @@ class Server:
         self.audit.add_secrets(tokens.values())
         self.policy = new
         self.tokens = tokens
+        policy_mod.prune_rate_limits(self.pipeline.rate_limiter, new, tokens)
         for name in revoked:
             session = self.sessions.get(name)
             if session is not None:

@@ -45,6 +45,15 @@ from .config import (
 from .daemon import Server
 from .operator_api import DebugConfigError, debug_access
 from .policy import PolicyError, load_policy_file
+from .shares import (
+    DEFAULT_MAX_CLI_PROCESSES,
+    DEFAULT_MAX_CLI_PROCESSES_PER_AGENT,
+    DEFAULT_MAX_SSE_STREAMS,
+    DEFAULT_MAX_SSE_STREAMS_PER_AGENT,
+    DEFAULT_MAX_UPSTREAM_CONNECTIONS,
+    DEFAULT_MAX_UPSTREAM_CONNECTIONS_PER_AGENT,
+    ShareCaps,
+)
 
 log = logging.getLogger("carapace.server")
 
@@ -121,6 +130,32 @@ class ServerCommand(click.Command):
 @click.option("--log-level", default="info", envvar="CARAPACE_LOG_LEVEL", show_default=True)
 @click.option("--log-json", is_flag=True, envvar="CARAPACE_LOG_JSON",
               help="Log JSON lines (for journald/Loki pipelines).")
+@click.option("--max-cli-processes-per-agent", type=click.IntRange(min=0),
+              default=DEFAULT_MAX_CLI_PROCESSES_PER_AGENT,
+              envvar="CARAPACE_MAX_CLI_PROCESSES_PER_AGENT", show_envvar=True, show_default=True,
+              help="CLI tool processes one agent may run at once; past it 429 (0: no cap).")
+@click.option("--max-cli-processes", type=click.IntRange(min=0),
+              default=DEFAULT_MAX_CLI_PROCESSES, envvar="CARAPACE_MAX_CLI_PROCESSES", show_envvar=True,
+              show_default=True,
+              help="CLI tool processes all agents together may run at once; past it 503.")
+@click.option("--max-upstream-connections-per-agent", type=click.IntRange(min=0),
+              default=DEFAULT_MAX_UPSTREAM_CONNECTIONS_PER_AGENT,
+              envvar="CARAPACE_MAX_UPSTREAM_CONNECTIONS_PER_AGENT", show_envvar=True, show_default=True,
+              help="Connections one agent may hold open to one HTTP tool's upstream (one per "
+              "request in flight, an event stream's while it is open); past it 429.")
+@click.option("--max-upstream-connections", type=click.IntRange(min=0),
+              default=DEFAULT_MAX_UPSTREAM_CONNECTIONS,
+              envvar="CARAPACE_MAX_UPSTREAM_CONNECTIONS", show_envvar=True, show_default=True,
+              help="Connections all agents together may hold open to one HTTP tool's "
+              "upstream; past it 503.")
+@click.option("--max-sse-streams-per-agent", type=click.IntRange(min=0),
+              default=DEFAULT_MAX_SSE_STREAMS_PER_AGENT,
+              envvar="CARAPACE_MAX_SSE_STREAMS_PER_AGENT", show_envvar=True, show_default=True,
+              help="Event streams one agent may hold open (all tools); past it 429.")
+@click.option("--max-sse-streams", type=click.IntRange(min=0),
+              default=DEFAULT_MAX_SSE_STREAMS, envvar="CARAPACE_MAX_SSE_STREAMS", show_envvar=True,
+              show_default=True,
+              help="Event streams all agents together may hold open; past it 503.")
 def main(
     listen: tuple[str, int],
     policy_file: str,
@@ -145,6 +180,12 @@ def main(
     audit_fsync: bool = False,
     audit_deny_limit: tuple[int, float] = DEFAULT_DENY_LIMIT,
     pid_file: str | None = None,
+    max_cli_processes_per_agent: int = DEFAULT_MAX_CLI_PROCESSES_PER_AGENT,
+    max_cli_processes: int = DEFAULT_MAX_CLI_PROCESSES,
+    max_upstream_connections_per_agent: int = DEFAULT_MAX_UPSTREAM_CONNECTIONS_PER_AGENT,
+    max_upstream_connections: int = DEFAULT_MAX_UPSTREAM_CONNECTIONS,
+    max_sse_streams_per_agent: int = DEFAULT_MAX_SSE_STREAMS_PER_AGENT,
+    max_sse_streams: int = DEFAULT_MAX_SSE_STREAMS,
 ) -> None:
     """Serve Carapace agents: decide, run and audit their tool requests on this host.
 
@@ -178,6 +219,14 @@ def main(
         audit_backups=audit_backups,
         audit_fsync=audit_fsync,
         audit_deny_limit=audit_deny_limit,
+        shares=ShareCaps(
+            cli_processes_per_agent=max_cli_processes_per_agent,
+            cli_processes=max_cli_processes,
+            upstream_connections_per_agent=max_upstream_connections_per_agent,
+            upstream_connections=max_upstream_connections,
+            sse_streams_per_agent=max_sse_streams_per_agent,
+            sse_streams=max_sse_streams,
+        ),
     )
     debug_token = None
     if debug_listen is not None:

@@ -1,7 +1,9 @@
 """The request pipeline: decide, limit, audit, run, complete — for HTTP and CLI alike.
 
-Each step has one place: the policy decides (``policy/``), the per-tool
-rate limits may turn an allow into a deny, the decision record is written
+Each step has one place: the policy decides (``policy/``), the rate limits
+and the fair shares (``shares.py``: CLI processes and upstream connections
+one agent, and all together, may hold at once) may turn an allow into a
+deny, the decision record is written
 before anything runs (and the request is refused if it cannot be: the
 trail fails closed), the allowed request runs (``upstream/relay.py`` or
 ``cli_runner.py``), and the completion record says how it ended. A request
@@ -10,6 +12,7 @@ finishes under the policy it began with.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -22,6 +25,7 @@ from .cli_runner import ExitInfo, run_cli
 from .masking import policy_scrubber
 from .metrics import ServerMetrics
 from .policy import RateLimiter, apply_rate_limits
+from .shares import FairShares, Limit, Refusal, Slot
 from .stats import Stats
 from .streams import ServerStream
 from .upstream import UpstreamClient
@@ -35,13 +39,15 @@ class RequestPipeline:
 
     def __init__(self, *, audit: AuditTrail, metrics: ServerMetrics, stats: Stats,
                  http_client: UpstreamClient,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 shares: FairShares | None = None) -> None:
         self.audit = audit
         self.metrics = metrics
         self.stats = stats
         self.http_client = http_client
         self.rate_limiter = RateLimiter()
         self.clock = clock
+        self.shares = shares if shares is not None else FairShares()
 
     async def handle(self, agent: str, session_id: bytes, stream: ServerStream,
                      msg: HttpRequest | CliRequest, policy: policy_mod.Policy) -> None:
@@ -61,6 +67,13 @@ class RequestPipeline:
         )
         decision = apply_rate_limits(self.rate_limiter, decision, policy, agent, req.tool,
                                      self.clock())
+        slot, decision = self._share(decision, "upstream_connections", agent, req.tool)
+        with slot:
+            await self._run_http(agent, session_id, stream, req, policy, decision)
+
+    async def _run_http(self, agent: str, session_id: bytes, stream: ServerStream,
+                        req: HttpRequest, policy: policy_mod.Policy,
+                        decision: policy_mod.Decision) -> None:
         self._counted("http", decision, agent, req.tool)
         entry = self.audit.http(agent, session_id, req, policy, decision)
         if not await self._audited(entry, stream):
@@ -76,7 +89,9 @@ class RequestPipeline:
         aborted: str | None = "cancelled"  # unless forward_http returns or raises
         try:
             await forward_http(self.http_client, stream, req, req.tool, tool, headers,
-                               scrubber=policy_scrubber(policy))
+                               scrubber=policy_scrubber(policy),
+                               admit_sse=lambda: self._stream_share(agent, req.tool,
+                                                                    entry.request_id))
             aborted = None
         except Exception:
             aborted = "error"
@@ -91,6 +106,14 @@ class RequestPipeline:
         )
         decision = apply_rate_limits(self.rate_limiter, cli_decision, policy, agent, req.tool,
                                      self.clock())
+        slot, decision = self._share(decision, "cli_processes", agent, req.tool)
+        with slot:
+            await self._run_cli(agent, session_id, stream, req, policy, cli_decision, decision)
+
+    async def _run_cli(self, agent: str, session_id: bytes, stream: ServerStream,
+                       req: CliRequest, policy: policy_mod.Policy,
+                       cli_decision: policy_mod.CliDecision,
+                       decision: policy_mod.Decision) -> None:
         self._counted("cli", decision, agent, req.tool)
         entry = self.audit.cli(agent, session_id, req, policy, decision)
         if not await self._audited(entry, stream):
@@ -109,6 +132,38 @@ class RequestPipeline:
                           filters=policy_scrubber(policy).output_filters())
         finally:
             entry.completed_cli(info)
+
+    def _share(self, decision: policy_mod.Decision, limit: Limit, agent: str,
+               tool: str) -> tuple[Slot | contextlib.nullcontext[None], policy_mod.Decision]:
+        """Take a slot of ``limit`` for an allowed request, or turn it into a deny.
+
+        The deny goes down the same path as any other (decision record, log
+        line, a ``failed`` frame): 429 ``too_many_requests`` at the agent's
+        own cap, 503 ``server_busy`` at the host-wide one, with Retry-After.
+        """
+        if not decision.allow:
+            return contextlib.nullcontext(), decision
+        taken = self.shares.acquire(limit, agent, tool)
+        if isinstance(taken, Slot):
+            return taken, decision
+        self._refused(taken)
+        return contextlib.nullcontext(), policy_mod.Decision(
+            allow=False, reason=taken.reason, rule=taken.flag, code=taken.code,
+            retry_after=taken.retry_after)
+
+    def _stream_share(self, agent: str, tool: str, request_id: str) -> Slot | Refusal:
+        """A slot for an event stream, asked once the upstream has answered with one."""
+        taken = self.shares.acquire("sse_streams", agent, tool)
+        if isinstance(taken, Refusal):
+            self._refused(taken, request_id)
+        return taken
+
+    def _refused(self, refusal: Refusal, request_id: str = "") -> None:
+        """Count and log a refusal (the audit trail records its decision or completion)."""
+        self.metrics.count_refusal(refusal.limit, refusal.scope, refusal.agent)
+        log.warning("refused %sfor agent %s at %s %d: %s",
+                    f"request {request_id} " if request_id else "", refusal.agent,
+                    refusal.flag, refusal.cap, refusal.reason)
 
     async def _audited(self, entry: AuditEntry, stream: ServerStream) -> bool:
         """Write the decision record before anything runs; if that fails, refuse (fail closed)."""

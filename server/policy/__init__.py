@@ -33,17 +33,18 @@ silently collapse to the last one::
 CLI tool keys: ``binary`` (absolute path, required), ``argv_allow_patterns``,
 ``argv_deny_patterns``, ``env_inject`` (name -> value), ``env_passthrough``
 (added: names the VM may pass through), ``cwd_allowed`` (absolute dirs),
-``timeout_secs``, ``audit``, ``rate_limit``, ``agents``.
+``timeout_secs``, ``audit``, ``rate_limit``, ``global_rate_limit`` (added),
+``agents``.
 
 HTTP tool keys: ``upstream`` (``http(s)://host[:port][/base]``, required),
 ``allow_paths`` (added), ``jsonrpc_allow_methods``, ``jsonrpc_deny_methods``,
 ``jsonrpc_param_filters`` (``METHOD: {field, allow_patterns,
 deny_patterns}``), ``headers_inject`` (added: header -> value), ``rate_limit``,
-``timeout_secs``, ``audit``, ``agents``.
+``global_rate_limit`` (added), ``timeout_secs``, ``audit``, ``agents``.
 
-``audit`` is ``{enabled, log_argv, log_body, redact_patterns}`` and
-``rate_limit`` is ``{max_requests, window_secs}``. Any other key anywhere is
-an error naming the key and its path (``tools.op.argv_allow``), and so is a
+``audit`` is ``{enabled, log_argv, log_body, redact_patterns}``;
+``rate_limit`` and ``global_rate_limit`` are ``{max_requests, window_secs}``.
+Any other key anywhere is an error naming the key and its path (``tools.op.argv_allow``), and so is a
 wrong type (``tools.signal-cli.rate_limit.window_secs must be a positive
 number``).
 
@@ -56,9 +57,14 @@ agent needs both. Without either, every agent may use every tool.
 
 Rate limits
 ===========
-A tool's ``rate_limit`` is shared by every agent (it protects the service and
-the account behind the tool); an agent's ``agents.NAME.rate_limit`` counts
-its requests to all tools. A request counts against both or neither, and
+A tool's ``rate_limit`` is kept per agent: each agent gets its own budget of
+``max_requests`` per ``window_secs`` (the format's meaning, extended to many
+agents: with one agent nothing changes; with several, one VM spending its
+budget cannot lock the others out). The tool's ``global_rate_limit``
+(added, the same ``{max_requests, window_secs}``) is one budget shared by
+every agent together, a host-wide cap that protects the service and the
+account behind the tool. An agent's ``agents.NAME.rate_limit`` counts its
+requests to all tools. A request counts against all that apply or none, and
 only allowed requests count (:func:`apply_rate_limits`, :mod:`.ratelimit`).
 
 Secrets
@@ -163,7 +169,7 @@ from .model import (
     Settings,
     Tool,
 )
-from .ratelimit import RateLimiter, apply_rate_limits
+from .ratelimit import RateLimiter, apply_rate_limits, prune_rate_limits
 from .secrets import env_name_is_secret, passthrough_refusal
 
 __all__ = [
@@ -196,5 +202,6 @@ __all__ = [
     "load_policy_file",
     "passthrough_refusal",
     "prepare_http_headers",
+    "prune_rate_limits",
     "vm_denial",
 ]

@@ -39,13 +39,14 @@ _CLI_KEYS: Final = frozenset(
     {
         "type", "binary", "argv_allow_patterns", "argv_deny_patterns", "env_inject",
         "env_passthrough", "cwd_allowed", "timeout_secs", "audit", "rate_limit", "agents",
+        "global_rate_limit",
     }
 )
 _HTTP_KEYS: Final = frozenset(
     {
         "type", "upstream", "allow_paths", "jsonrpc_allow_methods", "jsonrpc_deny_methods",
         "jsonrpc_param_filters", "headers_inject", "rate_limit", "timeout_secs", "audit",
-        "agents",
+        "agents", "global_rate_limit",
     }
 )
 
@@ -260,6 +261,9 @@ class _Loader:
             for i, agent in enumerate(names):
                 self.name(agent, f"{path}.agents[{i}]", "agent name")
             out["agents"] = names
+        if "global_rate_limit" in raw:
+            out["global_rate_limit"] = self.rate_limit(raw["global_rate_limit"],
+                                                       f"{path}.global_rate_limit")
         return out
 
     def rate_limit(self, value: Any, path: str) -> RateLimit:

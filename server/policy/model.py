@@ -103,6 +103,8 @@ class CliTool:
     audit: AuditConfig = field(default_factory=AuditConfig)
     rate_limit: RateLimit | None = None
     agents: tuple[str, ...] | None = None
+    global_rate_limit: RateLimit | None = None
+    """One budget shared by every agent (``rate_limit`` is each agent's own)."""
 
     @property
     def type(self) -> str:
@@ -131,6 +133,8 @@ class HttpTool:
     timeout_secs: float | None = None
     audit: AuditConfig = field(default_factory=AuditConfig)
     agents: tuple[str, ...] | None = None
+    global_rate_limit: RateLimit | None = None
+    """One budget shared by every agent (``rate_limit`` is each agent's own)."""
 
     @property
     def type(self) -> str:

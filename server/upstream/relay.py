@@ -24,6 +24,7 @@ head and the agent frames the body itself (chunked).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import trio
@@ -41,6 +42,7 @@ from carapace.protocol.messages import (
 from carapace.protocol.sse import Comment, Event, SseParser
 from carapace.runtime.http import HOP_BY_HOP
 
+from ..shares import Refusal, Slot
 from ..streams import ServerStream
 from .client import UpstreamClient, UpstreamResponse
 from .decoding import ContentDecoder
@@ -93,40 +95,35 @@ async def forward_http(
     tool: HttpTool,
     headers: list[tuple[bytes, bytes]],
     scrubber: Scrubber | None = None,
+    admit_sse: Callable[[], Slot | Refusal] | None = None,
 ) -> None:
     """Run one request against the tool's upstream.
 
     Every outcome ends the request on the wire: ``end`` after a body, or
     ``failed`` with a status the local client understands. With an active
     ``scrubber`` every byte of the answer is scrubbed of its secrets.
+    ``admit_sse`` is asked for a slot when the answer is an event stream
+    (``shares.py``); a refusal closes the upstream connection and fails the
+    request with its status and ``retry_after`` instead of holding it open.
     """
     if scrubber is not None and not scrubber.active:
         scrubber = None
     if scrubber is not None:
         headers = [(k, v) for k, v in headers if k.lower() != b"accept-encoding"]
         headers.append((b"Accept-Encoding", b"identity"))
-    url = (tool.upstream.rstrip("/"), req.target)  # split already: no URL parsing per request
     timeout = float(tool.timeout_secs or 30)
-    try:
-        response = await client.request(req.method, url, headers, req.body, timeout)
-    except UpstreamTimeout:
-        log.warning("upstream of tool %s (%s) did not answer within %.0f s", tool_name,
-                    tool.upstream, timeout)
-        stream.fail(504, "upstream_timeout",
-                    _said(scrubber, f"the host service behind tool {tool_name!r} did not "
-                          f"answer within {timeout:.0f} s (timeout_secs); check that it is "
-                          "healthy"))
+    response = await _send(client, stream, req, tool_name, tool, headers, timeout, scrubber)
+    if response is None:
         return
-    except UpstreamError as exc:
-        log.warning("upstream of tool %s (%s) unreachable: %s", tool_name, tool.upstream, exc)
-        stream.fail(502, "upstream_unavailable",
-                    _said(scrubber, f"the host service behind tool {tool_name!r} is "
-                          f"unreachable ({type(exc).__name__}); check that it is running on "
-                          "the host"))
-        return
+    slot: Slot | Refusal | None = None
     try:
         content_type = response.header(b"content-type")
         sse = is_event_stream(content_type.decode("latin-1") if content_type else None)
+        if sse and admit_sse is not None:
+            slot = admit_sse()
+            if isinstance(slot, Refusal):
+                stream.fail(slot.status, slot.code, f"refused: {slot.reason}", slot.retry_after)
+                return
         stream.sse = sse
         out_headers = response_headers(response.headers, sse)
         encoding = b", ".join(response.header_values(b"content-encoding"))
@@ -166,6 +163,33 @@ async def forward_http(
                           "the response"))
     finally:
         response.close()  # pooled if read to its end, else closed; no I/O
+        if isinstance(slot, Slot):
+            slot.release()
+
+
+async def _send(
+    client: UpstreamClient, stream: ServerStream, req: HttpRequest, tool_name: str,
+    tool: HttpTool, headers: list[tuple[bytes, bytes]], timeout: float,
+    scrubber: Scrubber | None,
+) -> UpstreamResponse | None:
+    """The upstream's answer head, or None once the request has failed on the wire."""
+    url = (tool.upstream.rstrip("/"), req.target)  # split already: no URL parsing per request
+    try:
+        return await client.request(req.method, url, headers, req.body, timeout)
+    except UpstreamTimeout:
+        log.warning("upstream of tool %s (%s) did not answer within %.0f s", tool_name,
+                    tool.upstream, timeout)
+        stream.fail(504, "upstream_timeout",
+                    _said(scrubber, f"the host service behind tool {tool_name!r} did not "
+                          f"answer within {timeout:.0f} s (timeout_secs); check that it is "
+                          "healthy"))
+    except UpstreamError as exc:
+        log.warning("upstream of tool %s (%s) unreachable: %s", tool_name, tool.upstream, exc)
+        stream.fail(502, "upstream_unavailable",
+                    _said(scrubber, f"the host service behind tool {tool_name!r} is "
+                          f"unreachable ({type(exc).__name__}); check that it is running on "
+                          "the host"))
+    return None
 
 
 WHOLE_ANSWER_MAX = 64 * 1024
