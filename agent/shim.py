@@ -284,6 +284,8 @@ def _failure_status(tool: str, msg: RequestFailed) -> int:
     hint = _HINTS.get(msg.code)
     if msg.retry_after is not None:
         hint = f"retry in {msg.retry_after} s"
+        if hint in text:  # the server's message says it already
+            hint = None
     _say(tool, f"{text} ({hint})" if hint else text)
     if msg.code in FAILURE_EXIT:
         return FAILURE_EXIT[msg.code]
