@@ -135,12 +135,13 @@ class ServerCommand(click.Command):
               envvar="CARAPACE_MAX_CLI_PROCESSES_PER_AGENT", show_envvar=True, show_default=True,
               help="CLI tool processes one agent may run at once; past it 429 (0: no cap).")
 @click.option("--max-cli-processes", type=click.IntRange(min=0),
-              default=DEFAULT_MAX_CLI_PROCESSES, envvar="CARAPACE_MAX_CLI_PROCESSES", show_envvar=True,
-              show_default=True,
+              default=DEFAULT_MAX_CLI_PROCESSES, envvar="CARAPACE_MAX_CLI_PROCESSES",
+              show_envvar=True, show_default=True,
               help="CLI tool processes all agents together may run at once; past it 503.")
 @click.option("--max-upstream-connections-per-agent", type=click.IntRange(min=0),
               default=DEFAULT_MAX_UPSTREAM_CONNECTIONS_PER_AGENT,
-              envvar="CARAPACE_MAX_UPSTREAM_CONNECTIONS_PER_AGENT", show_envvar=True, show_default=True,
+              envvar="CARAPACE_MAX_UPSTREAM_CONNECTIONS_PER_AGENT", show_envvar=True,
+              show_default=True,
               help="Connections one agent may hold open to one HTTP tool's upstream (one per "
               "request in flight, an event stream's while it is open); past it 429.")
 @click.option("--max-upstream-connections", type=click.IntRange(min=0),

@@ -44,9 +44,9 @@ deny_patterns}``), ``headers_inject`` (added: header -> value), ``rate_limit``,
 
 ``audit`` is ``{enabled, log_argv, log_body, redact_patterns}``;
 ``rate_limit`` and ``global_rate_limit`` are ``{max_requests, window_secs}``.
-Any other key anywhere is an error naming the key and its path (``tools.op.argv_allow``), and so is a
-wrong type (``tools.signal-cli.rate_limit.window_secs must be a positive
-number``).
+Any other key anywhere is an error naming the key and its path
+(``tools.op.argv_allow``), and so is a wrong type
+(``tools.signal-cli.rate_limit.window_secs must be a positive number``).
 
 Grants
 ======
