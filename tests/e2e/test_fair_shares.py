@@ -296,6 +296,10 @@ def test_upstream_connection_cap_per_agent_and_per_tool(host: Host) -> None:
         assert httpx.get(vm2.url("slow"), timeout=5).status_code == 200
     host.wait_in_use("upstream_connections", 0)
     assert host.refusals("upstream_connections", "agent", "vm1") >= 1
+    denies = host.decisions(tool="slow", decision="deny")
+    assert {(r["agent"], r["code"], r["rule"]) for r in denies} == {
+        ("vm1", "too_many_requests", "--max-upstream-connections-per-agent"),
+        ("vm2", "server_busy", "--max-upstream-connections")}
 
 
 # ------------------------------------------------------------------------- event streams
@@ -320,3 +324,8 @@ def test_event_stream_cap_refuses_the_hog_and_then_the_host_is_full(host: Host) 
     with httpx.Client(timeout=10) as client, event_stream(client, vm1.url("ev3", sse)):
         pass
     assert "refused request" in host.server.stderr_text()  # the log line of an SSE refusal
+    # Known to be a stream only once its upstream answered: the completion record says it.
+    ended = {(r["agent"], r["status"], r.get("error")) for r in read_records(host.audit)
+             if r.get("event") == "completion" and r.get("outcome") == "failed"
+             and r.get("tool", "").startswith("ev")}
+    assert ended == {("vm1", 429, "too_many_requests"), ("vm2", 503, "server_busy")}
