@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from carapace.protocol.messages import CliRequest, HttpRequest
 
@@ -67,6 +67,10 @@ class RequestPipeline:
         )
         decision = apply_rate_limits(self.rate_limiter, decision, policy, agent, req.tool,
                                      self.clock())
+        if decision.allow and _asks_for_events(req.headers):
+            refusal = self.shares.full("sse_streams", agent)
+            if refusal is not None:
+                decision = self._refusal_decision(refusal)
         slot, decision = self._share(decision, "upstream_connections", agent, req.tool)
         with slot:
             await self._run_http(agent, session_id, stream, req, policy, decision)
@@ -146,10 +150,14 @@ class RequestPipeline:
         taken = self.shares.acquire(limit, agent, tool)
         if isinstance(taken, Slot):
             return taken, decision
-        self._refused(taken)
-        return contextlib.nullcontext(), policy_mod.Decision(
-            allow=False, reason=taken.reason, rule=taken.flag, code=taken.code,
-            retry_after=taken.retry_after)
+        return contextlib.nullcontext(), self._refusal_decision(taken)
+
+    def _refusal_decision(self, refusal: Refusal) -> policy_mod.Decision:
+        """A fair-share refusal as a deny: counted, logged, then audited like any deny."""
+        self._refused(refusal)
+        return policy_mod.Decision(
+            allow=False, reason=refusal.reason, rule=refusal.flag, code=refusal.code,
+            retry_after=refusal.retry_after)
 
     def _stream_share(self, agent: str, tool: str, request_id: str) -> Slot | Refusal:
         """A slot for an event stream, asked once the upstream has answered with one."""
@@ -183,3 +191,8 @@ class RequestPipeline:
         """Tell the VM no: unknown and not-granted tools look alike (policy.vm_denial)."""
         status, code, message = policy_mod.vm_denial(decision, agent, tool)
         stream.fail(status, code, message, decision.retry_after)
+
+
+def _asks_for_events(headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    """Whether the request's ``Accept`` names ``text/event-stream`` (EventSource always does)."""
+    return any(k.lower() == b"accept" and b"text/event-stream" in v.lower() for k, v in headers)

@@ -12,7 +12,10 @@ the same time. Three things are scarce on the host and each has two caps:
   are bounded by the pool itself (``UpstreamClient.max_idle_per_origin``);
 - ``sse_streams``: event streams open, across tools (``--max-sse-streams-per-agent``
   / ``--max-sse-streams``). A stream is known to be one only when its
-  upstream answers ``text/event-stream``, so it is counted from then on.
+  upstream answers ``text/event-stream``, so it is counted (and refused)
+  from then on; a request that asks for one (``Accept: text/event-stream``)
+  is also refused before it is sent when no stream could be admitted, so a
+  well-behaved client's request does not reach the upstream in vain.
 
 An agent at its own cap is refused with 429 ``too_many_requests``; any
 agent, when all of them together are at the host-wide cap, with 503
@@ -184,10 +187,22 @@ class FairShares:
         The agent's own cap is checked first, so an agent at its cap is told
         that (429) even when the host is full too.
         """
-        per_tool = limit == "upstream_connections"
-        agent_key: Hashable = (limit, agent, tool) if per_tool else (limit, agent)
-        host_key: Hashable = (limit, tool) if per_tool else limit
-        shown_tool = tool if per_tool else None
+        refusal = self.full(limit, agent, tool)
+        if refusal is not None:
+            return refusal
+        agent_key, host_key = self._keys(limit, agent, tool)
+        self._agents[agent_key] = self._agents.get(agent_key, 0) + 1
+        self._host[host_key] = self._host.get(host_key, 0) + 1
+        return Slot(self, agent_key, host_key)
+
+    def full(self, limit: Limit, agent: str, tool: str | None = None) -> Refusal | None:
+        """Why a slot of ``limit`` would be refused now (counted as a refusal), or None.
+
+        Takes nothing: for a request that asks for an event stream, refused
+        before it reaches the upstream when no stream could be admitted.
+        """
+        agent_key, host_key = self._keys(limit, agent, tool)
+        shown_tool = tool if limit == "upstream_connections" else None
         cap = self.caps.cap(limit, "agent")
         if cap and self._agents.get(agent_key, 0) >= cap:
             self.refusals[(limit, "agent")] += 1
@@ -196,9 +211,14 @@ class FairShares:
         if cap and self._host.get(host_key, 0) >= cap:
             self.refusals[(limit, "host")] += 1
             return Refusal(limit, "host", cap, agent, shown_tool)
-        self._agents[agent_key] = self._agents.get(agent_key, 0) + 1
-        self._host[host_key] = self._host.get(host_key, 0) + 1
-        return Slot(self, agent_key, host_key)
+        return None
+
+    @staticmethod
+    def _keys(limit: Limit, agent: str, tool: str | None) -> tuple[Hashable, Hashable]:
+        """The agent's and the host's count of ``limit`` (upstream connections: per tool)."""
+        if limit == "upstream_connections":
+            return (limit, agent, tool), (limit, tool)
+        return (limit, agent), limit
 
     def in_use(self, limit: Limit) -> int:
         """How many of ``limit`` all agents hold now (summed over tools)."""

@@ -314,6 +314,11 @@ def test_event_stream_cap_refuses_the_hog_and_then_the_host_is_full(host: Host) 
         body = stream_refused(client, vm1.url("ev3", sse), 429, "too_many_requests")
         assert "--max-sse-streams-per-agent" in body["message"]
         assert client.get(vm1.url("ev3")).status_code == 200  # plain requests still pass
+        # A client that says it wants a stream is refused before its request goes upstream.
+        asked = client.get(vm1.url("ev3", sse), headers={"Accept": "text/event-stream"})
+        refused(asked, 429, "too_many_requests")
+        early = host.decisions(agent="vm1", tool="ev3", decision="deny")
+        assert [r["rule"] for r in early] == ["--max-sse-streams-per-agent"]
         held.enter_context(event_stream(client, vm2.url("ev3", sse)))  # the neighbour's
         host.wait_in_use("sse_streams", 3)
         body = stream_refused(client, vm2.url("ev2", sse), 503, "server_busy")

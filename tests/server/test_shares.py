@@ -66,3 +66,12 @@ def test_refusals_read_to_the_vm_with_their_status() -> None:
     for code, status in (("too_many_requests", 429), ("server_busy", 503)):
         d = Decision(False, "agent vm1 already has 2 CLI processes running", "--x", code, 1)
         assert vm_denial(d, "vm1", "t")[:2] == (status, code)
+
+
+def test_full_says_why_without_taking_a_slot() -> None:
+    shares = FairShares(caps(sse_streams_per_agent=1))
+    assert shares.full("sse_streams", "vm1") is None
+    assert isinstance(shares.acquire("sse_streams", "vm1"), Slot)
+    why = shares.full("sse_streams", "vm1")
+    assert isinstance(why, Refusal) and why.flag == "--max-sse-streams-per-agent"
+    assert shares.in_use("sse_streams") == 1 and shares.refusals[("sse_streams", "agent")] == 1
