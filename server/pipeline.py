@@ -169,9 +169,9 @@ class RequestPipeline:
     def _refused(self, refusal: Refusal, request_id: str = "") -> None:
         """Count and log a refusal (the audit trail records its decision or completion)."""
         self.metrics.count_refusal(refusal.limit, refusal.scope, refusal.agent)
-        log.warning("refused %sfor agent %s at %s %d: %s",
-                    f"request {request_id} " if request_id else "", refusal.agent,
-                    refusal.flag, refusal.cap, refusal.reason)
+        log.warning("refused %s of agent %s: %s",
+                    f"request {request_id}" if request_id else "a request", refusal.agent,
+                    refusal.reason)
 
     async def _audited(self, entry: AuditEntry, stream: ServerStream) -> bool:
         """Write the decision record before anything runs; if that fails, refuse (fail closed)."""
