@@ -87,6 +87,7 @@ FAILURE_EXIT: Mapping[str, int] = {
     "upstream_unavailable": EX_UNAVAILABLE,
     "upstream_timeout": EXIT_TIMEOUT,
     "too_many_requests": EX_TEMPFAIL,
+    "server_busy": EX_TEMPFAIL,
     "shutting_down": EX_UNAVAILABLE,
     "internal": EX_SOFTWARE,
 }
@@ -101,6 +102,7 @@ _HINTS: Mapping[str, str] = {
     "unknown_tool": "the host's Carapace policy has no such tool; ask its operator",
     "shutting_down": "retry in a moment",
     "too_many_requests": "retry when some of your commands finish",
+    "server_busy": "the host is busy; retry shortly",
 }
 
 
@@ -280,8 +282,10 @@ def _isatty(fd: int) -> bool:
 def _failure_status(tool: str, msg: RequestFailed) -> int:
     text = msg.message
     hint = _HINTS.get(msg.code)
-    if msg.code == "rate_limited" and msg.retry_after is not None:
+    if msg.retry_after is not None:
         hint = f"retry in {msg.retry_after} s"
+        if hint in text:  # the server's message says it already
+            hint = None
     _say(tool, f"{text} ({hint})" if hint else text)
     if msg.code in FAILURE_EXIT:
         return FAILURE_EXIT[msg.code]

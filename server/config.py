@@ -6,7 +6,7 @@ dataclass, so ``--help`` and a server built in a test agree.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from carapace.protocol.flow import DEFAULT_WINDOW
 from carapace.protocol.framing import DEFAULT_MAX_FRAME
@@ -21,6 +21,7 @@ from .audit import DEFAULT_BACKUPS, DEFAULT_DENY_LIMIT, DEFAULT_MAX_BYTES
 from .audit.caps import DEFAULT_MAX_RECORD_BYTES
 from .audit.throttle import DEFAULT_DENY_BYTES
 from .policy import DEFAULT_LIMITS, ParseLimits
+from .shares import ShareCaps
 
 DEFAULT_LISTEN = ("127.0.0.1", 8765)
 DEFAULT_POLICY_FILE = "/etc/carapace/policy.yaml"
@@ -83,3 +84,5 @@ class ServerConfig:
     agent_memory_limit: int = DEFAULT_AGENT_MEMORY_LIMIT
     unix_socket_mode: int = SOCKET_MODE
     """File mode of each unix socket the server listens on."""
+    shares: ShareCaps = field(default_factory=ShareCaps)
+    """Caps on CLI processes, upstream connections and event streams (``shares.py``)."""

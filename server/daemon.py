@@ -30,6 +30,7 @@ from .operator_api import OperatorApi
 from .pipeline import RequestPipeline
 from .sandbox import Sandbox, SandboxError, SandboxStatus, server_files
 from .session import AgentSession, TooManyAgents
+from .shares import FairShares
 from .stats import Stats
 from .streams import ServerStream
 from .upstream import UpstreamClient
@@ -104,10 +105,13 @@ class Server:
         self.sandbox.configure(policy.settings.sandbox)
         self.metrics = ServerMetrics(self)
         self.http_client = UpstreamClient()
+        self.shares = FairShares(config.shares)
+        self.metrics.watch_shares(self.shares)
         self.pipeline = RequestPipeline(audit=self.audit, metrics=self.metrics,
                                         stats=self.stats, http_client=self.http_client,
                                         limits=config.parse_limits,
-                                        sandbox=self.sandbox)
+                                        sandbox=self.sandbox,
+                                        shares=self.shares)
         self._hold_secrets()
         self.on_reload: Callable[[bool, str], None] | None = None
         """Called after each reload attempt with (accepted, message); main.py reports it."""
@@ -297,6 +301,7 @@ class Server:
         self.policy = new
         self.tokens = tokens
         self._hold_secrets()
+        policy_mod.prune_rate_limits(self.pipeline.rate_limiter, new, tokens)
         for name in revoked:
             session = self.sessions.get(name)
             if session is not None:

@@ -67,6 +67,15 @@ from .policy import (
 )
 from .policy.limits import DEFAULT_LIMITS, LIMIT_HELP, env_var, flag
 from .sandbox import SandboxError
+from .shares import (
+    DEFAULT_MAX_CLI_PROCESSES,
+    DEFAULT_MAX_CLI_PROCESSES_PER_AGENT,
+    DEFAULT_MAX_SSE_STREAMS,
+    DEFAULT_MAX_SSE_STREAMS_PER_AGENT,
+    DEFAULT_MAX_UPSTREAM_CONNECTIONS,
+    DEFAULT_MAX_UPSTREAM_CONNECTIONS_PER_AGENT,
+    ShareCaps,
+)
 
 log = logging.getLogger("carapace.server")
 
@@ -205,6 +214,33 @@ def parse_limit_options(command: Any) -> Any:
               envvar="CARAPACE_UNIX_SOCKET_MODE", show_default=True, show_envvar=True,
               help="File mode of each --listen unix: socket (its owner and group, and the "
               "directory's, decide who else may connect).")
+@click.option("--max-cli-processes-per-agent", type=click.IntRange(min=0),
+              default=DEFAULT_MAX_CLI_PROCESSES_PER_AGENT,
+              envvar="CARAPACE_MAX_CLI_PROCESSES_PER_AGENT", show_envvar=True, show_default=True,
+              help="CLI tool processes one agent may run at once; past it 429 (0: no cap).")
+@click.option("--max-cli-processes", type=click.IntRange(min=0),
+              default=DEFAULT_MAX_CLI_PROCESSES, envvar="CARAPACE_MAX_CLI_PROCESSES",
+              show_envvar=True, show_default=True,
+              help="CLI tool processes all agents together may run at once; past it 503.")
+@click.option("--max-upstream-connections-per-agent", type=click.IntRange(min=0),
+              default=DEFAULT_MAX_UPSTREAM_CONNECTIONS_PER_AGENT,
+              envvar="CARAPACE_MAX_UPSTREAM_CONNECTIONS_PER_AGENT", show_envvar=True,
+              show_default=True,
+              help="Connections one agent may hold open to one HTTP tool's upstream (one per "
+              "request in flight, an event stream's while it is open); past it 429.")
+@click.option("--max-upstream-connections", type=click.IntRange(min=0),
+              default=DEFAULT_MAX_UPSTREAM_CONNECTIONS,
+              envvar="CARAPACE_MAX_UPSTREAM_CONNECTIONS", show_envvar=True, show_default=True,
+              help="Connections all agents together may hold open to one HTTP tool's "
+              "upstream; past it 503.")
+@click.option("--max-sse-streams-per-agent", type=click.IntRange(min=0),
+              default=DEFAULT_MAX_SSE_STREAMS_PER_AGENT,
+              envvar="CARAPACE_MAX_SSE_STREAMS_PER_AGENT", show_envvar=True, show_default=True,
+              help="Event streams one agent may hold open (all tools); past it 429.")
+@click.option("--max-sse-streams", type=click.IntRange(min=0),
+              default=DEFAULT_MAX_SSE_STREAMS, envvar="CARAPACE_MAX_SSE_STREAMS", show_envvar=True,
+              show_default=True,
+              help="Event streams all agents together may hold open; past it 503.")
 @parse_limit_options
 def main(
     listen: tuple[Address, ...],
@@ -239,6 +275,12 @@ def main(
     max_link_queue: int = DEFAULT_MAX_LINK_QUEUE,
     agent_memory_limit: int = DEFAULT_AGENT_MEMORY_LIMIT,
     unix_socket_mode: int = SOCKET_MODE,
+    max_cli_processes_per_agent: int = DEFAULT_MAX_CLI_PROCESSES_PER_AGENT,
+    max_cli_processes: int = DEFAULT_MAX_CLI_PROCESSES,
+    max_upstream_connections_per_agent: int = DEFAULT_MAX_UPSTREAM_CONNECTIONS_PER_AGENT,
+    max_upstream_connections: int = DEFAULT_MAX_UPSTREAM_CONNECTIONS,
+    max_sse_streams_per_agent: int = DEFAULT_MAX_SSE_STREAMS_PER_AGENT,
+    max_sse_streams: int = DEFAULT_MAX_SSE_STREAMS,
     **parse_limits: int,
 ) -> None:
     """Serve Carapace agents: decide, run and audit their tool requests on this host.
@@ -294,6 +336,14 @@ def main(
         max_link_queue=max_link_queue,
         agent_memory_limit=agent_memory_limit,
         unix_socket_mode=unix_socket_mode,
+        shares=ShareCaps(
+            cli_processes_per_agent=max_cli_processes_per_agent,
+            cli_processes=max_cli_processes,
+            upstream_connections_per_agent=max_upstream_connections_per_agent,
+            upstream_connections=max_upstream_connections,
+            sse_streams_per_agent=max_sse_streams_per_agent,
+            sse_streams=max_sse_streams,
+        ),
     )
     debug_token = _debug_token(debug_listen, debug_token_file)
     ssl_context = _tls_context(tls_cert, tls_key, tls_client_ca)

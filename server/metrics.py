@@ -39,6 +39,7 @@ from .sandbox import SANDBOX_MODES
 
 if TYPE_CHECKING:
     from .session import AgentSession
+    from .shares import FairShares
     from .view import OperatorView
 
 __all__ = ["CONTENT_TYPE_LATEST", "ServerMetrics"]
@@ -85,6 +86,12 @@ class ServerMetrics:
             "(max_jsonrpc_body_bytes, max_jsonrpc_batch, max_argv, ...).",
             ["limit"], registry=reg,
         )
+        self.refusals = Counter(
+            "carapace_share_refusals", "Requests refused at a fair-share cap (shares.py): "
+            "limit is cli_processes, upstream_connections or sse_streams, scope agent (its "
+            "own cap, 429) or host (all agents together, 503).",
+            ["limit", "scope", "agent"], registry=reg,
+        )
         self._request_counters: dict[tuple[str, bool, str, str], Any] = {}
         """(kind, allowed, agent, tool label) → its child of ``requests``; bounded by
         the authenticated agents times the policy's tools (others are one label)."""
@@ -126,6 +133,14 @@ class ServerMetrics:
     def count_parse_limit(self, limit: str) -> None:
         """One request refused by a parse limit (``policy/limits.py``; a fixed label set)."""
         self.parse_limits.labels(limit).inc()
+
+    def count_refusal(self, limit: str, scope: str, agent: str) -> None:
+        """A request refused at a fair-share cap (agents are authenticated: a bounded label)."""
+        self.refusals.labels(limit, scope, agent).inc()
+
+    def watch_shares(self, shares: FairShares) -> None:
+        """Export what all agents hold now of each fair share, and its host-wide cap."""
+        self.registry.register(_SharesCollector(shares))
 
     def count_events(self, count: int, arrived: float | None) -> None:
         """``count`` SSE events queued on the link, their bytes read at trio time ``arrived``.
@@ -360,3 +375,29 @@ def _bounds_families(server: OperatorView) -> Iterator[Metric]:
     for name, session in sorted(server.sessions.items()):
         memory.add_metric([name], session.memory.used)
     yield memory
+
+
+class _SharesCollector(Collector):
+    """Fair shares in use and their host-wide caps, read when scraped."""
+
+    def __init__(self, shares: FairShares) -> None:
+        self.shares = shares
+
+    def describe(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("carapace_shares_in_use", "")
+        yield GaugeMetricFamily("carapace_shares_cap", "")
+
+    def collect(self) -> Iterator[Metric]:
+        from .shares import LIMITS
+
+        used = GaugeMetricFamily(
+            "carapace_shares_in_use", "CLI processes running, upstream connections in use "
+            "(all tools) and event streams open, all agents together.", labels=["limit"])
+        caps = GaugeMetricFamily(
+            "carapace_shares_cap", "Host-wide cap of each fair share (0: none; upstream "
+            "connections: per tool).", labels=["limit"])
+        for limit in LIMITS:
+            used.add_metric([limit], self.shares.in_use(limit))
+            caps.add_metric([limit], self.shares.caps.cap(limit, "host"))
+        yield used
+        yield caps

@@ -1,7 +1,9 @@
 """The request pipeline: decide, limit, audit, run, complete — for HTTP and CLI alike.
 
-Each step has one place: the policy decides (``policy/``), the per-tool
-rate limits may turn an allow into a deny, the decision record is written
+Each step has one place: the policy decides (``policy/``), the rate limits
+and the fair shares (``shares.py``: CLI processes and upstream connections
+one agent, and all together, may hold at once) may turn an allow into a
+deny, the decision record is written
 before anything runs (and the request is refused if it cannot be: the
 trail fails closed), the allowed request runs (``upstream/relay.py`` or
 ``cli_runner.py``), and the completion record says how it ended. A request
@@ -10,9 +12,10 @@ finishes under the policy it began with.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import TypeVar
 
@@ -34,6 +37,7 @@ from .policy import (
     needs_worker,
 )
 from .sandbox import Sandbox
+from .shares import FairShares, Limit, Refusal, Slot
 from .stats import Stats
 from .streams import ServerStream
 from .upstream import UpstreamClient
@@ -51,7 +55,8 @@ class RequestPipeline:
                  http_client: UpstreamClient,
                  clock: Callable[[], float] = time.monotonic,
                  limits: ParseLimits = DEFAULT_LIMITS,
-                 sandbox: Sandbox | None = None) -> None:
+                 sandbox: Sandbox | None = None,
+                 shares: FairShares | None = None) -> None:
         self.audit = audit
         self.metrics = metrics
         self.stats = stats
@@ -70,6 +75,7 @@ class RequestPipeline:
         self.held_secrets: tuple[bytes, ...] = ()
         """The server's own secrets (agent tokens, debug token, TLS key), masked in all
         output besides the policy's; the daemon sets them at start and on reload."""
+        self.shares = shares if shares is not None else FairShares()
 
     async def handle(self, agent: str, session_id: bytes, stream: ServerStream,
                      msg: HttpRequest | CliRequest, policy: policy_mod.Policy) -> None:
@@ -109,6 +115,17 @@ class RequestPipeline:
         decision = await self._decide(agent, decide, heavy)
         decision = apply_rate_limits(self.rate_limiter, decision, policy, agent, req.tool,
                                      self.clock())
+        if decision.allow and _asks_for_events(req.headers):
+            refusal = self.shares.full("sse_streams", agent)
+            if refusal is not None:
+                decision = self._refusal_decision(refusal)
+        slot, decision = self._share(decision, "upstream_connections", agent, req.tool)
+        with slot:
+            await self._run_http(agent, session_id, stream, req, policy, decision)
+
+    async def _run_http(self, agent: str, session_id: bytes, stream: ServerStream,
+                        req: HttpRequest, policy: policy_mod.Policy,
+                        decision: policy_mod.Decision) -> None:
         self._counted("http", decision, agent, req.tool)
         entry = self.audit.http(agent, session_id, req, policy, decision)
         if not await self._audited(entry, stream):
@@ -132,7 +149,9 @@ class RequestPipeline:
         aborted: str | None = "cancelled"  # unless forward_http returns or raises
         try:
             await forward_http(self.http_client, stream, req, req.tool, tool, headers,
-                               scrubber=scrubber)
+                               scrubber=scrubber,
+                               admit_sse=lambda: self._stream_share(agent, req.tool,
+                                                                    entry.request_id))
             aborted = None
         except Exception:
             aborted = "error"
@@ -148,6 +167,14 @@ class RequestPipeline:
         cli_decision = await self._decide(agent, decide, heavy)
         decision = apply_rate_limits(self.rate_limiter, cli_decision, policy, agent, req.tool,
                                      self.clock())
+        slot, decision = self._share(decision, "cli_processes", agent, req.tool)
+        with slot:
+            await self._run_cli(agent, session_id, stream, req, policy, cli_decision, decision)
+
+    async def _run_cli(self, agent: str, session_id: bytes, stream: ServerStream,
+                       req: CliRequest, policy: policy_mod.Policy,
+                       cli_decision: policy_mod.CliDecision,
+                       decision: policy_mod.Decision) -> None:
         self._counted("cli", decision, agent, req.tool)
         entry = self.audit.cli(agent, session_id, req, policy, decision)
         if not await self._audited(entry, stream):
@@ -170,6 +197,42 @@ class RequestPipeline:
         finally:
             entry.completed_cli(info)
 
+    def _share(self, decision: policy_mod.Decision, limit: Limit, agent: str,
+               tool: str) -> tuple[Slot | contextlib.nullcontext[None], policy_mod.Decision]:
+        """Take a slot of ``limit`` for an allowed request, or turn it into a deny.
+
+        The deny goes down the same path as any other (decision record, log
+        line, a ``failed`` frame): 429 ``too_many_requests`` at the agent's
+        own cap, 503 ``server_busy`` at the host-wide one, with Retry-After.
+        """
+        if not decision.allow:
+            return contextlib.nullcontext(), decision
+        taken = self.shares.acquire(limit, agent, tool)
+        if isinstance(taken, Slot):
+            return taken, decision
+        return contextlib.nullcontext(), self._refusal_decision(taken)
+
+    def _refusal_decision(self, refusal: Refusal) -> policy_mod.Decision:
+        """A fair-share refusal as a deny: counted, logged, then audited like any deny."""
+        self._refused(refusal)
+        return policy_mod.Decision(
+            allow=False, reason=refusal.reason, rule=refusal.flag, code=refusal.code,
+            retry_after=refusal.retry_after)
+
+    def _stream_share(self, agent: str, tool: str, request_id: str) -> Slot | Refusal:
+        """A slot for an event stream, asked once the upstream has answered with one."""
+        taken = self.shares.acquire("sse_streams", agent, tool)
+        if isinstance(taken, Refusal):
+            self._refused(taken, request_id)
+        return taken
+
+    def _refused(self, refusal: Refusal, request_id: str = "") -> None:
+        """Count and log a refusal (the audit trail records its decision or completion)."""
+        self.metrics.count_refusal(refusal.limit, refusal.scope, refusal.agent)
+        log.warning("refused %s of agent %s: %s",
+                    f"request {request_id}" if request_id else "a request", refusal.agent,
+                    refusal.reason)
+
     async def _audited(self, entry: AuditEntry, stream: ServerStream) -> bool:
         """Write the decision record before anything runs; if that fails, refuse (fail closed)."""
         try:
@@ -188,3 +251,8 @@ class RequestPipeline:
         """Tell the VM no: unknown and not-granted tools look alike (policy.vm_denial)."""
         status, code, message = policy_mod.vm_denial(decision, agent, tool)
         stream.fail(status, code, message, decision.retry_after)
+
+
+def _asks_for_events(headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    """Whether the request's ``Accept`` names ``text/event-stream`` (EventSource always does)."""
+    return any(k.lower() == b"accept" and b"text/event-stream" in v.lower() for k, v in headers)

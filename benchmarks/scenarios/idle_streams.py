@@ -218,6 +218,11 @@ def run(ctx: Ctx) -> ScenarioResult:
     server_args: list[str] = []
     if ctx.server_flag("--max-requests-per-agent"):
         server_args += ["--max-requests-per-agent", str(n + 1000)]
+    # Deliberate fan-out through one agent: above the fair-share defaults.
+    for flag in ("--max-sse-streams-per-agent", "--max-sse-streams",
+                 "--max-upstream-connections-per-agent", "--max-upstream-connections"):
+        if ctx.server_flag(flag):
+            server_args += [flag, str(n + 1000)]
     with ctx.carapace(server_args=server_args) as carapace:
         pids = carapace.pids()
         try:

@@ -23,9 +23,10 @@ unique by the agent name and the first 8 hex digits of the session id),
 which rule or missing rule).
 
 Decision records add: ``code`` on a deny (``denied``, ``unknown_tool``,
-``not_granted``, ``wrong_type``, ``bad_request``, ``rate_limited``; the VM is
-told less, see :func:`carapace.server.policy.vm_denial`) and ``retry_after``
-for ``rate_limited``; for HTTP ``method``, ``path`` (the request target
+``not_granted``, ``wrong_type``, ``bad_request``, ``rate_limited``, and the
+fair shares' ``too_many_requests`` and ``server_busy``, whose ``rule`` is the
+server flag; the VM is told less, see :func:`carapace.server.policy.vm_denial`)
+and ``retry_after`` for those last three; for HTTP ``method``, ``path`` (the request target
 without its query string) and ``bytes_in`` (body length); for CLI
 ``argv`` (only with ``audit.log_argv``), ``cwd`` (the VM's),
 ``vm_claimed_peer_uid``, ``vm_claimed_peer_gid``, ``vm_claimed_peer_pid`` (the

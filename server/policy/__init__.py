@@ -38,7 +38,8 @@ CLI tool keys: ``binary`` (absolute path, required), ``argv_allow_patterns``,
 ``argv_deny_patterns``, ``argv_deny_flags`` and ``argv_allow_flags`` (added:
 flags in every spelling, below), ``env_inject`` (name -> value),
 ``env_passthrough`` (added: names the VM may pass through), ``cwd_allowed``
-(absolute dirs), ``timeout_secs``, ``audit``, ``rate_limit``, ``agents``,
+(absolute dirs), ``timeout_secs``, ``audit``, ``rate_limit``, ``global_rate_limit`` (added),
+``agents``,
 ``limits`` (added: ``{max_argv, max_argv_bytes, max_env}``), ``sandbox`` (added:
 ``{writable_paths, hide_paths, network: host|none, rlimits: {cpu_secs,
 memory_mb, nproc, fsize_mb}}``; with ``settings.sandbox: auto|bwrap|none``,
@@ -49,19 +50,19 @@ HTTP tool keys: ``upstream`` (``http(s)://host[:port][/base]``, required),
 ``jsonrpc_param_filters`` (``METHOD: {field, allow_patterns,
 deny_patterns}``; added: ``fields``, ``deny_fields``, ``allow_fields``,
 ``field_patterns``, ``normalize``, below), ``headers_inject`` (added: header ->
-value), ``rate_limit``, ``timeout_secs``, ``audit``, ``agents``, ``limits``
-(added: ``{max_jsonrpc_body_bytes, max_jsonrpc_batch, max_headers,
-max_header_bytes}``).
+value), ``rate_limit``, ``global_rate_limit`` (added), ``timeout_secs``,
+``audit``, ``agents``, ``limits`` (added: ``{max_jsonrpc_body_bytes,
+max_jsonrpc_batch, max_headers, max_header_bytes}``).
 
 ``limits`` overrides, for one tool, the server-wide parse limits (positive
 whole numbers; see :mod:`.limits` and DEPLOYMENT.md, "Parse limits"): a
 request over one is refused with code ``bad_request`` before it is parsed.
 
-``audit`` is ``{enabled, log_argv, log_body, redact_patterns}`` and
-``rate_limit`` is ``{max_requests, window_secs}``. Any other key anywhere is
-an error naming the key and its path (``tools.op.argv_allow``), and so is a
-wrong type (``tools.signal-cli.rate_limit.window_secs must be a positive
-number``).
+``audit`` is ``{enabled, log_argv, log_body, redact_patterns}``;
+``rate_limit`` and ``global_rate_limit`` are ``{max_requests, window_secs}``.
+Any other key anywhere is an error naming the key and its path
+(``tools.op.argv_allow``), and so is a wrong type
+(``tools.signal-cli.rate_limit.window_secs must be a positive number``).
 
 Grants
 ======
@@ -72,9 +73,14 @@ agent needs both. Without either, every agent may use every tool.
 
 Rate limits
 ===========
-A tool's ``rate_limit`` is shared by every agent (it protects the service and
-the account behind the tool); an agent's ``agents.NAME.rate_limit`` counts
-its requests to all tools. A request counts against both or neither, and
+A tool's ``rate_limit`` is kept per agent: each agent gets its own budget of
+``max_requests`` per ``window_secs`` (the format's meaning, extended to many
+agents: with one agent nothing changes; with several, one VM spending its
+budget cannot lock the others out). The tool's ``global_rate_limit``
+(added, the same ``{max_requests, window_secs}``) is one budget shared by
+every agent together, a host-wide cap that protects the service and the
+account behind the tool. An agent's ``agents.NAME.rate_limit`` counts its
+requests to all tools. A request counts against all that apply or none, and
 only allowed requests count (:func:`apply_rate_limits`, :mod:`.ratelimit`).
 
 Secrets
@@ -248,7 +254,7 @@ from .model import (
     Settings,
     Tool,
 )
-from .ratelimit import RateLimiter, apply_rate_limits
+from .ratelimit import RateLimiter, apply_rate_limits, prune_rate_limits
 from .sandbox import DEFAULT_SANDBOX_SETTING, SANDBOX_SETTINGS, Rlimits, ToolSandbox
 from .secret_refs import (
     CommandResult,
@@ -309,6 +315,7 @@ __all__ = [
     "needs_worker",
     "passthrough_refusal",
     "prepare_http_headers",
+    "prune_rate_limits",
     "resolve_policy",
     "run_command",
     "vm_denial",

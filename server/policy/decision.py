@@ -17,7 +17,8 @@ class Decision:
     ``tools.op.argv_allow_patterns[0] "item get *"`` or a default such as
     ``default deny: no tools.op.argv_allow_patterns entry matches``. ``code``
     says why a deny happened (``denied``, ``unknown_tool``, ``not_granted``,
-    ``wrong_type``, ``bad_request``, ``rate_limited``) and is ``""`` for an
+    ``wrong_type``, ``bad_request``, ``rate_limited``; the server's fair
+    shares add ``too_many_requests`` and ``server_busy``) and is ``""`` for an
     allow. Reasons never
     quote parameter values, argv or bodies, which the audit settings may want
     kept out.
@@ -33,7 +34,7 @@ class Decision:
     rule: str
     code: str = ""
     retry_after: int | None = None
-    """For a ``rate_limited`` deny: whole seconds until a retry can succeed."""
+    """For a ``rate_limited`` (or fair-share) deny: whole seconds until a retry can succeed."""
     limit: str = ""
     """For a deny by a parse limit (``policy/limits.py``): the limit's name."""
 
@@ -67,6 +68,9 @@ class CliDecision(Decision):
 
 
 UNAVAILABLE_CODES: Final = frozenset({"unknown_tool", "not_granted", "wrong_type"})
+
+BUSY_CODES: Final = {"too_many_requests": 429, "server_busy": 503}
+"""Deny codes of the server's fair shares (an agent's own cap, the host's) and their status."""
 """Deny codes meaning "no such tool for you"; the VM sees them all as one."""
 
 
@@ -93,8 +97,10 @@ def vm_denial(decision: Decision, agent: str, tool: str) -> tuple[int, str, str]
     not available to agent 'Y'" — so a VM cannot probe which tools exist or
     what other agents may use; the precise reason stays in the audit trail.
     A malformed request is 400 ``bad_request``, a rate-limited one 429
-    ``rate_limited`` (with ``decision.retry_after``), any other deny 403
-    ``denied`` with the reason (which never quotes request content).
+    ``rate_limited`` (with ``decision.retry_after``), a fair-share refusal 429
+    ``too_many_requests`` or 503 ``server_busy`` (also with ``retry_after``),
+    any other deny 403 ``denied`` with the reason (which never quotes request
+    content).
     """
     if decision.tool_unavailable:
         return (403, "denied", f"denied by policy: tool {_quoted_name(tool)} is not available "
@@ -103,6 +109,8 @@ def vm_denial(decision: Decision, agent: str, tool: str) -> tuple[int, str, str]
         return 400, "bad_request", f"bad request, denied by policy: {decision.reason}"
     if decision.code == "rate_limited":
         return 429, "rate_limited", f"rate limited: {decision.reason}"
+    if decision.code in BUSY_CODES:
+        return BUSY_CODES[decision.code], decision.code, f"refused: {decision.reason}"
     return 403, "denied", f"denied by policy: {decision.reason}"
 
 

@@ -48,13 +48,14 @@ _CLI_KEYS: Final = frozenset(
         "limits",
         "argv_deny_flags", "argv_allow_flags",
         "sandbox",
+        "global_rate_limit",
     }
 )
 _HTTP_KEYS: Final = frozenset(
     {
         "type", "upstream", "allow_paths", "jsonrpc_allow_methods", "jsonrpc_deny_methods",
         "jsonrpc_param_filters", "headers_inject", "rate_limit", "timeout_secs", "audit",
-        "agents", "limits",
+        "agents", "limits", "global_rate_limit",
     }
 )
 
@@ -274,6 +275,9 @@ class _Loader:
             out["agents"] = names
         if "limits" in raw:
             out["limits"] = self.limits(raw["limits"], f"{path}.limits", raw["type"])
+        if "global_rate_limit" in raw:
+            out["global_rate_limit"] = self.rate_limit(raw["global_rate_limit"],
+                                                       f"{path}.global_rate_limit")
         return out
 
     def limits(self, value: Any, path: str, kind: str) -> Mapping[str, int]:

@@ -165,6 +165,8 @@ class CliTool:
     """``env_inject`` names whose value is a reference; the resolved value joins
     ``env_inject`` (:func:`~.secret_refs.resolve_policy`) and is always a secret."""
     sandbox: ToolSandbox = field(default_factory=ToolSandbox)
+    global_rate_limit: RateLimit | None = None
+    """One budget shared by every agent (``rate_limit`` is each agent's own)."""
 
     @property
     def type(self) -> str:
@@ -198,6 +200,8 @@ class HttpTool:
     """Overrides of the server-wide parse limits (``policy/limits.py``) for this tool."""
     headers_inject_refs: Mapping[str, SecretRef] = field(default_factory=dict)
     """``headers_inject`` names whose value is a reference (see ``CliTool.env_inject_refs``)."""
+    global_rate_limit: RateLimit | None = None
+    """One budget shared by every agent (``rate_limit`` is each agent's own)."""
 
     @property
     def type(self) -> str:

@@ -1,7 +1,7 @@
 """Sliding-window rate limiting, pure: the caller passes the time.
 
-A key (a tool name, an agent name, ``("agent", name)``...) may make at most
-``max_requests`` requests in any window of ``window_secs`` seconds: an exact
+A key (``("tool", agent, tool)``, ``("global", tool)``, ``("agent", name)``)
+may make at most ``max_requests`` requests in any window of ``window_secs`` seconds: an exact
 sliding log, not a fixed bucket that allows a double burst at a boundary and
 not a token bucket that refills mid-window, so "100 per 60 s" in a policy
 means exactly that. Only allowed requests are counted, so a VM hammering a
@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict, deque
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass, field
 
 from .decision import Decision
 from .model import Policy
 
-__all__ = ["RateLimiter", "apply_rate_limits"]
+__all__ = ["RateLimiter", "apply_rate_limits", "prune_rate_limits"]
 
 
 @dataclass
@@ -128,6 +128,11 @@ class RateLimiter:
         else:
             self._logs.pop(key, None)
 
+    def retain(self, keep: Callable[[Hashable], bool]) -> None:
+        """Forget every key for which ``keep`` is false (a reload dropped its limit)."""
+        for key in [k for k in self._logs if not keep(k)]:
+            del self._logs[key]
+
     def _maybe_sweep(self, now: float) -> None:
         """Drop keys whose every timestamp has left its window, now and then."""
         if self._next_sweep is not None and now < self._next_sweep:
@@ -147,13 +152,16 @@ def apply_rate_limits(
 ) -> Decision:
     """Turn an allowed ``decision`` into a ``rate_limited`` deny if a limit is full.
 
-    Two limits apply to an allowed request: the tool's ``rate_limit``
-    (shared by every agent: it protects the service and the account behind
-    the tool) and the agent's ``agents.NAME.rate_limit`` (across all its
-    tools). A request is counted against both or neither. Denied requests
-    are returned unchanged and never counted. The limits are read from
-    ``policy`` on every call, so a reload changes them at once while the
-    history of recent requests is kept.
+    Three limits apply to an allowed request: the tool's ``rate_limit``,
+    which each agent has for itself (the policy format's "N requests per
+    window" extended to many agents: every agent gets its own budget, so one
+    VM spending it cannot lock the others out); the tool's
+    ``global_rate_limit``, one budget shared by every agent (it protects the
+    service and the account behind the tool); and the agent's
+    ``agents.NAME.rate_limit`` (across all its tools). A request is counted
+    against all of them or none. Denied requests are returned unchanged and
+    never counted. The limits are read from ``policy`` on every call, so a
+    reload changes them at once while the history of recent requests is kept.
     """
     if not decision.allow:
         return decision
@@ -162,9 +170,14 @@ def apply_rate_limits(
     tool_obj = policy.tools.get(tool)
     if tool_obj is not None and tool_obj.rate_limit is not None:
         rl = tool_obj.rate_limit
-        limits.append((("tool", tool), rl.max_requests, rl.window_secs))
-        rules.append((f"tool {tool} allows {rl.max_requests} requests per {rl.window_secs:g} s",
-                      f"tools.{tool}.rate_limit"))
+        limits.append((("tool", agent, tool), rl.max_requests, rl.window_secs))
+        rules.append((f"tool {tool} allows each agent {rl.max_requests} requests per "
+                      f"{rl.window_secs:g} s", f"tools.{tool}.rate_limit"))
+    if tool_obj is not None and tool_obj.global_rate_limit is not None:
+        rl = tool_obj.global_rate_limit
+        limits.append((("global", tool), rl.max_requests, rl.window_secs))
+        rules.append((f"tool {tool} allows all agents together {rl.max_requests} requests per "
+                      f"{rl.window_secs:g} s", f"tools.{tool}.global_rate_limit"))
     agent_rl = policy.agent_rate_limit(agent)
     if agent_rl is not None:
         limits.append((("agent", agent), agent_rl.max_requests, agent_rl.window_secs))
@@ -182,3 +195,25 @@ def apply_rate_limits(
         allow=False, reason=f"{reason}; retry in {retry} s", rule=rule, code="rate_limited",
         retry_after=retry,
     )
+
+
+def prune_rate_limits(limiter: RateLimiter, policy: Policy, agents: Collection[str]) -> None:
+    """After a reload, forget the budgets of agents, tools and limits that are gone.
+
+    Budgets are kept per (agent, tool), so their number is the configured
+    agents times the limited tools; this keeps it so across reloads (the
+    sweep would only drop a stale budget once its window has passed).
+    """
+    def live(key: Hashable) -> bool:
+        if not isinstance(key, tuple) or not key:
+            return True
+        tool_obj = policy.tools.get(key[-1]) if key[0] in ("tool", "global") else None
+        if key[0] == "tool":
+            return key[1] in agents and tool_obj is not None and tool_obj.rate_limit is not None
+        if key[0] == "global":
+            return tool_obj is not None and tool_obj.global_rate_limit is not None
+        if key[0] == "agent":
+            return key[1] in agents and policy.agent_rate_limit(key[1]) is not None
+        return True
+
+    limiter.retain(live)

@@ -32,9 +32,10 @@ Rules, in the order a request meets them:
   ``Content-Length`` (also ``0`` for an empty POST, PUT or PATCH).
 - **Pool.** Per (scheme, host, port) a deque of idle connections, used last
   in, first out, so a burst's connections stay warm and the rest age out.
-  A new connection opens when none is idle; there is no cap on open
-  connections (each open SSE stream holds one), and at most
-  ``max_idle_per_origin`` idle ones are kept. An idle connection older than
+  A new connection opens when none is idle; this client puts no cap on open
+  connections (each open SSE stream holds one): the server caps them per
+  agent and per tool before a request gets here (``server/shares.py``), and
+  at most ``max_idle_per_origin`` idle ones are kept. An idle connection older than
   ``idle_expiry`` seconds is closed when its origin is next used (or at
   :meth:`UpstreamClient.aclose`): there is no timer task, so an origin that
   is never used again keeps at most ``max_idle_per_origin`` sockets until

@@ -24,6 +24,7 @@ head and the agent frames the body itself (chunked).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import trio
@@ -42,6 +43,7 @@ from carapace.protocol.sse import Comment, Event, SseParser
 from carapace.runtime.http import HOP_BY_HOP
 
 from ..policy import DEFAULT_TIMEOUT_SECS
+from ..shares import Refusal, Slot
 from ..streams import ServerStream
 from .client import UpstreamClient, UpstreamResponse
 from .decoding import ContentDecoder
@@ -94,12 +96,16 @@ async def forward_http(
     tool: HttpTool,
     headers: list[tuple[bytes, bytes]],
     scrubber: Scrubber | None = None,
+    admit_sse: Callable[[], Slot | Refusal] | None = None,
 ) -> None:
     """Run one request against the tool's upstream.
 
     Every outcome ends the request on the wire: ``end`` after a body, or
     ``failed`` with a status the local client understands. With an active
     ``scrubber`` every byte of the answer is scrubbed of its secrets.
+    ``admit_sse`` is asked for a slot when the answer is an event stream
+    (``shares.py``); a refusal closes the upstream connection and fails the
+    request with its status and ``retry_after`` instead of holding it open.
     """
     if scrubber is not None and not scrubber.active:
         scrubber = None
@@ -110,9 +116,15 @@ async def forward_http(
     response = await _request(client, stream, req, tool_name, tool, headers, timeout, scrubber)
     if response is None:
         return
+    slot: Slot | Refusal | None = None
     try:
         content_type = response.header(b"content-type")
         sse = is_event_stream(content_type.decode("latin-1") if content_type else None)
+        if sse and admit_sse is not None:
+            slot = admit_sse()
+            if isinstance(slot, Refusal):
+                stream.fail(slot.status, slot.code, f"refused: {slot.reason}", slot.retry_after)
+                return
         stream.sse = sse
         out_headers = response_headers(response.headers, sse)
         encoding = b", ".join(response.header_values(b"content-encoding"))
@@ -152,6 +164,8 @@ async def forward_http(
                           "the response"))
     finally:
         response.close()  # pooled if read to its end, else closed; no I/O
+        if isinstance(slot, Slot):
+            slot.release()
 
 
 async def _request(
