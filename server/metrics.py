@@ -83,6 +83,11 @@ class ServerMetrics:
             "(max_jsonrpc_body_bytes, max_jsonrpc_batch, max_argv, ...).",
             ["limit"], registry=reg,
         )
+        self.revoked = Counter(
+            "carapace_requests_revoked",
+            "Open requests ended by a reload whose policy denies them (kind: http or cli).",
+            ["kind"], registry=reg,
+        )
         self._request_counters: dict[tuple[str, bool, str, str], Any] = {}
         """(kind, allowed, agent, tool label) → its child of ``requests``; bounded by
         the authenticated agents times the policy's tools (others are one label)."""
@@ -118,6 +123,10 @@ class ServerMetrics:
     def count_parse_limit(self, limit: str) -> None:
         """One request refused by a parse limit (``policy/limits.py``; a fixed label set)."""
         self.parse_limits.labels(limit).inc()
+
+    def count_revoked(self, kind: str) -> None:
+        """One open request ended by a reload (``revocation.py``; kind: http or cli)."""
+        self.revoked.labels(kind).inc()
 
     def count_events(self, count: int, arrived: float | None) -> None:
         """``count`` SSE events queued on the link, their bytes read at trio time ``arrived``.
