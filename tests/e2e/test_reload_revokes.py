@@ -117,10 +117,13 @@ def dep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     sleeper.chmod(0o755)
     socket_path = tmp / "run" / "agent.sock"
     template = POLICY.format(paths=ALL_PATHS, sleeper=sleeper)
+    debug_port = free_port()
     with deployment(tmp, policy=template, tools=("signal-cli", "extra"),
-                    server_args=["--audit-log", str(tmp / "audit.jsonl")],
+                    server_args=["--audit-log", str(tmp / "audit.jsonl"),
+                                 "--debug-listen", f"127.0.0.1:{debug_port}"],
                     agent_args=["--cli-socket", str(socket_path)]) as d:
         d.extra["sleeper"] = sleeper
+        d.debug_port = debug_port
         d.extra["socket"] = socket_path
         shims = install_shims(tmp / "bin", ["sleeper"])
         assert shims.returncode == 0, shims.stderr
@@ -134,6 +137,15 @@ def base(dep: Deployment) -> Iterator[Deployment]:
     reload_with(dep, policy(dep))
     yield dep
     reload_with(dep, policy(dep))
+
+
+def revoked_metric(d: Deployment, kind: str) -> float:
+    """``carapace_requests_revoked_total{kind=KIND}`` as the server's /metrics says."""
+    text = httpx.get(f"http://127.0.0.1:{d.debug_port}/metrics", timeout=10).text
+    for line in text.splitlines():
+        if line.startswith(f'carapace_requests_revoked_total{{kind="{kind}"}}'):
+            return float(line.split()[-1])
+    return 0.0
 
 
 def audit(d: Deployment) -> list[dict[str, Any]]:
@@ -159,6 +171,7 @@ def test_open_stream_whose_path_is_no_longer_allowed_ends_with_denied(base: Depl
     denied = EventReader(d.url("/sse-forever?interval_ms=50"))
     # (4) Beside it, a stream the new policy still allows: every event arrives, in order.
     kept = EventReader(d.url("/sse?count=60&interval_ms=25", "extra"))
+    revoked_before = revoked_metric(d, "http")
     try:
         denied.wait_events(3)
         kept.wait_events(5)
@@ -192,6 +205,7 @@ def test_open_stream_whose_path_is_no_longer_allowed_ends_with_denied(base: Depl
         assert completion["error"] == "denied"
         assert not revoked_records(d, tool="extra"), "the allowed stream was revoked"
         assert "revoked request" in d.server.stderr_text()
+        assert revoked_metric(d, "http") == revoked_before + 1
     finally:
         denied.close()
         kept.close()
@@ -206,6 +220,7 @@ def test_running_cli_process_is_killed_when_its_tool_is_removed(base: Deployment
                                                                 tmp_path: Path) -> None:
     d = base
     pidfile = tmp_path / "pids"
+    revoked_before = revoked_metric(d, "cli")
     shim = subprocess.Popen(
         [str(Path(str(d.extra["bin"])) / "sleeper"), str(pidfile)], stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, env={"PATH": "/usr/bin:/bin",
@@ -227,6 +242,8 @@ def test_running_cli_process_is_killed_when_its_tool_is_removed(base: Deployment
                    "the completion record")
         completion = records_of(d, rid)[-1]
         assert completion["outcome"] == "cancelled" and completion["host_pid"] == pids[0]
+        assert "policy changed" in completion["cancelled"]
+        assert revoked_metric(d, "cli") == revoked_before + 1
     finally:
         if shim.poll() is None:
             shim.kill()
