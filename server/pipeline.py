@@ -218,5 +218,5 @@ class RequestPipeline:
                             current: Callable[[], policy_mod.Policy]) -> int:
         """After a reload to ``policy``: end every open request it denies (see
         ``revocation.py``); ``current`` is the policy in force when each is judged."""
-        return await revoke_denied(lambda: list(self.open.values()), policy, self.rejudge,
-                                   self.revoke, current)
+        return await revoke_denied(list(self.open.values()), policy, self.limits,
+                                   self.rejudge, self.revoke, current)

@@ -29,10 +29,12 @@ first decision was, so a reload never holds the event loop.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING
+
+import trio
 
 from carapace.protocol.messages import CliRequest, HttpRequest
 from carapace.runtime.frames import LinkClosed
@@ -129,24 +131,33 @@ def end_request(open_req: OpenRequest, entry: AuditEntry, decision: policy_mod.D
 
 
 async def revoke_denied(
-    open_requests: Callable[[], list[OpenRequest]],
+    open_requests: Sequence[OpenRequest],
     policy: policy_mod.Policy,
+    limits: policy_mod.ParseLimits,
     judge: Callable[[OpenRequest, policy_mod.Policy], Awaitable[policy_mod.Decision]],
     revoke: Callable[[OpenRequest, policy_mod.Decision], None],
     current: Callable[[], policy_mod.Policy],
 ) -> int:
     """Judge every open request under ``policy``; end each one it denies. Returns how many.
 
-    ``judge`` is the pipeline's (inline, or in a worker thread when heavy);
-    ``current`` the policy in force now: if a newer reload lands while this
-    pass waits for a worker, the newer pass decides and this one stops.
+    ``judge`` is the pipeline's (inline, or in a worker thread when heavy):
+    the cheap ones go first, so a large request waiting for a worker does not
+    hold back the others; the loop yields between requests, so a pass over
+    thousands of them never holds the event loop. ``current`` is the policy
+    in force now: if a newer reload lands meanwhile, its own pass decides and
+    this one stops.
     """
+    waiting = [r for r in open_requests if r.entry is None]
+    for open_req in waiting:
+        open_req.policy = policy  # still being decided: the pipeline judges it again
+    running = [r for r in open_requests if r.entry is not None]
+    running.sort(key=lambda r: decider(r, policy, limits)[1])  # False (cheap) first
     revoked = 0
-    for open_req in open_requests():
+    for open_req in running:
+        await trio.lowlevel.checkpoint()
+        if current() is not policy:
+            return revoked
         if open_req.ended:
-            continue
-        if open_req.entry is None:
-            open_req.policy = policy  # still being decided: the pipeline judges it again
             continue
         decision = await judge(open_req, policy)
         if current() is not policy:
