@@ -312,3 +312,25 @@ def test_removed_grant_revokes_that_agents_requests_only(
     finally:
         mine.close()
         theirs.close()
+
+
+def test_call_waiting_for_its_upstream_is_answered_403_when_its_tool_is_removed(
+        base: Deployment) -> None:
+    """A plain call whose answer has not come yet gets Carapace's 403 instead, at once."""
+    d = base
+    answer: list[httpx.Response] = []
+    caller = threading.Thread(target=lambda: answer.append(
+        httpx.get(d.url("/slow?delay_ms=20000", "extra"), timeout=30)), daemon=True)
+    caller.start()
+    wait_until(lambda: any(r.get("path") == "/slow" and r["event"] == "decision"
+                           for r in audit(d)), 10, "the slow call's decision")
+    text = policy(d).replace("  extra:\n    type: http\n", "  gone:\n    type: http\n")
+    reload_with(d, text.replace("signal-cli, extra", "signal-cli, gone"))
+    caller.join(REVOKE_WITHIN)
+    assert answer, "the call was not ended"
+    assert answer[0].status_code == 403
+    body = answer[0].json()
+    assert body["message"] == ("the host's policy changed: denied by policy: tool 'extra' is "
+                               "not available to agent 'default'")
+    revoked = poll_revoked(d, "/slow")
+    assert revoked["code"] == "unknown_tool"
