@@ -4,9 +4,9 @@ Each step has one place: the policy decides (``policy/``), the per-tool
 rate limits may turn an allow into a deny, the decision record is written
 before anything runs (and the request is refused if it cannot be: the
 trail fails closed), the allowed request runs (``upstream/relay.py`` or
-``cli_runner.py``), and the completion record says how it ended. A request
-the new policy still allows finishes under the policy it began with; one it
-denies is ended at once (``revocation.py``).
+``cli_runner.py``), and the completion record says how it ended. After a
+reload, a request the new policy still allows finishes as it was decided and
+recorded; one it denies is ended at once (``revocation.py``).
 """
 
 from __future__ import annotations

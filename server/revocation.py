@@ -22,8 +22,10 @@ record waiting for fsync) has the new policy noted on it instead; the
 pipeline judges it again under that policy before it runs
 (:meth:`RequestPipeline.still_allowed`), so no request starts under a policy
 that was replaced while it waited. Requests the new policy allows are not
-touched. A large request is judged again in a worker thread, exactly as its
-first decision was, so a reload never holds the event loop.
+touched: they run on as they were decided and recorded (binary, environment,
+upstream), so the audit trail says what actually ran. A large request is
+judged again in a worker thread, exactly as its first decision was, and the
+pass yields between requests, so a reload never holds the event loop.
 """
 
 from __future__ import annotations
