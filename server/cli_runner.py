@@ -42,6 +42,7 @@ from typing import Protocol, cast
 import trio
 
 from carapace.protocol.messages import CliRequest, Data, End, Exit, Output, Signal
+from carapace.runtime.errors import find_exception
 
 from .policy import DEFAULT_TIMEOUT_SECS, CliDecision, CliTool
 from .sandbox import Sandbox
@@ -155,8 +156,10 @@ async def run_cli(
     run = _Run(stream, req.id, proc, kill_grace, filters, info)
     try:
         await run.run(timeout)
-    except trio.Cancelled:
-        info.cancelled = stream.cancel_reason or "cancelled"
+    except BaseException as exc:
+        # The run's nursery hands on a cancellation as a group of Cancelled: look inside.
+        if find_exception(exc, trio.Cancelled) is not None:
+            info.cancelled = stream.cancel_reason or "cancelled"
         raise
     finally:
         with trio.CancelScope(shield=True):

@@ -248,8 +248,9 @@ class Server:
         """Re-read the policy and the token file (SIGHUP, ``carapace-server reload``).
 
         All or nothing: if either file is invalid, both old ones stay in force,
-        the server keeps serving, and the error is logged. Requests in flight
-        finish under the policy they began with (handle_request took it).
+        the server keeps serving, and the error is logged. Open requests are
+        judged again under the new policy: those it denies are ended at once,
+        the rest finish under the policy they began with (``revocation.py``).
         An agent whose token was removed or changed has its live session
         ended at once, so a revoked VM is cut off now, not at its next
         reconnect; its next handshake is refused. The audit log is reopened
@@ -307,6 +308,7 @@ class Server:
             if session is not None:
                 log.warning("token of agent %s was revoked or changed: ending its session", name)
                 session.end("token revoked")
+        self._revoke_open_requests(new)
         self.audit.reopen()
         message = (f"reloaded policy {self.config.policy_file} ({len(new.tools)} tools) and "
                    f"{len(tokens)} agent token(s)"
@@ -315,6 +317,24 @@ class Server:
         if self.on_reload is not None:
             self.on_reload(True, message)
         return True
+
+    def _revoke_open_requests(self, policy: policy_mod.Policy) -> None:
+        """A reload reaches what is already open: end the requests ``policy`` denies.
+
+        In a task of its own, since judging a large request again waits for a
+        worker thread; the cheap ones are ended as soon as the task first runs.
+        """
+        if self._nursery is not None:
+            self._nursery.start_soon(self._revoke, policy)
+
+    async def _revoke(self, policy: policy_mod.Policy) -> None:
+        try:
+            count = await self.pipeline.revoke_denied(policy, lambda: self.policy)
+        except Exception:  # never take the server down over it; the requests run on
+            log.exception("could not judge the open requests again after a reload")
+            return
+        if count:
+            log.info("reload: ended %d open request(s) that the new policy denies", count)
 
     async def run(self, *, task_status: trio.TaskStatus[list[trio.SocketListener]]
                   = trio.TASK_STATUS_IGNORED) -> None:

@@ -92,6 +92,11 @@ class ServerMetrics:
             "own cap, 429) or host (all agents together, 503).",
             ["limit", "scope", "agent"], registry=reg,
         )
+        self.revoked = Counter(
+            "carapace_requests_revoked",
+            "Open requests ended by a reload whose policy denies them (kind: http or cli).",
+            ["kind"], registry=reg,
+        )
         self._request_counters: dict[tuple[str, bool, str, str], Any] = {}
         """(kind, allowed, agent, tool label) → its child of ``requests``; bounded by
         the authenticated agents times the policy's tools (others are one label)."""
@@ -141,6 +146,10 @@ class ServerMetrics:
     def watch_shares(self, shares: FairShares) -> None:
         """Export what all agents hold now of each fair share, and its host-wide cap."""
         self.registry.register(_SharesCollector(shares))
+
+    def count_revoked(self, kind: str) -> None:
+        """One open request ended by a reload (``revocation.py``; kind: http or cli)."""
+        self.revoked.labels(kind).inc()
 
     def count_events(self, count: int, arrived: float | None) -> None:
         """``count`` SSE events queued on the link, their bytes read at trio time ``arrived``.

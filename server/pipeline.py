@@ -6,8 +6,9 @@ one agent, and all together, may hold at once) may turn an allow into a
 deny, the decision record is written
 before anything runs (and the request is refused if it cannot be: the
 trail fails closed), the allowed request runs (``upstream/relay.py`` or
-``cli_runner.py``), and the completion record says how it ended. A request
-finishes under the policy it began with.
+``cli_runner.py``), and the completion record says how it ended. After a
+reload, a request the new policy still allows finishes as it was decided and
+recorded; one it denies is ended at once (``revocation.py``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from .policy import (
     apply_rate_limits,
     needs_worker,
 )
+from .revocation import OpenRequest, decider, end_request, revoke_denied
 from .sandbox import Sandbox
 from .shares import FairShares, Limit, Refusal, Slot
 from .stats import Stats
@@ -76,13 +78,19 @@ class RequestPipeline:
         """The server's own secrets (agent tokens, debug token, TLS key), masked in all
         output besides the policy's; the daemon sets them at start and on reload."""
         self.shares = shares if shares is not None else FairShares()
+        self.open: dict[ServerStream, OpenRequest] = {}
+        """Every request in the pipeline, for a reload to judge again (``revocation.py``)."""
 
     async def handle(self, agent: str, session_id: bytes, stream: ServerStream,
                      msg: HttpRequest | CliRequest, policy: policy_mod.Policy) -> None:
-        if isinstance(msg, HttpRequest):
-            await self._handle_http(agent, session_id, stream, msg, policy)
-        else:
-            await self._handle_cli(agent, session_id, stream, msg, policy)
+        self.open[stream] = OpenRequest(agent, session_id, stream, msg, policy)
+        try:
+            if isinstance(msg, HttpRequest):
+                await self._handle_http(agent, session_id, stream, msg, policy)
+            else:
+                await self._handle_cli(agent, session_id, stream, msg, policy)
+        finally:
+            del self.open[stream]
 
     def _counted(self, kind: str, decision: policy_mod.Decision, agent: str, tool: str) -> None:
         self.stats.count_request(kind, "allow" if decision.allow else "deny")
@@ -136,6 +144,8 @@ class RequestPipeline:
                     decision.reason)
             self._deny(stream, decision, agent, req.tool)
             return
+        if not await self.still_allowed(stream, entry):
+            return
         tool = policy.tools[req.tool]
         assert isinstance(tool, policy_mod.HttpTool)
         headers = policy_mod.prepare_http_headers(tool, list(req.headers))
@@ -185,6 +195,8 @@ class RequestPipeline:
                     req.tool, agent, req.peer_uid, req.peer_pid, entry.request_id,
                     decision.reason)
             self._deny(stream, decision, agent, req.tool)
+            return
+        if not await self.still_allowed(stream, entry):
             return
         tool = policy.tools[req.tool]
         assert isinstance(tool, policy_mod.CliTool)
@@ -251,6 +263,41 @@ class RequestPipeline:
         """Tell the VM no: unknown and not-granted tools look alike (policy.vm_denial)."""
         status, code, message = policy_mod.vm_denial(decision, agent, tool)
         stream.fail(status, code, message, decision.retry_after)
+
+    # -- reloads reach open requests (revocation.py) ----------------------------------
+    async def rejudge(self, open_req: OpenRequest,
+                      policy: policy_mod.Policy) -> policy_mod.Decision:
+        """The request's decision under ``policy``, without rate limits (nothing is
+        counted twice); in a worker thread if it is large, as its first decision was."""
+        decide, heavy = decider(open_req, policy, self.limits)
+        return await self._decide(open_req.agent, decide, heavy)
+
+    async def still_allowed(self, stream: ServerStream, entry: AuditEntry) -> bool:
+        """Before an allowed request runs: judge it again if a reload came while it was
+        being decided; end it if the new policy denies it. From here on it is running."""
+        open_req = self.open[stream]
+        while open_req.policy is not open_req.decided_under:
+            policy = open_req.decided_under = open_req.policy
+            decision = await self.rejudge(open_req, policy)
+            if not decision.allow:
+                end_request(open_req, entry, decision, running=False)
+                self.metrics.count_revoked(open_req.kind)
+                return False
+        open_req.entry = entry
+        return True
+
+    def revoke(self, open_req: OpenRequest, decision: policy_mod.Decision) -> None:
+        """End a running request that a reloaded policy denies."""
+        assert open_req.entry is not None
+        end_request(open_req, open_req.entry, decision, running=True)
+        self.metrics.count_revoked(open_req.kind)
+
+    async def revoke_denied(self, policy: policy_mod.Policy,
+                            current: Callable[[], policy_mod.Policy]) -> int:
+        """After a reload to ``policy``: end every open request it denies (see
+        ``revocation.py``); ``current`` is the policy in force when each is judged."""
+        return await revoke_denied(list(self.open.values()), policy, self.limits,
+                                   self.rejudge, self.revoke, current)
 
 
 def _asks_for_events(headers: Sequence[tuple[bytes, bytes]]) -> bool:

@@ -7,15 +7,17 @@ the VM makes produces, in this order:
    is sent upstream or executed (with ``--audit-fsync`` also fsynced first),
    so a crash of the server — or of the host, with ``--audit-fsync`` — never
    loses the record of something that ran;
-2. for an allowed request, a ``completion`` record when it ends, however it
+2. if a reload's policy denies the request while it is open, a ``revoked``
+   record when it is ended for that (see below);
+3. for an allowed request, a ``completion`` record when it ends, however it
    ends (finished, failed upstream, timed out, cancelled by the VM, cut off by
-   a revoked token or a shutdown).
+   a revoked token, a reload's policy or a shutdown).
 
 (A deny past ``--audit-deny-limit`` is counted in a ``denials_suppressed``
 record instead of getting its own: see "Floods of denials".)
 
 Keys of every record: ``ts`` (ISO 8601 UTC, milliseconds, ``Z``), ``event``
-(``decision`` | ``completion``), ``request_id``
+(``decision`` | ``revoked`` | ``completion``), ``request_id``
 (``AGENT-SESSION8-ID``: the agent's per-session request id made globally
 unique by the agent name and the first 8 hex digits of the session id),
 ``agent``, ``tool``, ``kind`` (``http`` | ``cli``), ``decision`` (``allow`` |
@@ -33,6 +35,14 @@ without its query string) and ``bytes_in`` (body length); for CLI
 shim's credentials as the VM's agent says it read them with SO_PEERCRED: the
 host cannot verify them, a hostile VM sends what it likes) and, if allowed,
 ``binary`` and ``run_cwd`` (the resolved host directory).
+
+A ``revoked`` record (``server/revocation.py``) has the request's common keys
+with ``decision`` ``deny`` and the new policy's ``reason``, ``rule`` and
+``code``: the rule that now denies it. It is written whatever the tool's
+``audit.enabled`` says, as every deny is, and never throttled (there is at
+most one per open request and reload). The ``completion`` record that follows
+says ``outcome`` ``cancelled``, with ``cancelled`` beginning "the host's
+policy changed:".
 
 Completion records add ``duration_ms`` (from the decision), ``bytes_in``
 and ``bytes_out`` (HTTP: request body and response body bytes; CLI: stdin

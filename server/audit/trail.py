@@ -21,6 +21,7 @@ from .records import (
     http_decision_fields,
     truncate,
     utc_timestamp,
+    verdict_fields,
 )
 from .redaction import AuditRedactor
 from .rotating_log import AuditError, AuditLog
@@ -101,6 +102,19 @@ class AuditEntry:
         except AuditError as exc:
             log.error("audit: lost the completion record of request %s: %s",
                       self.request_id, exc)
+
+    def revoked(self, decision: Decision) -> None:
+        """Write the ``revoked`` record: a reloaded policy denies this request, which is
+        ended now (its completion record follows). Written even with ``audit.enabled:
+        false``, as every deny is. Never raises: the request is ended either way."""
+        if self.trail.log is None:
+            return
+        record = {"ts": utc_timestamp(), "event": "revoked", **self.base,
+                  "decision": decision.decision, **verdict_fields(decision)}
+        try:
+            self.trail.emit(record)
+        except AuditError as exc:
+            log.error("audit: lost the revoked record of request %s: %s", self.request_id, exc)
 
     def completed_http(self, sent: ResponseSent, bytes_in: int, aborted: str | None = None,
                        cancel_reason: str | None = None) -> None:

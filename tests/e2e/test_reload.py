@@ -1,9 +1,10 @@
 """Hot reload through running processes: SIGHUP and ``carapace-server reload``.
 
 A new tool appears, a removed one is denied, a broken file is rejected while
-the old policy keeps serving, requests in flight finish under the policy they
-began with, and an agent whose token is revoked is cut off within a second
-and refused at its next handshake.
+the old policy keeps serving, requests in flight that the new policy allows
+finish under the policy they began with (those it denies are ended:
+test_reload_revokes.py), and an agent whose token is revoked is cut off within
+a second and refused at its next handshake.
 """
 
 from __future__ import annotations
