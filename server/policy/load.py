@@ -22,6 +22,7 @@ from .model import (
     DEFAULT_MIN_SECRET_LENGTH,
     PARAM_NORMALIZERS,
     AgentGrant,
+    ApprovalConfig,
     AuditConfig,
     CliTool,
     HttpTool,
@@ -44,6 +45,7 @@ _CLI_KEYS: Final = frozenset(
         "env_passthrough", "cwd_allowed", "timeout_secs", "audit", "rate_limit", "agents",
         "limits",
         "argv_deny_flags", "argv_allow_flags",
+        "approve_patterns", "approval",
     }
 )
 _HTTP_KEYS: Final = frozenset(
@@ -51,6 +53,7 @@ _HTTP_KEYS: Final = frozenset(
         "type", "upstream", "allow_paths", "jsonrpc_allow_methods", "jsonrpc_deny_methods",
         "jsonrpc_param_filters", "headers_inject", "rate_limit", "timeout_secs", "audit",
         "agents", "limits",
+        "jsonrpc_approve_methods", "approve_paths", "approval",
     }
 )
 
@@ -362,6 +365,7 @@ class _Loader:
             cwd_allowed=cwd_allowed,
             **self.common(raw, path),
             **self.argv_flags(raw, path),
+            **self.approvals(raw, path),
         )
 
     def argv_flags(self, raw: dict[str, Any], path: str) -> dict[str, Any]:
@@ -376,6 +380,36 @@ class _Loader:
                                   "--name, without a value.")
                 out[key] = flags
         return out
+
+    def approvals(self, raw: dict[str, Any], path: str) -> dict[str, Any]:
+        """The keys that make an allowed call wait for a person (package doc, "Approvals")."""
+        out: dict[str, Any] = {}
+        for key in ("approve_patterns", "jsonrpc_approve_methods"):
+            if key in raw:
+                out[key] = self.strings(raw[key], f"{path}.{key}")
+        if "approve_paths" in raw:
+            apath = f"{path}.approve_paths"
+            out["approve_paths"] = tuple(
+                self.path_rule(item if " " in item else f"* {item}", f"{apath}[{i}]")
+                for i, item in enumerate(self.strings(raw["approve_paths"], apath)))
+        if "approval" in raw:
+            out["approval"] = self.approval(raw["approval"], f"{path}.approval")
+        return out
+
+    def approval(self, value: Any, path: str) -> ApprovalConfig:
+        raw = self.mapping(value, path)
+        self.known_keys(raw, path, ("timeout_secs", "remember_secs"))
+        base = ApprovalConfig()
+        timeout = base.timeout_secs
+        if "timeout_secs" in raw:
+            timeout = self.positive_number(raw["timeout_secs"], f"{path}.timeout_secs")
+        remember = base.remember_secs
+        if "remember_secs" in raw:
+            given = raw["remember_secs"]
+            # 0 is allowed here (it is the default: every call asks).
+            remember = 0.0 if given == 0 and not isinstance(given, bool) else \
+                self.positive_number(given, f"{path}.remember_secs")
+        return ApprovalConfig(timeout_secs=timeout, remember_secs=remember)
 
     def env_inject(self, value: Any, path: str) -> dict[str, str]:
         inject: dict[str, str] = {}
@@ -463,6 +497,7 @@ class _Loader:
             jsonrpc_param_filters=None if filters is None else MappingProxyType(filters),
             headers_inject=MappingProxyType(inject),
             **self.common(raw, path),
+            **self.approvals(raw, path),
         )
 
     def headers_inject(self, value: Any, path: str) -> dict[str, str]:

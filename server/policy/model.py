@@ -31,6 +31,11 @@ DEFAULT_MIN_SECRET_LENGTH: Final = 8
 DEFAULT_TIMEOUT_SECS: Final = 30.0
 """A tool's ``timeout_secs`` when its policy gives none, HTTP and CLI alike."""
 
+DEFAULT_APPROVAL_TIMEOUT_SECS: Final = 120.0
+"""How long a call waits for a person when ``approval.timeout_secs`` is not given: long
+enough to notice a notification and read the call, short enough that a VM's client
+does not hang for good when nobody is at the host."""
+
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 """A tool or agent name: short, and safe to print unquoted in a message."""
 
@@ -108,6 +113,19 @@ class PathRule:
 
 
 @dataclass(frozen=True)
+class ApprovalConfig:
+    """A tool's ``approval`` section: how long a gated call waits, how long a yes lasts.
+
+    ``remember_secs`` 0 means every gated call asks; above 0 an approval also
+    approves the same call again (same agent, tool and argv or method + params)
+    for that long, unless the operator gave ``--for`` with the decision.
+    """
+
+    timeout_secs: float = DEFAULT_APPROVAL_TIMEOUT_SECS
+    remember_secs: float = 0.0
+
+
+@dataclass(frozen=True)
 class CliTool:
     """A host binary the VM may run with some argument lists.
 
@@ -129,6 +147,9 @@ class CliTool:
     """Overrides of the server-wide parse limits (``policy/limits.py``) for this tool."""
     argv_deny_flags: tuple[str, ...] = ()
     argv_allow_flags: tuple[str, ...] | None = None
+    approve_patterns: tuple[str, ...] = ()
+    """Allowed argv that must also wait for a person (``argv_allow_patterns`` semantics)."""
+    approval: ApprovalConfig = field(default_factory=ApprovalConfig)
 
     @property
     def type(self) -> str:
@@ -159,6 +180,11 @@ class HttpTool:
     agents: tuple[str, ...] | None = None
     limits: Mapping[str, int] = field(default_factory=dict)
     """Overrides of the server-wide parse limits (``policy/limits.py``) for this tool."""
+    jsonrpc_approve_methods: tuple[str, ...] = ()
+    """Allowed JSON-RPC methods whose calls must also wait for a person."""
+    approve_paths: tuple[PathRule, ...] = ()
+    """Allowed requests (``METHOD /glob``) that must also wait for a person."""
+    approval: ApprovalConfig = field(default_factory=ApprovalConfig)
 
     @property
     def type(self) -> str:
