@@ -14,6 +14,7 @@ from carapace.protocol.handshake import DEFAULT_HANDSHAKE_TIMEOUT
 from carapace.protocol.keepalive import DEFAULT_IDLE_TIMEOUT, DEFAULT_PING_INTERVAL
 from carapace.protocol.resume import DEFAULT_REPLAY_LIMIT
 
+from .approvals import DEFAULT_MAX_PENDING_APPROVALS
 from .audit import DEFAULT_BACKUPS, DEFAULT_DENY_LIMIT, DEFAULT_MAX_BYTES
 from .policy import DEFAULT_LIMITS, ParseLimits
 
@@ -52,3 +53,7 @@ class ServerConfig:
     audit_deny_limit: tuple[int, float] = DEFAULT_DENY_LIMIT
     parse_limits: ParseLimits = DEFAULT_LIMITS
     """Server-wide caps on what the policy engine parses; tools may override them."""
+    max_pending_approvals: int = DEFAULT_MAX_PENDING_APPROVALS
+    """Calls one agent may have waiting for a person at once (``approvals.py``)."""
+    approval_notify: str | None = None
+    """Shell command run with a JSON summary on stdin for each new pending approval."""

@@ -20,6 +20,8 @@ from carapace.protocol.messages import CliRequest, HttpRequest, Message
 from carapace.runtime.tokens import TokenFileError, load_server_tokens
 
 from . import policy as policy_mod
+from .approval_gate import ApprovalGate
+from .approvals import Approvals
 from .audit import AuditError, AuditLog, AuditTrail, utc_timestamp
 from .config import ServerConfig
 from .link import ServerLink
@@ -76,9 +78,12 @@ class Server:
         self.audit.add_secrets(tokens.values())
         self.metrics = ServerMetrics(self)
         self.http_client = UpstreamClient()
+        self.approvals = Approvals(max_pending=config.max_pending_approvals)
+        self.approval_gate = ApprovalGate(self.approvals, self.audit, self.metrics,
+                                          self.secrets, config.approval_notify)
         self.pipeline = RequestPipeline(audit=self.audit, metrics=self.metrics,
                                         stats=self.stats, http_client=self.http_client,
-                                        limits=config.parse_limits)
+                                        limits=config.parse_limits, gate=self.approval_gate)
         self.on_reload: Callable[[bool, str], None] | None = None
         """Called after each reload attempt with (accepted, message); main.py reports it."""
 
@@ -185,6 +190,9 @@ class Server:
                 log.warning("token of agent %s was revoked or changed: ending its session", name)
                 session.end("token revoked")
         self.audit.reopen()
+        forgotten = self.approvals.clear_grants()
+        if forgotten:
+            log.info("reload: %d remembered approval(s) forgotten", forgotten)
         message = (f"reloaded policy {self.config.policy_file} ({len(new.tools)} tools) and "
                    f"{len(tokens)} agent token(s)"
                    + (f"; revoked: {', '.join(revoked)}" if revoked else ""))
@@ -200,6 +208,7 @@ class Server:
                 self.config.listen_port, host=self.config.listen_host
             )
             self._nursery = nursery
+            self.approval_gate.nursery = nursery
             nursery.start_soon(self._accept, self.listeners)
             for listener in self.listeners:
                 host, port = listener.socket.getsockname()[:2]
@@ -248,6 +257,10 @@ class Server:
                  "up to %.0f s", len(self.sessions), open_streams, self.config.drain_timeout)
         self.draining = True
         self._accept_scope.cancel()
+        failed = self.approvals.fail_all("the Carapace server is shutting down before anyone "
+                                         "answered; retry once it is back")
+        if failed:
+            log.info("shutting down: %d pending approval(s) failed", failed)
         for session in list(self.sessions.values()):
             session.go_away("server shutting down")
             for stream in list(session.streams.values()):

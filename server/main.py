@@ -26,6 +26,7 @@ from carapace.runtime.tls import TlsConfigError, server_context
 from carapace.runtime.tokens import TokenFileError, load_server_tokens
 from carapace.runtime.tuning import tune_gc
 
+from .approvals import DEFAULT_MAX_PENDING_APPROVALS
 from .audit import (
     DEFAULT_BACKUPS,
     DEFAULT_DENY_LIMIT,
@@ -136,6 +137,16 @@ def parse_limit_options(command: Any) -> Any:
 @click.option("--log-level", default="info", envvar="CARAPACE_LOG_LEVEL", show_default=True)
 @click.option("--log-json", is_flag=True, envvar="CARAPACE_LOG_JSON",
               help="Log JSON lines (for journald/Loki pipelines).")
+@click.option("--approval-notify", default=None, envvar="CARAPACE_APPROVAL_NOTIFY",
+              metavar="COMMAND", show_envvar=True,
+              help="Shell command run for each new pending approval, with a JSON summary on "
+              "stdin (to page a person: notify-send, ntfy, a chat webhook); its failure is "
+              "logged and never holds the request.")
+@click.option("--max-pending-approvals", type=click.IntRange(min=1),
+              default=DEFAULT_MAX_PENDING_APPROVALS, envvar="CARAPACE_MAX_PENDING_APPROVALS",
+              show_default=True, show_envvar=True,
+              help="Calls one agent may have waiting for approval at once; more are refused "
+              "with too_many_requests, so a VM cannot flood the operator.")
 @parse_limit_options
 def main(
     listen: tuple[str, int],
@@ -161,6 +172,8 @@ def main(
     audit_fsync: bool = False,
     audit_deny_limit: tuple[int, float] = DEFAULT_DENY_LIMIT,
     pid_file: str | None = None,
+    approval_notify: str | None = None,
+    max_pending_approvals: int = DEFAULT_MAX_PENDING_APPROVALS,
     **parse_limits: int,
 ) -> None:
     """Serve Carapace agents: decide, run and audit their tool requests on this host.
@@ -196,6 +209,8 @@ def main(
         audit_fsync=audit_fsync,
         audit_deny_limit=audit_deny_limit,
         parse_limits=ParseLimits(**parse_limits),
+        approval_notify=approval_notify or None,
+        max_pending_approvals=max_pending_approvals,
     )
     debug_token = _debug_token(debug_listen, debug_token_file)
     ssl_context = _tls_context(tls_cert, tls_key, tls_client_ca)

@@ -1,11 +1,13 @@
-"""The request pipeline: decide, limit, audit, run, complete — for HTTP and CLI alike.
+"""The request pipeline: decide, limit, audit, [approve], run, complete — for HTTP and CLI alike.
 
 Each step has one place: the policy decides (``policy/``), the per-tool
 rate limits may turn an allow into a deny, the decision record is written
 before anything runs (and the request is refused if it cannot be: the
-trail fails closed), the allowed request runs (``upstream/relay.py`` or
-``cli_runner.py``), and the completion record says how it ended. A request
-finishes under the policy it began with.
+trail fails closed), a call the policy marks waits for a person
+(``approval_gate.py``; a rate-limited or denied call never asks), the
+allowed request runs (``upstream/relay.py`` or ``cli_runner.py``), and the
+completion record says how it ended. A request finishes under the policy it
+began with.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import trio
 from carapace.protocol.messages import CliRequest, HttpRequest
 
 from . import policy as policy_mod
+from .approval_gate import ApprovalGate
 from .audit import AuditEntry, AuditError, AuditTrail
 from .cli_runner import ExitInfo, run_cli
 from .masking import policy_scrubber
@@ -49,8 +52,11 @@ class RequestPipeline:
     def __init__(self, *, audit: AuditTrail, metrics: ServerMetrics, stats: Stats,
                  http_client: UpstreamClient,
                  clock: Callable[[], float] = time.monotonic,
-                 limits: ParseLimits = DEFAULT_LIMITS) -> None:
+                 limits: ParseLimits = DEFAULT_LIMITS,
+                 gate: ApprovalGate | None = None) -> None:
         self.audit = audit
+        self.gate = gate
+        """Holds the calls the policy marks until a person answers (``approval_gate.py``)."""
         self.metrics = metrics
         self.stats = stats
         self.http_client = http_client
@@ -111,6 +117,8 @@ class RequestPipeline:
                      req.target[:200], req.tool, agent, entry.request_id, decision.reason)
             self._deny(stream, decision, agent, req.tool)
             return
+        if not await self._approved(agent, stream, req, decision, entry, policy):
+            return
         tool = policy.tools[req.tool]
         assert isinstance(tool, policy_mod.HttpTool)
         headers = policy_mod.prepare_http_headers(tool, list(req.headers))
@@ -142,6 +150,8 @@ class RequestPipeline:
                      agent, req.peer_uid, req.peer_pid, entry.request_id, decision.reason)
             self._deny(stream, decision, agent, req.tool)
             return
+        if not await self._approved(agent, stream, req, decision, entry, policy):
+            return
         tool = policy.tools[req.tool]
         assert isinstance(tool, policy_mod.CliTool)
         # ``info`` is filled in place, also when the run is cancelled.
@@ -151,6 +161,15 @@ class RequestPipeline:
                           filters=policy_scrubber(policy).output_filters())
         finally:
             entry.completed_cli(info)
+
+    async def _approved(self, agent: str, stream: ServerStream, req: HttpRequest | CliRequest,
+                        decision: policy_mod.Decision, entry: AuditEntry,
+                        policy: policy_mod.Policy) -> bool:
+        """An allowed call the policy marks waits here for a person (after its decision
+        record, so the trail shows the wait); False once the VM has been told no."""
+        if self.gate is None or not decision.needs_approval:
+            return True
+        return await self.gate.admit(agent, stream, req, decision, entry, policy)
 
     async def _audited(self, entry: AuditEntry, stream: ServerStream) -> bool:
         """Write the decision record before anything runs; if that fails, refuse (fail closed)."""

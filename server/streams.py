@@ -156,6 +156,27 @@ class ServerStream:
         """Frames from the agent for this request (stdin, EOF, signals), in order."""
         return self._inbox()[1]
 
+    def put_back(self, msgs: Sequence[Message]) -> None:
+        """Return frames taken from :attr:`inbox` to its front, ahead of any queued since.
+
+        A step that must watch the inbox before the handler reads it (a call
+        waiting for approval watches for a signal) hands back what it took.
+        """
+        if not msgs:
+            return
+        old = self._inbox()
+        new = trio.open_memory_channel[Message](math.inf)
+        for msg in msgs:
+            new[0].send_nowait(msg)
+        while True:
+            try:
+                new[0].send_nowait(old[1].receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+        self._inbox_pair = new
+        if self._inbox_closed:
+            new[0].close()
+
     def cancel(self, reason: str) -> None:
         self.cancel_reason = reason
         self.cancel_scope.cancel()

@@ -12,6 +12,7 @@ from typing import Protocol
 
 from carapace.protocol.messages import Message
 
+from .approvals import Approvals
 from .config import ServerConfig
 from .policy import Policy
 from .session import AgentSession, Direction
@@ -54,4 +55,9 @@ class OperatorView(Protocol):
     @property
     def denials_suppressed(self) -> int:
         """Deny records the audit trail counted instead of writing one by one."""
+        ...
+
+    @property
+    def approvals(self) -> Approvals:
+        """The calls waiting for a person, and the remembered approvals."""
         ...

@@ -223,10 +223,10 @@ from .lint import RISKY_ARGS, LintWarning, RiskyArgs, lint_policy
 from .load import load_policy, load_policy_file
 from .model import (
     BASE_ENV,
+    DEFAULT_APPROVAL_TIMEOUT_SECS,
     DEFAULT_CWD,
     DEFAULT_MIN_SECRET_LENGTH,
     DEFAULT_TIMEOUT_SECS,
-    DEFAULT_APPROVAL_TIMEOUT_SECS,
     AgentGrant,
     ApprovalConfig,
     AuditConfig,
@@ -246,6 +246,7 @@ from .secrets import env_name_is_secret, passthrough_refusal
 __all__ = [
     "BASE_ENV",
     "DECIDE_WORKERS",
+    "DEFAULT_APPROVAL_TIMEOUT_SECS",
     "DEFAULT_CWD",
     "DEFAULT_LIMITS",
     "DEFAULT_MIN_SECRET_LENGTH",
@@ -255,9 +256,8 @@ __all__ = [
     "RISKY_ARGS",
     "UNAVAILABLE_CODES",
     "AgentGrant",
-    "AuditConfig",
-    "DEFAULT_APPROVAL_TIMEOUT_SECS",
     "ApprovalConfig",
+    "AuditConfig",
     "CliDecision",
     "CliTool",
     "Decision",
