@@ -89,6 +89,7 @@ FAILURE_EXIT: Mapping[str, int] = {
     "too_many_requests": EX_TEMPFAIL,
     "shutting_down": EX_UNAVAILABLE,
     "internal": EX_SOFTWARE,
+    "not_approved": EX_NOPERM,
 }
 
 _STATUS_EXIT: Mapping[int, int] = {
@@ -101,6 +102,7 @@ _HINTS: Mapping[str, str] = {
     "unknown_tool": "the host's Carapace policy has no such tool; ask its operator",
     "shutting_down": "retry in a moment",
     "too_many_requests": "retry when some of your commands finish",
+    "not_approved": "a person on the host decides this command; ask its operator",
 }
 
 
