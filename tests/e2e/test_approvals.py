@@ -98,11 +98,9 @@ def debug(d: Deployment, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def listing(d: Deployment) -> list[dict[str, Any]]:
-    done = debug(d, "approvals", "--json")
-    assert done.returncode == 0, done.stderr
-    doc = json.loads(done.stdout)
-    assert isinstance(doc, list)
-    return doc
+    """What ``carapace-debug approvals --json`` prints, read from the API (no process per poll)."""
+    doc = httpx.get(f"http://127.0.0.1:{d.debug_port}/debug/approvals", timeout=5).json()
+    return [*doc["pending"], *doc["grants"]]
 
 
 def pending(d: Deployment, tool: str | None = None) -> list[dict[str, Any]]:
@@ -164,7 +162,11 @@ def test_an_approved_call_reaches_the_upstream_only_after_approval(
     future = in_thread(pool, lambda: call(dep, "send", {"recipient": ["+15550001"],
                                                         "message": "hi"}))
     item = wait_pending(dep, tool="signal-cli")[0]
-    assert set(item) >= {"id", "agent", "tool", "summary", "waiting_s"}
+    printed = debug(dep, "approvals", "--json")
+    assert printed.returncode == 0, printed.stderr
+    doc = json.loads(printed.stdout)
+    assert isinstance(doc, list) and [p["id"] for p in doc] == [item["id"]]
+    assert set(doc[0]) >= {"id", "agent", "tool", "summary", "waiting_s"}
     assert item["agent"] == "default" and item["tool"] == "signal-cli"
     assert "send" in item["summary"] and "+15550001" in item["summary"]
     assert upstream_calls(dep, "send") == before, "the call ran before anyone approved it"
