@@ -1,4 +1,4 @@
-"""Approvals end to end: real upstream, server, agent and shims; a person answers with carapace-debug.
+"""Approvals end to end: real upstream, server, agent and shims; carapace-debug answers.
 
 One deployment serves the module: the ``signal-cli`` tool gates ``send``
 (10 s to answer), ``timed`` gates it with 1 s (for the timeout), ``echo`` (a
