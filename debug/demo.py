@@ -6,10 +6,16 @@ HTTP listener and a shim socket) as real processes, then shows, in three steps:
 
 1. what the VM asked and what the host decided, with the policy rule from the
    audit log and proof (the service's own counters) that denied calls never
-   reached it — over HTTP and through a CLI shim;
+   reached it — over HTTP and through a CLI shim; then one call that waits for
+   a person on the host until the demo approves it (``demo_approval.py``);
 2. a live stream of Server-Sent Events, read directly and through the tunnel at
    the same time, with the latency the tunnel adds;
 3. what crossed the tunnel, summed from the audit log, and a one-line verdict.
+
+Ctrl-C, SIGTERM and SIGHUP stop it and every process it started (they run in
+sessions of their own, so nobody else would). Without a terminal (a pipe, CI,
+``timeout 60 make demo``) step 2 runs for ``UNATTENDED_SECONDS`` unless
+``--duration`` says otherwise, then the summary is printed.
 """
 
 from __future__ import annotations
@@ -41,8 +47,9 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from carapace.debug.demo_approval import approval_step
 from carapace.protocol.sse import Event, SseParser
+
+from .demo_approval import approval_step
 
 console = Console()
 
