@@ -211,8 +211,13 @@ class ApprovalGate:
             return False
         log.info("approval %d: agent %s waits for approval of %s (%s)", pending.id, agent,
                  req.tool, entry.request_id)
-        verdict, signum = await self._wait(stream, req, pending, entry, decision,
-                                           config.timeout_secs)
+        try:
+            verdict, signum = await self._wait(stream, req, pending, entry, decision,
+                                               config.timeout_secs)
+        except BaseException:  # cancelled: the client went away, the session ended
+            entry.completed(outcome="cancelled", cancelled=stream.cancel_reason
+                            or "withdrawn while waiting for approval")
+            raise
         if verdict.approved:
             return True
         if signum is not None:

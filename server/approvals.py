@@ -40,8 +40,10 @@ DEFAULT_MAX_PENDING_APPROVALS: Final = 8
 """Pending approvals one agent may hold at once: more than a person can read at a
 glance is a flood, not work; the next call is refused with ``too_many_requests``."""
 
-OUTCOMES: Final = ("approved", "denied", "timeout", "withdrawn", "shutdown", "remembered")
-"""Every way an approval ends (the ``outcome`` of its audit record and metric label)."""
+OUTCOMES: Final = ("approved", "denied", "timeout", "withdrawn", "shutdown", "remembered",
+                   "refused")
+"""Every way an approval ends (the ``outcome`` of its audit record and metric label);
+``refused`` never opened one: the agent was over ``max_pending``."""
 
 MAX_REMEMBER_SECS: Final = 7 * 86400.0
 """Longest ``--for`` an operator may give: a week; longer belongs in the policy."""

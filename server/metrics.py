@@ -35,6 +35,8 @@ from prometheus_client.utils import floatToGoString
 
 from carapace.protocol.messages import PROTOCOL_VERSION, Message
 
+from .approvals import OUTCOMES
+
 if TYPE_CHECKING:
     from .session import AgentSession
     from .view import OperatorView
@@ -101,6 +103,8 @@ class ServerMetrics:
             "How long calls waited for a person's approval (remembered ones wait 0 s).",
             buckets=APPROVAL_WAIT_BUCKETS, registry=reg,
         )
+        for outcome in OUTCOMES:  # every outcome is exported from the start, at 0
+            self.approvals.labels(outcome)
 
     # -- called where things happen -------------------------------------------------
     def count_request(self, kind: str, allowed: bool, agent: str, tool: str) -> None:
