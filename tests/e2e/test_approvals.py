@@ -474,3 +474,23 @@ def test_a_server_shutdown_fails_pending_approvals_at_once(tmp_path: Path,
         assert response.status_code == 403
         assert response.json()["error"] == "not_approved"
         assert "shutting down" in response.json()["message"]
+
+
+def test_approvals_watch_json_prints_one_list_per_refresh(dep: Deployment,
+                                                          pool: ThreadPoolExecutor) -> None:
+    future = in_thread(pool, lambda: call(dep, "send", {"recipient": ["+15550013"]}))
+    item = wait_pending(dep)[0]
+    watch = subprocess.Popen([script("carapace-debug"), "approvals", "--watch", "--json",
+                              "--every", "0.2", "--debug", f"127.0.0.1:{dep.debug_port}"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert watch.stdout is not None
+        first, second = json.loads(watch.stdout.readline()), json.loads(watch.stdout.readline())
+        assert [p["id"] for p in first if p["kind"] == "pending"] == [item["id"]]
+        assert second[0]["waiting_s"] >= first[0]["waiting_s"]
+    finally:
+        watch.send_signal(signal.SIGINT)
+        watch.wait(timeout=10)
+        debug(dep, "deny", item["id"])
+    assert watch.returncode == 0
+    assert future.result(timeout=15).status_code == 403
