@@ -404,11 +404,9 @@ class _Loader:
         if "timeout_secs" in raw:
             timeout = self.positive_number(raw["timeout_secs"], f"{path}.timeout_secs")
         remember = base.remember_secs
-        if "remember_secs" in raw:
-            given = raw["remember_secs"]
-            # 0 is allowed here (it is the default: every call asks).
-            remember = 0.0 if given == 0 and not isinstance(given, bool) else \
-                self.positive_number(given, f"{path}.remember_secs")
+        given = raw.get("remember_secs", 0)
+        if given != 0 or isinstance(given, bool):  # 0, the default, means every call asks
+            remember = self.positive_number(given, f"{path}.remember_secs")
         return ApprovalConfig(timeout_secs=timeout, remember_secs=remember)
 
     def env_inject(self, value: Any, path: str) -> dict[str, str]:

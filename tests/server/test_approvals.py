@@ -254,3 +254,11 @@ def test_bad_approval_keys_are_errors_that_name_them(snippet: str, message: str)
     text = f"tools:\n  sig:\n    type: http\n    upstream: http://127.0.0.1:1\n    {snippet}\n"
     with pytest.raises(PolicyError, match=re.escape(message)):
         load_policy(text)
+
+
+def test_lint_warns_about_an_approve_method_that_is_denied() -> None:
+    from carapace.server.policy import lint_policy
+
+    warnings = [w.message for w in lint_policy(load_policy(POLICY))]
+    assert any("jsonrpc_approve_methods lists \"updateProfile\"" in w for w in warnings)
+    assert not any("\"send\", which is denied" in w for w in warnings)
