@@ -99,7 +99,10 @@ def debug(d: Deployment, *args: str) -> subprocess.CompletedProcess[str]:
 
 def listing(d: Deployment) -> list[dict[str, Any]]:
     """What ``carapace-debug approvals --json`` prints, read from the API (no process per poll)."""
-    doc = httpx.get(f"http://127.0.0.1:{d.debug_port}/debug/approvals", timeout=5).json()
+    token = d.extra.get("debug_token")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    doc = httpx.get(f"http://127.0.0.1:{d.debug_port}/debug/approvals", timeout=5,
+                    headers=headers).json()
     return [*doc["pending"], *doc["grants"]]
 
 
@@ -460,12 +463,23 @@ def test_the_watch_table_and_the_api_behind_the_token(dep: Deployment,
 def test_a_server_shutdown_fails_pending_approvals_at_once(tmp_path: Path,
                                                             pool: ThreadPoolExecutor) -> None:
     debug_port = free_port()
+    token = secrets.token_urlsafe(24)
+    token_file = tmp_path / "debug-token"
+    token_file.write_text(token + "\n")
     with deployment(tmp_path, policy=POLICY,
                     server_args=["--debug-listen", f"127.0.0.1:{debug_port}",
+                                 "--debug-token-file", str(token_file),
                                  "--drain-timeout", "30"]) as d:
         d.debug_port = debug_port
+        d.extra["debug_token"] = token
         future = in_thread(pool, lambda: call(d, "send", {"recipient": ["+15550012"]}))
-        wait_pending(d)
+        item = wait_pending(d)[0]
+        # The approval endpoints are behind the debug token like every other.
+        base = f"http://127.0.0.1:{debug_port}/debug/approvals"
+        assert httpx.get(base, timeout=5).status_code == 401
+        assert httpx.post(f"{base}/{item['id']}/approve", timeout=5).status_code == 401
+        assert debug(d, "approve", item["id"]).returncode == 2
+        assert pending(d), "an unauthorised answer was taken"
         started = time.monotonic()
         assert d.server is not None
         d.server.terminate()
