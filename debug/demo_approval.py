@@ -101,8 +101,9 @@ def approval_step(agent_url: str, upstream_url: str, debug_url: str,
     table.add_row("the call completes", Text(f"{answer.get('status')}: {result[:120]}",
                                               "" if ok else "bold red"))
     record = _approval_record(audit_log, str(pending["id"]))
+    waited = record.get("waited_ms")
     table.add_row("audit log", Text(
-        f"approval record: outcome {record.get('outcome')}, by {record.get('by')} "
-        f"({record.get('by_source')}), waited {record.get('waited_ms')} ms" if record
-        else "no approval record found", "dim"))
+        f"outcome {record.get('outcome')} by {record.get('by')} after "
+        f"{waited if not isinstance(waited, float) else round(waited)} ms "
+        f"({record.get('by_source')})" if record else "no approval record found", "dim"))
     return table

@@ -47,7 +47,7 @@ def test_without_a_terminal_the_demo_stops_by_itself_and_shows_an_approval() -> 
     assert done.returncode == 0, out + done.stderr
     assert "Verdict:" in out and "What crossed the tunnel" in out
     assert "⏳ waiting for approval" in out and "signal-cli has not seen it" in out
-    assert "✓ approved" in out and "outcome approved, by demo" in out
+    assert "✓ approved" in out and "outcome approved by demo" in out
 
 
 @pytest.mark.parametrize(("signum", "after"), [
