@@ -294,7 +294,11 @@ class ApprovalGate:
                "approve": f"carapace-debug approve {pending.id}",
                "deny": f"carapace-debug deny {pending.id}"}
         self._notifying += 1
-        self.nursery.start_soon(self._run_notify, pending.id, json.dumps(doc).encode() + b"\n")
+        try:
+            self.nursery.start_soon(self._run_notify, pending.id,
+                                    json.dumps(doc).encode() + b"\n")
+        except RuntimeError:  # the server's nursery is closing: it stops, nobody is paged
+            self._notifying -= 1
 
     async def _run_notify(self, approval_id: int, payload: bytes) -> None:
         try:

@@ -262,3 +262,30 @@ def test_lint_warns_about_an_approve_method_that_is_denied() -> None:
     warnings = [w.message for w in lint_policy(load_policy(POLICY))]
     assert any("jsonrpc_approve_methods lists \"updateProfile\"" in w for w in warnings)
     assert not any("\"send\", which is denied" in w for w in warnings)
+
+
+async def test_notify_commands_are_bounded_and_killed_when_slow(
+        autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture) -> None:
+    from carapace.server.approval_gate import MAX_NOTIFY_RUNNING, NOTIFY_TIMEOUT
+
+    started: list[int] = []
+
+    async def hang(argv: list[str], **_: Any) -> None:
+        started.append(1)
+        await trio.sleep_forever()
+
+    book = Approvals(max_pending=100)
+    gate = ApprovalGate(book, AuditTrail(None), metrics=None,  # type: ignore[arg-type]
+                        secrets=lambda: [], notify_command="page-me", run_process=hang)
+    with caplog.at_level(logging.WARNING, logger="carapace.server"):
+        async with trio.open_nursery() as nursery:
+            gate.nursery = nursery
+            for i in range(MAX_NOTIFY_RUNNING + 4):
+                _open(book, key=str(i))
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(started) == MAX_NOTIFY_RUNNING
+            start = trio.current_time()
+        assert trio.current_time() - start == pytest.approx(NOTIFY_TIMEOUT)
+    assert "this one is skipped" in caplog.text and "killed" in caplog.text
+    _open(book, key="after")  # the slots are free again
+    assert gate._notifying == 0
