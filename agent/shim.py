@@ -90,6 +90,7 @@ FAILURE_EXIT: Mapping[str, int] = {
     "server_busy": EX_TEMPFAIL,
     "shutting_down": EX_UNAVAILABLE,
     "internal": EX_SOFTWARE,
+    "not_approved": EX_NOPERM,
 }
 
 _STATUS_EXIT: Mapping[int, int] = {
@@ -103,6 +104,7 @@ _HINTS: Mapping[str, str] = {
     "shutting_down": "retry in a moment",
     "too_many_requests": "retry when some of your commands finish",
     "server_busy": "the host is busy; retry shortly",
+    "not_approved": "a person on the host decides this command; ask its operator",
 }
 
 

@@ -6,10 +6,16 @@ HTTP listener and a shim socket) as real processes, then shows, in three steps:
 
 1. what the VM asked and what the host decided, with the policy rule from the
    audit log and proof (the service's own counters) that denied calls never
-   reached it — over HTTP and through a CLI shim;
+   reached it — over HTTP and through a CLI shim; then one call that waits for
+   a person on the host until the demo approves it (``demo_approval.py``);
 2. a live stream of Server-Sent Events, read directly and through the tunnel at
    the same time, with the latency the tunnel adds;
 3. what crossed the tunnel, summed from the audit log, and a one-line verdict.
+
+Ctrl-C, SIGTERM and SIGHUP stop it and every process it started (they run in
+sessions of their own, so nobody else would). Without a terminal (a pipe, CI,
+``timeout 60 make demo``) step 2 runs for ``UNATTENDED_SECONDS`` unless
+``--duration`` says otherwise, then the summary is printed.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -41,6 +48,8 @@ from rich.table import Table
 from rich.text import Text
 
 from carapace.protocol.sse import Event, SseParser
+
+from .demo_approval import approval_step
 
 console = Console()
 
@@ -80,6 +89,8 @@ tools:
       - "GET /api/v1/check"
     jsonrpc_allow_methods: [send, version, listAccounts]
     jsonrpc_deny_methods: [deleteEverything, removeAccount]
+    jsonrpc_approve_methods: [listAccounts]   # allowed, once a person says yes
+    approval: {{timeout_secs: 60}}
     jsonrpc_param_filters:
       send:
         field: recipient
@@ -111,6 +122,28 @@ def _install_shims(directory: Path, tools: list[str]) -> None:
         raise click.ClickException(f"installing the shims failed:\n{done.stderr.strip()}")
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+UNATTENDED_SECONDS = 5.0
+"""How long step 2 runs when the output is not a terminal (nobody can press Ctrl-C)."""
+_stopped_by: list[int] = []
+"""The SIGTERM or SIGHUP that stopped the demo, if one did."""
+
+
+def _stop_on_signals() -> None:
+    """SIGTERM and SIGHUP stop the demo as Ctrl-C does, so it stops what it started.
+
+    They are turned into SIGINT, which Python (and trio, during step 2)
+    turns into KeyboardInterrupt at a safe point; the processes are then
+    stopped on the way out.
+    """
+    def stop(signum: int, frame: object) -> None:
+        _stopped_by.append(signum)
+        signal.raise_signal(signal.SIGINT)
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stop)
+
+
 @contextmanager
 def _process(argv: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
     # A session of its own: Ctrl-C stops the demo, which then stops these in order.
@@ -121,13 +154,18 @@ def _process(argv: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        # A second signal must not cut this short: it waits until the process is gone.
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 # --------------------------------------------------------------------------- the audit log
@@ -414,16 +452,35 @@ def _step_calls(demo: Demo) -> None:
 
 
 @click.command()
-@click.option("--seconds", type=float, default=0, show_default=True,
-              help="Stop after this many seconds of live events (0: until Ctrl-C).")
-def main(seconds: float) -> None:
-    """Run the Carapace demo on loopback."""
+@click.option("--seconds", "--duration", "seconds", type=float, default=None,
+              help="Stop after this many seconds of live events (0: until Ctrl-C). Default: "
+              f"until Ctrl-C on a terminal, {UNATTENDED_SECONDS:g} s when the output is not "
+              "one.")
+def main(seconds: float | None) -> None:
+    """Run the Carapace demo on loopback.
+
+    Ctrl-C, SIGTERM or SIGHUP stop it, and with it every process it started.
+    """
+    if seconds is None:
+        seconds = 0.0 if sys.stdout.isatty() else UNATTENDED_SECONDS
+    _stop_on_signals()
+    try:
+        _run(seconds)
+    except KeyboardInterrupt:
+        console.print("\n[yellow]stopped[/yellow]: the demo stopped every process it started.")
+        sys.exit(128 + (_stopped_by[0] if _stopped_by else signal.SIGINT))
+    if _stopped_by:
+        sys.exit(128 + _stopped_by[0])
+
+
+def _run(seconds: float) -> None:
     console.print(Panel(INTRO, title="carapace demo", border_style="blue"))
     tmp = Path(tempfile.mkdtemp(prefix="carapace-demo-"))
     token = secrets.token_urlsafe(32)
     (tmp / "token").write_text(f"default:{token}\n")
     (tmp / "token").chmod(0o600)
     up_port, server_port, agent_port = _free_port(), _free_port(), _free_port()
+    debug_port = _free_port()
     date = shutil.which("date") or "/bin/date"
     (tmp / "policy.yaml").write_text(POLICY.format(upstream=up_port, date=date))
     audit_log = tmp / "audit.jsonl"
@@ -437,7 +494,8 @@ def main(seconds: float) -> None:
         server = stack.enter_context(_process(
             [py, "-m", "carapace.server.main", "--listen", f"127.0.0.1:{server_port}",
              "--policy", str(tmp / "policy.yaml"), "--token-file", str(tmp / "token"),
-             "--audit-log", str(audit_log)], tmp / "server.log"))
+             "--audit-log", str(audit_log), "--debug-listen", f"127.0.0.1:{debug_port}"],
+            tmp / "server.log"))
         agent = stack.enter_context(_process(
             [py, "-m", "carapace.agent.main", "--server", f"127.0.0.1:{server_port}",
              "--token-file", str(tmp / "token"), "--expose",
@@ -462,6 +520,9 @@ def main(seconds: float) -> None:
                     audit_log)
         _step_calls(demo)
         console.print(_calls_table(demo.calls))
+        console.print()
+        console.print(approval_step(agent_url, demo.upstream_url,
+                                    f"http://127.0.0.1:{debug_port}", audit_log))
         console.print()
 
         query = f"/api/v1/events?account=%2B15550100&interval_ms={EVENT_INTERVAL_MS}"

@@ -29,6 +29,11 @@ def _register() -> None:
     for command in (health, connections, audit, sniff):
         cli.add_command(command)
 
+    from carapace.debug.approvals import approvals, approve, deny
+
+    for command in (approvals, approve, deny):
+        cli.add_command(command)
+
 
 _register()
 

@@ -122,6 +122,8 @@ def _print_decision(decision: Decision, console: Console) -> None:
     )
     console.print(Text.assemble(verdict, "  ", decision.reason))
     console.print(Text.assemble(("rule: ", "dim"), decision.rule))
+    if decision.needs_approval:
+        console.print(Text.assemble(("waits for a person: ", "bold yellow"), decision.approval))
     if isinstance(decision, CliDecision) and decision.allow:
         argv = " ".join(os.fsdecode(a) for a in decision.argv)
         console.print(Text.assemble(("exec: ", "dim"), argv))

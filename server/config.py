@@ -17,6 +17,7 @@ from carapace.runtime.addresses import Address, TcpAddress
 from carapace.runtime.unix_sockets import SOCKET_MODE
 
 from .admission import DEFAULT_MAX_UNAUTHENTICATED, DEFAULT_MAX_UNAUTHENTICATED_PER_ADDRESS
+from .approvals import DEFAULT_MAX_PENDING_APPROVALS
 from .audit import DEFAULT_BACKUPS, DEFAULT_DENY_LIMIT, DEFAULT_MAX_BYTES
 from .audit.caps import DEFAULT_MAX_RECORD_BYTES
 from .audit.throttle import DEFAULT_DENY_BYTES
@@ -86,3 +87,7 @@ class ServerConfig:
     """File mode of each unix socket the server listens on."""
     shares: ShareCaps = field(default_factory=ShareCaps)
     """Caps on CLI processes, upstream connections and event streams (``shares.py``)."""
+    max_pending_approvals: int = DEFAULT_MAX_PENDING_APPROVALS
+    """Calls one agent may have waiting for a person at once (``approvals.py``)."""
+    approval_notify: str | None = None
+    """Shell command run with a JSON summary on stdin for each new pending approval."""

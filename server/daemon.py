@@ -22,6 +22,8 @@ from carapace.runtime.transports import describe_local, describe_peer, listening
 
 from . import policy as policy_mod
 from .admission import HandshakeSlots, LogThrottle
+from .approval_gate import ApprovalGate
+from .approvals import Approvals
 from .audit import AuditError, AuditLog, AuditTrail, utc_timestamp
 from .config import ServerConfig
 from .link import ServerLink
@@ -107,11 +109,15 @@ class Server:
         self.http_client = UpstreamClient()
         self.shares = FairShares(config.shares)
         self.metrics.watch_shares(self.shares)
+        self.approvals = Approvals(max_pending=config.max_pending_approvals)
+        self.approval_gate = ApprovalGate(self.approvals, self.audit, self.metrics,
+                                          self.secrets, config.approval_notify)
         self.pipeline = RequestPipeline(audit=self.audit, metrics=self.metrics,
                                         stats=self.stats, http_client=self.http_client,
                                         limits=config.parse_limits,
                                         sandbox=self.sandbox,
-                                        shares=self.shares)
+                                        shares=self.shares,
+                                        gate=self.approval_gate)
         self._hold_secrets()
         self.on_reload: Callable[[bool, str], None] | None = None
         """Called after each reload attempt with (accepted, message); main.py reports it."""
@@ -310,6 +316,9 @@ class Server:
                 session.end("token revoked")
         self._revoke_open_requests(new)
         self.audit.reopen()
+        forgotten = self.approvals.clear_grants()
+        if forgotten:
+            log.info("reload: %d remembered approval(s) forgotten", forgotten)
         message = (f"reloaded policy {self.config.policy_file} ({len(new.tools)} tools) and "
                    f"{len(tokens)} agent token(s)"
                    + (f"; revoked: {', '.join(revoked)}" if revoked else ""))
@@ -343,6 +352,7 @@ class Server:
         ) as listeners, trio.open_nursery() as nursery:
             self.listeners = listeners
             self._nursery = nursery
+            self.approval_gate.nursery = nursery
             nursery.start_soon(self._accept, self.listeners)
             for listener in self.listeners:
                 log.info("carapace-server %s listening on %s", self.version,
@@ -391,6 +401,10 @@ class Server:
                  "up to %.0f s", len(self.sessions), open_streams, self.config.drain_timeout)
         self.draining = True
         self._accept_scope.cancel()
+        failed = self.approvals.fail_all("the Carapace server is shutting down before anyone "
+                                         "answered; retry once it is back")
+        if failed:
+            log.info("shutting down: %d pending approval(s) failed", failed)
         for session in list(self.sessions.values()):
             session.go_away("server shutting down")
             for stream in list(session.streams.values()):

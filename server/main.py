@@ -30,6 +30,7 @@ from carapace.runtime.tuning import tune_gc
 from carapace.runtime.unix_sockets import SOCKET_MODE
 
 from .admission import DEFAULT_MAX_UNAUTHENTICATED, DEFAULT_MAX_UNAUTHENTICATED_PER_ADDRESS
+from .approvals import DEFAULT_MAX_PENDING_APPROVALS
 from .audit import (
     DEFAULT_BACKUPS,
     DEFAULT_DENY_LIMIT,
@@ -241,6 +242,16 @@ def parse_limit_options(command: Any) -> Any:
               default=DEFAULT_MAX_SSE_STREAMS, envvar="CARAPACE_MAX_SSE_STREAMS", show_envvar=True,
               show_default=True,
               help="Event streams all agents together may hold open; past it 503.")
+@click.option("--approval-notify", default=None, envvar="CARAPACE_APPROVAL_NOTIFY",
+              metavar="COMMAND", show_envvar=True,
+              help="Shell command run for each new pending approval, with a JSON summary on "
+              "stdin (to page a person: notify-send, ntfy, a chat webhook); its failure is "
+              "logged and never holds the request.")
+@click.option("--max-pending-approvals", type=click.IntRange(min=1),
+              default=DEFAULT_MAX_PENDING_APPROVALS, envvar="CARAPACE_MAX_PENDING_APPROVALS",
+              show_default=True, show_envvar=True,
+              help="Calls one agent may have waiting for approval at once; more are refused "
+              "with too_many_requests, so a VM cannot flood the operator.")
 @parse_limit_options
 def main(
     listen: tuple[Address, ...],
@@ -281,6 +292,8 @@ def main(
     max_upstream_connections: int = DEFAULT_MAX_UPSTREAM_CONNECTIONS,
     max_sse_streams_per_agent: int = DEFAULT_MAX_SSE_STREAMS_PER_AGENT,
     max_sse_streams: int = DEFAULT_MAX_SSE_STREAMS,
+    approval_notify: str | None = None,
+    max_pending_approvals: int = DEFAULT_MAX_PENDING_APPROVALS,
     **parse_limits: int,
 ) -> None:
     """Serve Carapace agents: decide, run and audit their tool requests on this host.
@@ -344,6 +357,8 @@ def main(
             sse_streams_per_agent=max_sse_streams_per_agent,
             sse_streams=max_sse_streams,
         ),
+        approval_notify=approval_notify or None,
+        max_pending_approvals=max_pending_approvals,
     )
     debug_token = _debug_token(debug_listen, debug_token_file)
     ssl_context = _tls_context(tls_cert, tls_key, tls_client_ca)

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import trio
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -35,6 +35,7 @@ from prometheus_client.utils import floatToGoString
 
 from carapace.protocol.messages import PROTOCOL_VERSION, Message
 
+from .approvals import OUTCOMES
 from .sandbox import SANDBOX_MODES
 
 if TYPE_CHECKING:
@@ -52,6 +53,9 @@ LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
     1.0, 2.5, 5.0, 10.0,
 )
+
+APPROVAL_WAIT_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+"""A person answers in seconds to minutes; the default approval timeout is 120 s."""
 
 
 AUDIT_COUNTERS = (
@@ -120,6 +124,19 @@ class ServerMetrics:
         )
         reg.register(_LiveCollector(self))
         reg.register(_SandboxCollector(server))
+        self.approvals = Counter(
+            "carapace_approvals",
+            "Calls that needed a person's approval, by how it ended (approved, denied, "
+            "timeout, withdrawn, shutdown, remembered, refused: over --max-pending-approvals).",
+            ["outcome"], registry=reg,
+        )
+        self.approval_wait = Histogram(
+            "carapace_approval_wait_seconds",
+            "How long calls waited for a person's approval (remembered ones wait 0 s).",
+            buckets=APPROVAL_WAIT_BUCKETS, registry=reg,
+        )
+        for outcome in OUTCOMES:  # every outcome is exported from the start, at 0
+            self.approvals.labels(outcome)
 
     # -- called where things happen -------------------------------------------------
     def count_request(self, kind: str, allowed: bool, agent: str, tool: str) -> None:
@@ -134,6 +151,12 @@ class ServerMetrics:
         counter.inc()
         if not allowed:
             self.denials.labels(kind, agent, label).inc()
+
+    def count_approval(self, outcome: str, waited: float | None) -> None:
+        """One approval ended (``outcome`` from a fixed set); ``waited`` None: never opened."""
+        self.approvals.labels(outcome).inc()
+        if waited is not None:
+            self.approval_wait.observe(waited)
 
     def count_parse_limit(self, limit: str) -> None:
         """One request refused by a parse limit (``policy/limits.py``; a fixed label set)."""

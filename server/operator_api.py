@@ -8,6 +8,8 @@ A small HTTP/1.1 server on trio + h11, separate from the agent port:
 - ``GET /debug/sniff``        ``text/event-stream``: one ``data:`` JSON summary per frame
                               (``?type=&tool=&id=&agent=`` filter it); ``event: dropped``
                               records say how many were lost to a slow reader.
+- ``GET /debug/approvals``, ``POST /debug/approvals/ID/approve|deny``: the calls
+                              waiting for a person (``operator_approvals.py``).
 
 Nothing here can slow the tunnel: a frame observer turns frames into
 summaries only while someone is subscribed, and hands them to each
@@ -42,6 +44,9 @@ from carapace.runtime.http import DISCONNECTS, RequestHead
 from carapace.runtime.transports import transport_of_peer
 
 from .metrics import CONTENT_TYPE_LATEST, ServerMetrics
+from .operator_approvals import MAX_BODY as APPROVAL_MAX_BODY
+from .operator_approvals import PREFIX as APPROVALS
+from .operator_approvals import approvals_response
 
 if TYPE_CHECKING:
     from .session import AgentSession
@@ -258,7 +263,7 @@ class OperatorApi:
                         request = await self._read_request(stream, conn)
                     if request is None:
                         return
-                    await self._route(stream, conn, request)
+                    await self._route(stream, conn, *request)
                     if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                         return
                     conn.start_next_cycle()
@@ -269,8 +274,9 @@ class OperatorApi:
                 log.exception("debug listener: request failed")
 
     async def _read_request(self, stream: trio.SocketStream, conn: h11.Connection
-                            ) -> RequestHead | None:
+                            ) -> tuple[RequestHead, bytes] | None:
         request: RequestHead | None = None
+        body = b""
         while True:
             try:
                 event = conn.next_event()
@@ -285,10 +291,15 @@ class OperatorApi:
             elif isinstance(event, h11.Request):
                 request = RequestHead(event)
             elif isinstance(event, h11.EndOfMessage):
-                return request
+                return None if request is None else (request, body)
             elif isinstance(event, h11.ConnectionClosed):
                 return None
-            # request bodies (h11.Data) are ignored: every endpoint is a GET
+            elif isinstance(event, h11.Data):
+                # Only the approval decisions have a body, and a short one.
+                if len(body) + len(event.data) > APPROVAL_MAX_BODY:
+                    await self._send(stream, conn, 413, {"error": "request body too large"})
+                    return None
+                body += bytes(event.data)
 
     async def _send(self, stream: trio.SocketStream, conn: h11.Connection, status: int,
                     body: dict[str, Any] | bytes, content_type: str = "application/json",
@@ -309,7 +320,7 @@ class OperatorApi:
         return hmac.compare_digest(given, b"Bearer " + self.token)
 
     async def _route(self, stream: trio.SocketStream, conn: h11.Connection,
-                     request: RequestHead) -> None:
+                     request: RequestHead, body: bytes = b"") -> None:
         if not self._authorized(request):
             await self._send(stream, conn, 401, {
                 "error": "this debug listener needs 'Authorization: Bearer <token>' "
@@ -321,11 +332,16 @@ class OperatorApi:
             "/debug/connections": self.connections,
         }
         path = request.path.rstrip("/") or "/"
+        if path == APPROVALS or path.startswith(APPROVALS + "/"):
+            status, doc, extra = approvals_response(self.server.approvals, request.method,
+                                                    path, body)
+            await self._send(stream, conn, status, doc, extra=extra)
+            return
         if path not in (*routes, "/metrics", "/debug/sniff", "/"):
             await self._send(stream, conn, 404, {
                 "error": f"no such endpoint {path[:100]!r}",
                 "endpoints": ["/debug/health", "/debug/connections", "/metrics",
-                              "/debug/sniff"]})
+                              "/debug/sniff", APPROVALS]})
             return
         if request.method != "GET":
             await self._send(stream, conn, 405, {"error": "only GET is supported"},
@@ -334,7 +350,8 @@ class OperatorApi:
         if path == "/":
             await self._send(stream, conn, 200, {
                 "endpoints": ["/debug/health", "/debug/connections", "/metrics",
-                              "/debug/sniff?type=&tool=&id=&agent="]})
+                              "/debug/sniff?type=&tool=&id=&agent=", APPROVALS,
+                              f"POST {APPROVALS}/ID/approve", f"POST {APPROVALS}/ID/deny"]})
         elif path == "/metrics":
             await self._send(stream, conn, 200, self.metrics.render(), CONTENT_TYPE_LATEST)
         elif path == "/debug/sniff":

@@ -1,14 +1,16 @@
-"""The request pipeline: decide, limit, audit, run, complete — for HTTP and CLI alike.
+"""The request pipeline: decide, limit, audit, [approve], run, complete — for HTTP and CLI alike.
 
 Each step has one place: the policy decides (``policy/``), the rate limits
 and the fair shares (``shares.py``: CLI processes and upstream connections
 one agent, and all together, may hold at once) may turn an allow into a
 deny, the decision record is written
 before anything runs (and the request is refused if it cannot be: the
-trail fails closed), the allowed request runs (``upstream/relay.py`` or
-``cli_runner.py``), and the completion record says how it ended. After a
-reload, a request the new policy still allows finishes as it was decided and
-recorded; one it denies is ended at once (``revocation.py``).
+trail fails closed), a call the policy marks waits for a person
+(``approval_gate.py``; a rate-limited or denied call never asks), the
+allowed request runs (``upstream/relay.py`` or ``cli_runner.py``), and the
+completion record says how it ended. After a reload, a request the new
+policy still allows finishes as it was decided and recorded; one it denies
+is ended at once (``revocation.py``), also after it waited for a person.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import trio
 from carapace.protocol.messages import CliRequest, HttpRequest
 
 from . import policy as policy_mod
+from .approval_gate import ApprovalGate
 from .audit import AuditEntry, AuditError, AuditTrail
 from .cli_runner import ExitInfo, run_cli
 from .masking import policy_scrubber, server_scrubber
@@ -58,8 +61,11 @@ class RequestPipeline:
                  clock: Callable[[], float] = time.monotonic,
                  limits: ParseLimits = DEFAULT_LIMITS,
                  sandbox: Sandbox | None = None,
-                 shares: FairShares | None = None) -> None:
+                 shares: FairShares | None = None,
+                 gate: ApprovalGate | None = None) -> None:
         self.audit = audit
+        self.gate = gate
+        """Holds the calls the policy marks until a person answers (``approval_gate.py``)."""
         self.metrics = metrics
         self.stats = stats
         self.http_client = http_client
@@ -144,6 +150,8 @@ class RequestPipeline:
                     decision.reason)
             self._deny(stream, decision, agent, req.tool)
             return
+        if not await self._approved(agent, stream, req, decision, entry, policy):
+            return
         if not await self.still_allowed(stream, entry):
             return
         tool = policy.tools[req.tool]
@@ -196,6 +204,8 @@ class RequestPipeline:
                     decision.reason)
             self._deny(stream, decision, agent, req.tool)
             return
+        if not await self._approved(agent, stream, req, decision, entry, policy):
+            return
         if not await self.still_allowed(stream, entry):
             return
         tool = policy.tools[req.tool]
@@ -244,6 +254,15 @@ class RequestPipeline:
         log.warning("refused %s of agent %s: %s",
                     f"request {request_id}" if request_id else "a request", refusal.agent,
                     refusal.reason)
+
+    async def _approved(self, agent: str, stream: ServerStream, req: HttpRequest | CliRequest,
+                        decision: policy_mod.Decision, entry: AuditEntry,
+                        policy: policy_mod.Policy) -> bool:
+        """An allowed call the policy marks waits here for a person (after its decision
+        record, so the trail shows the wait); False once the VM has been told no."""
+        if self.gate is None or not decision.needs_approval:
+            return True
+        return await self.gate.admit(agent, stream, req, decision, entry, policy)
 
     async def _audited(self, entry: AuditEntry, stream: ServerStream) -> bool:
         """Write the decision record before anything runs; if that fails, refuse (fail closed)."""

@@ -187,6 +187,29 @@ class ServerStream:
             self._release(INBOX_ITEM_OVERHEAD)
             yield msg
 
+    def put_back(self, msgs: Sequence[Message]) -> None:
+        """Return frames taken from :meth:`incoming` to its front, ahead of any queued since.
+
+        A step that must watch the inbox before the handler reads it (a call
+        waiting for approval watches for a signal) hands back what it took;
+        they count against the agent's budget again until they are taken anew.
+        """
+        if not msgs:
+            return
+        self._charge(len(msgs) * INBOX_ITEM_OVERHEAD)
+        old = self._inbox()
+        new = trio.open_memory_channel[Message](math.inf)
+        for msg in msgs:
+            new[0].send_nowait(msg)
+        while True:
+            try:
+                new[0].send_nowait(old[1].receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+        self._inbox_pair = new
+        if self._inbox_closed:
+            new[0].close()
+
     def cancel(self, reason: str) -> None:
         self.cancel_reason = reason
         self.cancel_scope.cancel()

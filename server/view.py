@@ -13,6 +13,7 @@ from typing import Protocol
 from carapace.protocol.messages import Message
 
 from .admission import HandshakeSlots
+from .approvals import Approvals
 from .config import ServerConfig
 from .policy import Policy
 from .sandbox import SandboxStatus
@@ -68,4 +69,8 @@ class OperatorView(Protocol):
     @property
     def admission(self) -> HandshakeSlots:
         """The connections that have not authenticated yet."""
+
+    @property
+    def approvals(self) -> Approvals:
+        """The calls waiting for a person, and the remembered approvals."""
         ...

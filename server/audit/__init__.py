@@ -44,6 +44,17 @@ most one per open request and reload). The ``completion`` record that follows
 says ``outcome`` ``cancelled``, with ``cancelled`` beginning "the host's
 policy changed:".
 
+A decision record of an allowed call that must wait for a person adds
+``approval_required: true`` and ``approval_rule``; an ``approval`` record
+follows it (``server/approval_gate.py``) with ``approval_id``, ``outcome``
+(``approved``, ``denied``, ``timeout``, ``withdrawn``, ``remembered``,
+``shutdown``), ``by`` (the operator's own word for who they are:
+``by_source`` is ``operator-asserted``), ``reason``, ``waited_ms`` and
+``rule``; a call that then does not run has a completion record with
+``outcome: failed`` and ``error: not_approved`` (``cancelled`` if its client
+went away). A refused one (``--max-pending-approvals``) gets a ``limit``
+record.
+
 Completion records add ``duration_ms`` (from the decision), ``bytes_in``
 and ``bytes_out`` (HTTP: request body and response body bytes; CLI: stdin
 and stdout+stderr bytes; for an event stream, the bytes of the events'

@@ -77,6 +77,9 @@ def verdict_fields(decision: Decision) -> dict[str, Any]:
         out["retry_after"] = decision.retry_after
     if decision.limit:
         out["limit"] = decision.limit
+    if decision.needs_approval:
+        out["approval_required"] = True
+        out["approval_rule"] = decision.approval
     return out
 
 

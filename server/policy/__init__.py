@@ -219,6 +219,21 @@ matched with everything but digits and ``+`` removed (``"+1 (900) 555-0000"``
 is ``+19005550000``, so ``deny_patterns: ["+1900*"]`` holds); any other value
 (letters, ``u:username``, a UUID, non-ASCII digits) is denied, since signal-cli
 would not read it as a number.
+
+Approvals
+=========
+(Added.) A call the policy allows may also have to wait for a person on the
+host (``server/approvals.py``, ``carapace-debug approvals``): a CLI tool's
+``approve_patterns: [GLOB, ...]`` (argv semantics as above) and an HTTP
+tool's ``jsonrpc_approve_methods: [METHOD, ...]`` and ``approve_paths:
+["METHOD /glob" or "/glob", ...]`` (as ``allow_paths``; a bare glob means
+any method) mark the calls that ask. The decision stays allow and names the
+matching rule in :attr:`Decision.approval`; a denied call never asks. Every
+call of a JSON-RPC batch is judged, and one call that needs approval makes
+the whole batch wait. Per tool, ``approval: {timeout_secs, remember_secs}``
+(default 120 and 0): how long the call waits before it fails with
+``not_approved``, and for how long a yes also approves the same call again
+(0: every call asks).
 """
 
 
@@ -237,11 +252,13 @@ from .lint import RISKY_ARGS, LintWarning, RiskyArgs, lint_policy
 from .load import load_policy, load_policy_file
 from .model import (
     BASE_ENV,
+    DEFAULT_APPROVAL_TIMEOUT_SECS,
     DEFAULT_CWD,
     DEFAULT_MIN_SECRET_LENGTH,
     DEFAULT_SECRET_COMMAND_TIMEOUT,
     DEFAULT_TIMEOUT_SECS,
     AgentGrant,
+    ApprovalConfig,
     AuditConfig,
     CliTool,
     HttpTool,
@@ -269,6 +286,7 @@ from .secrets import env_name_is_secret, passthrough_refusal
 __all__ = [
     "BASE_ENV",
     "DECIDE_WORKERS",
+    "DEFAULT_APPROVAL_TIMEOUT_SECS",
     "DEFAULT_CWD",
     "DEFAULT_LIMITS",
     "DEFAULT_MIN_SECRET_LENGTH",
@@ -281,6 +299,7 @@ __all__ = [
     "SANDBOX_SETTINGS",
     "UNAVAILABLE_CODES",
     "AgentGrant",
+    "ApprovalConfig",
     "AuditConfig",
     "CliDecision",
     "CliTool",

@@ -108,7 +108,16 @@ def decide_cli(
         argv=[binary.encode("utf-8"), *argv],
         env=run_env,
         cwd=run_cwd,
+        approval=_approval_rule(found, tool, args),
     )
+
+
+def _approval_rule(found: CliTool, tool: str, args: list[str]) -> str:
+    """The ``approve_patterns`` entry an allowed argv matches (it then waits), or ``""``."""
+    for k, pattern in enumerate(found.approve_patterns):
+        if argv_matches(args, pattern):
+            return _rule(tool, "approve_patterns", k, pattern)
+    return ""
 
 
 def _flag_denial(found: CliTool, tool: str, args: list[str]) -> CliDecision | None:

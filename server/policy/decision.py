@@ -37,6 +37,13 @@ class Decision:
     """For a ``rate_limited`` (or fair-share) deny: whole seconds until a retry can succeed."""
     limit: str = ""
     """For a deny by a parse limit (``policy/limits.py``): the limit's name."""
+    approval: str = ""
+    """For an allow that must wait for a person: the approve rule(s) that matched."""
+
+    @property
+    def needs_approval(self) -> bool:
+        """Allowed, but only once a person on the host says yes (``server/approvals.py``)."""
+        return self.allow and bool(self.approval)
 
     @property
     def tool_unavailable(self) -> bool:
@@ -50,7 +57,10 @@ class Decision:
 
     def as_dict(self) -> dict[str, str]:
         """The JSON form used by ``carapace-debug policy check --json``."""
-        return {"decision": self.decision, "reason": self.reason, "rule": self.rule}
+        out = {"decision": self.decision, "reason": self.reason, "rule": self.rule}
+        if self.needs_approval:
+            out["approval"] = self.approval
+        return out
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ import fnmatch
 import json
 import re
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any, Final, NoReturn
 
 from carapace.runtime.http import HOP_BY_HOP, TOKEN, TOKEN_BYTES
@@ -159,14 +160,17 @@ def _check_call(tool: HttpTool, call: Any, label: str) -> Decision:
         else:
             return _deny(f"{label}: method {shown} is not allowed",
                          f"default deny: {shown} is not in tools.{name}.jsonrpc_allow_methods")
+    gate = next((_rule(name, "jsonrpc_approve_methods", k, m)
+                 for k, m in enumerate(tool.jsonrpc_approve_methods) if m == method), "")
     filt = (tool.jsonrpc_param_filters or {}).get(method)
     if filt is None:
-        return Decision(True, f"{label}: method {shown} is allowed", rule)
+        return Decision(True, f"{label}: method {shown} is allowed", rule, approval=gate)
     fpath = f"tools.{name}.jsonrpc_param_filters.{method}"
     denial = check_params(filt, call.get("params"), label, fpath)
     if denial is not None:
         return _deny(*denial)
-    return Decision(True, f"{label}: method {shown} is allowed and its params pass {fpath}", rule)
+    return Decision(True, f"{label}: method {shown} is allowed and its params pass {fpath}", rule,
+                    approval=gate)
 
 
 def decide_http(
@@ -186,7 +190,33 @@ def decide_http(
     ``body`` is the whole request body (JSON-RPC checks need all of it).
     ``limits`` are the server-wide parse limits; the tool's own ``limits``
     override them, and a request over one is refused before it is parsed.
+    An allowed request that an ``approve_paths`` entry or an approve method
+    names carries that rule in ``approval`` (it waits for a person).
     """
+    decision = _decide_http(policy, agent, tool, method, target, headers, body, limits=limits)
+    if not decision.allow or decision.approval:
+        return decision
+    found = policy.tools[tool]
+    assert isinstance(found, HttpTool)
+    path = target.split("?", 1)[0]
+    for i, entry in enumerate(found.approve_paths):
+        if entry.method in ("*", method) and fnmatch.fnmatchcase(path, entry.path):
+            return replace(decision, approval=_rule(tool, "approve_paths", i, entry.text))
+    return decision
+
+
+def _decide_http(
+    policy: Policy,
+    agent: str,
+    tool: str,
+    method: str,
+    target: str,
+    headers: list[tuple[bytes, bytes]],
+    body: bytes,
+    *,
+    limits: ParseLimits = DEFAULT_LIMITS,
+) -> Decision:
+    """:func:`decide_http` without the approve paths."""
     found = _lookup(policy, agent, tool, HttpTool)
     if isinstance(found, Decision):
         return found
@@ -233,7 +263,9 @@ def decide_http(
             if not verdict.allow:
                 return verdict
         return Decision(True, f"all {len(doc)} calls of the batch are allowed",
-                        "; ".join(dict.fromkeys(v.rule for v in verdicts)))
+                        "; ".join(dict.fromkeys(v.rule for v in verdicts)),
+                        approval="; ".join(dict.fromkeys(v.approval for v in verdicts
+                                                         if v.approval)))
     if not isinstance(doc, dict):
         return _deny(f"the JSON body is {_kind(doc)}, not a JSON-RPC object",
                      f"default deny: tools.{tool} has JSON-RPC rules; "

@@ -125,6 +125,12 @@ def lint_policy(
                         and method not in tool.jsonrpc_allow_methods):
                     warn(name, f"jsonrpc_param_filters.{method} filters a method that is not "
                          "allowed (no effect)")
+            for method in tool.jsonrpc_approve_methods:
+                if method in (tool.jsonrpc_deny_methods or ()) or (
+                        tool.jsonrpc_allow_methods is not None
+                        and method not in tool.jsonrpc_allow_methods):
+                    warn(name, f"jsonrpc_approve_methods lists {_show(method)}, which is "
+                         "denied: a denied call never asks (no effect)")
             host = urlsplit(tool.upstream).hostname or ""
             if (tool.headers_inject and tool.upstream.startswith("http://")
                     and host not in _LOOPBACK_HOSTS):

@@ -23,6 +23,7 @@ from .model import (
     PARAM_NORMALIZERS,
     SECRET_REF_KINDS,
     AgentGrant,
+    ApprovalConfig,
     AuditConfig,
     CliTool,
     HttpTool,
@@ -49,6 +50,7 @@ _CLI_KEYS: Final = frozenset(
         "argv_deny_flags", "argv_allow_flags",
         "sandbox",
         "global_rate_limit",
+        "approve_patterns", "approval",
     }
 )
 _HTTP_KEYS: Final = frozenset(
@@ -56,6 +58,7 @@ _HTTP_KEYS: Final = frozenset(
         "type", "upstream", "allow_paths", "jsonrpc_allow_methods", "jsonrpc_deny_methods",
         "jsonrpc_param_filters", "headers_inject", "rate_limit", "timeout_secs", "audit",
         "agents", "limits", "global_rate_limit",
+        "jsonrpc_approve_methods", "approve_paths", "approval",
     }
 )
 
@@ -377,6 +380,7 @@ class _Loader:
             **self.common(raw, path),
             **self.argv_flags(raw, path),
             env_inject_refs=MappingProxyType(inject_refs),
+            **self.approvals(raw, path),
         )
 
     def argv_flags(self, raw: dict[str, Any], path: str) -> dict[str, Any]:
@@ -391,6 +395,34 @@ class _Loader:
                                   "--name, without a value.")
                 out[key] = flags
         return out
+
+    def approvals(self, raw: dict[str, Any], path: str) -> dict[str, Any]:
+        """The keys that make an allowed call wait for a person (package doc, "Approvals")."""
+        out: dict[str, Any] = {}
+        for key in ("approve_patterns", "jsonrpc_approve_methods"):
+            if key in raw:
+                out[key] = self.strings(raw[key], f"{path}.{key}")
+        if "approve_paths" in raw:
+            apath = f"{path}.approve_paths"
+            out["approve_paths"] = tuple(
+                self.path_rule(item if " " in item else f"* {item}", f"{apath}[{i}]")
+                for i, item in enumerate(self.strings(raw["approve_paths"], apath)))
+        if "approval" in raw:
+            out["approval"] = self.approval(raw["approval"], f"{path}.approval")
+        return out
+
+    def approval(self, value: Any, path: str) -> ApprovalConfig:
+        raw = self.mapping(value, path)
+        self.known_keys(raw, path, ("timeout_secs", "remember_secs"))
+        base = ApprovalConfig()
+        timeout = base.timeout_secs
+        if "timeout_secs" in raw:
+            timeout = self.positive_number(raw["timeout_secs"], f"{path}.timeout_secs")
+        remember = base.remember_secs
+        given = raw.get("remember_secs", 0)
+        if given != 0 or isinstance(given, bool):  # 0, the default, means every call asks
+            remember = self.positive_number(given, f"{path}.remember_secs")
+        return ApprovalConfig(timeout_secs=timeout, remember_secs=remember)
 
     def env_inject(self, value: Any, path: str) -> tuple[dict[str, str], dict[str, SecretRef]]:
         inject: dict[str, str] = {}
@@ -520,6 +552,7 @@ class _Loader:
             headers_inject=MappingProxyType(inject),
             **self.common(raw, path),
             headers_inject_refs=MappingProxyType(inject_refs),
+            **self.approvals(raw, path),
         )
 
     def headers_inject(

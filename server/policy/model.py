@@ -40,6 +40,11 @@ does not hold a reload (or the server's start) for long."""
 SECRET_REF_KINDS: Final = ("file", "credential", "env", "command")
 """The forms a secret value may take instead of the value itself."""
 
+DEFAULT_APPROVAL_TIMEOUT_SECS: Final = 120.0
+"""How long a call waits for a person when ``approval.timeout_secs`` is not given: long
+enough to notice a notification and read the call, short enough that a VM's client
+does not hang for good when nobody is at the host."""
+
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 """A tool or agent name: short, and safe to print unquoted in a message."""
 
@@ -140,6 +145,19 @@ class SecretRef:
 
 
 @dataclass(frozen=True)
+class ApprovalConfig:
+    """A tool's ``approval`` section: how long a gated call waits, how long a yes lasts.
+
+    ``remember_secs`` 0 means every gated call asks; above 0 an approval also
+    approves the same call again (same agent, tool and argv or method + params)
+    for that long, unless the operator gave ``--for`` with the decision.
+    """
+
+    timeout_secs: float = DEFAULT_APPROVAL_TIMEOUT_SECS
+    remember_secs: float = 0.0
+
+
+@dataclass(frozen=True)
 class CliTool:
     """A host binary the VM may run with some argument lists.
 
@@ -167,6 +185,9 @@ class CliTool:
     sandbox: ToolSandbox = field(default_factory=ToolSandbox)
     global_rate_limit: RateLimit | None = None
     """One budget shared by every agent (``rate_limit`` is each agent's own)."""
+    approve_patterns: tuple[str, ...] = ()
+    """Allowed argv that must also wait for a person (``argv_allow_patterns`` semantics)."""
+    approval: ApprovalConfig = field(default_factory=ApprovalConfig)
 
     @property
     def type(self) -> str:
@@ -202,6 +223,11 @@ class HttpTool:
     """``headers_inject`` names whose value is a reference (see ``CliTool.env_inject_refs``)."""
     global_rate_limit: RateLimit | None = None
     """One budget shared by every agent (``rate_limit`` is each agent's own)."""
+    jsonrpc_approve_methods: tuple[str, ...] = ()
+    """Allowed JSON-RPC methods whose calls must also wait for a person."""
+    approve_paths: tuple[PathRule, ...] = ()
+    """Allowed requests (``METHOD /glob``) that must also wait for a person."""
+    approval: ApprovalConfig = field(default_factory=ApprovalConfig)
 
     @property
     def type(self) -> str:
