@@ -158,22 +158,33 @@ class RecordCap:
 
     def _fit_whole(self, record: Mapping[str, Any], capped: dict[str, Any],
                    cut_keys: list[str], data: bytes) -> bytes:
-        """Cut whole fields, largest first, until the record fits."""
-        sizes = {k: len(encode_record({k: v})) for k, v in capped.items()}
+        """Cut whole fields, largest first, until the record fits.
+
+        Each cut takes what the record is over by, counting the ``truncated``
+        entry the cut itself adds; a field whose marker would be no shorter
+        than its value is left whole, so cutting never grows a record.
+        """
+        sizes = {k: _value_len(v) for k, v in capped.items()}
         order = sorted((k for k in capped if k not in FIXED_KEYS), key=lambda k: -sizes[k])
         order += [k for k in FIXED_KEYS if k in capped and k not in ("ts", "event")]
         for key in order:
-            over = len(data) - self.max_record_bytes
-            if over <= 0:
+            if len(data) <= self.max_record_bytes:
                 break
-            if key not in cut_keys:
-                cut_keys.append(key)
-            # The field's own bytes (key, quotes, colon, comma) stay; its value shrinks.
-            budget = max(0, sizes[key] - over - len(key) - 8)
-            capped[key] = cut_value(record[key], budget)
+            keys = cut_keys if key in cut_keys else [*cut_keys, key]
+            over = len(encode_record(self._marked(capped, keys))) - self.max_record_bytes
+            cut = cut_value(record[key], max(0, sizes[key] - over - 2))  # 2: its quotes
+            if _value_len(cut) >= sizes[key]:
+                continue
+            capped[key], sizes[key] = cut, _value_len(cut)
+            cut_keys[:] = keys
             data = encode_record(self._marked(capped, cut_keys))
         if len(data) > self.max_record_bytes:  # cannot happen above MIN_RECORD_BYTES
             whole = encode_record(record)
             data = encode_record({"ts": record.get("ts"), "event": record.get("event"),
                                   TRUNCATED_KEY: ["*"], "record": _marker(whole)})
         return data
+
+
+def _value_len(value: Any) -> int:
+    """Bytes ``value`` takes in a written record (as :func:`encode_record` writes it)."""
+    return len(json.dumps(value, separators=(",", ":"), default=str))

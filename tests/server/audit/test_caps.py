@@ -69,6 +69,7 @@ def test_no_record_is_ever_over_the_cap(extra: dict[str, Any]) -> None:
     doc = json.loads(data)
     assert doc["event"] == "decision" and doc["agent"] == "vm1"
     assert sorted(cut) == doc.get("truncated", [])
+    assert "*" not in cut
 
 
 def test_a_list_too_large_as_a_whole_is_cut_from_its_full_json() -> None:
@@ -79,6 +80,24 @@ def test_a_list_too_large_as_a_whole_is_cut_from_its_full_json() -> None:
     whole = json.dumps(argv, ensure_ascii=False, separators=(",", ":")).encode()
     assert doc["argv"].startswith('["😀') and doc["argv"].endswith(marker(whole))
     assert doc["truncated"] == ["argv"]
+
+
+@pytest.mark.parametrize("args", [17, 40, 300])
+def test_a_record_just_over_the_cap_keeps_what_makes_it_findable(args: int) -> None:
+    """Cutting the large field adds a ``truncated`` entry; the record must still fit
+    without cutting the small fields into markers longer than they were, or giving up
+    on the record as a whole (which would lose its request id, agent and decision)."""
+    record = {"ts": "2026-12-06T12:00:00.000Z", "event": "decision", "request_id": "r-1",
+              "agent": "vm1", "kind": "cli", "tool": "sleeper", "decision": "allow",
+              "reason": "allowed", "argv": ["a" * 1024] * args, "cwd": "/",
+              "vm_claimed_peer_uid": 0}
+    data, cut = RecordCap().encode(record)
+    doc = json.loads(data)
+    assert len(data) <= DEFAULT_MAX_RECORD_BYTES and cut == ["argv"]
+    assert {k: doc[k] for k in ("request_id", "agent", "decision", "tool", "cwd")} == {
+        "request_id": "r-1", "agent": "vm1", "decision": "allow", "tool": "sleeper",
+        "cwd": "/"}
+    assert doc["vm_claimed_peer_uid"] == 0 and doc["truncated"] == ["argv"]
 
 
 def test_the_cap_flag_has_a_floor() -> None:
