@@ -7,5 +7,5 @@ frames; ``http_listener.py`` serves an HTTP tool on a local port;
 ``shim_socket.py`` is the unix socket the shims talk to; ``shim.py`` is
 ``carapace-shim`` itself (stdlib, msgpack and :mod:`carapace.protocol` only,
 so it starts fast) and ``shim_install.py`` the ``shims`` subcommand. It never
-imports :mod:`carapace.server` or :mod:`carapace.debug`.
+imports the server package or the debug CLI.
 """

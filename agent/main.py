@@ -129,7 +129,7 @@ _STOP_SIGNALS = (15, 2)  # SIGTERM, SIGINT
 @click.group(invoke_without_command=True,
              context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--server", type=CONNECT_ADDRESS, default=None,
-              help="The carapace-server address: HOST:PORT (TCP), unix:/path/to/socket (a "
+              help="The Carapace server's address: HOST:PORT (TCP), unix:/path/to/socket (a "
               "socket bind-mounted into a container) or vsock:CID:PORT (AF_VSOCK; CID 2 is "
               "the host, also under Firecracker). Or CARAPACE_SERVER_HOST + "
               "CARAPACE_SERVER_PORT.")
@@ -198,7 +198,7 @@ def main(
     log_level: str,
     log_json: bool,
 ) -> None:
-    """Connect to a carapace-server and serve its tools to this VM."""
+    """Connect to a Carapace server and serve its tools to this VM."""
     if ctx.invoked_subcommand is not None:
         return
     setup_logging(log_level, log_json)

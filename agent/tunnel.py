@@ -293,7 +293,7 @@ class TunnelClient:
                 replayed = session.attach(writer, welcome.received)
             except ValueError as exc:
                 raise ProtocolError(f"server resumed at an impossible frame: {exc}") from None
-            log.info("resumed the session with carapace-server at %s (%d frame(s) resent)",
+            log.info("resumed the session with the Carapace server at %s (%d frame(s) resent)",
                      cfg.server.describe(), replayed)
         else:
             if session is not None:
@@ -304,7 +304,7 @@ class TunnelClient:
             session.writer = writer
             self.session = session
             self.sessions += 1
-            log.info("connected to carapace-server %s at %s as agent %s",
+            log.info("connected to the Carapace server %s at %s as agent %s",
                      welcome.server, cfg.server.describe(), cfg.agent)
         self._suspended_since = None
         self.mux.link_up(session)

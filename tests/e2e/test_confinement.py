@@ -153,7 +153,7 @@ def host(tmp: Path, policy_text: Callable[[Path], str], *,
                                "--token-file", str(agent_token), "--cli-socket", str(sock)])
         try:
             for proc, what in ((server, "listening on"),
-                               (agent, "connected to carapace-server")):
+                               (agent, "connected to the Carapace server")):
                 wait_until(lambda p=proc, w=what: w in p.stderr_text() or p.poll() is not None,
                            15, what)
                 assert proc.poll() is None, proc.output()

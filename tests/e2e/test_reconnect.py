@@ -35,7 +35,7 @@ def test_agent_reconnects_after_the_server_restarts(tmp_path: Path) -> None:
         d.server = start_server(d)
         wait_status(d.url("/api/v1/check"), 200)
         assert d.agent is not None
-        assert d.agent.stderr_text().count("connected to carapace-server") >= 2
+        assert d.agent.stderr_text().count("connected to the Carapace server") >= 2
 
 
 def test_silent_dead_link_is_detected_and_replaced(tmp_path: Path) -> None:

@@ -318,7 +318,7 @@ def test_tls_and_token_handshake_over_a_unix_link() -> None:
                 with running([*agent_args, "--tls-server-name", "carapace.internal"],
                              port=tool_port) as agent:
                     wait_until_tunnel_up(f"http://127.0.0.1:{tool_port}/api/v1/check")
-                    assert "connected to carapace-server" in agent.stderr_text()
+                    assert "connected to the Carapace server" in agent.stderr_text()
             finally:
                 stop_process(server)
                 print(server.output())

@@ -197,7 +197,7 @@ def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CliDeployment]:
                             "--log-level", "debug"])
     agent = start_agent(socket_path, port, token_file)
     try:
-        for proc, what in ((server, "listening on"), (agent, "connected to carapace-server")):
+        for proc, what in ((server, "listening on"), (agent, "connected to the Carapace server")):
             wait_until(lambda p=proc, w=what: w in p.stderr_text() or p.poll() is not None,
                        15, what)
             assert proc.poll() is None, proc.output()

@@ -90,7 +90,7 @@ def masked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MaskDeployment]
     sock = tmp / "run" / "agent.sock"
     agent = start_agent(sock, port, token_file)
     try:
-        wait_until(lambda: "connected to carapace-server" in agent.stderr_text()
+        wait_until(lambda: "connected to the Carapace server" in agent.stderr_text()
                    or agent.poll() is not None or server.poll() is not None, 15,
                    "the agent to connect")
         assert agent.poll() is None and server.poll() is None, server.output() + agent.output()

@@ -28,7 +28,7 @@ def test_cli_output_survives_two_link_cuts(tmp_path: Path) -> None:
     sock = tmp_path / "run" / "agent.sock"
     agent = start_agent(sock, forwarder.port, token)
     try:
-        wait_until(lambda: "connected to carapace-server" in agent.stderr_text(), 15,
+        wait_until(lambda: "connected to the Carapace server" in agent.stderr_text(), 15,
                    "the agent to connect")
         assert install_shims(tmp_path / "bin", ["ticker"]).returncode == 0
         # 150 lines, one every 20 ms: about 3 s of output, cut twice for 1 s.

@@ -77,7 +77,7 @@ def test_log_json_lines_from_both_daemons(tmp_path: Path) -> None:
         server_lines = complete_lines(d.server.stderr_text())
         agent_lines = complete_lines(d.agent.stderr_text())
     for lines, needle in ((server_lines, "agent default connected"),
-                          (agent_lines, "connected to carapace-server")):
+                          (agent_lines, "connected to the Carapace server")):
         docs = [json.loads(line) for line in lines]
         for doc in docs:
             assert {"ts", "level", "logger", "message"} <= set(doc)
