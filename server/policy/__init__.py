@@ -206,6 +206,13 @@ from .limits import (
 )
 from .lint import RISKY_ARGS, LintWarning, RiskyArgs, lint_policy
 from .load import load_policy, load_policy_file
+from .mcp import (
+    McpVerdict,
+    decide_mcp_request,
+    decide_mcp_session,
+    filter_list,
+    notification_passes,
+)
 from .model import (
     BASE_ENV,
     DEFAULT_CWD,
@@ -215,6 +222,7 @@ from .model import (
     AuditConfig,
     CliTool,
     HttpTool,
+    McpTool,
     ParamFilter,
     PathRule,
     Policy,
@@ -244,6 +252,8 @@ __all__ = [
     "Decision",
     "HttpTool",
     "LintWarning",
+    "McpTool",
+    "McpVerdict",
     "ParamFilter",
     "ParseLimits",
     "PathRule",
@@ -258,11 +268,15 @@ __all__ = [
     "argv_matches",
     "decide_cli",
     "decide_http",
+    "decide_mcp_request",
+    "decide_mcp_session",
     "env_name_is_secret",
+    "filter_list",
     "lint_policy",
     "load_policy",
     "load_policy_file",
     "needs_worker",
+    "notification_passes",
     "passthrough_refusal",
     "prepare_http_headers",
     "vm_denial",

@@ -25,6 +25,7 @@ from .model import (
     AuditConfig,
     CliTool,
     HttpTool,
+    McpTool,
     ParamFilter,
     PathRule,
     Policy,
@@ -51,6 +52,14 @@ _HTTP_KEYS: Final = frozenset(
         "type", "upstream", "allow_paths", "jsonrpc_allow_methods", "jsonrpc_deny_methods",
         "jsonrpc_param_filters", "headers_inject", "rate_limit", "timeout_secs", "audit",
         "agents", "limits",
+    }
+)
+
+
+_MCP_KEYS: Final = frozenset(
+    {
+        "type", "command", "env_inject", "tools_allow", "tools_deny", "tool_param_filters",
+        "resources_allow", "prompts_allow", "timeout_secs", "rate_limit", "audit", "agents",
     }
 )
 
@@ -238,8 +247,11 @@ class _Loader:
             own, other, other_kind = _CLI_KEYS, _HTTP_KEYS, "http"
         elif kind == "http":
             own, other, other_kind = _HTTP_KEYS, _CLI_KEYS, "cli"
+        elif kind == "mcp":
+            return self.mcp_tool(tool_name, raw, path)
         else:
-            self.fail(f"{path}.type", f"must be 'cli' or 'http', not {_show(str(kind))}")
+            self.fail(f"{path}.type",
+                      f"must be 'cli', 'http' or 'mcp', not {_show(str(kind))}")
         for key in raw:
             if key not in own:
                 hint = (
@@ -464,6 +476,39 @@ class _Loader:
             headers_inject=MappingProxyType(inject),
             **self.common(raw, path),
         )
+
+    def mcp_tool(self, tool_name: str, raw: dict[str, Any], path: str) -> McpTool:
+        """A ``type: mcp`` tool (keys in the package docstring, "MCP tools")."""
+        for key in raw:
+            if key not in _MCP_KEYS:
+                hint = (f"'{key}' belongs to cli or http tools; this tool has type: mcp."
+                        if key in _CLI_KEYS | _HTTP_KEYS else "")
+                if key == "url":
+                    hint = ("An MCP server reached over HTTP is not supported yet; run it as "
+                            "a stdio server with command: [...].")
+                self.fail(f"{path}.{key}", f"unknown key {_show(key)}",
+                          hint or f"Allowed keys for an mcp tool: {', '.join(sorted(_MCP_KEYS))}.")
+        if "command" not in raw:
+            self.fail(f"{path}.command", "is required",
+                      "Give the stdio MCP server to run, e.g. command: [/usr/bin/mcp-server-time].")
+        command = self.strings(raw["command"], f"{path}.command")
+        if not command:
+            self.fail(f"{path}.command", "is empty", "Name at least the program to run.")
+        program = self.absolute_path(command[0], f"{path}.command[0]", "the program")
+        opt: dict[str, Any] = {}
+        for key in ("tools_allow", "tools_deny", "resources_allow", "prompts_allow"):
+            if key in raw:
+                opt[key] = self.strings(raw[key], f"{path}.{key}")
+        if "env_inject" in raw:
+            opt["env_inject"] = MappingProxyType(
+                self.env_inject(raw["env_inject"], f"{path}.env_inject"))
+        if "tool_param_filters" in raw:
+            fpath = f"{path}.tool_param_filters"
+            opt["tool_param_filters"] = MappingProxyType({
+                name: self.param_filter(spec, f"{fpath}.{name}")
+                for name, spec in self.mapping(raw["tool_param_filters"], fpath).items()})
+        return McpTool(name=tool_name, command=(program, *command[1:]),
+                       **opt, **self.common(raw, path))
 
     def headers_inject(self, value: Any, path: str) -> dict[str, str]:
         inject: dict[str, str] = {}

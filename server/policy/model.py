@@ -178,7 +178,48 @@ class HttpTool:
         return list(self.headers_inject.values())
 
 
-Tool: TypeAlias = CliTool | HttpTool
+@dataclass(frozen=True)
+class McpTool:
+    """A host MCP server (stdio) the VM may use, MCP tool by MCP tool.
+
+    ``command`` is run as is (``command[0]`` an absolute path; the VM adds no
+    arguments). ``tools_allow``/``tools_deny`` are globs over MCP tool names
+    (deny wins, nothing is allowed by default); ``tool_param_filters`` check a
+    tool's ``params.arguments``; ``resources_allow`` globs over resource URIs,
+    ``prompts_allow`` over prompt names. ``timeout_secs`` bounds each MCP call,
+    not the session. ``env_inject`` is left out of the repr: it holds secrets.
+    """
+
+    name: str
+    command: tuple[str, ...]
+    env_inject: Mapping[str, str] = field(default_factory=dict, repr=False)
+    tools_allow: tuple[str, ...] = ()
+    tools_deny: tuple[str, ...] = ()
+    tool_param_filters: Mapping[str, ParamFilter] = field(default_factory=dict)
+    resources_allow: tuple[str, ...] = ()
+    prompts_allow: tuple[str, ...] = ()
+    timeout_secs: float | None = None
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    rate_limit: RateLimit | None = None
+    agents: tuple[str, ...] | None = None
+    limits: Mapping[str, int] = field(default_factory=dict)
+    """Always empty: an MCP tool has no parse limit overrides (the message cap is a flag)."""
+
+    @property
+    def type(self) -> str:
+        return "mcp"
+
+    @property
+    def binary(self) -> str:
+        """The program the session runs (``command[0]``)."""
+        return self.command[0]
+
+    def secret_values(self) -> list[str]:
+        """The ``env_inject`` values whose names mark them as secrets."""
+        return [v for k, v in self.env_inject.items() if env_name_is_secret(k)]
+
+
+Tool: TypeAlias = CliTool | HttpTool | McpTool
 
 
 @dataclass(frozen=True)
