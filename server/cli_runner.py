@@ -39,7 +39,7 @@ import trio
 
 from carapace.protocol.messages import CliRequest, Data, End, Exit, Output, Signal
 
-from .policy import DEFAULT_TIMEOUT_SECS, CliDecision, CliTool
+from .policy import DEFAULT_TIMEOUT_SECS, CliDecision, CliTool, McpTool
 from .streams import ServerStream
 
 log = logging.getLogger("carapace.server")
@@ -143,7 +143,7 @@ async def run_cli(
     stream: ServerStream,
     req: CliRequest,
     decision: CliDecision,
-    tool: CliTool,
+    tool: CliTool | McpTool,
     *,
     kill_grace: float = 2.0,
     filters: OutputFilterFactory | None = None,

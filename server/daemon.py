@@ -13,6 +13,7 @@ import signal
 import ssl
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 import trio
 
@@ -79,11 +80,16 @@ class Server:
         self.http_client = UpstreamClient()
         self.pipeline = RequestPipeline(audit=self.audit, metrics=self.metrics,
                                         stats=self.stats, http_client=self.http_client,
-                                        limits=config.parse_limits)
+                                        limits=config.parse_limits,
+                                        mcp_max_message_bytes=config.mcp_max_message_bytes)
         self.on_reload: Callable[[bool, str], None] | None = None
         """Called after each reload attempt with (accepted, message); main.py reports it."""
 
     # -- what the operator API and the metrics read (view.OperatorView) ---------------
+    @property
+    def mcp_observers(self) -> list[Callable[[dict[str, Any]], None]]:
+        return self.pipeline.mcp_observers
+
     def secrets(self) -> list[bytes]:
         """Every secret the server holds that a frame summary must never show."""
         return [*self.tokens.values(), *self.policy.secrets()]

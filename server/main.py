@@ -47,6 +47,7 @@ from .config import (
     ServerConfig,
 )
 from .daemon import Server
+from .mcp.filter import DEFAULT_MAX_MESSAGE_BYTES
 from .operator_api import DebugConfigError, debug_access
 from .policy import LIMIT_NAMES, ParseLimits, PolicyError, load_policy_file
 from .policy.limits import DEFAULT_LIMITS, LIMIT_HELP, env_var, flag
@@ -148,6 +149,11 @@ def parse_limit_options(command: Any) -> Any:
               show_default=True,
               help="Largest audit record, as written (JSON); longer values are cut to a "
               "marked head with the byte count and SHA-256 of the whole.")
+@click.option("--mcp-max-message-bytes", type=click.IntRange(min=1024),
+              default=DEFAULT_MAX_MESSAGE_BYTES, envvar="CARAPACE_MCP_MAX_MESSAGE_BYTES",
+              show_default=True,
+              help="Largest MCP message (one JSON-RPC line) either way in an MCP session; a "
+              "longer one ends the session with an error on the client's stderr.")
 @parse_limit_options
 def main(
     listen: tuple[str, int],
@@ -175,6 +181,7 @@ def main(
     pid_file: str | None = None,
     audit_deny_bytes: int = DEFAULT_DENY_BYTES,
     audit_max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+    mcp_max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     **parse_limits: int,
 ) -> None:
     """Serve Carapace agents: decide, run and audit their tool requests on this host.
@@ -212,6 +219,7 @@ def main(
         audit_deny_bytes=audit_deny_bytes,
         audit_max_record_bytes=audit_max_record_bytes,
         parse_limits=ParseLimits(**parse_limits),
+        mcp_max_message_bytes=mcp_max_message_bytes,
     )
     debug_token = _debug_token(debug_listen, debug_token_file)
     ssl_context = _tls_context(tls_cert, tls_key, tls_client_ca)

@@ -11,6 +11,7 @@ finishes under the policy it began with.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from functools import partial
@@ -22,8 +23,11 @@ from carapace.protocol.messages import CliRequest, HttpRequest
 
 from . import policy as policy_mod
 from .audit import AuditEntry, AuditError, AuditTrail
+from .audit.records import cli_completion_fields
 from .cli_runner import ExitInfo, run_cli
 from .masking import policy_scrubber
+from .mcp.filter import DEFAULT_MAX_MESSAGE_BYTES
+from .mcp.session import McpObserver, McpSession, output_filters
 from .metrics import ServerMetrics
 from .policy import (
     DECIDE_WORKERS,
@@ -49,7 +53,8 @@ class RequestPipeline:
     def __init__(self, *, audit: AuditTrail, metrics: ServerMetrics, stats: Stats,
                  http_client: UpstreamClient,
                  clock: Callable[[], float] = time.monotonic,
-                 limits: ParseLimits = DEFAULT_LIMITS) -> None:
+                 limits: ParseLimits = DEFAULT_LIMITS,
+                 mcp_max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         self.audit = audit
         self.metrics = metrics
         self.stats = stats
@@ -63,6 +68,9 @@ class RequestPipeline:
         self._agent_deciders: dict[str, trio.CapacityLimiter] = {}
         """One large decision per agent at a time, so one agent cannot hold every worker.
         Keyed by authenticated agent name: bounded by the token file."""
+        self.mcp_max_message_bytes = mcp_max_message_bytes
+        self.mcp_observers: list[McpObserver] = []
+        """Told of each MCP call (the sniff feed adds itself)."""
 
     async def handle(self, agent: str, session_id: bytes, stream: ServerStream,
                      msg: HttpRequest | CliRequest, policy: policy_mod.Policy) -> None:
@@ -128,6 +136,9 @@ class RequestPipeline:
 
     async def _handle_cli(self, agent: str, session_id: bytes, stream: ServerStream,
                           req: CliRequest, policy: policy_mod.Policy) -> None:
+        if isinstance(policy.tools.get(req.tool), policy_mod.McpTool):
+            await self._handle_mcp(agent, session_id, stream, req, policy)
+            return
         decide = partial(policy_mod.decide_cli, policy, agent, req.tool, list(req.argv),
                          req.cwd, list(req.env), limits=self.limits)
         heavy = needs_worker(policy.tools.get(req.tool), self.limits, argv=req.argv)
@@ -154,6 +165,35 @@ class RequestPipeline:
                           filters=policy_scrubber(policy).output_filters())
         finally:
             entry.completed_cli(info)
+
+    async def _handle_mcp(self, agent: str, session_id: bytes, stream: ServerStream,
+                          req: CliRequest, policy: policy_mod.Policy) -> None:
+        """An MCP stdio session: a CLI run of the tool's command with the MCP filter on it."""
+        decision = policy_mod.decide_mcp_session(policy, agent, req.tool, list(req.argv))
+        self._counted("mcp", decision, agent, req.tool)
+        entry = self.audit.cli(agent, session_id, req, policy, decision, kind="mcp")
+        if not await self._audited(entry, stream):
+            return
+        if not decision.allow:
+            log.log(entry.log_level, "denied mcp tool %s for agent %s (%s): %s", req.tool,
+                    agent, entry.request_id, decision.reason)
+            self._deny(stream, decision, agent, req.tool)
+            return
+        tool = policy.tools[req.tool]
+        assert isinstance(tool, policy_mod.McpTool)
+        session = McpSession(
+            tool, agent, req.id, entry, audit=self.audit, metrics=self.metrics,
+            observers=self.mcp_observers, max_message_bytes=self.mcp_max_message_bytes,
+            limit=lambda d: apply_rate_limits(self.rate_limiter, d, policy, agent, req.tool,
+                                              self.clock()))
+        info = ExitInfo()
+        try:
+            # The session lasts as long as its client; timeout_secs bounds each call.
+            await run_cli(stream, req, decision, tool, info=info, hook=session.hook,
+                          timeout=math.inf, filters=output_filters(policy_scrubber(policy)))
+        finally:
+            session.finish()
+            entry.completed(**cli_completion_fields(info), mcp_refused=session.refusal)
 
     async def _audited(self, entry: AuditEntry, stream: ServerStream) -> bool:
         """Write the decision record before anything runs; if that fails, refuse (fail closed)."""

@@ -51,7 +51,15 @@ UNCHECKABLE: Final = -32603
 
 
 class McpProtocolError(Exception):
-    """The session must end: the message says why, for the client's stderr."""
+    """The session must end: the message says why, for the client's stderr.
+
+    ``reason`` is a fixed label for the metrics: ``too_large``, ``too_many_pending``
+    or ``not_jsonrpc``.
+    """
+
+    def __init__(self, message: str, reason: str = "not_jsonrpc") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass
@@ -118,7 +126,7 @@ class _Lines:
     def _over(self) -> None:
         raise McpProtocolError(
             f"{self.who} sent an MCP message over {self.limit} bytes (the server's "
-            "--mcp-max-message-bytes); the session is closed")
+            "--mcp-max-message-bytes); the session is closed", "too_large")
 
     def rest(self) -> bytes:
         rest, self.buf = bytes(self.buf), bytearray()
@@ -226,7 +234,8 @@ class McpFilter:
             return error_reply(msg["id"], DENIED, _vm_text(decision))
         if len(self.pending) >= self.max_pending:
             raise McpProtocolError(f"the MCP client has more than {self.max_pending} requests "
-                                   "waiting for an answer; the session is closed")
+                                   "waiting for an answer; the session is closed",
+                                   "too_many_pending")
         now = self.clock()
         self.pending[key] = _Pending(method, verdict.subject, decision, now, now + self.timeout)
         return True

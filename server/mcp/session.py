@@ -1,0 +1,152 @@
+"""One MCP stdio session on the host: the filter plugged into a CLI run, and its records.
+
+A VM's MCP client runs a shim (``carapace-agent shims install github-mcp``);
+the shim's ``cli_request`` names a ``type: mcp`` tool, and the pipeline runs
+the tool's ``command`` like any CLI tool (same spawning, same confinement,
+same masking of stderr) with :class:`McpHook` on its stdin and stdout. Each
+MCP call the filter judges becomes an ``mcp_call`` audit record, a count in
+the metrics and an entry of the sniff feed (:data:`McpObserver`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import trio
+
+from ..audit import AuditEntry, AuditTrail
+from ..cli_runner import HookRefusal, OutputFilter
+from ..masking import Scrubber
+from ..metrics import ServerMetrics
+from ..policy import Decision, McpTool
+from .filter import DEFAULT_MAX_MESSAGE_BYTES, CallRecord, McpFilter, McpProtocolError
+
+log = logging.getLogger("carapace.server")
+
+McpObserver = Callable[[dict[str, Any]], None]
+"""Called with each MCP call's summary (the sniff feed); must not raise or block."""
+
+
+class _WholeChunkScrub:
+    """Masks stdout chunk by chunk: the hook hands out whole lines, and a line of JSON has
+    no raw line break for a secret to straddle, so nothing needs holding back (a held
+    tail would let a reply of Carapace's land inside a message)."""
+
+    def __init__(self, scrubber: Scrubber) -> None:
+        self.scrubber = scrubber
+
+    def feed(self, data: bytes) -> bytes:
+        return self.scrubber.scrub(data)
+
+    def flush(self) -> bytes:
+        return b""
+
+
+def output_filters(scrubber: Scrubber) -> Callable[[int], OutputFilter]:
+    """stdout masked whole-chunk (see :class:`_WholeChunkScrub`), stderr as a stream."""
+    return lambda fd: _WholeChunkScrub(scrubber) if fd == 1 else scrubber.stream()
+
+
+class McpHook:
+    """:class:`~carapace.server.cli_runner.StdioHook` over an :class:`McpFilter`."""
+
+    def __init__(self, session: McpSession, filt: McpFilter) -> None:
+        self.session = session
+        self.filter = filt
+
+    def _step(self, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except McpProtocolError as exc:
+            self.session.refused(exc)
+            raise HookRefusal(str(exc)) from None
+        finally:
+            self.session.flush()
+
+    def to_process(self, data: bytes) -> tuple[bytes, bytes]:
+        return self._step(lambda: self.filter.from_client(data))  # type: ignore[no-any-return]
+
+    def stdin_closed(self) -> tuple[bytes, bytes]:
+        return self._step(self.filter.client_closed)  # type: ignore[no-any-return]
+
+    def from_process(self, data: bytes) -> bytes:
+        return self._step(lambda: self.filter.from_server(data))  # type: ignore[no-any-return]
+
+    def stdout_closed(self) -> bytes:
+        return self._step(self.filter.server_closed)  # type: ignore[no-any-return]
+
+    def next_deadline(self) -> float | None:
+        return self.filter.next_deadline()
+
+    def expire(self) -> bytes:
+        return self._step(self.filter.expire)  # type: ignore[no-any-return]
+
+
+class McpSession:
+    """The records of one session: audit, metrics, sniff, for every call its filter judges."""
+
+    def __init__(self, tool: McpTool, agent: str, request_id: int, entry: AuditEntry, *,
+                 audit: AuditTrail, metrics: ServerMetrics,
+                 observers: Sequence[McpObserver] = (),
+                 limit: Callable[[Decision], Decision] | None = None,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        self.tool = tool
+        self.agent = agent
+        self.request_id = request_id
+        self.entry = entry
+        self.audit = audit
+        self.metrics = metrics
+        self.observers = observers
+        self.refusal: str | None = None
+        self.filter = McpFilter(tool, trio.current_time, max_message_bytes=max_message_bytes,
+                                limit=limit)
+        self.hook = McpHook(self, self.filter)
+
+    def refused(self, exc: McpProtocolError) -> None:
+        self.refusal = str(exc)
+        self.metrics.count_mcp_refused(self.tool.name, exc.reason)
+
+    def finish(self) -> None:
+        """The session is over: record the calls left unanswered."""
+        self.filter.session_ended()
+        self.flush()
+        if self.filter.dropped_from_server:
+            log.warning("request %s: dropped %d line(s) of the host MCP server %s that were "
+                        "not JSON-RPC", self.entry.request_id, self.filter.dropped_from_server,
+                        self.tool.name)
+
+    def flush(self) -> None:
+        records, self.filter.records = self.filter.records, []
+        for record in records:
+            self._record(record)
+
+    def _record(self, call: CallRecord) -> None:
+        fields: dict[str, Any] = {
+            "mcp_method": call.method, "mcp_tool": call.subject, "outcome": call.outcome,
+            "duration_ms": round(call.duration * 1000, 3), "result_bytes": call.result_bytes,
+        }
+        self.audit.mcp_call(self.entry, call.decision, fields)
+        self.metrics.count_mcp_call(self.tool.name, call.method, call.outcome,
+                                    call.result_bytes)
+        if not call.decision.allow:
+            log.log(self.entry.log_level, "denied MCP %s %s on tool %s for agent %s (%s): %s",
+                    call.method, call.subject, self.tool.name, self.agent,
+                    self.entry.request_id, call.decision.reason)
+        if not self.observers:
+            return
+        took = f", {fields['duration_ms']:.0f} ms, {call.result_bytes} B" if call.decision.allow \
+            else ""
+        summary = (f"{call.method} {call.subject or ''} → {call.decision.decision} "
+                   f"({call.outcome}{took})")
+        record = {"type": "mcp_call", "ts": time.time(), "direction": "in",
+                  "agent": self.agent, "tool": self.tool.name, "id": self.request_id,
+                  "decision": call.decision.decision, "rule": call.decision.rule,
+                  **fields, "summary": summary}
+        for observer in list(self.observers):
+            try:
+                observer(record)
+            except Exception:  # an observer must never break the session it watches
+                log.exception("an MCP call observer failed")
