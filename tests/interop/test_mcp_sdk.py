@@ -34,8 +34,9 @@ from helpers.procs import (
 
 pytest.importorskip("mcp", reason="the MCP SDK is not installed: pip install -e '.[interop]'")
 
-from mcp import ClientSession, StdioServerParameters  # noqa: E402
-from mcp.client.stdio import stdio_client  # noqa: E402
+from mcp import ClientSession, StdioServerParameters
+from mcp.client.stdio import stdio_client
+
 try:  # named MCPError since SDK 2, McpError before
     from mcp.shared.exceptions import MCPError as McpError
 except ImportError:  # pragma: no cover - SDK 1.x
