@@ -25,10 +25,13 @@ from carapace.server.policy import (
     CliDecision,
     CliTool,
     Decision,
+    McpTool,
     Policy,
     PolicyError,
     decide_cli,
     decide_http,
+    decide_mcp_request,
+    decide_mcp_session,
     lint_policy,
     load_policy_file,
 )
@@ -134,6 +137,12 @@ def policy() -> None:
 @click.option("--env", "env", multiple=True, metavar="NAME=VALUE",
               help="Environment variable the VM sends (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--mcp", "mcp_method", default=None, metavar="METHOD",
+              help="Check one MCP request (tools/call, resources/read, prompts/get, ...) to "
+              "a type: mcp tool instead of a command line.")
+@click.option("--params", "mcp_params", default=None, metavar="JSON",
+              help="The MCP request's params for --mcp, e.g. "
+              "'{\"name\": \"get_me\", \"arguments\": {}}'.")
 @click.pass_context
 def check(
     ctx: click.Context,
@@ -147,6 +156,8 @@ def check(
     cwd: str | None,
     env: tuple[str, ...],
     as_json: bool,
+    mcp_method: str | None = None,
+    mcp_params: str | None = None,
 ) -> None:
     """Decide one request: exit 0 if allowed, 1 if denied, 2 if the policy is unusable.
 
@@ -158,11 +169,19 @@ def check(
     carapace-debug policy check POLICY --tool op -- item get foo
     carapace-debug policy check POLICY --tool signal-cli --http POST /api/v1/rpc \\
         --body '{"jsonrpc":"2.0","method":"send","params":{"recipient":["+15551234567"]}}'
+    carapace-debug policy check POLICY --tool github --mcp tools/call \\
+        --params '{"name":"get_me","arguments":{}}'
     """
     path, argv = _split_policy(ctx, args, policy_opt, as_json)
     loaded = _load(path, as_json)
     decision: Decision
-    if http:
+    if mcp_method is not None:
+        if argv or http or body is not None or headers or env or cwd is not None:
+            raise click.UsageError("--mcp takes only --params")
+        decision = _check_mcp(loaded, agent, tool, mcp_method, mcp_params)
+    elif mcp_params is not None:
+        raise click.UsageError("--params needs --mcp METHOD")
+    elif http:
         if argv:
             raise click.UsageError("ARGV makes no sense with --http")
         if env or cwd is not None:
@@ -188,6 +207,20 @@ def check(
     else:
         _print_decision(decision, Console(highlight=False, soft_wrap=True))
     ctx.exit(0 if decision.allow else 1)
+
+
+def _check_mcp(loaded: Policy, agent: str, tool: str, method: str,
+               raw: str | None) -> Decision:
+    """The session's verdict if the agent may not start one, else the request's."""
+    try:
+        params = json.loads(raw) if raw is not None else {}
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="--params") from None
+    session = decide_mcp_session(loaded, agent, tool, [])
+    spec = loaded.tools.get(tool)
+    if not session.allow or not isinstance(spec, McpTool):
+        return session
+    return decide_mcp_request(spec, method, params).decision
 
 
 def _binary_problem(path: str) -> str | None:
