@@ -33,6 +33,19 @@ shim's credentials as the VM's agent says it read them with SO_PEERCRED: the
 host cannot verify them, a hostile VM sends what it likes) and, if allowed,
 ``binary`` and ``run_cwd`` (the resolved host directory).
 
+An MCP session (``kind`` ``mcp``) has a decision and a completion record as a
+CLI request does (the completion adds ``mcp_refused``, why Carapace ended the
+session, when it did) and between them one ``mcp_call`` record per MCP call
+it judged: ``tools/call``, ``resources/read``, ``prompts/get`` and the like,
+and every request it denied. Such a record has the session's ``request_id``,
+``agent``, ``tool`` and ``kind``, the call's own ``decision``, ``reason``,
+``rule`` (and ``code`` if denied), ``mcp_method``, ``mcp_tool`` (the MCP tool
+name, resource URI or prompt name), ``outcome`` (``answered``, ``error``,
+``denied``, ``timed_out``, ``cancelled``, ``unanswered``), ``duration_ms``
+and ``result_bytes`` (the size of the host server's answer). Denied calls go
+through the deny throttle; allowed ones are left out with ``audit.enabled:
+false``.
+
 Completion records add ``duration_ms`` (from the decision), ``bytes_in``
 and ``bytes_out`` (HTTP: request body and response body bytes; CLI: stdin
 and stdout+stderr bytes; for an event stream, the bytes of the events'

@@ -28,7 +28,7 @@ last one::
       NAME: {tools: [TOOL, ...], rate_limit: {max_requests: N, window_secs: S}}
     tools:
       NAME:                         # [A-Za-z0-9][A-Za-z0-9._-]*, at most 128 long
-        type: cli | http
+        type: cli | http | mcp
         ...
 
 CLI tool keys: ``binary`` (absolute path, required), ``argv_allow_patterns``,
@@ -46,6 +46,13 @@ deny_patterns}``; added: ``fields``, ``deny_fields``, ``allow_fields``,
 value), ``rate_limit``, ``timeout_secs``, ``audit``, ``agents``, ``limits``
 (added: ``{max_jsonrpc_body_bytes, max_jsonrpc_batch, max_headers,
 max_header_bytes}``).
+
+MCP tool keys (``type: mcp``, added): ``command`` (required: the stdio MCP
+server's argv, ``command[0]`` an absolute path), ``env_inject``,
+``tools_allow``, ``tools_deny``, ``tool_param_filters``, ``resources_allow``,
+``prompts_allow``, ``timeout_secs``, ``rate_limit``, ``audit``, ``agents``
+(meaning under "MCP tools" below). ``url`` (an MCP server over HTTP) is not
+supported yet and is an error.
 
 ``limits`` overrides, for one tool, the server-wide parse limits (positive
 whole numbers; see :mod:`.limits` and DEPLOYMENT.md, "Parse limits"): a
@@ -190,6 +197,45 @@ matched with everything but digits and ``+`` removed (``"+1 (900) 555-0000"``
 is ``+19005550000``, so ``deny_patterns: ["+1900*"]`` holds); any other value
 (letters, ``u:username``, a UUID, non-ASCII digits) is denied, since signal-cli
 would not read it as a number.
+
+MCP tools
+=========
+A ``type: mcp`` tool is a host MCP server spoken to over stdio (newline-
+delimited JSON-RPC). The VM runs a shim named after the tool as its MCP
+client's server command; each run starts one process of ``command`` on the
+host, in ``/``, with :data:`BASE_ENV` and ``env_inject`` only (the VM adds no
+arguments and no environment: a shim run with arguments is denied). Then
+every message of the session is judged (:mod:`.mcp`, applied by
+``server/mcp/``):
+
+- ``initialize``, ``ping``, ``logging/setLevel``, notifications
+  (``notifications/*``) and responses to the server's own requests pass;
+- ``tools/call`` needs ``params.name`` to match no ``tools_deny`` glob and
+  some ``tools_allow`` glob (deny wins; without ``tools_allow`` every call is
+  denied), and, when ``tool_param_filters`` has an entry for the tool, its
+  ``params.arguments`` to pass that filter (the keys and meaning of
+  ``jsonrpc_param_filters``; an entry is keyed by the exact tool name);
+- ``resources/read``, ``resources/subscribe`` and ``resources/unsubscribe``
+  need ``params.uri`` to match a ``resources_allow`` glob; ``prompts/get``
+  needs ``params.name`` to match a ``prompts_allow`` glob;
+  ``completion/complete`` is judged as the prompt or resource its ``ref`` names;
+- any other request method is denied. A request without an id whose method
+  is not a notification (a lenient server might act on it) is judged the
+  same way and dropped if denied;
+- the answers to ``tools/list``, ``resources/list``,
+  ``resources/templates/list`` (by ``uriTemplate``) and ``prompts/list`` keep
+  only the items the rules allow; one whose shape is not MCP's is withheld
+  (an error instead). ``notifications/resources/updated`` reaches the VM only
+  for a resource it may read; ``list_changed`` notifications pass.
+
+A denied request is answered by Carapace with a JSON-RPC error with the same
+id (code -32001, "denied by the host policy (Carapace): REASON"); the host
+server never sees it. In a batch each element is judged: the allowed ones go
+on as a batch, the denials come back as a batch of their own.
+``timeout_secs`` bounds each request (not the session): one not answered in
+time gets an error (-32002) and its late answer is dropped. ``rate_limit``
+counts the judged calls (``tools/call``, ``resources/read``, ``prompts/get``,
+...), not the lists.
 """
 
 
