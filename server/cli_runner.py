@@ -31,9 +31,9 @@ import math
 import os
 import signal
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 import trio
 
@@ -79,23 +79,24 @@ class StdioHook(Protocol):
 
     It sees the streams before any :class:`OutputFilter`, returns only whole
     messages, and may answer the VM itself: those replies go to the VM's
-    stdout between two of the process's messages. Any method may raise
-    :class:`HookRefusal`. Deadlines are in trio time.
+    stdout between two of the process's messages. Any step may raise
+    :class:`HookRefusal`; steps are async so that a costly one can leave the
+    event loop. Deadlines are in trio time.
     """
 
-    def to_process(self, data: bytes) -> tuple[bytes, bytes]:
+    async def to_process(self, data: bytes) -> tuple[bytes, bytes]:
         """(for the process's stdin, replies for the VM's stdout)."""
         ...
 
-    def stdin_closed(self) -> tuple[bytes, bytes]: ...
+    async def stdin_closed(self) -> tuple[bytes, bytes]: ...
 
-    def from_process(self, data: bytes) -> bytes: ...
+    async def from_process(self, data: bytes) -> bytes: ...
 
-    def stdout_closed(self) -> bytes: ...
+    async def stdout_closed(self) -> bytes: ...
 
     def next_deadline(self) -> float | None: ...
 
-    def expire(self) -> bytes:
+    async def expire(self) -> bytes:
         """Replies for whatever is past its deadline now."""
         ...
 
@@ -288,13 +289,12 @@ class _Run:
                 if not data:
                     break
                 if fd == 1 and self.hook is not None:
-                    data = await self._hooked(self.hook.from_process, data)
+                    data = await self._hooked(self.hook.from_process(data))
                 if filt is not None:
                     data = filt.feed(data)
                 await self._send_output(fd, data)
             if fd == 1 and self.hook is not None:
-                hook = self.hook
-                tail = await self._hooked(lambda _: hook.stdout_closed(), b"")
+                tail = await self._hooked(self.hook.stdout_closed())
                 await self._send_output(fd, filt.feed(tail) if filt is not None else tail)
             if filt is not None:
                 await self._send_output(fd, filt.flush())
@@ -303,12 +303,13 @@ class _Run:
             if not self.open_pipes:
                 self.pipes_closed.set()
 
-    async def _hooked(self, step: Callable[[bytes], bytes], data: bytes) -> bytes:
+    async def _hooked(self, step: Coroutine[Any, Any, bytes]) -> bytes:
         """One hook step on stdout; nothing more goes out once the hook has refused."""
         if self.refused is not None:
+            step.close()
             return b""
         try:
-            return step(data)
+            return await step
         except HookRefusal as exc:
             await self._refuse(str(exc))
             return b""
@@ -332,7 +333,7 @@ class _Run:
             with trio.move_on_at(math.inf if deadline is None else deadline):
                 await self._hook_poke.wait()
             self._hook_poke = trio.Event()
-            await self._send_output(1, await self._hooked(lambda _: hook.expire(), b""))
+            await self._send_output(1, await self._hooked(hook.expire()))
 
     async def _send_output(self, fd: int, data: bytes) -> None:
         if data:
@@ -380,9 +381,9 @@ class _Run:
         if self.refused is None and (self.stdin_open or isinstance(msg, Data)):
             try:
                 if isinstance(msg, Data):
-                    data, replies = self.hook.to_process(msg.data)
+                    data, replies = await self.hook.to_process(msg.data)
                 else:
-                    data, replies = self.hook.stdin_closed()
+                    data, replies = await self.hook.stdin_closed()
             except HookRefusal as exc:
                 await self._refuse(str(exc))
                 data = replies = b""

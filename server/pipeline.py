@@ -47,6 +47,15 @@ log = logging.getLogger("carapace.server")
 D = TypeVar("D", bound=policy_mod.Decision)
 
 
+def _on_loop() -> bool:
+    """Whether this runs in trio's thread (not in a worker thread)."""
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        return False
+    return True
+
+
 class RequestPipeline:
     """Takes one agent request from its decision to its completion record."""
 
@@ -181,11 +190,17 @@ class RequestPipeline:
             return
         tool = policy.tools[req.tool]
         assert isinstance(tool, policy_mod.McpTool)
+        def limit(allowed: policy_mod.Decision) -> policy_mod.Decision:
+            """The rate limits on one MCP call, on the event loop even from a worker."""
+            def apply() -> policy_mod.Decision:
+                return apply_rate_limits(self.rate_limiter, allowed, policy, agent, req.tool,
+                                         self.clock())
+            return apply() if _on_loop() else trio.from_thread.run_sync(apply)
+
         session = McpSession(
             tool, agent, req.id, entry, audit=self.audit, metrics=self.metrics,
             observers=self.mcp_observers, max_message_bytes=self.mcp_max_message_bytes,
-            limit=lambda d: apply_rate_limits(self.rate_limiter, d, policy, agent, req.tool,
-                                              self.clock()))
+            limit=limit, offload=lambda fn: self._decide(agent, fn, True))
         info = ExitInfo()
         try:
             # The session lasts as long as its client; timeout_secs bounds each call.

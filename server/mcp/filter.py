@@ -155,6 +155,11 @@ class McpFilter:
         self.dropped_from_server = 0
         """Lines of the host server that were not JSON-RPC (dropped, not relayed)."""
 
+    @property
+    def held(self) -> tuple[int, int]:
+        """Bytes of a partial line held from the client and from the server."""
+        return len(self._client.buf), len(self._server.buf)
+
     # -- the VM's client -> the host server ----------------------------------------------
 
     def from_client(self, data: bytes) -> tuple[bytes, bytes]:

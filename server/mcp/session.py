@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import trio
@@ -21,7 +21,7 @@ from ..audit import AuditEntry, AuditTrail
 from ..cli_runner import HookRefusal, OutputFilter
 from ..masking import Scrubber
 from ..metrics import ServerMetrics
-from ..policy import Decision, McpTool
+from ..policy import INLINE_DECIDE_BYTES, Decision, McpTool
 from .filter import DEFAULT_MAX_MESSAGE_BYTES, CallRecord, McpFilter, McpProtocolError
 
 log = logging.getLogger("carapace.server")
@@ -50,39 +50,54 @@ def output_filters(scrubber: Scrubber) -> Callable[[int], OutputFilter]:
     return lambda fd: _WholeChunkScrub(scrubber) if fd == 1 else scrubber.stream()
 
 
-class McpHook:
-    """:class:`~carapace.server.cli_runner.StdioHook` over an :class:`McpFilter`."""
+Offload = Callable[[Callable[[], Any]], Awaitable[Any]]
+"""Runs a costly step away from the event loop (a worker thread) and waits for it."""
 
-    def __init__(self, session: McpSession, filt: McpFilter) -> None:
+
+class McpHook:
+    """:class:`~carapace.server.cli_runner.StdioHook` over an :class:`McpFilter`.
+
+    A step over ``INLINE_DECIDE_BYTES`` (parsing a 4 MiB message takes tens of
+    milliseconds) runs through ``offload``, as large policy decisions do; one
+    step at a time, so the filter is never used by two threads at once.
+    """
+
+    def __init__(self, session: McpSession, filt: McpFilter,
+                 offload: Offload | None = None) -> None:
         self.session = session
         self.filter = filt
+        self.offload = offload
+        self._lock = trio.Lock()
 
-    def _step(self, fn: Callable[[], Any]) -> Any:
-        try:
-            return fn()
-        except McpProtocolError as exc:
-            self.session.refused(exc)
-            raise HookRefusal(str(exc)) from None
-        finally:
-            self.session.flush()
+    async def _step(self, fn: Callable[[], Any], size: int = 0) -> Any:
+        async with self._lock:
+            try:
+                if self.offload is not None and size > INLINE_DECIDE_BYTES:
+                    return await self.offload(fn)
+                return fn()
+            except McpProtocolError as exc:
+                self.session.refused(exc)
+                raise HookRefusal(str(exc)) from None
+            finally:
+                self.session.flush()
 
-    def to_process(self, data: bytes) -> tuple[bytes, bytes]:
-        return self._step(lambda: self.filter.from_client(data))  # type: ignore[no-any-return]
+    async def to_process(self, data: bytes) -> tuple[bytes, bytes]:
+        return await self._step(lambda: self.filter.from_client(data), len(data))  # type: ignore[no-any-return]
 
-    def stdin_closed(self) -> tuple[bytes, bytes]:
-        return self._step(self.filter.client_closed)  # type: ignore[no-any-return]
+    async def stdin_closed(self) -> tuple[bytes, bytes]:
+        return await self._step(self.filter.client_closed, self.filter.held[0])  # type: ignore[no-any-return]
 
-    def from_process(self, data: bytes) -> bytes:
-        return self._step(lambda: self.filter.from_server(data))  # type: ignore[no-any-return]
+    async def from_process(self, data: bytes) -> bytes:
+        return await self._step(lambda: self.filter.from_server(data), len(data))  # type: ignore[no-any-return]
 
-    def stdout_closed(self) -> bytes:
-        return self._step(self.filter.server_closed)  # type: ignore[no-any-return]
+    async def stdout_closed(self) -> bytes:
+        return await self._step(self.filter.server_closed, self.filter.held[1])  # type: ignore[no-any-return]
 
     def next_deadline(self) -> float | None:
         return self.filter.next_deadline()
 
-    def expire(self) -> bytes:
-        return self._step(self.filter.expire)  # type: ignore[no-any-return]
+    async def expire(self) -> bytes:
+        return await self._step(self.filter.expire)  # type: ignore[no-any-return]
 
 
 class McpSession:
@@ -92,7 +107,8 @@ class McpSession:
                  audit: AuditTrail, metrics: ServerMetrics,
                  observers: Sequence[McpObserver] = (),
                  limit: Callable[[Decision], Decision] | None = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 offload: Offload | None = None) -> None:
         self.tool = tool
         self.agent = agent
         self.request_id = request_id
@@ -101,9 +117,12 @@ class McpSession:
         self.metrics = metrics
         self.observers = observers
         self.refusal: str | None = None
-        self.filter = McpFilter(tool, trio.current_time, max_message_bytes=max_message_bytes,
-                                limit=limit)
-        self.hook = McpHook(self, self.filter)
+        # The filter may run in a worker thread, where trio.current_time cannot be
+        # read: its clock is the monotonic clock moved onto trio's (for the deadlines).
+        offset = trio.current_time() - time.monotonic()
+        self.filter = McpFilter(tool, lambda: time.monotonic() + offset,
+                                max_message_bytes=max_message_bytes, limit=limit)
+        self.hook = McpHook(self, self.filter, offload)
 
     def refused(self, exc: McpProtocolError) -> None:
         self.refusal = str(exc)

@@ -342,3 +342,12 @@ def test_sniff_and_metrics_show_mcp_calls_by_tool_name(mcp: McpDeployment) -> No
     assert 'carapace_mcp_calls_total{method="tools/call",outcome="denied",tool="test-mcp"}' \
         in metrics
     assert 'carapace_mcp_sessions_refused_total' in metrics
+
+
+def test_large_messages_both_ways(mcp: McpDeployment, client: McpClient) -> None:
+    """Over 16 KiB a message is judged in a worker thread; the answer is the same."""
+    text = "hello " + "x" * 30000
+    assert client.call("echo", text=text)["result"]["content"][0]["text"] == text
+    assert len(client.call("big", bytes=40000)["result"]["content"][0]["text"]) == 40000
+    assert "error" in client.call("echo", text="bye " + "x" * 30000)
+    assert client.close() == 0
