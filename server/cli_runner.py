@@ -179,8 +179,7 @@ async def run_cli(
     info.pid = proc.pid
     if timeout is None:
         timeout = float(tool.timeout_secs or DEFAULT_TIMEOUT_SECS)
-    run = _Run(stream, req.id, proc, kill_grace, filters, info)
-    run.hook = hook
+    run = _Run(stream, req.id, proc, kill_grace, filters, info, hook)
     try:
         await run.run(timeout)
     except trio.Cancelled:
@@ -200,7 +199,8 @@ class _Run:
     """One live process and the tasks that connect it to its stream."""
 
     def __init__(self, stream: ServerStream, request_id: int, proc: trio.Process,
-                 grace: float, filters: OutputFilterFactory | None, info: ExitInfo) -> None:
+                 grace: float, filters: OutputFilterFactory | None, info: ExitInfo,
+                 hook: StdioHook | None = None) -> None:
         self.stream = stream
         self.id = request_id
         self.proc = proc
@@ -213,7 +213,7 @@ class _Run:
         self.stdin_open = True
         # Unbounded on purpose: the agent's credit already bounds what can queue here.
         self._stdin_send, self._stdin_receive = trio.open_memory_channel[Data | End](math.inf)
-        self.hook: StdioHook | None = None
+        self.hook = hook
         self.refused: str | None = None
         """Why the hook ended the run, if it did."""
         self._hook_poke = trio.Event()

@@ -139,7 +139,7 @@ def lint_policy(
     return out
 
 
-def _lint_mcp(tool: McpTool, warn: Callable[[str, str], None],
+def _lint_mcp(tool: McpTool, warn: Callable[..., None],
               binary_problem: Callable[[str], str | None] | None) -> None:
     """An MCP tool that allows every MCP tool also allows those a later server adds."""
     if not tool.tools_allow:
@@ -151,7 +151,7 @@ def _lint_mcp(tool: McpTool, warn: Callable[[str, str], None],
     if binary_problem is not None:
         problem = binary_problem(tool.binary)
         if problem:
-            warn(tool.name, f"command {tool.binary}: {problem}")
+            warn(tool.name, f"command {tool.binary}: {problem}", "error")
 
 
 def _risky_args(tool: CliTool) -> list[str]:

@@ -317,6 +317,8 @@ def test_audit_records_each_call_and_debug_audit_finds_it(mcp: McpDeployment,
     records = json.loads(shown.stdout)["records"]
     assert records and all(r["mcp_tool"] == "delete_everything" for r in records)
     assert mcp.token not in mcp.audit_log.read_text()
+    table = run_debug("audit", "--file", str(mcp.audit_log), "--tool", "get_time")
+    assert table.returncode == 0 and "tools/call get_time" in table.stdout, table.stdout
 
 
 def test_sniff_and_metrics_show_mcp_calls_by_tool_name(mcp: McpDeployment) -> None:
