@@ -17,7 +17,7 @@ from carapace.protocol.resume import DEFAULT_REPLAY_LIMIT
 from .audit import DEFAULT_BACKUPS, DEFAULT_DENY_LIMIT, DEFAULT_MAX_BYTES
 from .audit.caps import DEFAULT_MAX_RECORD_BYTES
 from .audit.throttle import DEFAULT_DENY_BYTES
-from .mcp.filter import DEFAULT_MAX_MESSAGE_BYTES
+from .mcp.filter import DEFAULT_MAX_MESSAGE_BYTES, MAX_PENDING
 from .policy import DEFAULT_LIMITS, ParseLimits
 
 DEFAULT_LISTEN = ("127.0.0.1", 8765)
@@ -59,3 +59,5 @@ class ServerConfig:
     audit_max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
     mcp_max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     """Largest MCP message either way in an MCP session (``--mcp-max-message-bytes``)."""
+    mcp_max_pending: int = MAX_PENDING
+    """Client requests one MCP session may leave waiting for an answer (``--mcp-max-pending``)."""

@@ -81,7 +81,8 @@ class Server:
         self.pipeline = RequestPipeline(audit=self.audit, metrics=self.metrics,
                                         stats=self.stats, http_client=self.http_client,
                                         limits=config.parse_limits,
-                                        mcp_max_message_bytes=config.mcp_max_message_bytes)
+                                        mcp_max_message_bytes=config.mcp_max_message_bytes,
+                                        mcp_max_pending=config.mcp_max_pending)
         self.on_reload: Callable[[bool, str], None] | None = None
         """Called after each reload attempt with (accepted, message); main.py reports it."""
 

@@ -47,7 +47,7 @@ from .config import (
     ServerConfig,
 )
 from .daemon import Server
-from .mcp.filter import DEFAULT_MAX_MESSAGE_BYTES
+from .mcp.filter import DEFAULT_MAX_MESSAGE_BYTES, MAX_PENDING
 from .operator_api import DebugConfigError, debug_access
 from .policy import LIMIT_NAMES, ParseLimits, PolicyError, load_policy_file
 from .policy.limits import DEFAULT_LIMITS, LIMIT_HELP, env_var, flag
@@ -154,6 +154,10 @@ def parse_limit_options(command: Any) -> Any:
               show_default=True,
               help="Largest MCP message (one JSON-RPC line) either way in an MCP session; a "
               "longer one ends the session with an error on the client's stderr.")
+@click.option("--mcp-max-pending", type=click.IntRange(min=1), default=MAX_PENDING,
+              envvar="CARAPACE_MCP_MAX_PENDING", show_default=True,
+              help="Requests an MCP client may leave waiting for the host server's answer; "
+              "one more ends the session (each waiting id is remembered).")
 @parse_limit_options
 def main(
     listen: tuple[str, int],
@@ -182,6 +186,7 @@ def main(
     audit_deny_bytes: int = DEFAULT_DENY_BYTES,
     audit_max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
     mcp_max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    mcp_max_pending: int = MAX_PENDING,
     **parse_limits: int,
 ) -> None:
     """Serve Carapace agents: decide, run and audit their tool requests on this host.
@@ -220,6 +225,7 @@ def main(
         audit_max_record_bytes=audit_max_record_bytes,
         parse_limits=ParseLimits(**parse_limits),
         mcp_max_message_bytes=mcp_max_message_bytes,
+        mcp_max_pending=mcp_max_pending,
     )
     debug_token = _debug_token(debug_listen, debug_token_file)
     ssl_context = _tls_context(tls_cert, tls_key, tls_client_ca)

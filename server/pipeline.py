@@ -26,7 +26,7 @@ from .audit import AuditEntry, AuditError, AuditTrail
 from .audit.records import cli_completion_fields
 from .cli_runner import ExitInfo, run_cli
 from .masking import policy_scrubber
-from .mcp.filter import DEFAULT_MAX_MESSAGE_BYTES
+from .mcp.filter import DEFAULT_MAX_MESSAGE_BYTES, MAX_PENDING
 from .mcp.session import McpObserver, McpSession, output_filters
 from .metrics import ServerMetrics
 from .policy import (
@@ -63,7 +63,8 @@ class RequestPipeline:
                  http_client: UpstreamClient,
                  clock: Callable[[], float] = time.monotonic,
                  limits: ParseLimits = DEFAULT_LIMITS,
-                 mcp_max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+                 mcp_max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 mcp_max_pending: int = MAX_PENDING) -> None:
         self.audit = audit
         self.metrics = metrics
         self.stats = stats
@@ -78,6 +79,7 @@ class RequestPipeline:
         """One large decision per agent at a time, so one agent cannot hold every worker.
         Keyed by authenticated agent name: bounded by the token file."""
         self.mcp_max_message_bytes = mcp_max_message_bytes
+        self.mcp_max_pending = mcp_max_pending
         self.mcp_observers: list[McpObserver] = []
         """Told of each MCP call (the sniff feed adds itself)."""
 
@@ -200,7 +202,8 @@ class RequestPipeline:
         session = McpSession(
             tool, agent, req.id, entry, audit=self.audit, metrics=self.metrics,
             observers=self.mcp_observers, max_message_bytes=self.mcp_max_message_bytes,
-            limit=limit, offload=lambda fn: self._decide(agent, fn, True))
+            max_pending=self.mcp_max_pending, limit=limit,
+            offload=lambda fn: self._decide(agent, fn, True))
         info = ExitInfo()
         try:
             # The session lasts as long as its client; timeout_secs bounds each call.

@@ -39,8 +39,9 @@ file contents and images as base64, a few MiB at most in practice; a line over i
 never buffered whole, so a session costs at most this much memory per direction."""
 
 MAX_PENDING: Final = 1024
-"""Client requests waiting for the host server's answer: far above what a client keeps
-in flight (it waits for its LLM between calls), small enough to bound the ids kept."""
+"""Client requests waiting for the host server's answer (``--mcp-max-pending``): far above
+what a client keeps in flight (it waits for its LLM between calls), small enough to bound
+the ids kept."""
 
 DENIED: Final = -32001
 """JSON-RPC error code of a request the host policy denied (server-defined range)."""
@@ -239,7 +240,8 @@ class McpFilter:
             return error_reply(msg["id"], DENIED, _vm_text(decision))
         if len(self.pending) >= self.max_pending:
             raise McpProtocolError(f"the MCP client has more than {self.max_pending} requests "
-                                   "waiting for an answer; the session is closed",
+                                   "waiting for an answer (the server's --mcp-max-pending); "
+                                   "the session is closed",
                                    "too_many_pending")
         now = self.clock()
         self.pending[key] = _Pending(method, verdict.subject, decision, now, now + self.timeout)

@@ -22,7 +22,13 @@ from ..cli_runner import HookRefusal, OutputFilter
 from ..masking import Scrubber
 from ..metrics import ServerMetrics
 from ..policy import INLINE_DECIDE_BYTES, Decision, McpTool
-from .filter import DEFAULT_MAX_MESSAGE_BYTES, CallRecord, McpFilter, McpProtocolError
+from .filter import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    MAX_PENDING,
+    CallRecord,
+    McpFilter,
+    McpProtocolError,
+)
 
 log = logging.getLogger("carapace.server")
 
@@ -108,6 +114,7 @@ class McpSession:
                  observers: Sequence[McpObserver] = (),
                  limit: Callable[[Decision], Decision] | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 max_pending: int = MAX_PENDING,
                  offload: Offload | None = None) -> None:
         self.tool = tool
         self.agent = agent
@@ -121,7 +128,8 @@ class McpSession:
         # read: its clock is the monotonic clock moved onto trio's (for the deadlines).
         offset = trio.current_time() - time.monotonic()
         self.filter = McpFilter(tool, lambda: time.monotonic() + offset,
-                                max_message_bytes=max_message_bytes, limit=limit)
+                                max_message_bytes=max_message_bytes,
+                                max_pending=max_pending, limit=limit)
         self.hook = McpHook(self, self.filter, offload)
 
     def refused(self, exc: McpProtocolError) -> None:

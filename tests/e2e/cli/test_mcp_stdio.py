@@ -38,6 +38,7 @@ from .conftest import install_shims, start_agent, wait_until
 
 HELPER = Path(__file__).resolve().parents[2] / "helpers" / "mcp_server.py"
 MAX_MESSAGE = 64 * 1024
+MAX_PENDING = 8
 ALLOWED_TOOLS = {"get_time", "echo", "print_secret", "sleep", "big"}
 
 
@@ -156,7 +157,8 @@ def mcp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[McpDeployment]:
                             "--policy", str(policy), "--token-file", str(token_file),
                             "--audit-log", str(audit_log),
                             "--debug-listen", f"127.0.0.1:{debug_port}",
-                            "--mcp-max-message-bytes", str(MAX_MESSAGE)])
+                            "--mcp-max-message-bytes", str(MAX_MESSAGE),
+                            "--mcp-max-pending", str(MAX_PENDING)])
     agent = start_agent(socket_path, port, token_file)
     try:
         for proc, what in ((server, "listening on"), (agent, "connected to carapace-server")):
@@ -353,3 +355,15 @@ def test_large_messages_both_ways(mcp: McpDeployment, client: McpClient) -> None
     assert len(client.call("big", bytes=40000)["result"]["content"][0]["text"]) == 40000
     assert "error" in client.call("echo", text="bye " + "x" * 30000)
     assert client.close() == 0
+
+
+def test_too_many_waiting_requests_end_the_session(mcp: McpDeployment) -> None:
+    c = mcp.start()
+    c.initialize()
+    c.send_raw(b"".join(
+        json.dumps({"jsonrpc": "2.0", "id": 1000 + i, "method": "tools/call",
+                    "params": {"name": "sleep", "arguments": {"seconds": 10}}}).encode() + b"\n"
+        for i in range(MAX_PENDING + 1)))
+    assert c.proc.wait(timeout=20) == 65
+    err = c.stderr()
+    assert f"more than {MAX_PENDING} requests" in err and "--mcp-max-pending" in err, err
