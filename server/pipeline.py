@@ -23,10 +23,11 @@ from carapace.protocol.messages import CliRequest, HttpRequest
 
 from . import policy as policy_mod
 from .audit import AuditEntry, AuditError, AuditTrail
-from .audit.records import cli_completion_fields
+from .audit.records import cli_completion_fields, http_completion_fields
 from .cli_runner import ExitInfo, run_cli
 from .masking import policy_scrubber
 from .mcp.filter import DEFAULT_MAX_MESSAGE_BYTES, MAX_PENDING
+from .mcp.http import forward_mcp_http
 from .mcp.session import McpObserver, McpSession, output_filters
 from .metrics import ServerMetrics
 from .policy import (
@@ -115,6 +116,9 @@ class RequestPipeline:
 
     async def _handle_http(self, agent: str, session_id: bytes, stream: ServerStream,
                            req: HttpRequest, policy: policy_mod.Policy) -> None:
+        if isinstance(policy.tools.get(req.tool), policy_mod.McpTool):
+            await self._handle_mcp_http(agent, session_id, stream, req, policy)
+            return
         decide = partial(policy_mod.decide_http, policy, agent, req.tool, req.method,
                          req.target, list(req.headers), req.body, limits=self.limits)
         heavy = needs_worker(policy.tools.get(req.tool), self.limits, body=req.body)
@@ -192,18 +196,7 @@ class RequestPipeline:
             return
         tool = policy.tools[req.tool]
         assert isinstance(tool, policy_mod.McpTool)
-        def limit(allowed: policy_mod.Decision) -> policy_mod.Decision:
-            """The rate limits on one MCP call, on the event loop even from a worker."""
-            def apply() -> policy_mod.Decision:
-                return apply_rate_limits(self.rate_limiter, allowed, policy, agent, req.tool,
-                                         self.clock())
-            return apply() if _on_loop() else trio.from_thread.run_sync(apply)
-
-        session = McpSession(
-            tool, agent, req.id, entry, audit=self.audit, metrics=self.metrics,
-            observers=self.mcp_observers, max_message_bytes=self.mcp_max_message_bytes,
-            max_pending=self.mcp_max_pending, limit=limit,
-            offload=lambda fn: self._decide(agent, fn, True))
+        session = self._mcp_session(tool, agent, req.id, entry, policy)
         info = ExitInfo()
         try:
             # The session lasts as long as its client; timeout_secs bounds each call.
@@ -212,6 +205,53 @@ class RequestPipeline:
         finally:
             session.finish()
             entry.completed(**cli_completion_fields(info), mcp_refused=session.refusal)
+
+    def _mcp_session(self, tool: policy_mod.McpTool, agent: str, request_id: int,
+                     entry: AuditEntry, policy: policy_mod.Policy) -> McpSession:
+        """The filter and records of one MCP session (stdio) or HTTP request (url)."""
+        def limit(allowed: policy_mod.Decision) -> policy_mod.Decision:
+            """The rate limits on one MCP call, on the event loop even from a worker."""
+            def apply() -> policy_mod.Decision:
+                return apply_rate_limits(self.rate_limiter, allowed, policy, agent, tool.name,
+                                         self.clock())
+            return apply() if _on_loop() else trio.from_thread.run_sync(apply)
+
+        return McpSession(
+            tool, agent, request_id, entry, audit=self.audit, metrics=self.metrics,
+            observers=self.mcp_observers, max_message_bytes=self.mcp_max_message_bytes,
+            max_pending=self.mcp_max_pending, limit=limit,
+            offload=lambda fn: self._decide(agent, fn, True))
+
+    async def _handle_mcp_http(self, agent: str, session_id: bytes, stream: ServerStream,
+                               req: HttpRequest, policy: policy_mod.Policy) -> None:
+        """One HTTP request to an MCP server's url, judged message by message."""
+        decision = policy_mod.decide_mcp_http(policy, agent, req.tool, req.method)
+        self._counted("mcp", decision, agent, req.tool)
+        entry = self.audit.http(agent, session_id, req, policy, decision, kind="mcp")
+        if not await self._audited(entry, stream):
+            return
+        if not decision.allow:
+            log.log(entry.log_level, "denied mcp %s on tool %s for agent %s (%s): %s",
+                    req.method, req.tool, agent, entry.request_id, decision.reason)
+            self._deny(stream, decision, agent, req.tool)
+            return
+        tool = policy.tools[req.tool]
+        assert isinstance(tool, policy_mod.McpTool)
+        session = self._mcp_session(tool, agent, req.id, entry, policy)
+        aborted: str | None = "cancelled"
+        try:
+            await forward_mcp_http(self.http_client, stream, req, tool, session,
+                                   policy_scrubber(policy),
+                                   lambda fn: self._decide(agent, fn, True))
+            aborted = None
+        except Exception:
+            aborted = "error"
+            raise
+        finally:
+            session.finish()
+            entry.completed(**http_completion_fields(stream.sent, len(req.body), aborted,
+                                                     stream.cancel_reason),
+                            mcp_refused=session.refusal)
 
     async def _audited(self, entry: AuditEntry, stream: ServerStream) -> bool:
         """Write the decision record before anything runs; if that fails, refuse (fail closed)."""

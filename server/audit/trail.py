@@ -211,10 +211,11 @@ class AuditTrail:
         return found.audit if found is not None else AuditConfig()
 
     def http(self, agent: str, session_id: bytes, req: HttpRequest, policy: Policy,
-             decision: Decision) -> AuditEntry:
+             decision: Decision, kind: str = "http") -> AuditEntry:
+        """An HTTP request's records (``kind`` ``mcp`` for one to an MCP server's url)."""
         cfg = self._config(policy, req.tool)
         fields = http_decision_fields(req, cfg, decision)
-        base = base_fields(agent, session_id, req.id, req.tool, "http", decision)
+        base = base_fields(agent, session_id, req.id, req.tool, kind, decision)
         return AuditEntry(self, base, fields, write=cfg.enabled or not decision.allow)
 
     def cli(self, agent: str, session_id: bytes, req: CliRequest, policy: Policy,

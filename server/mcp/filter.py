@@ -147,6 +147,7 @@ class McpFilter:
         self.max_pending = max_pending
         self.limit = limit
         """Applied to each allowed call (the rate limits); may turn it into a deny."""
+        self.max_message_bytes = max_message_bytes
         self._client = _Lines(max_message_bytes, "the MCP client")
         self._server = _Lines(max_message_bytes, "the host MCP server")
         self.pending: dict[str, _Pending] = {}

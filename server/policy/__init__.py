@@ -254,6 +254,7 @@ from .lint import RISKY_ARGS, LintWarning, RiskyArgs, lint_policy
 from .load import load_policy, load_policy_file
 from .mcp import (
     McpVerdict,
+    decide_mcp_http,
     decide_mcp_request,
     decide_mcp_session,
     filter_list,
@@ -314,6 +315,7 @@ __all__ = [
     "argv_matches",
     "decide_cli",
     "decide_http",
+    "decide_mcp_http",
     "decide_mcp_request",
     "decide_mcp_session",
     "env_name_is_secret",

@@ -148,10 +148,15 @@ def _lint_mcp(tool: McpTool, warn: Callable[..., None],
         if pattern and set(pattern) <= {"*"}:
             warn(tool.name, f"tools_allow[{k}] {_show(pattern)} allows every MCP tool, also "
                  "those a later version of the server adds")
-    if binary_problem is not None:
+    if binary_problem is not None and tool.command:
         problem = binary_problem(tool.binary)
         if problem:
             warn(tool.name, f"command {tool.binary}: {problem}", "error")
+    host = urlsplit(tool.url).hostname or "" if tool.url else ""
+    if tool.headers_inject and tool.url and tool.url.startswith("http://") \
+            and host not in _LOOPBACK_HOSTS:
+        warn(tool.name, "headers_inject over plain http to a non-loopback host: the "
+             "credential crosses the network unencrypted")
 
 
 def _risky_args(tool: CliTool) -> list[str]:

@@ -60,6 +60,7 @@ _MCP_KEYS: Final = frozenset(
     {
         "type", "command", "env_inject", "tools_allow", "tools_deny", "tool_param_filters",
         "resources_allow", "prompts_allow", "timeout_secs", "rate_limit", "audit", "agents",
+        "url", "headers_inject",
     }
 )
 
@@ -483,19 +484,9 @@ class _Loader:
             if key not in _MCP_KEYS:
                 hint = (f"'{key}' belongs to cli or http tools; this tool has type: mcp."
                         if key in _CLI_KEYS | _HTTP_KEYS else "")
-                if key == "url":
-                    hint = ("An MCP server reached over HTTP is not supported yet; run it as "
-                            "a stdio server with command: [...].")
                 self.fail(f"{path}.{key}", f"unknown key {_show(key)}",
                           hint or f"Allowed keys for an mcp tool: {', '.join(sorted(_MCP_KEYS))}.")
-        if "command" not in raw:
-            self.fail(f"{path}.command", "is required",
-                      "Give the stdio MCP server to run, e.g. command: [/usr/bin/mcp-server-time].")
-        command = self.strings(raw["command"], f"{path}.command")
-        if not command:
-            self.fail(f"{path}.command", "is empty", "Name at least the program to run.")
-        program = self.absolute_path(command[0], f"{path}.command[0]", "the program")
-        opt: dict[str, Any] = {}
+        opt: dict[str, Any] = self.mcp_server(raw, path)
         for key in ("tools_allow", "tools_deny", "resources_allow", "prompts_allow"):
             if key in raw:
                 opt[key] = self.strings(raw[key], f"{path}.{key}")
@@ -507,8 +498,31 @@ class _Loader:
             opt["tool_param_filters"] = MappingProxyType({
                 name: self.param_filter(spec, f"{fpath}.{name}")
                 for name, spec in self.mapping(raw["tool_param_filters"], fpath).items()})
-        return McpTool(name=tool_name, command=(program, *command[1:]),
-                       **opt, **self.common(raw, path))
+        return McpTool(name=tool_name, **opt, **self.common(raw, path))
+
+    def mcp_server(self, raw: dict[str, Any], path: str) -> dict[str, Any]:
+        """Where an mcp tool's server is: ``command`` (stdio) or ``url`` (HTTP), not both."""
+        if ("command" in raw) == ("url" in raw):
+            self.fail(f"{path}.command", "give 'command' or 'url', not both"
+                      if "url" in raw else "is required",
+                      "A stdio server: command: [/usr/bin/mcp-server-time]; one over HTTP: "
+                      "url: http://127.0.0.1:8000/mcp.")
+        if "url" in raw:
+            if "env_inject" in raw:
+                self.fail(f"{path}.env_inject", "applies to a command, not to a url",
+                          "Put a credential for an HTTP MCP server in headers_inject.")
+            url = self.upstream(raw["url"], f"{path}.url")
+            inject = self.headers_inject(raw.get("headers_inject", {}),
+                                         f"{path}.headers_inject")
+            return {"url": url, "headers_inject": MappingProxyType(inject)}
+        if "headers_inject" in raw:
+            self.fail(f"{path}.headers_inject", "applies to a url, not to a command",
+                      "Give a stdio server its credential with env_inject.")
+        command = self.strings(raw["command"], f"{path}.command")
+        if not command:
+            self.fail(f"{path}.command", "is empty", "Name at least the program to run.")
+        program = self.absolute_path(command[0], f"{path}.command[0]", "the program")
+        return {"command": (program, *command[1:])}
 
     def headers_inject(self, value: Any, path: str) -> dict[str, str]:
         inject: dict[str, str] = {}

@@ -68,6 +68,9 @@ def decide_mcp_session(policy: Policy, agent: str, tool: str, argv: list[bytes])
     if isinstance(found, Decision):
         return _cli_deny(found.reason, found.rule, found.code)
     assert isinstance(found, McpTool)
+    if not found.command:
+        return _cli_deny(f"tool {_show(tool)} is an MCP server over HTTP, not a command",
+                         f"default deny: tools.{tool} has a url", "wrong_type")
     if not isinstance(argv, list | tuple) or argv:
         return _cli_deny("an MCP server takes no arguments from the VM (the host policy's "
                          "command is run as is)",
@@ -78,6 +81,27 @@ def decide_mcp_session(policy: Policy, agent: str, tool: str, argv: list[bytes])
         allow=True, reason="an MCP session with the policy's command",
         rule=f"tools.{tool}.command", binary=found.binary,
         argv=[a.encode("utf-8") for a in found.command], env=env, cwd=DEFAULT_CWD)
+
+
+HTTP_METHODS: Final = frozenset({"POST", "GET", "DELETE"})
+"""What Streamable HTTP uses: POST messages, GET the server's stream, DELETE the session."""
+
+
+def decide_mcp_http(policy: Policy, agent: str, tool: str, method: str) -> Decision:
+    """Whether ``agent`` may send this HTTP request to MCP tool ``tool`` (a ``url`` tool);
+    the messages in its body are judged one by one afterwards."""
+    found = _lookup(policy, agent, tool, McpTool)
+    if isinstance(found, Decision):
+        return found
+    assert isinstance(found, McpTool)
+    if found.url is None:
+        return _deny(f"tool {_show(tool)} is a stdio MCP server, not one over HTTP",
+                     f"default deny: tools.{tool} has a command", "wrong_type")
+    if method not in HTTP_METHODS:
+        return _deny(f"MCP over HTTP has no {_show(str(method))} requests",
+                     "default deny: MCP over HTTP is POST, GET or DELETE", "bad_request")
+    return Decision(allow=True, reason=f"{method} to the MCP server over HTTP",
+                    rule=f"tools.{tool}.url")
 
 
 def _glob_verdict(tool: McpTool, key: str, deny_key: str | None, value: str,

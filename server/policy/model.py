@@ -180,18 +180,22 @@ class HttpTool:
 
 @dataclass(frozen=True)
 class McpTool:
-    """A host MCP server (stdio) the VM may use, MCP tool by MCP tool.
+    """A host MCP server the VM may use, MCP tool by MCP tool.
 
-    ``command`` is run as is (``command[0]`` an absolute path; the VM adds no
-    arguments). ``tools_allow``/``tools_deny`` are globs over MCP tool names
-    (deny wins, nothing is allowed by default); ``tool_param_filters`` check a
-    tool's ``params.arguments``; ``resources_allow`` globs over resource URIs,
-    ``prompts_allow`` over prompt names. ``timeout_secs`` bounds each MCP call,
-    not the session. ``env_inject`` is left out of the repr: it holds secrets.
+    Exactly one of ``command`` (a stdio server, run as is: ``command[0]`` an
+    absolute path, the VM adds no arguments) and ``url`` (a Streamable HTTP
+    server's endpoint, with ``headers_inject``). ``tools_allow``/``tools_deny``
+    are globs over MCP tool names (deny wins, nothing is allowed by default);
+    ``tool_param_filters`` check a tool's ``params.arguments``;
+    ``resources_allow`` globs over resource URIs, ``prompts_allow`` over prompt
+    names. ``timeout_secs`` bounds each MCP call, not the session.
+    ``env_inject`` and ``headers_inject`` are left out of the repr: secrets.
     """
 
     name: str
-    command: tuple[str, ...]
+    command: tuple[str, ...] = ()
+    url: str | None = None
+    headers_inject: Mapping[str, str] = field(default_factory=dict, repr=False)
     env_inject: Mapping[str, str] = field(default_factory=dict, repr=False)
     tools_allow: tuple[str, ...] = ()
     tools_deny: tuple[str, ...] = ()
@@ -211,12 +215,13 @@ class McpTool:
 
     @property
     def binary(self) -> str:
-        """The program the session runs (``command[0]``)."""
-        return self.command[0]
+        """The program a stdio session runs (``command[0]``; ``""`` for a ``url`` tool)."""
+        return self.command[0] if self.command else ""
 
     def secret_values(self) -> list[str]:
-        """The ``env_inject`` values whose names mark them as secrets."""
-        return [v for k, v in self.env_inject.items() if env_name_is_secret(k)]
+        """Secret-named ``env_inject`` values and every ``headers_inject`` value."""
+        return [*(v for k, v in self.env_inject.items() if env_name_is_secret(k)),
+                *self.headers_inject.values()]
 
 
 Tool: TypeAlias = CliTool | HttpTool | McpTool
