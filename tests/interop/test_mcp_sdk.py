@@ -29,6 +29,7 @@ from helpers.procs import (
     script,
     start_process,
     stop_process,
+    wait_for_port,
     wait_until,
 )
 
@@ -36,6 +37,7 @@ pytest.importorskip("mcp", reason="the MCP SDK is not installed: pip install -e 
 
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
+from mcp.client.streamable_http import streamable_http_client
 
 try:  # named MCPError since SDK 2, McpError before
     from mcp.shared.exceptions import MCPError as McpError
@@ -46,6 +48,7 @@ pytestmark = pytest.mark.interop
 
 HELPER = Path(__file__).resolve().parents[1] / "helpers" / "mcp_server.py"
 TIME_SERVER = Path(sys.executable).parent / "mcp-server-time"
+HTTP_APP = Path(__file__).resolve().parent / "mcp_http_app.py"
 
 
 @dataclass
@@ -53,6 +56,8 @@ class SdkDeployment:
     bin: Path
     socket: Path
     token: str
+    http_url: str
+    """The agent's --expose of the SDK's own Streamable HTTP server."""
 
     def params(self, tool: str) -> StdioServerParameters:
         """What the VM's MCP client is configured with: the shim as its stdio server."""
@@ -60,7 +65,7 @@ class SdkDeployment:
                                      env={"CARAPACE_AGENT_SOCKET": str(self.socket)})
 
 
-def _policy(token: str) -> str:
+def _policy(token: str, http_port: int) -> str:
     helper = json.dumps([sys.executable, "-I", str(HELPER)])
     time_server = json.dumps([str(TIME_SERVER), "--local-timezone", "UTC"])
     return f"""\
@@ -77,6 +82,12 @@ tools:
     command: {time_server}
     tools_allow: ["get_current_time"]
     timeout_secs: 30
+  http-mcp:
+    type: mcp
+    url: http://127.0.0.1:{http_port}/mcp
+    headers_inject: {{Authorization: "Bearer {token}"}}
+    tools_allow: ["get_time", "print_secret"]
+    timeout_secs: 30
 """
 
 
@@ -85,7 +96,8 @@ def sdk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SdkDeployment]:
     tmp = tmp_path_factory.mktemp("mcp-sdk")
     token = "mcp-" + secrets.token_hex(20)
     policy = tmp / "policy.yaml"
-    policy.write_text(_policy(token))
+    http_port, exposed = free_port(), free_port()
+    policy.write_text(_policy(token, http_port))
     token_file = tmp / "token"
     token_file.write_text(f"default:{secrets.token_urlsafe(32)}\n")
     token_file.chmod(0o600)
@@ -93,12 +105,16 @@ def sdk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SdkDeployment]:
     socket_path = tmp / "run" / "agent.sock"
     procs: list[CapturedProcess] = []
     try:
+        procs.append(start_process([sys.executable, str(HTTP_APP), str(http_port)],
+                                   env={"CARAPACE_TEST_TOKEN": token}))
+        wait_for_port("127.0.0.1", http_port, 20, proc=procs[-1])
         procs.append(start_process([script("carapace-server"), "--listen", f"127.0.0.1:{port}",
                                     "--policy", str(policy), "--token-file", str(token_file)]))
         procs.append(start_process([script("carapace-agent"), "--server", f"127.0.0.1:{port}",
                                     "--token-file", str(token_file),
-                                    "--cli-socket", str(socket_path)]))
-        for proc, what in zip(procs, ("listening on", "connected to carapace-server"),
+                                    "--cli-socket", str(socket_path),
+                                    "--expose", f"http-mcp=127.0.0.1:{exposed}"]))
+        for proc, what in zip(procs[1:], ("listening on", "connected to carapace-server"),
                               strict=True):
             wait_until(lambda p=proc, w=what: w in p.stderr_text() or p.poll() is not None,
                        15, what)
@@ -108,7 +124,8 @@ def sdk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SdkDeployment]:
                                str(bin_dir), "test-mcp", "time"],
                               capture_output=True, text=True, timeout=30)
         assert done.returncode == 0, done.stderr
-        yield SdkDeployment(bin_dir, socket_path, token)
+        wait_for_port("127.0.0.1", exposed, proc=procs[-1])
+        yield SdkDeployment(bin_dir, socket_path, token, f"http://127.0.0.1:{exposed}/mcp")
     finally:
         for proc in reversed(procs):
             stop_process(proc)
@@ -165,3 +182,27 @@ def test_sdk_client_with_published_time_server(sdk: SdkDeployment) -> None:
     assert out["listed"] == ["get_current_time"]
     assert json.loads(out["now"])["timezone"] == "UTC"
     assert "convert_time" in out["denied"] and "denied by the host policy" in out["denied"]
+
+
+def test_sdk_client_over_streamable_http_to_the_sdk_server(sdk: SdkDeployment) -> None:
+    """The SDK on both sides: its Streamable HTTP client, through --expose, to its server."""
+    async def main() -> dict[str, Any]:
+        async with streamable_http_client(sdk.http_url) as streams:
+            read, write = streams[0], streams[1]
+            async with ClientSession(read, write) as session:
+                await session.initialize()
+                listed = sorted(t.name for t in (await session.list_tools()).tools)
+                allowed = _text(await session.call_tool("get_time", {}))
+                secret = _text(await session.call_tool("print_secret", {}))
+                try:
+                    await session.call_tool("delete_everything", {})
+                    denied = "no error"
+                except McpError as exc:
+                    denied = str(exc)
+        return {"listed": listed, "allowed": allowed, "secret": secret, "denied": denied}
+
+    out = anyio.run(main)
+    assert out["listed"] == ["get_time", "print_secret"]
+    assert out["allowed"] == "2026-01-01T00:00:00Z"
+    assert "denied by the host policy" in out["denied"]
+    assert out["secret"] == "the token is [REDACTED]" and sdk.token not in out["secret"]

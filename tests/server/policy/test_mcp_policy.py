@@ -52,7 +52,7 @@ def test_loads_every_key() -> None:
 
 @pytest.mark.parametrize("change,message", [
     ("    binary: /bin/true\n", "belongs to cli or http tools"),
-    ("    url: http://127.0.0.1:1/mcp\n", "not supported yet"),
+    ("    url: http://127.0.0.1:1/mcp\n", "not both"),
     ("    tools_alow: [x]\n", "unknown key"),
     ("    limits: {max_argv: 1}\n", "unknown key"),
 ])
@@ -124,3 +124,48 @@ def test_lint_warns_about_allow_everything() -> None:
     policy = load_policy("tools:\n  m:\n    type: mcp\n    command: [/bin/x]\n"
                          "    tools_allow: ['*']\n    timeout_secs: 5\n")
     assert any("allows every MCP tool" in w.message for w in lint_policy(policy))
+
+
+HTTP = """
+tools:
+  remote:
+    type: mcp
+    url: https://mcp.example.com/mcp/
+    headers_inject: {Authorization: "Bearer 0123456789abcdef"}
+    tools_allow: ["get_*"]
+"""
+
+
+def test_url_tool_loads_with_headers_inject() -> None:
+    policy = load_policy(HTTP)
+    tool = policy.tools["remote"]
+    assert isinstance(tool, McpTool)
+    assert tool.url == "https://mcp.example.com/mcp" and tool.command == ()
+    assert policy.secrets() == [b"Bearer 0123456789abcdef"]
+    assert "0123456789abcdef" not in repr(tool)
+
+
+@pytest.mark.parametrize("text,message", [
+    (HTTP + "    env_inject: {X: y}\n", "env_inject: applies to a command"),
+    ("tools:\n  m:\n    type: mcp\n    command: [/bin/x]\n"
+     "    headers_inject: {Authorization: 0123456789abcdef}\n", "applies to a url"),
+    ("tools:\n  m:\n    type: mcp\n    url: ftp://x/\n", "http:// or https://"),
+    ("tools:\n  m:\n    type: mcp\n    tools_allow: []\n", "command: is required"),
+])
+def test_url_tool_errors(text: str, message: str) -> None:
+    with pytest.raises(PolicyError, match=message):
+        load_policy(text)
+
+
+def test_http_and_stdio_tools_are_reached_their_own_way() -> None:
+    from carapace.server.policy import decide_mcp_http
+    http, stdio = load_policy(HTTP), load_policy(BASE)
+    assert decide_mcp_http(http, "default", "remote", "POST").allow
+    assert decide_mcp_http(http, "default", "remote", "PUT").code == "bad_request"
+    assert decide_mcp_http(stdio, "default", "gh", "POST").code == "wrong_type"
+    assert decide_mcp_session(http, "default", "remote", []).code == "wrong_type"
+
+
+def test_lint_warns_about_a_credential_over_plain_http() -> None:
+    policy = load_policy(HTTP.replace("https://mcp.example.com", "http://mcp.example.com"))
+    assert any("plain http" in w.message for w in lint_policy(policy))
