@@ -34,7 +34,8 @@ host cannot verify them, a hostile VM sends what it likes) and, if allowed,
 ``binary`` and ``run_cwd`` (the resolved host directory).
 
 An MCP session (``kind`` ``mcp``) has a decision and a completion record as a
-CLI request does (the completion adds ``mcp_refused``, why Carapace ended the
+CLI request does (an HTTP request to an MCP server's ``url``: as an HTTP
+request does) (the completion adds ``mcp_refused``, why Carapace ended the
 session, when it did) and between them one ``mcp_call`` record per MCP call
 it judged: ``tools/call``, ``resources/read``, ``prompts/get`` and the like,
 and every request it denied. Such a record has the session's ``request_id``,

@@ -47,12 +47,13 @@ value), ``rate_limit``, ``timeout_secs``, ``audit``, ``agents``, ``limits``
 (added: ``{max_jsonrpc_body_bytes, max_jsonrpc_batch, max_headers,
 max_header_bytes}``).
 
-MCP tool keys (``type: mcp``, added): ``command`` (required: the stdio MCP
-server's argv, ``command[0]`` an absolute path), ``env_inject``,
-``tools_allow``, ``tools_deny``, ``tool_param_filters``, ``resources_allow``,
+MCP tool keys (``type: mcp``, added): ``command`` (a stdio MCP server's argv,
+``command[0]`` an absolute path) with ``env_inject``, or ``url`` (a Streamable
+HTTP MCP server's endpoint, ``http(s)://host[:port]/path``) with
+``headers_inject`` — one of the two is required; ``tools_allow``,
+``tools_deny``, ``tool_param_filters``, ``resources_allow``,
 ``prompts_allow``, ``timeout_secs``, ``rate_limit``, ``audit``, ``agents``
-(meaning under "MCP tools" below). ``url`` (an MCP server over HTTP) is not
-supported yet and is an error.
+(meaning under "MCP tools" below).
 
 ``limits`` overrides, for one tool, the server-wide parse limits (positive
 whole numbers; see :mod:`.limits` and DEPLOYMENT.md, "Parse limits"): a
@@ -236,6 +237,19 @@ on as a batch, the denials come back as a batch of their own.
 time gets an error (-32002) and its late answer is dropped. ``rate_limit``
 counts the judged calls (``tools/call``, ``resources/read``, ``prompts/get``,
 ...), not the lists.
+
+A ``url`` tool is exposed in the VM like an HTTP tool (``carapace-agent
+--expose NAME=PORT``); its MCP client talks Streamable HTTP to that port.
+Every request goes to ``url`` whatever its path; only ``Accept``,
+``Content-Type``, ``Mcp-Session-Id``, ``MCP-Protocol-Version`` and
+``Last-Event-ID`` of the VM's headers go with it, plus ``headers_inject``.
+A POST's body (a message or a batch) is judged as above: what is denied is
+answered by Carapace (``200`` with the JSON-RPC error, or ``202`` when
+nothing else is left), a body that is not JSON-RPC gets ``400`` with a
+JSON-RPC error; answers, JSON or event streams, are filtered message by
+message. GET (the server's event stream) and DELETE (the end of the MCP
+session) pass; any other method is refused. ``timeout_secs`` bounds the wait
+for the server's answer to begin.
 """
 
 
