@@ -40,6 +40,7 @@ of its own) are dropped, and ``headers_inject`` is added."""
 
 PARSE_ERROR: Final = -32700
 INVALID_REQUEST: Final = -32600
+INTERNAL_ERROR: Final = -32603
 
 _JSON: Final = ((b"content-type", b"application/json"),)
 
@@ -76,20 +77,25 @@ class _JsonAnswer:
 
     def flush(self) -> bytes:
         if self.over:
-            return _compact(error_reply(None, INVALID_REQUEST, "the host MCP server's answer "
-                                        f"is over {self.limit} bytes (the Carapace server's "
-                                        "--mcp-max-message-bytes)")).rstrip(b"\n")
+            return self._withheld(f"the host MCP server's answer is over {self.limit} bytes "
+                                  "(the Carapace server's --mcp-max-message-bytes)")
         if not self.buf.strip():
             return _merge(b"", self.replies)
         doc, problem = parse_message(bytes(self.buf))
         if problem is not None:
-            return _compact(error_reply(None, INVALID_REQUEST, "the host MCP server's answer "
-                                        "is not JSON, so it was withheld")).rstrip(b"\n")
+            return self._withheld("the host MCP server's answer is not JSON, so it was "
+                                  "withheld")
         try:
             out = self.filter.from_server(_compact(doc))
         except McpProtocolError as exc:
-            return _compact(error_reply(None, INVALID_REQUEST, str(exc))).rstrip(b"\n")
+            return self._withheld(str(exc))
         return _merge(out, self.replies)
+
+    def _withheld(self, why: str) -> bytes:
+        """An error for each request still waiting (so its client stops waiting)."""
+        ids = [json.loads(key) for key in self.filter.pending]
+        errors = [error_reply(i, INTERNAL_ERROR, why) for i in ids or [None]]
+        return _merge(_compact(errors[0] if len(errors) == 1 else errors), self.replies)
 
 
 class _Events:

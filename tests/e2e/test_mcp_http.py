@@ -32,6 +32,7 @@ from helpers.procs import (
 )
 
 HELPER = Path(__file__).resolve().parents[1] / "helpers" / "mcp_http_server.py"
+MAX_MESSAGE = 64 * 1024
 HEADERS = {"Accept": "application/json, text/event-stream",
            "MCP-Protocol-Version": "2025-06-18"}
 
@@ -55,7 +56,7 @@ def mcp_http(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpMcp]:
     host_log = tmp / "host-saw.log"
     upstreams = {"json": free_port(), "sse": free_port()}
     exposed = {"json": free_port(), "sse": free_port()}
-    rules = ('    tools_allow: ["get_*", "print_secret"]\n'
+    rules = ('    tools_allow: ["get_*", "print_secret", "big"]\n'
              '    tools_deny: ["delete_*"]\n'
              '    resources_allow: ["file:///public/*"]\n'
              f'    headers_inject: {{Authorization: "Bearer {token}"}}\n')
@@ -76,7 +77,8 @@ def mcp_http(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpMcp]:
             wait_for_port("127.0.0.1", upstream, proc=procs[-1])
         procs.append(start_process([script("carapace-server"), "--listen", f"127.0.0.1:{port}",
                                     "--policy", str(policy), "--token-file", str(token_file),
-                                    "--audit-log", str(audit_log)]))
+                                    "--audit-log", str(audit_log),
+                                    "--mcp-max-message-bytes", str(MAX_MESSAGE)]))
         procs.append(start_process([script("carapace-agent"), "--server", f"127.0.0.1:{port}",
                                     "--token-file", str(token_file),
                                     *(a for kind, p in exposed.items()
@@ -115,7 +117,7 @@ def test_json_answers_are_filtered_and_denials_answered_here(mcp_http: HttpMcp) 
     assert post(mcp_http.json_url, {"jsonrpc": "2.0", "method": "notifications/initialized"},
                 **session).status_code == 202
     tools = post(mcp_http.json_url, rpc(2, "tools/list"), **session).json()
-    assert {t["name"] for t in tools["result"]["tools"]} == {"get_time", "print_secret"}
+    assert {t["name"] for t in tools["result"]["tools"]} == {"get_time", "print_secret", "big"}
     ok = post(mcp_http.json_url, rpc(3, "tools/call", name="get_time", arguments={})).json()
     assert ok["result"]["content"][0]["text"] == "2026-01-01T00:00:00Z"
     denied = post(mcp_http.json_url, rpc(4, "tools/call", name="delete_everything",
@@ -137,7 +139,7 @@ def test_injected_credential_reaches_the_server_and_is_masked(mcp_http: HttpMcp)
 def test_event_stream_answers_are_filtered_per_event(mcp_http: HttpMcp) -> None:
     listed = sse_messages(post(mcp_http.sse_url, rpc(6, "tools/list")))
     assert listed[0]["method"] == "notifications/message"  # progress on the way passes
-    assert {t["name"] for t in listed[-1]["result"]["tools"]} == {"get_time", "print_secret"}
+    assert {t["name"] for t in listed[-1]["result"]["tools"]} == {"get_time", "print_secret", "big"}
     secret = sse_messages(post(mcp_http.sse_url, rpc(7, "tools/call", name="print_secret",
                                                      arguments={})))
     assert secret[-1]["result"]["content"][0]["text"] == "auth was [REDACTED]"
@@ -177,3 +179,13 @@ def test_calls_are_audited(mcp_http: HttpMcp) -> None:
                    10, "the mcp_call record")
     assert records[-1]["kind"] == "mcp" and records[-1]["decision"] == "deny"
     assert mcp_http.token not in mcp_http.audit_log.read_text()
+
+
+def test_messages_over_the_cap_are_refused_both_ways(mcp_http: HttpMcp) -> None:
+    big = rpc(11, "tools/call", name="get_time", arguments={"pad": "x" * MAX_MESSAGE})
+    r = post(mcp_http.json_url, big)
+    assert r.status_code == 400 and f"over {MAX_MESSAGE} bytes" in r.json()["error"]["message"]
+    answer = post(mcp_http.json_url, rpc(12, "tools/call", name="big",
+                                         arguments={"bytes": MAX_MESSAGE + 10})).json()
+    assert "x" * 1000 not in json.dumps(answer)
+    assert answer["id"] == 12 and f"over {MAX_MESSAGE} bytes" in answer["error"]["message"]
