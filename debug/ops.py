@@ -424,6 +424,9 @@ def merge_records(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     open_rows: dict[tuple[Any, ...], dict[str, Any]] = {}
     for record in records:
         kind = _kind_of(record)
+        if record.get("event") == "mcp_call":  # one record says it all: its own row
+            rows.append({**record, "completion": record})
+            continue
         if kind == "completion":
             row = open_rows.pop(_key(record), None)
             if row is not None:
@@ -447,8 +450,8 @@ class AuditQuery:
     since: float | None = None
 
     def matches(self, row: dict[str, Any]) -> bool:
-        if self.tool is not None and row.get("tool") != self.tool:
-            return False
+        if self.tool is not None and self.tool not in (row.get("tool"), row.get("mcp_tool")):
+            return False  # an MCP call matches its server's tool and its own name
         if self.agent is not None and row.get("agent") != self.agent:
             return False
         if self.request_id is not None and str(row.get("request_id")) != self.request_id:
@@ -485,7 +488,9 @@ def _result_text(done: dict[str, Any] | None, decision: str = "") -> str:
 
 
 def _request_text(row: dict[str, Any]) -> str:
-    """What was asked: ``POST /api/v1/rpc`` or the (possibly redacted) argv."""
+    """What was asked: ``POST /api/v1/rpc``, the (possibly redacted) argv, an MCP call."""
+    if row.get("mcp_method"):
+        return f"{row['mcp_method']} {row.get('mcp_tool') or ''}".strip()
     argv = row.get("argv")
     if isinstance(argv, list):
         return " ".join(str(a) for a in argv)
@@ -502,7 +507,7 @@ def _row_cells(row: dict[str, Any]) -> dict[str, Any]:
     when = record_time(row)
     done = row.get("completion")
     decision = str(row.get("decision") or "-")
-    byte_count = _first(done, ("bytes", "bytes_out"))
+    byte_count = _first(done, ("bytes", "bytes_out", "result_bytes"))
     if isinstance(byte_count, dict):
         byte_count = sum(v for v in byte_count.values() if isinstance(v, int))
     events = _first(done, ("events", "sse_events", "event_count"))

@@ -26,11 +26,14 @@ from carapace.server.policy import (
     CliDecision,
     CliTool,
     Decision,
+    McpTool,
     Policy,
     PolicyError,
     SecretResolver,
     decide_cli,
     decide_http,
+    decide_mcp_request,
+    decide_mcp_session,
     lint_policy,
     load_policy_file,
     resolve_policy,
@@ -159,6 +162,12 @@ def policy() -> None:
               help="Also resolve the policy's secret references ({file:}, {credential:}, "
               "{env:}, {command:}: commands RUN) as the server would, exiting 2 if one "
               "fails. Without it nothing is read or run, and the decision lists them unresolved.")
+@click.option("--mcp", "mcp_method", default=None, metavar="METHOD",
+              help="Check one MCP request (tools/call, resources/read, prompts/get, ...) to "
+              "a type: mcp tool instead of a command line.")
+@click.option("--params", "mcp_params", default=None, metavar="JSON",
+              help="The MCP request's params for --mcp, e.g. "
+              "'{\"name\": \"get_me\", \"arguments\": {}}'.")
 @click.pass_context
 def check(
     ctx: click.Context,
@@ -173,6 +182,8 @@ def check(
     env: tuple[str, ...],
     as_json: bool,
     resolve: bool = False,
+    mcp_method: str | None = None,
+    mcp_params: str | None = None,
 ) -> None:
     """Decide one request: exit 0 if allowed, 1 if denied, 2 if the policy is unusable.
 
@@ -184,6 +195,8 @@ def check(
     carapace-debug policy check POLICY --tool op -- item get foo
     carapace-debug policy check POLICY --tool signal-cli --http POST /api/v1/rpc \\
         --body '{"jsonrpc":"2.0","method":"send","params":{"recipient":["+15551234567"]}}'
+    carapace-debug policy check POLICY --tool github --mcp tools/call \\
+        --params '{"name":"get_me","arguments":{}}'
     """
     path, argv = _split_policy(ctx, args, policy_opt, as_json)
     loaded = _load(path, as_json)
@@ -191,7 +204,13 @@ def check(
         loaded = _resolve(loaded, as_json)
     refs = _tool_refs(loaded, tool)
     decision: Decision
-    if http:
+    if mcp_method is not None:
+        if argv or http or body is not None or headers or env or cwd is not None:
+            raise click.UsageError("--mcp takes only --params")
+        decision = _check_mcp(loaded, agent, tool, mcp_method, mcp_params)
+    elif mcp_params is not None:
+        raise click.UsageError("--params needs --mcp METHOD")
+    elif http:
         if argv:
             raise click.UsageError("ARGV makes no sense with --http")
         if env or cwd is not None:
@@ -222,6 +241,20 @@ def check(
             console.print(Text.assemble(("ref:  ", "dim"), f"{key} = {ref} (not resolved; "
                                         "--resolve to resolve it)"))
     ctx.exit(0 if decision.allow else 1)
+
+
+def _check_mcp(loaded: Policy, agent: str, tool: str, method: str,
+               raw: str | None) -> Decision:
+    """The session's verdict if the agent may not start one, else the request's."""
+    try:
+        params = json.loads(raw) if raw is not None else {}
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="--params") from None
+    session = decide_mcp_session(loaded, agent, tool, [])
+    spec = loaded.tools.get(tool)
+    if not session.allow or not isinstance(spec, McpTool):
+        return session
+    return decide_mcp_request(spec, method, params).decision
 
 
 def _binary_problem(path: str) -> str | None:

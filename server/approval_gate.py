@@ -188,7 +188,8 @@ class ApprovalGate:
         if not decision.needs_approval:
             return True
         tool = policy.tools.get(req.tool)
-        config = tool.approval if tool is not None else policy_mod.ApprovalConfig()
+        config = (tool.approval if isinstance(tool, policy_mod.CliTool | policy_mod.HttpTool)
+                  else policy_mod.ApprovalConfig())
         key = call_key(req)
         grant = self.approvals.remembered(agent, req.tool, key)
         if grant is not None:

@@ -35,16 +35,16 @@ import math
 import os
 import signal
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 import trio
 
 from carapace.protocol.messages import CliRequest, Data, End, Exit, Output, Signal
 from carapace.runtime.errors import find_exception
 
-from .policy import DEFAULT_TIMEOUT_SECS, CliDecision, CliTool
+from .policy import DEFAULT_TIMEOUT_SECS, CliDecision, CliTool, McpTool
 from .sandbox import Sandbox
 from .streams import ServerStream
 
@@ -71,6 +71,40 @@ class OutputFilter(Protocol):
 
 OutputFilterFactory = Callable[[int], OutputFilter]
 """Makes one :class:`OutputFilter` per fd (1 stdout, 2 stderr) for each run."""
+
+STREAM_REFUSED_EXIT = 65
+"""Exit status of a run a :class:`StdioHook` ended (sysexits' EX_DATAERR: bad input)."""
+
+
+class HookRefusal(Exception):
+    """Raised by a :class:`StdioHook`: the run must end; the message is for the VM's stderr."""
+
+
+class StdioHook(Protocol):
+    """Sits between the VM and the process on stdin and stdout (an MCP session's filter).
+
+    It sees the streams before any :class:`OutputFilter`, returns only whole
+    messages, and may answer the VM itself: those replies go to the VM's
+    stdout between two of the process's messages. Any step may raise
+    :class:`HookRefusal`; steps are async so that a costly one can leave the
+    event loop. Deadlines are in trio time.
+    """
+
+    async def to_process(self, data: bytes) -> tuple[bytes, bytes]:
+        """(for the process's stdin, replies for the VM's stdout)."""
+        ...
+
+    async def stdin_closed(self) -> tuple[bytes, bytes]: ...
+
+    async def from_process(self, data: bytes) -> bytes: ...
+
+    async def stdout_closed(self) -> bytes: ...
+
+    def next_deadline(self) -> float | None: ...
+
+    async def expire(self) -> bytes:
+        """Replies for whatever is past its deadline now."""
+        ...
 
 
 @dataclass
@@ -116,18 +150,22 @@ async def run_cli(
     stream: ServerStream,
     req: CliRequest,
     decision: CliDecision,
-    tool: CliTool,
+    tool: CliTool | McpTool,
     *,
     kill_grace: float = 2.0,
     filters: OutputFilterFactory | None = None,
     info: ExitInfo | None = None,
     sandbox: Sandbox | None = None,
+    hook: StdioHook | None = None,
+    timeout: float | None = None,
 ) -> ExitInfo:
     """Run ``decision`` for ``req``, streaming over ``stream``; end with ``exit`` or ``failed``.
 
     Returns (and fills ``info`` in place, if given) how the run ended. On
     cancellation the process group is stopped before Cancelled propagates.
     ``sandbox`` confines the process (None: unconfined, as ``settings.sandbox: none``).
+    ``hook`` filters stdin and stdout message by message; ``timeout`` (seconds,
+    ``math.inf`` for none) replaces the tool's ``timeout_secs`` for the whole run.
     """
     info = info if info is not None else ExitInfo()
     started = trio.current_time()
@@ -152,8 +190,9 @@ async def run_cli(
         stream.fail(502, "upstream_unavailable", info.error)
         return info
     info.pid = proc.pid
-    timeout = float(tool.timeout_secs or DEFAULT_TIMEOUT_SECS)
-    run = _Run(stream, req.id, proc, kill_grace, filters, info)
+    if timeout is None:
+        timeout = float(tool.timeout_secs or DEFAULT_TIMEOUT_SECS)
+    run = _Run(stream, req.id, proc, kill_grace, filters, info, hook)
     try:
         await run.run(timeout)
     except BaseException as exc:
@@ -175,7 +214,8 @@ class _Run:
     """One live process and the tasks that connect it to its stream."""
 
     def __init__(self, stream: ServerStream, request_id: int, proc: trio.Process,
-                 grace: float, filters: OutputFilterFactory | None, info: ExitInfo) -> None:
+                 grace: float, filters: OutputFilterFactory | None, info: ExitInfo,
+                 hook: StdioHook | None = None) -> None:
         self.stream = stream
         self.id = request_id
         self.proc = proc
@@ -188,6 +228,11 @@ class _Run:
         self.stdin_open = True
         # Unbounded on purpose: the agent's credit already bounds what can queue here.
         self._stdin_send, self._stdin_receive = trio.open_memory_channel[Data | End](math.inf)
+        self.hook = hook
+        self.refused: str | None = None
+        """Why the hook ended the run, if it did."""
+        self._hook_poke = trio.Event()
+        self._nursery: trio.Nursery | None = None
 
     def _killpg(self, signum: int) -> bool:
         """Signal the group; False if no process is left in it."""
@@ -205,6 +250,9 @@ class _Run:
             nursery.start_soon(self._pump, 2, self.proc.stderr)
             nursery.start_soon(self._dispatch_inbox)
             nursery.start_soon(self._write_stdin)
+            self._nursery = nursery
+            if self.hook is not None:
+                nursery.start_soon(self._hook_timer)
             with trio.move_on_after(timeout) as timer:
                 returncode = await self.proc.wait()
                 if self._killpg(signal.SIGTERM):  # the leader is done: so is its group
@@ -224,6 +272,8 @@ class _Run:
                     await self.pipes_closed.wait()
             else:
                 info.code, info.signal = _status(returncode)
+            if self.refused is not None:
+                info.code, info.signal, info.reason = STREAM_REFUSED_EXIT, None, self.refused
             nursery.cancel_scope.cancel()
 
     async def _stop_group(self) -> None:
@@ -253,15 +303,52 @@ class _Run:
                 data = cast(bytes, await pipe.receive_some(READ_SIZE))  # FdStream: bytes
                 if not data:
                     break
+                if fd == 1 and self.hook is not None:
+                    data = await self._hooked(self.hook.from_process(data))
                 if filt is not None:
                     data = filt.feed(data)
                 await self._send_output(fd, data)
+            if fd == 1 and self.hook is not None:
+                tail = await self._hooked(self.hook.stdout_closed())
+                await self._send_output(fd, filt.feed(tail) if filt is not None else tail)
             if filt is not None:
                 await self._send_output(fd, filt.flush())
         finally:
             self.open_pipes -= 1
             if not self.open_pipes:
                 self.pipes_closed.set()
+
+    async def _hooked(self, step: Coroutine[Any, Any, bytes]) -> bytes:
+        """One hook step on stdout; nothing more goes out once the hook has refused."""
+        if self.refused is not None:
+            step.close()
+            return b""
+        try:
+            return await step
+        except HookRefusal as exc:
+            await self._refuse(str(exc))
+            return b""
+
+    async def _refuse(self, message: str) -> None:
+        """End the run for the hook: say why on the VM's stderr, stop the process group."""
+        if self.refused is not None:
+            return
+        self.refused = message
+        log.warning("request %d (pid %d): %s", self.id, self.proc.pid, message)
+        await self._send_output(2, f"carapace: {message}\n".encode())
+        if self._nursery is not None:
+            self._nursery.start_soon(self._stop_group)
+
+    async def _hook_timer(self) -> None:
+        """Answers what the hook says is past its deadline; woken by each stdin chunk."""
+        hook = self.hook
+        assert hook is not None
+        while self.refused is None:
+            deadline = hook.next_deadline()
+            with trio.move_on_at(math.inf if deadline is None else deadline):
+                await self._hook_poke.wait()
+            self._hook_poke = trio.Event()
+            await self._send_output(1, await self._hooked(hook.expire()))
 
     async def _send_output(self, fd: int, data: bytes) -> None:
         if data:
@@ -288,6 +375,9 @@ class _Run:
         stdin = self.proc.stdin
         assert stdin is not None
         async for msg in self._stdin_receive:
+            if self.hook is not None:
+                await self._hook_stdin(msg)
+                continue
             if isinstance(msg, Data):
                 if self.stdin_open:
                     try:
@@ -299,3 +389,29 @@ class _Run:
             elif self.stdin_open:
                 self.stdin_open = False
                 await stdin.aclose()
+
+    async def _hook_stdin(self, msg: Data | End) -> None:
+        """A stdin frame through the hook: its part to the process, its replies to the VM."""
+        assert self.hook is not None and self.proc.stdin is not None
+        if self.refused is None and (self.stdin_open or isinstance(msg, Data)):
+            try:
+                if isinstance(msg, Data):
+                    data, replies = await self.hook.to_process(msg.data)
+                else:
+                    data, replies = await self.hook.stdin_closed()
+            except HookRefusal as exc:
+                await self._refuse(str(exc))
+                data = replies = b""
+            self._hook_poke.set()
+            if data and self.stdin_open:
+                try:
+                    await self.proc.stdin.send_all(data)
+                    self.info.bytes_in += len(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self.stdin_open = False
+            await self._send_output(1, replies)
+        if isinstance(msg, Data):
+            self.stream.consumed(msg)
+        elif self.stdin_open:
+            self.stdin_open = False
+            await self.proc.stdin.aclose()

@@ -21,6 +21,7 @@ from .approvals import DEFAULT_MAX_PENDING_APPROVALS
 from .audit import DEFAULT_BACKUPS, DEFAULT_DENY_LIMIT, DEFAULT_MAX_BYTES
 from .audit.caps import DEFAULT_MAX_RECORD_BYTES
 from .audit.throttle import DEFAULT_DENY_BYTES
+from .mcp.filter import DEFAULT_MAX_MESSAGE_BYTES, MAX_PENDING
 from .policy import DEFAULT_LIMITS, ParseLimits
 from .shares import ShareCaps
 
@@ -91,3 +92,7 @@ class ServerConfig:
     """Calls one agent may have waiting for a person at once (``approvals.py``)."""
     approval_notify: str | None = None
     """Shell command run with a JSON summary on stdin for each new pending approval."""
+    mcp_max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    """Largest MCP message either way in an MCP session (``--mcp-max-message-bytes``)."""
+    mcp_max_pending: int = MAX_PENDING
+    """Client requests one MCP session may leave waiting for an answer (``--mcp-max-pending``)."""

@@ -13,6 +13,7 @@ import signal
 import ssl
 from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 import trio
 
@@ -117,7 +118,9 @@ class Server:
                                         limits=config.parse_limits,
                                         sandbox=self.sandbox,
                                         shares=self.shares,
-                                        gate=self.approval_gate)
+                                        gate=self.approval_gate,
+                                        mcp_max_message_bytes=config.mcp_max_message_bytes,
+                                        mcp_max_pending=config.mcp_max_pending)
         self._hold_secrets()
         self.on_reload: Callable[[bool, str], None] | None = None
         """Called after each reload attempt with (accepted, message); main.py reports it."""
@@ -127,6 +130,10 @@ class Server:
         self._refusals_log = LogThrottle()
 
     # -- what the operator API and the metrics read (view.OperatorView) ---------------
+    @property
+    def mcp_observers(self) -> list[Callable[[dict[str, Any]], None]]:
+        return self.pipeline.mcp_observers
+
     def secrets(self) -> list[bytes]:
         """Every secret the server holds that a frame summary must never show."""
         return [*self.held_secrets(), *self.policy.secrets()]

@@ -56,6 +56,7 @@ from .config import (
 )
 from .daemon import Server
 from .masking import private_key_blocks
+from .mcp.filter import DEFAULT_MAX_MESSAGE_BYTES, MAX_PENDING
 from .operator_api import DebugConfigError, debug_access
 from .policy import (
     DEFAULT_SECRET_COMMAND_TIMEOUT,
@@ -252,6 +253,15 @@ def parse_limit_options(command: Any) -> Any:
               show_default=True, show_envvar=True,
               help="Calls one agent may have waiting for approval at once; more are refused "
               "with too_many_requests, so a VM cannot flood the operator.")
+@click.option("--mcp-max-message-bytes", type=click.IntRange(min=1024),
+              default=DEFAULT_MAX_MESSAGE_BYTES, envvar="CARAPACE_MCP_MAX_MESSAGE_BYTES",
+              show_default=True,
+              help="Largest MCP message (one JSON-RPC line) either way in an MCP session; a "
+              "longer one ends the session with an error on the client's stderr.")
+@click.option("--mcp-max-pending", type=click.IntRange(min=1), default=MAX_PENDING,
+              envvar="CARAPACE_MCP_MAX_PENDING", show_default=True,
+              help="Requests an MCP client may leave waiting for the host server's answer; "
+              "one more ends the session (each waiting id is remembered).")
 @parse_limit_options
 # Long by nature, not by logic: one parameter per flag (click passes each by name) and
 # one ServerConfig field per flag; the steps themselves are the helpers below.
@@ -296,6 +306,8 @@ def main(
     max_sse_streams: int = DEFAULT_MAX_SSE_STREAMS,
     approval_notify: str | None = None,
     max_pending_approvals: int = DEFAULT_MAX_PENDING_APPROVALS,
+    mcp_max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    mcp_max_pending: int = MAX_PENDING,
     **parse_limits: int,
 ) -> None:
     """Serve Carapace agents: decide, run and audit their tool requests on this host.
@@ -361,6 +373,8 @@ def main(
         ),
         approval_notify=approval_notify or None,
         max_pending_approvals=max_pending_approvals,
+        mcp_max_message_bytes=mcp_max_message_bytes,
+        mcp_max_pending=mcp_max_pending,
     )
     debug_token = _debug_token(debug_listen, debug_token_file)
     ssl_context = _tls_context(tls_cert, tls_key, tls_client_ca)

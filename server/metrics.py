@@ -36,6 +36,7 @@ from prometheus_client.utils import floatToGoString
 from carapace.protocol.messages import PROTOCOL_VERSION, Message
 
 from .approvals import OUTCOMES
+from .policy.mcp import CALL_METHODS
 from .sandbox import SANDBOX_MODES
 
 if TYPE_CHECKING:
@@ -137,6 +138,20 @@ class ServerMetrics:
         )
         for outcome in OUTCOMES:  # every outcome is exported from the start, at 0
             self.approvals.labels(outcome)
+        self.mcp_calls = Counter(
+            "carapace_mcp_calls", "MCP calls judged in MCP sessions, by tool, method and "
+            "outcome (answered, error, denied, timed_out, cancelled, unanswered).",
+            ["tool", "method", "outcome"], registry=reg,
+        )
+        self.mcp_result_bytes = Counter(
+            "carapace_mcp_result_bytes", "Bytes of the host MCP servers' answers to calls.",
+            ["tool"], registry=reg,
+        )
+        self.mcp_refused = Counter(
+            "carapace_mcp_sessions_refused", "MCP sessions Carapace ended: a client message "
+            "that is not JSON-RPC, a message over --mcp-max-message-bytes, too many pending "
+            "requests.", ["tool", "reason"], registry=reg,
+        )
 
     # -- called where things happen -------------------------------------------------
     def count_request(self, kind: str, allowed: bool, agent: str, tool: str) -> None:
@@ -157,6 +172,17 @@ class ServerMetrics:
         self.approvals.labels(outcome).inc()
         if waited is not None:
             self.approval_wait.observe(waited)
+
+    def count_mcp_call(self, tool: str, method: str, outcome: str, result_bytes: int) -> None:
+        """One MCP call (``tool`` is a policy tool with a running session: bounded;
+        ``method`` one the filter judges, others as ``other``)."""
+        label = method if method in CALL_METHODS else "other"
+        self.mcp_calls.labels(tool, label, outcome).inc()
+        if result_bytes:
+            self.mcp_result_bytes.labels(tool).inc(result_bytes)
+
+    def count_mcp_refused(self, tool: str, reason: str) -> None:
+        self.mcp_refused.labels(tool, reason).inc()
 
     def count_parse_limit(self, limit: str) -> None:
         """One request refused by a parse limit (``policy/limits.py``; a fixed label set)."""

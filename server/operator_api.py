@@ -211,6 +211,27 @@ class SniffHub:
                               "later failures are not logged", msg.TYPE)
 
 
+    def observe_mcp(self, record: dict[str, Any]) -> None:
+        """One MCP call (``server/mcp/session.py``): to each subscriber whose filter takes
+        it; ``--tool`` matches the policy tool or the MCP tool's own name."""
+        if not self.subscribers:
+            return
+        chunk: bytes | None = None
+        for sub in list(self.subscribers):
+            f = sub.filter
+            if f.tool is not None and f.tool not in (record.get("tool"), record.get("mcp_tool")):
+                continue
+            if not f.matches("mcp_call", record.get("id"), f.tool, record.get("agent")):
+                continue
+            if chunk is None:
+                redactor = self.redactor()
+                shown = {k: redactor.text(v) if isinstance(v, str) else v
+                         for k, v in record.items()}
+                chunk = b"data: " + json.dumps(shown).encode() + b"\n\n"
+            if not sub.offer(chunk):
+                self.metrics.sniff_dropped += 1
+
+
 # --------------------------------------------------------------------------- HTTP
 
 
@@ -241,6 +262,7 @@ class OperatorApi:
             raise
         self.metrics.attach()
         self.server.frame_observers.append(self.hub.observe)
+        self.server.mcp_observers.append(self.hub.observe_mcp)
         for listener in listeners:
             host, port = listener.socket.getsockname()[:2]
             log.info("debug listener on http://%s:%d (health, connections, /metrics, sniff%s)",
@@ -252,6 +274,8 @@ class OperatorApi:
             for observer in (self.hub.observe, self.metrics.observe):
                 if observer in self.server.frame_observers:
                     self.server.frame_observers.remove(observer)
+            if self.hub.observe_mcp in self.server.mcp_observers:
+                self.server.mcp_observers.remove(self.hub.observe_mcp)
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         conn = h11.Connection(h11.SERVER)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -29,8 +30,12 @@ from carapace.protocol.messages import CliRequest, HttpRequest
 from . import policy as policy_mod
 from .approval_gate import ApprovalGate
 from .audit import AuditEntry, AuditError, AuditTrail
+from .audit.records import cli_completion_fields, http_completion_fields
 from .cli_runner import ExitInfo, run_cli
 from .masking import policy_scrubber, server_scrubber
+from .mcp.filter import DEFAULT_MAX_MESSAGE_BYTES, MAX_PENDING
+from .mcp.http import forward_mcp_http
+from .mcp.session import McpObserver, McpSession, output_filters
 from .metrics import ServerMetrics
 from .policy import (
     DECIDE_WORKERS,
@@ -53,6 +58,15 @@ log = logging.getLogger("carapace.server")
 D = TypeVar("D", bound=policy_mod.Decision)
 
 
+def _on_loop() -> bool:
+    """Whether this runs in trio's thread (not in a worker thread)."""
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        return False
+    return True
+
+
 class RequestPipeline:
     """Takes one agent request from its decision to its completion record."""
 
@@ -62,7 +76,9 @@ class RequestPipeline:
                  limits: ParseLimits = DEFAULT_LIMITS,
                  sandbox: Sandbox | None = None,
                  shares: FairShares | None = None,
-                 gate: ApprovalGate | None = None) -> None:
+                 gate: ApprovalGate | None = None,
+                 mcp_max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 mcp_max_pending: int = MAX_PENDING) -> None:
         self.audit = audit
         self.gate = gate
         """Holds the calls the policy marks until a person answers (``approval_gate.py``)."""
@@ -86,6 +102,10 @@ class RequestPipeline:
         self.shares = shares if shares is not None else FairShares()
         self.open: dict[ServerStream, OpenRequest] = {}
         """Every request in the pipeline, for a reload to judge again (``revocation.py``)."""
+        self.mcp_max_message_bytes = mcp_max_message_bytes
+        self.mcp_max_pending = mcp_max_pending
+        self.mcp_observers: list[McpObserver] = []
+        """Told of each MCP call (the sniff feed adds itself)."""
 
     async def handle(self, agent: str, session_id: bytes, stream: ServerStream,
                      msg: HttpRequest | CliRequest, policy: policy_mod.Policy) -> None:
@@ -123,6 +143,9 @@ class RequestPipeline:
 
     async def _handle_http(self, agent: str, session_id: bytes, stream: ServerStream,
                            req: HttpRequest, policy: policy_mod.Policy) -> None:
+        if isinstance(policy.tools.get(req.tool), policy_mod.McpTool):
+            await self._handle_mcp_http(agent, session_id, stream, req, policy)
+            return
         decide = partial(policy_mod.decide_http, policy, agent, req.tool, req.method,
                          req.target, list(req.headers), req.body, limits=self.limits)
         heavy = needs_worker(policy.tools.get(req.tool), self.limits, body=req.body)
@@ -179,6 +202,9 @@ class RequestPipeline:
 
     async def _handle_cli(self, agent: str, session_id: bytes, stream: ServerStream,
                           req: CliRequest, policy: policy_mod.Policy) -> None:
+        if isinstance(policy.tools.get(req.tool), policy_mod.McpTool):
+            await self._handle_mcp(agent, session_id, stream, req, policy)
+            return
         decide = partial(policy_mod.decide_cli, policy, agent, req.tool, list(req.argv),
                          req.cwd, list(req.env), limits=self.limits)
         heavy = needs_worker(policy.tools.get(req.tool), self.limits, argv=req.argv)
@@ -263,6 +289,94 @@ class RequestPipeline:
         if self.gate is None or not decision.needs_approval:
             return True
         return await self.gate.admit(agent, stream, req, decision, entry, policy)
+
+    async def _handle_mcp(self, agent: str, session_id: bytes, stream: ServerStream,
+                          req: CliRequest, policy: policy_mod.Policy) -> None:
+        """An MCP stdio session: a CLI run of the tool's command with the MCP filter on it,
+        holding one of the agent's CLI process slots while it runs."""
+        session_decision = policy_mod.decide_mcp_session(policy, agent, req.tool,
+                                                         list(req.argv))
+        slot, decision = self._share(session_decision, "cli_processes", agent, req.tool)
+        with slot:
+            await self._run_mcp(agent, session_id, stream, req, policy, session_decision,
+                                decision)
+
+    async def _run_mcp(self, agent: str, session_id: bytes, stream: ServerStream,
+                       req: CliRequest, policy: policy_mod.Policy,
+                       session_decision: policy_mod.CliDecision,
+                       decision: policy_mod.Decision) -> None:
+        self._counted("mcp", decision, agent, req.tool)
+        entry = self.audit.cli(agent, session_id, req, policy, decision, kind="mcp")
+        if not await self._audited(entry, stream):
+            return
+        if not decision.allow:
+            log.log(entry.log_level, "denied mcp tool %s for agent %s (%s): %s", req.tool,
+                    agent, entry.request_id, decision.reason)
+            self._deny(stream, decision, agent, req.tool)
+            return
+        tool = policy.tools[req.tool]
+        assert isinstance(tool, policy_mod.McpTool)
+        session = self._mcp_session(tool, agent, req.id, entry, policy)
+        info = ExitInfo()
+        try:
+            # The session lasts as long as its client; timeout_secs bounds each call. Its
+            # process is a CLI tool's like any other: confined, and every server secret
+            # masked in what it writes.
+            await run_cli(stream, req, session_decision, tool, info=info, hook=session.hook,
+                          timeout=math.inf, sandbox=self.sandbox,
+                          filters=output_filters(server_scrubber(policy, self.held_secrets)))
+        finally:
+            session.finish()
+            entry.completed(**cli_completion_fields(info), mcp_refused=session.refusal)
+
+    def _mcp_session(self, tool: policy_mod.McpTool, agent: str, request_id: int,
+                     entry: AuditEntry, policy: policy_mod.Policy) -> McpSession:
+        """The filter and records of one MCP session (stdio) or HTTP request (url)."""
+        def limit(allowed: policy_mod.Decision) -> policy_mod.Decision:
+            """The rate limits on one MCP call, on the event loop even from a worker."""
+            def apply() -> policy_mod.Decision:
+                return apply_rate_limits(self.rate_limiter, allowed, policy, agent, tool.name,
+                                         self.clock())
+            return apply() if _on_loop() else trio.from_thread.run_sync(apply)
+
+        return McpSession(
+            tool, agent, request_id, entry, audit=self.audit, metrics=self.metrics,
+            observers=self.mcp_observers, max_message_bytes=self.mcp_max_message_bytes,
+            max_pending=self.mcp_max_pending, limit=limit,
+            offload=lambda fn: self._decide(agent, fn, True))
+
+    async def _handle_mcp_http(self, agent: str, session_id: bytes, stream: ServerStream,
+                               req: HttpRequest, policy: policy_mod.Policy) -> None:
+        """One HTTP request to an MCP server's url, judged message by message."""
+        decision = policy_mod.decide_mcp_http(policy, agent, req.tool, req.method)
+        self._counted("mcp", decision, agent, req.tool)
+        entry = self.audit.http(agent, session_id, req, policy, decision, kind="mcp")
+        if not await self._audited(entry, stream):
+            return
+        if not decision.allow:
+            log.log(entry.log_level, "denied mcp %s on tool %s for agent %s (%s): %s",
+                    req.method, req.tool, agent, entry.request_id, decision.reason)
+            self._deny(stream, decision, agent, req.tool)
+            return
+        tool = policy.tools[req.tool]
+        assert isinstance(tool, policy_mod.McpTool)
+        session = self._mcp_session(tool, agent, req.id, entry, policy)
+        scrubber = policy_scrubber(policy)
+        if scrubber.active:  # as for any HTTP tool (see _run_http)
+            scrubber = server_scrubber(policy, self.held_secrets)
+        aborted: str | None = "cancelled"
+        try:
+            await forward_mcp_http(self.http_client, stream, req, tool, session, scrubber,
+                                   lambda fn: self._decide(agent, fn, True))
+            aborted = None
+        except Exception:
+            aborted = "error"
+            raise
+        finally:
+            session.finish()
+            entry.completed(**http_completion_fields(stream.sent, len(req.body), aborted,
+                                                     stream.cancel_reason),
+                            mcp_refused=session.refusal)
 
     async def _audited(self, entry: AuditEntry, stream: ServerStream) -> bool:
         """Write the decision record before anything runs; if that fails, refuse (fail closed)."""

@@ -91,6 +91,12 @@ def decider(open_req: OpenRequest, policy: policy_mod.Policy, limits: policy_mod
     enough for a worker thread (``limits.needs_worker``). No rate limits."""
     msg = open_req.msg
     tool = policy.tools.get(msg.tool)
+    if isinstance(tool, policy_mod.McpTool):  # a session (stdio) or one request (url)
+        if isinstance(msg, HttpRequest):
+            return (partial(policy_mod.decide_mcp_http, policy, open_req.agent, msg.tool,
+                            msg.method), False)
+        return (partial(policy_mod.decide_mcp_session, policy, open_req.agent, msg.tool,
+                        list(msg.argv)), False)
     if isinstance(msg, HttpRequest):
         return (partial(policy_mod.decide_http, policy, open_req.agent, msg.tool, msg.method,
                         msg.target, list(msg.headers), msg.body, limits=limits),

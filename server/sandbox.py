@@ -64,7 +64,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from .policy import CliDecision, CliTool, ToolSandbox
+from .policy import CliDecision, CliTool, McpTool, ToolSandbox
 
 log = logging.getLogger("carapace.server")
 
@@ -202,7 +202,7 @@ class Sandbox:
         return status
 
     # -- one run -----------------------------------------------------------------------
-    def spawn(self, decision: CliDecision, tool: CliTool) -> Spawn:
+    def spawn(self, decision: CliDecision, tool: CliTool | McpTool) -> Spawn:
         """The command line for one allowed run. Raises OSError if the cwd cannot be used."""
         fd = None
         if decision.cwd != b"/":

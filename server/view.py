@@ -8,7 +8,7 @@ satisfies it; a test can give a small stand-in).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 from carapace.protocol.messages import Message
 
@@ -49,6 +49,11 @@ class OperatorView(Protocol):
 
     @property
     def frame_observers(self) -> list[FrameObserver]: ...
+
+    @property
+    def mcp_observers(self) -> list[Callable[[dict[str, Any]], None]]:
+        """Told of each MCP call of every MCP session (``server/mcp/session.py``)."""
+        ...
 
     def secrets(self) -> list[bytes]:
         """Every secret the server holds (tokens, injected values): never shown."""

@@ -55,6 +55,20 @@ follows it (``server/approval_gate.py``) with ``approval_id``, ``outcome``
 went away). A refused one (``--max-pending-approvals``) gets a ``limit``
 record.
 
+An MCP session (``kind`` ``mcp``) has a decision and a completion record as a
+CLI request does (an HTTP request to an MCP server's ``url``: as an HTTP
+request does) (the completion adds ``mcp_refused``, why Carapace ended the
+session, when it did) and between them one ``mcp_call`` record per MCP call
+it judged: ``tools/call``, ``resources/read``, ``prompts/get`` and the like,
+and every request it denied. Such a record has the session's ``request_id``,
+``agent``, ``tool`` and ``kind``, the call's own ``decision``, ``reason``,
+``rule`` (and ``code`` if denied), ``mcp_method``, ``mcp_tool`` (the MCP tool
+name, resource URI or prompt name), ``outcome`` (``answered``, ``error``,
+``denied``, ``timed_out``, ``cancelled``, ``unanswered``), ``duration_ms``
+and ``result_bytes`` (the size of the host server's answer). Denied calls go
+through the deny throttle; allowed ones are left out with ``audit.enabled:
+false``.
+
 Completion records add ``duration_ms`` (from the decision), ``bytes_in``
 and ``bytes_out`` (HTTP: request body and response body bytes; CLI: stdin
 and stdout+stderr bytes; for an event stream, the bytes of the events'

@@ -224,15 +224,37 @@ class AuditTrail:
         return found.audit if found is not None else AuditConfig()
 
     def http(self, agent: str, session_id: bytes, req: HttpRequest, policy: Policy,
-             decision: Decision) -> AuditEntry:
+             decision: Decision, kind: str = "http") -> AuditEntry:
+        """An HTTP request's records (``kind`` ``mcp`` for one to an MCP server's url)."""
         cfg = self._config(policy, req.tool)
         fields = http_decision_fields(req, cfg, decision)
-        base = base_fields(agent, session_id, req.id, req.tool, "http", decision)
+        base = base_fields(agent, session_id, req.id, req.tool, kind, decision)
         return AuditEntry(self, base, fields, write=cfg.enabled or not decision.allow)
 
     def cli(self, agent: str, session_id: bytes, req: CliRequest, policy: Policy,
-            decision: Decision) -> AuditEntry:
+            decision: Decision, kind: str = "cli") -> AuditEntry:
+        """A CLI request's records (``kind`` ``mcp`` for an MCP session, which starts as one)."""
         cfg = self._config(policy, req.tool)
         fields = cli_decision_fields(req, cfg, decision)
-        base = base_fields(agent, session_id, req.id, req.tool, "cli", decision)
+        base = base_fields(agent, session_id, req.id, req.tool, kind, decision)
         return AuditEntry(self, base, fields, write=cfg.enabled or not decision.allow)
+
+    def mcp_call(self, session: AuditEntry, decision: Decision,
+                 fields: Mapping[str, Any]) -> None:
+        """One MCP call of a session: its own ``mcp_call`` record. Never raises.
+
+        Denies are always recorded (through the deny throttle); allowed calls
+        only when the tool's audit is enabled, as for every request.
+        """
+        if self.log is None or (decision.allow and not session.write):
+            return
+        record = {"ts": utc_timestamp(), "event": "mcp_call", **session.base,
+                  "decision": decision.decision, **verdict_fields(decision), **fields}
+        try:
+            data, cut = self.encode(record)
+            if not decision.allow and not self.admit_deny(record, decision.code, len(data)):
+                return
+            self.write(record, data, cut)
+        except AuditError as exc:
+            log.error("audit: lost an mcp_call record of request %s: %s",
+                      session.request_id, exc)

@@ -31,7 +31,7 @@ last one::
       NAME: {tools: [TOOL, ...], rate_limit: {max_requests: N, window_secs: S}}
     tools:
       NAME:                         # [A-Za-z0-9][A-Za-z0-9._-]*, at most 128 long
-        type: cli | http
+        type: cli | http | mcp
         ...
 
 CLI tool keys: ``binary`` (absolute path, required), ``argv_allow_patterns``,
@@ -53,6 +53,14 @@ deny_patterns}``; added: ``fields``, ``deny_fields``, ``allow_fields``,
 value), ``rate_limit``, ``global_rate_limit`` (added), ``timeout_secs``,
 ``audit``, ``agents``, ``limits`` (added: ``{max_jsonrpc_body_bytes,
 max_jsonrpc_batch, max_headers, max_header_bytes}``).
+
+MCP tool keys (``type: mcp``, added): ``command`` (a stdio MCP server's argv,
+``command[0]`` an absolute path) with ``env_inject``, or ``url`` (a Streamable
+HTTP MCP server's endpoint, ``http(s)://host[:port]/path``) with
+``headers_inject`` — one of the two is required; ``tools_allow``,
+``tools_deny``, ``tool_param_filters``, ``resources_allow``,
+``prompts_allow``, ``timeout_secs``, ``rate_limit``, ``audit``, ``agents``
+(meaning under "MCP tools" below).
 
 ``limits`` overrides, for one tool, the server-wide parse limits (positive
 whole numbers; see :mod:`.limits` and DEPLOYMENT.md, "Parse limits"): a
@@ -234,6 +242,58 @@ the whole batch wait. Per tool, ``approval: {timeout_secs, remember_secs}``
 (default 120 and 0): how long the call waits before it fails with
 ``not_approved``, and for how long a yes also approves the same call again
 (0: every call asks).
+
+MCP tools
+=========
+A ``type: mcp`` tool is a host MCP server spoken to over stdio (newline-
+delimited JSON-RPC). The VM runs a shim named after the tool as its MCP
+client's server command; each run starts one process of ``command`` on the
+host, in ``/``, with :data:`BASE_ENV` and ``env_inject`` only (the VM adds no
+arguments and no environment: a shim run with arguments is denied). Then
+every message of the session is judged (:mod:`.mcp`, applied by
+``server/mcp/``):
+
+- ``initialize``, ``ping``, ``logging/setLevel``, notifications
+  (``notifications/*``) and responses to the server's own requests pass;
+- ``tools/call`` needs ``params.name`` to match no ``tools_deny`` glob and
+  some ``tools_allow`` glob (deny wins; without ``tools_allow`` every call is
+  denied), and, when ``tool_param_filters`` has an entry for the tool, its
+  ``params.arguments`` to pass that filter (the keys and meaning of
+  ``jsonrpc_param_filters``; an entry is keyed by the exact tool name);
+- ``resources/read``, ``resources/subscribe`` and ``resources/unsubscribe``
+  need ``params.uri`` to match a ``resources_allow`` glob; ``prompts/get``
+  needs ``params.name`` to match a ``prompts_allow`` glob;
+  ``completion/complete`` is judged as the prompt or resource its ``ref`` names;
+- any other request method is denied. A request without an id whose method
+  is not a notification (a lenient server might act on it) is judged the
+  same way and dropped if denied;
+- the answers to ``tools/list``, ``resources/list``,
+  ``resources/templates/list`` (by ``uriTemplate``) and ``prompts/list`` keep
+  only the items the rules allow; one whose shape is not MCP's is withheld
+  (an error instead). ``notifications/resources/updated`` reaches the VM only
+  for a resource it may read; ``list_changed`` notifications pass.
+
+A denied request is answered by Carapace with a JSON-RPC error with the same
+id (code -32001, "denied by the host policy (Carapace): REASON"); the host
+server never sees it. In a batch each element is judged: the allowed ones go
+on as a batch, the denials come back as a batch of their own.
+``timeout_secs`` bounds each request (not the session): one not answered in
+time gets an error (-32002) and its late answer is dropped. ``rate_limit``
+counts the judged calls (``tools/call``, ``resources/read``, ``prompts/get``,
+...), not the lists.
+
+A ``url`` tool is exposed in the VM like an HTTP tool (``carapace-agent
+--expose NAME=PORT``); its MCP client talks Streamable HTTP to that port.
+Every request goes to ``url`` whatever its path; only ``Accept``,
+``Content-Type``, ``Mcp-Session-Id``, ``MCP-Protocol-Version`` and
+``Last-Event-ID`` of the VM's headers go with it, plus ``headers_inject``.
+A POST's body (a message or a batch) is judged as above: what is denied is
+answered by Carapace (``200`` with the JSON-RPC error, or ``202`` when
+nothing else is left), a body that is not JSON-RPC gets ``400`` with a
+JSON-RPC error; answers, JSON or event streams, are filtered message by
+message. GET (the server's event stream) and DELETE (the end of the MCP
+session) pass; any other method is refused. ``timeout_secs`` bounds the wait
+for the server's answer to begin.
 """
 
 
@@ -250,6 +310,14 @@ from .limits import (
 )
 from .lint import RISKY_ARGS, LintWarning, RiskyArgs, lint_policy
 from .load import load_policy, load_policy_file
+from .mcp import (
+    McpVerdict,
+    decide_mcp_http,
+    decide_mcp_request,
+    decide_mcp_session,
+    filter_list,
+    notification_passes,
+)
 from .model import (
     BASE_ENV,
     DEFAULT_APPROVAL_TIMEOUT_SECS,
@@ -262,6 +330,7 @@ from .model import (
     AuditConfig,
     CliTool,
     HttpTool,
+    McpTool,
     ParamFilter,
     PathRule,
     Policy,
@@ -307,6 +376,8 @@ __all__ = [
     "Decision",
     "HttpTool",
     "LintWarning",
+    "McpTool",
+    "McpVerdict",
     "ParamFilter",
     "ParseLimits",
     "PathRule",
@@ -327,11 +398,16 @@ __all__ = [
     "argv_matches",
     "decide_cli",
     "decide_http",
+    "decide_mcp_http",
+    "decide_mcp_request",
+    "decide_mcp_session",
     "env_name_is_secret",
+    "filter_list",
     "lint_policy",
     "load_policy",
     "load_policy_file",
     "needs_worker",
+    "notification_passes",
     "passthrough_refusal",
     "prepare_http_headers",
     "prune_rate_limits",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Final
 
-from .model import _NAME_RE, DEFAULT_CWD, CliTool, HttpTool, Policy, Tool, _grant_denial
+from .model import _NAME_RE, DEFAULT_CWD, CliTool, HttpTool, McpTool, Policy, Tool, _grant_denial
 from .quoting import _show
 
 
@@ -129,7 +129,8 @@ def _rule(tool: str, key: str, index: int, text: str) -> str:
 
 
 def _lookup(
-    policy: Policy, agent: str, tool: str, want: type[CliTool] | type[HttpTool]
+    policy: Policy, agent: str, tool: str,
+    want: type[CliTool] | type[HttpTool] | type[McpTool],
 ) -> Tool | Decision:
     """The tool if it exists, is of the wanted type and ``agent`` may use it; else the deny."""
     if not isinstance(agent, str) or not isinstance(tool, str):
@@ -140,7 +141,7 @@ def _lookup(
         return _deny(f"unknown tool {_show(tool)}",
                      f"default deny: {_show(tool)} is not in the policy's tools", "unknown_tool")
     if not isinstance(found, want):
-        asked = "http" if want is HttpTool else "cli"
+        asked = {HttpTool: "http", CliTool: "cli"}.get(want, "mcp")
         return _deny(
             f"tool {_show(tool)} is a {found.type} tool, not a {asked} tool",
             f"default deny: tools.{tool}.type is {found.type}",

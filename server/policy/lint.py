@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 from .cli import argv_matches
 from .flags import denied_flag, unlisted_flag
-from .model import CliTool, HttpTool, Policy
+from .model import CliTool, HttpTool, McpTool, Policy
 from .quoting import _show
 
 
@@ -102,6 +102,8 @@ def lint_policy(
                 problem = binary_problem(tool.binary)
                 if problem:
                     warn(name, f"binary {tool.binary}: {problem}", "error")
+        elif isinstance(tool, McpTool):
+            _lint_mcp(tool, warn, binary_problem)
         else:
             if tool.allow_paths is None:
                 warn(name, "no allow_paths: every path of the upstream is reachable")
@@ -141,6 +143,26 @@ def lint_policy(
             if not grant.tools:
                 warn(None, f"agents.{agent}.tools is empty: this agent can use nothing")
     return out
+
+
+def _lint_mcp(tool: McpTool, warn: Callable[..., None],
+              binary_problem: Callable[[str], str | None] | None) -> None:
+    """An MCP tool that allows every MCP tool also allows those a later server adds."""
+    if not tool.tools_allow:
+        warn(tool.name, "tools_allow is empty: every MCP tool call is denied")
+    for k, pattern in enumerate(tool.tools_allow):
+        if pattern and set(pattern) <= {"*"}:
+            warn(tool.name, f"tools_allow[{k}] {_show(pattern)} allows every MCP tool, also "
+                 "those a later version of the server adds")
+    if binary_problem is not None and tool.command:
+        problem = binary_problem(tool.binary)
+        if problem:
+            warn(tool.name, f"command {tool.binary}: {problem}", "error")
+    host = urlsplit(tool.url).hostname or "" if tool.url else ""
+    if tool.headers_inject and tool.url and tool.url.startswith("http://") \
+            and host not in _LOOPBACK_HOSTS:
+        warn(tool.name, "headers_inject over plain http to a non-loopback host: the "
+             "credential crosses the network unencrypted")
 
 
 def _risky_args(tool: CliTool) -> list[str]:

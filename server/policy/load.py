@@ -27,6 +27,7 @@ from .model import (
     AuditConfig,
     CliTool,
     HttpTool,
+    McpTool,
     ParamFilter,
     PathRule,
     Policy,
@@ -59,6 +60,15 @@ _HTTP_KEYS: Final = frozenset(
         "jsonrpc_param_filters", "headers_inject", "rate_limit", "timeout_secs", "audit",
         "agents", "limits", "global_rate_limit",
         "jsonrpc_approve_methods", "approve_paths", "approval",
+    }
+)
+
+
+_MCP_KEYS: Final = frozenset(
+    {
+        "type", "command", "env_inject", "tools_allow", "tools_deny", "tool_param_filters",
+        "resources_allow", "prompts_allow", "timeout_secs", "rate_limit", "audit", "agents",
+        "url", "headers_inject", "global_rate_limit", "sandbox",
     }
 )
 
@@ -249,8 +259,11 @@ class _Loader:
             own, other, other_kind = _CLI_KEYS, _HTTP_KEYS, "http"
         elif kind == "http":
             own, other, other_kind = _HTTP_KEYS, _CLI_KEYS, "cli"
+        elif kind == "mcp":
+            return self.mcp_tool(tool_name, raw, path)
         else:
-            self.fail(f"{path}.type", f"must be 'cli' or 'http', not {_show(str(kind))}")
+            self.fail(f"{path}.type",
+                      f"must be 'cli', 'http' or 'mcp', not {_show(str(kind))}")
         for key in raw:
             if key not in own:
                 hint = (
@@ -554,6 +567,56 @@ class _Loader:
             headers_inject_refs=MappingProxyType(inject_refs),
             **self.approvals(raw, path),
         )
+
+    def mcp_tool(self, tool_name: str, raw: dict[str, Any], path: str) -> McpTool:
+        """A ``type: mcp`` tool (keys in the package docstring, "MCP tools")."""
+        for key in raw:
+            if key not in _MCP_KEYS:
+                hint = (f"'{key}' belongs to cli or http tools; this tool has type: mcp."
+                        if key in _CLI_KEYS | _HTTP_KEYS else "")
+                self.fail(f"{path}.{key}", f"unknown key {_show(key)}",
+                          hint or f"Allowed keys for an mcp tool: {', '.join(sorted(_MCP_KEYS))}.")
+        opt: dict[str, Any] = self.mcp_server(raw, path)
+        for key in ("tools_allow", "tools_deny", "resources_allow", "prompts_allow"):
+            if key in raw:
+                opt[key] = self.strings(raw[key], f"{path}.{key}")
+        if "env_inject" in raw:
+            inject, refs = self.env_inject(raw["env_inject"], f"{path}.env_inject")
+            opt["env_inject"] = MappingProxyType(inject)
+            opt["env_inject_refs"] = MappingProxyType(refs)
+        if "tool_param_filters" in raw:
+            fpath = f"{path}.tool_param_filters"
+            opt["tool_param_filters"] = MappingProxyType({
+                name: self.param_filter(spec, f"{fpath}.{name}")
+                for name, spec in self.mapping(raw["tool_param_filters"], fpath).items()})
+        if "sandbox" in raw:
+            opt["sandbox"] = load_tool_sandbox(self, raw["sandbox"], f"{path}.sandbox")
+        return McpTool(name=tool_name, **opt, **self.common(raw, path))
+
+    def mcp_server(self, raw: dict[str, Any], path: str) -> dict[str, Any]:
+        """Where an mcp tool's server is: ``command`` (stdio) or ``url`` (HTTP), not both."""
+        if ("command" in raw) == ("url" in raw):
+            self.fail(f"{path}.command", "give 'command' or 'url', not both"
+                      if "url" in raw else "is required",
+                      "A stdio server: command: [/usr/bin/mcp-server-time]; one over HTTP: "
+                      "url: http://127.0.0.1:8000/mcp.")
+        if "url" in raw:
+            if "env_inject" in raw:
+                self.fail(f"{path}.env_inject", "applies to a command, not to a url",
+                          "Put a credential for an HTTP MCP server in headers_inject.")
+            url = self.upstream(raw["url"], f"{path}.url")
+            inject, refs = self.headers_inject(raw.get("headers_inject", {}),
+                                               f"{path}.headers_inject")
+            return {"url": url, "headers_inject": MappingProxyType(inject),
+                    "headers_inject_refs": MappingProxyType(refs)}
+        if "headers_inject" in raw:
+            self.fail(f"{path}.headers_inject", "applies to a url, not to a command",
+                      "Give a stdio server its credential with env_inject.")
+        command = self.strings(raw["command"], f"{path}.command")
+        if not command:
+            self.fail(f"{path}.command", "is empty", "Name at least the program to run.")
+        program = self.absolute_path(command[0], f"{path}.command[0]", "the program")
+        return {"command": (program, *command[1:])}
 
     def headers_inject(
         self, value: Any, path: str

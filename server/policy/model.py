@@ -247,12 +247,68 @@ class HttpTool:
         return list(self.headers_inject.values())
 
 
-Tool: TypeAlias = CliTool | HttpTool
+@dataclass(frozen=True)
+class McpTool:
+    """A host MCP server the VM may use, MCP tool by MCP tool.
+
+    Exactly one of ``command`` (a stdio server, run as is: ``command[0]`` an
+    absolute path, the VM adds no arguments) and ``url`` (a Streamable HTTP
+    server's endpoint, with ``headers_inject``). ``tools_allow``/``tools_deny``
+    are globs over MCP tool names (deny wins, nothing is allowed by default);
+    ``tool_param_filters`` check a tool's ``params.arguments``;
+    ``resources_allow`` globs over resource URIs, ``prompts_allow`` over prompt
+    names. ``timeout_secs`` bounds each MCP call, not the session.
+    ``env_inject`` and ``headers_inject`` are left out of the repr: secrets.
+    """
+
+    name: str
+    command: tuple[str, ...] = ()
+    url: str | None = None
+    headers_inject: Mapping[str, str] = field(default_factory=dict, repr=False)
+    env_inject: Mapping[str, str] = field(default_factory=dict, repr=False)
+    env_inject_refs: Mapping[str, SecretRef] = field(default_factory=dict)
+    """As ``CliTool.env_inject_refs`` (a ``command`` tool's secrets by reference)."""
+    headers_inject_refs: Mapping[str, SecretRef] = field(default_factory=dict)
+    """As ``HttpTool.headers_inject_refs`` (a ``url`` tool's secrets by reference)."""
+    tools_allow: tuple[str, ...] = ()
+    tools_deny: tuple[str, ...] = ()
+    tool_param_filters: Mapping[str, ParamFilter] = field(default_factory=dict)
+    resources_allow: tuple[str, ...] = ()
+    prompts_allow: tuple[str, ...] = ()
+    timeout_secs: float | None = None
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    rate_limit: RateLimit | None = None
+    agents: tuple[str, ...] | None = None
+    limits: Mapping[str, int] = field(default_factory=dict)
+    """Always empty: an MCP tool has no parse limit overrides (the message cap is a flag)."""
+    global_rate_limit: RateLimit | None = None
+    """One budget of MCP calls shared by every agent (``rate_limit`` is each agent's own)."""
+    sandbox: ToolSandbox = field(default_factory=ToolSandbox)
+    """How a ``command`` server's process is confined, as a CLI tool's."""
+
+    @property
+    def type(self) -> str:
+        return "mcp"
+
+    @property
+    def binary(self) -> str:
+        """The program a stdio session runs (``command[0]``; ``""`` for a ``url`` tool)."""
+        return self.command[0] if self.command else ""
+
+    def secret_values(self) -> list[str]:
+        """Secret ``env_inject`` values (by name, or given by reference) and every
+        ``headers_inject`` value."""
+        return [*(v for k, v in self.env_inject.items()
+                  if env_name_is_secret(k) or k in self.env_inject_refs),
+                *self.headers_inject.values()]
+
+
+Tool: TypeAlias = CliTool | HttpTool | McpTool
 
 
 def inject_parts(tool: Tool) -> tuple[str, Mapping[str, str], Mapping[str, SecretRef]]:
     """A tool's injection key (``env_inject``/``headers_inject``), its values and its refs."""
-    if isinstance(tool, CliTool):
+    if isinstance(tool, CliTool) or (isinstance(tool, McpTool) and tool.url is None):
         return "env_inject", tool.env_inject, tool.env_inject_refs
     return "headers_inject", tool.headers_inject, tool.headers_inject_refs
 

@@ -33,6 +33,7 @@ from .load import _Loader
 from .model import (
     DEFAULT_SECRET_COMMAND_TIMEOUT,
     CliTool,
+    HttpTool,
     Policy,
     PolicyError,
     SecretRef,
@@ -297,7 +298,7 @@ def resolve_policy(policy: Policy, resolver: SecretResolver,
                     f"{policy.source}: {path}: cannot resolve {ref}: {exc}. The policy was "
                     "not loaded.", path, policy.source, ref) from None
             try:
-                if isinstance(tool, CliTool):
+                if key == "env_inject":
                     loader.env_value(item, value, path, by_ref=True)
                 else:
                     loader.header_value(value, path)
@@ -307,6 +308,16 @@ def resolve_policy(policy: Policy, resolver: SecretResolver,
             resolved[item] = value
             mask.append(value)
         frozen = MappingProxyType(resolved)
-        tools[name] = (replace(tool, env_inject=frozen) if isinstance(tool, CliTool)
-                       else replace(tool, headers_inject=frozen))
+        tools[name] = _with_injected(tool, key, frozen)
     return replace(policy, tools=MappingProxyType(tools))
+
+
+def _with_injected(tool: Tool, key: str, values: Mapping[str, str]) -> Tool:
+    """``tool`` with its ``env_inject`` or ``headers_inject`` (``key``) resolved."""
+    if isinstance(tool, CliTool):
+        return replace(tool, env_inject=values)
+    if isinstance(tool, HttpTool):
+        return replace(tool, headers_inject=values)
+    if key == "env_inject":
+        return replace(tool, env_inject=values)
+    return replace(tool, headers_inject=values)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
@@ -58,6 +58,34 @@ if TYPE_CHECKING:
     from ..policy import HttpTool
 
 log = logging.getLogger("carapace.server")
+
+EventFilter = Callable[[Event], list[Event]]
+"""Rewrites one parsed event on its way to the VM: none, it, or others (MCP over HTTP)."""
+
+
+class BodyFilter(Protocol):
+    """Rewrites a non-event body (MCP over HTTP): ``feed`` what came, ``flush`` at its end."""
+
+    def feed(self, data: bytes) -> bytes: ...
+
+    def flush(self) -> bytes: ...
+
+
+class _Chained:
+    """``first`` then ``second``, as one body filter."""
+
+    def __init__(self, first: BodyFilter, second: BodyFilter | None) -> None:
+        self.first, self.second = first, second
+
+    def feed(self, data: bytes) -> bytes:
+        out = self.first.feed(data)
+        return self.second.feed(out) if self.second is not None else out
+
+    def flush(self) -> bytes:
+        out = self.first.flush()
+        if self.second is None:
+            return out
+        return self.second.feed(out) + self.second.flush()
 
 
 def response_headers(
@@ -97,6 +125,8 @@ async def forward_http(
     headers: list[tuple[bytes, bytes]],
     scrubber: Scrubber | None = None,
     admit_sse: Callable[[], Slot | Refusal] | None = None,
+    body_filter: BodyFilter | None = None,
+    event_filter: EventFilter | None = None,
 ) -> None:
     """Run one request against the tool's upstream.
 
@@ -106,6 +136,8 @@ async def forward_http(
     ``admit_sse`` is asked for a slot when the answer is an event stream
     (``shares.py``); a refusal closes the upstream connection and fails the
     request with its status and ``retry_after`` instead of holding it open.
+    ``body_filter`` and ``event_filter`` rewrite the answer before it is
+    scrubbed (an MCP server's answers, judged message by message).
     """
     if scrubber is not None and not scrubber.active:
         scrubber = None
@@ -129,7 +161,8 @@ async def forward_http(
         out_headers = response_headers(response.headers, sse)
         encoding = b", ".join(response.header_values(b"content-encoding"))
         decoder: ContentDecoder | None = None
-        if sse or scrubber is not None:
+        rewrites = body_filter is not None or event_filter is not None
+        if sse or scrubber is not None or rewrites:
             # Read here, so it must be readable: decode gzip/deflate, refuse the rest.
             try:
                 decoder = ContentDecoder(encoding)
@@ -149,14 +182,19 @@ async def forward_http(
             drop = {b"content-length", b"content-encoding"} if decoder else {b"content-length"}
             out_headers = scrubber.scrub_headers(
                 (k, v) for k, v in out_headers if k.lower() not in drop)
+        elif rewrites:
+            drop = {b"content-length", b"content-encoding"} if decoder else {b"content-length"}
+            out_headers = tuple((k, v) for k, v in out_headers if k.lower() not in drop)
         head = HttpHead(id=req.id, status=response.status, headers=out_headers, sse=sse)
         if sse:
             stream.send_control(head)
-            await _relay_events(stream, req.id, response, decoder, scrubber)
+            await _relay_events(stream, req.id, response, decoder, scrubber, event_filter)
             stream.send_control(End(id=req.id))
         else:
+            scrub = scrubber.stream() if scrubber is not None else None
             await _relay_body(stream, head, response, timeout,
-                              scrubber.stream() if scrubber is not None else None, decoder)
+                              _Chained(body_filter, scrub) if body_filter is not None else scrub,
+                              decoder)
     except UpstreamError as exc:
         log.warning("upstream of tool %s broke off mid-response: %s", tool_name, exc)
         stream.fail(502, "upstream_unavailable",
@@ -205,7 +243,7 @@ WHOLE_ANSWER_MAX = 64 * 1024
 
 async def _relay_body(
     stream: ServerStream, head: HttpHead, response: UpstreamResponse, idle: float,
-    scrub: StreamScrubber | None = None, decoder: ContentDecoder | None = None,
+    scrub: StreamScrubber | BodyFilter | None = None, decoder: ContentDecoder | None = None,
 ) -> None:
     """Head, body as it arrives (raw unless ``decoder``), then ``end``.
 
@@ -253,6 +291,7 @@ async def _relay_body(
 async def _relay_events(
     stream: ServerStream, request_id: int, response: UpstreamResponse,
     decoder: ContentDecoder | None = None, scrubber: Scrubber | None = None,
+    event_filter: EventFilter | None = None,
 ) -> None:
     """Parse the event stream as it arrives; send each upstream read's events together.
 
@@ -273,6 +312,8 @@ async def _relay_events(
         if scrub is not None:
             chunk = scrub.feed(chunk)
         items = parser.feed(chunk)
+        if items and event_filter is not None:
+            items = _filtered(items, event_filter)
         if items:
             await _send_items(stream, request_id, items, split, arrived)
     rest = decoder.flush() if decoder is not None else b""
@@ -280,7 +321,16 @@ async def _relay_events(
         rest = scrub.feed(rest) + scrub.flush() if rest else scrub.flush()
     # What is left unterminated at the end: the event goes, a comment does not.
     items = [*parser.feed(rest), *(i for i in parser.close() if not isinstance(i, Comment))]
+    if event_filter is not None:
+        items = _filtered(items, event_filter)
     await _send_items(stream, request_id, items, split, None, last=True)
+
+
+def _filtered(items: list[Event | Comment], event_filter: EventFilter) -> list[Event | Comment]:
+    out: list[Event | Comment] = []
+    for item in items:
+        out.extend(event_filter(item) if isinstance(item, Event) else (item,))
+    return out
 
 
 MAX_EVENTS_PER_FRAME = 256
