@@ -30,6 +30,40 @@ grow the table.
 """
 
 
+PING_RATE_LIMIT = 20.0
+"""Pings per second a peer may send, sustained. A compliant peer sends one every third
+of its idle timeout (every 5 s by default); 20 a second would be an idle timeout of
+0.15 s, which no real link uses. Each ping is owed a pong, so a peer that pings faster
+without reading its socket would make the other side queue pongs without end."""
+
+PING_BURST = 40
+"""Pings a peer may send at once above :data:`PING_RATE_LIMIT` before it is refused."""
+
+
+class PingBudget:
+    """The peer's pings, as a token bucket: each one answered takes a token.
+
+    A peer past it is flooding, not keeping the link alive, and is to be cut
+    off before its pongs pile up: the check costs the same whatever it sent.
+    """
+
+    def __init__(self, now: float, rate: float = PING_RATE_LIMIT,
+                 burst: int = PING_BURST) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = float(burst)
+        self.updated = now
+
+    def take(self, now: float) -> bool:
+        """Whether a ping that arrived at ``now`` may be answered (False: a flood)."""
+        self.tokens = min(float(self.burst), self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
 @dataclass(frozen=True, slots=True)
 class Expired:
     """Nothing was heard from the peer for longer than the idle timeout: drop the link."""
