@@ -231,7 +231,8 @@ def own_table(spec: dict[str, Any]) -> Table:
                          overflow="fold")
     for row in spec["rows"]:
         met = row[-1]
-        table.add_row(*row[:-1], Text(met, style="green" if met == "yes" else "red"))
+        style = "green" if met == "yes" else "red" if met.startswith("no") else "dim"
+        table.add_row(*row[:-1], Text(met, style=style))
     return table
 
 
