@@ -167,8 +167,13 @@ async def _receive(wire: StampedWire) -> tuple[Message, float]:
 def _classify(exc: BaseException) -> str:
     text = str(exc)
     if isinstance(exc, OSError):
-        return "connection refused (server down)" if "refused" in text.lower() or \
-            getattr(exc, "errno", None) == 111 else f"connect: {type(exc).__name__}"
+        # trio's open_tcp_stream wraps the attempts' errors in an ExceptionGroup cause
+        cause = exc.__cause__
+        causes = cause.exceptions if isinstance(cause, BaseExceptionGroup) else (cause,)
+        if isinstance(exc, ConnectionRefusedError) or any(
+                isinstance(c, ConnectionRefusedError) for c in causes):
+            return "connection refused (server down)"
+        return f"connect: {type(exc).__name__}: {text}"[:80]
     if isinstance(exc, LinkClosed) and text.startswith("rejected"):
         return text  # e.g. "rejected: limit" (--max-agents)
     if isinstance(exc, LinkClosed):
