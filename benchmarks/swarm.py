@@ -50,6 +50,7 @@ from carapace.protocol.flow import ReceiveWindow, flow_cost
 from carapace.protocol.keepalive import DEFAULT_IDLE_TIMEOUT, DEFAULT_PING_INTERVAL
 from carapace.protocol.messages import (
     Ack,
+    Cancel,
     Credit,
     Data,
     End,
@@ -230,6 +231,9 @@ async def serve(spec: dict[str, Any], agent: Agent, link: Link, stats: Stats,
         async def traffic() -> None:
             await stats.go.wait()
             nursery.start_soon(rpc_loop, spec, agent, link, stats)
+            # Independent agents' streams do not tick in step: a random phase within one
+            # event interval, or the upstream would send every agent's event at one instant.
+            await trio.sleep(random.uniform(0, float(spec["stream_phase"])))
             while link.accepting:
                 await open_stream(spec, link)
                 await link_stream_ended(link)
@@ -278,6 +282,8 @@ async def one_rpc(spec: dict[str, Any], link: Link, stats: Stats) -> None:
                                 body=RPC_BODY))
     with trio.move_on_after(RPC_TIMEOUT) as scope:
         await done.wait()
+    if scope.cancelled_caught:  # the local client gave up: the real agent cancels the request
+        await link.send(Cancel(id=rid, reason="the client went away"))
     link.calls.pop(rid, None)
     link.flows.pop(rid, None)
     if recording and stats.recording:
@@ -402,6 +408,7 @@ async def sample_agent(port: int, agent: Agent, spec: dict[str, Any], stats: Sta
     await stats.go.wait()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(sample_calls, port, spec, stats)
+        await trio.sleep(random.uniform(0, float(spec["stream_phase"])))
         while True:
             opened = time.monotonic()
             agent.flowing = False

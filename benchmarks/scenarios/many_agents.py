@@ -49,7 +49,8 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 
 SAMPLES = 3
 """Real carapace-agent processes among the agents, measured the same way."""
-SSE_PATH = "/sse-forever?interval_ms=100&size=200"
+SSE_INTERVAL = 0.1
+SSE_PATH = f"/sse-forever?interval_ms={SSE_INTERVAL * 1000:g}&size=200"
 RPC_EVERY = 1.0
 TARGET_RSS_KIB = 200.0
 TARGET_P99_MS = 10.0
@@ -81,6 +82,7 @@ class Deployment:
         self.names = [f"vm{i:04d}" for i in range(n)]
         self.tokens = {name: secrets.token_urlsafe(32) for name in self.names}
         self.upstream_port = ctx.upstream.port
+        self.upstream_pid = ctx.upstream.proc.pid
         self.port = free_port()
         self.server: Proc | None = None
         self.restarts = 0
@@ -135,7 +137,8 @@ class Deployment:
 
     def start_swarm(self, timeout: float) -> None:
         spec = {"port": self.port, "tool": "bench", "sse_path": SSE_PATH,
-                "rpc_every": RPC_EVERY, "timeout": timeout, "samples": self.sample_ports,
+                "rpc_every": RPC_EVERY, "stream_phase": SSE_INTERVAL, "timeout": timeout,
+                "samples": self.sample_ports,
                 "agents": [[n, self.tokens[n]] for n in self.names[SAMPLES:]]}
         self.swarm = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.swarm", json.dumps(spec)], cwd=str(ROOT),
@@ -181,13 +184,19 @@ class Deployment:
 
 
 def _window(dep: Deployment, seconds: float) -> dict[str, float]:
-    """The server's CPU seconds and RSS over a window of ``seconds``."""
-    assert dep.server is not None
+    """The server's CPU seconds and RSS over a window of ``seconds``, and the CPU share
+    of the load generator and the upstream (near 100%: they, not the server, set the pace)."""
+    assert dep.server is not None and dep.swarm is not None
     pid = dep.server.pid
+    others = {"swarm": dep.swarm.pid, "upstream": dep.upstream_pid}
+    before = {k: cpu_seconds(p) for k, p in others.items()}
     cpu0, t0 = cpu_seconds(pid), time.monotonic()
     time.sleep(seconds)
-    return {"cpu_s": cpu_seconds(pid) - cpu0, "seconds": time.monotonic() - t0,
-            "rss_kib": rss_kib(pid)}
+    took = time.monotonic() - t0
+    out = {"cpu_s": cpu_seconds(pid) - cpu0, "seconds": took, "rss_kib": rss_kib(pid)}
+    for k, p in others.items():
+        out[f"{k}_cpu_pct"] = (cpu_seconds(p) - before[k]) / took * 100
+    return out
 
 
 def measure(ctx: Ctx, dep: Deployment) -> dict[str, Any]:
@@ -228,19 +237,27 @@ def measure(ctx: Ctx, dep: Deployment) -> dict[str, Any]:
         out["back"] = {"error": str(exc)}
     dep.tell("stop")
     out["swarm"] = dep.ask("result", 60)
-    out["server_log_caps"] = _cap_lines(dep)
+    out["caps_hit"] = _caps_hit(dep)
     return out
 
 
-def _cap_lines(dep: Deployment) -> list[str]:
-    """The restarted server's log lines about its caps (refused handshakes, --max-agents)."""
-    assert dep.server is not None
-    try:
-        text = dep.server.log.read_text(errors="replace")
-    except OSError:
-        return []
-    keys = ("--max-unauthenticated", "--max-agents", "refus")
-    return [line[-200:] for line in text.splitlines() if any(k in line for k in keys)][:6]
+CAP_FLAGS = ("--max-unauthenticated-per-address", "--max-unauthenticated ", "--max-agents",
+             "--max-upstream-connections", "--max-sse-streams", "--max-requests-per-agent")
+
+
+def _caps_hit(dep: Deployment) -> dict[str, dict[str, int]]:
+    """Per server run (before / after the restart): log lines naming each cap it hit.
+    The unauthenticated caps log at most one line per 10 s, so a count of 1 may mean many."""
+    out: dict[str, dict[str, int]] = {}
+    for run, label in ((1, "first server"), (2, "restarted server")):
+        try:
+            text = (dep.dir / f"server-{run}.log").read_text(errors="replace")
+        except OSError:
+            continue
+        counts = {flag.strip(): sum(1 for line in text.splitlines() if flag in line + " ")
+                  for flag in CAP_FLAGS}
+        out[label] = {k: v for k, v in counts.items() if v}
+    return out
 
 
 def _ms(v: float | None) -> str:
@@ -288,6 +305,10 @@ def table(out: dict[str, Any], ev: dict[str, Any]) -> dict[str, Any]:
          "–", "–"],
         ["server CPU per streaming agent", f"{ev['cpu_active_pct_per_agent']:.3f} % of a core",
          "–", "–"],
+        ["meanwhile: server / load generator / upstream CPU",
+         f"{out['active']['cpu_s'] / out['active']['seconds'] * 100:.0f} % / "
+         f"{out['active']['swarm_cpu_pct']:.0f} % / {out['active']['upstream_cpu_pct']:.0f} %"
+         " of a core", "–", "–"],
         [f"event latency p50 / p99, all {n} agents",
          f"{_ms(ev['event_p50_ms'])} / {_ms(ev['event_p99_ms'])} "
          f"({sw['events']['n']:,} events)", f"p99 ≤ {TARGET_P99_MS:g} ms", yes(met["p99"])],
@@ -332,8 +353,10 @@ def run(ctx: Ctx) -> ScenarioResult:
         res.notes.append(f"streams that ended while measured: {sw['stream_errors']}")
     if sw["rpc_errors"]:
         res.notes.append(f"calls that failed while measured: {sw['rpc_errors']}")
-    if out["server_log_caps"]:
-        res.notes.append("the restarted server logged: " + " | ".join(out["server_log_caps"]))
+    for label, caps in out["caps_hit"].items():
+        if caps:
+            res.notes.append(f"the {label} logged caps it hit (lines): " + ", ".join(
+                f"{k} ×{v}" for k, v in caps.items()))
     if sw["not_back"]:
         res.notes.append(f"not back within {phases(ctx)['storm']:g} s: {sw['not_back']}")
     return res
