@@ -91,9 +91,10 @@ class Stats:
     mark: float | None = None
     events: list[float] = field(default_factory=list)  # ms, while recording
     events_by_kind: dict[str, list[float]] = field(default_factory=lambda: {
-        "raw": [], "sample": []})
+        "raw": [], "sample": [], "direct": []})
     per_agent_p99: list[float] = field(default_factory=list)
-    rpcs: dict[str, list[float]] = field(default_factory=lambda: {"raw": [], "sample": []})
+    rpcs: dict[str, list[float]] = field(default_factory=lambda: {
+        "raw": [], "sample": [], "direct": []})
     rpc_errors: Counter[str] = field(default_factory=Counter)
     stream_errors: Counter[str] = field(default_factory=Counter)
     connect_failures: Counter[str] = field(default_factory=Counter)  # reason, after the mark
@@ -106,7 +107,7 @@ class Agent:
     """One agent's state across its sessions."""
 
     name: str
-    kind: str  # "raw" or "sample"
+    kind: str  # "raw", "sample", or "direct" (the reference: the upstream, no Carapace)
     sessions: int = 0
     flowing: bool = False  # its current stream has delivered an event
     back_at: float | None = None  # monotonic time of its first event after the mark
@@ -333,9 +334,10 @@ def on_events(agent: Agent, stats: Stats, stamps: list[float], at: float,
     if stats.recording:
         for ts in stamps:
             ms = (at - ts) * 1000.0
-            stats.events.append(ms)
             stats.events_by_kind[agent.kind].append(ms)
-            agent.latencies.append(ms)
+            if agent.kind != "direct":
+                stats.events.append(ms)
+                agent.latencies.append(ms)
 
 
 async def read_loop(agent: Agent, link: Link, stats: Stats, started: float) -> None:
@@ -407,7 +409,7 @@ async def sample_agent(port: int, agent: Agent, spec: dict[str, Any], stats: Sta
     """A real agent's exposed port: one SSE stream (reopened when it ends) and the calls."""
     await stats.go.wait()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(sample_calls, port, spec, stats)
+        nursery.start_soon(sample_calls, port, spec, stats, agent.kind)
         await trio.sleep(random.uniform(0, float(spec["stream_phase"])))
         while True:
             opened = time.monotonic()
@@ -416,7 +418,7 @@ async def sample_agent(port: int, agent: Agent, spec: dict[str, Any], stats: Sta
                 await sample_stream(port, spec["sse_path"], agent, stats, opened)
             except (BenchError, OSError, trio.BrokenResourceError, h11.ProtocolError) as exc:
                 if stats.recording:
-                    stats.stream_errors[f"sample: {exc}"[:80]] += 1
+                    stats.stream_errors[f"{agent.kind}: {exc}"[:80]] += 1
             await trio.sleep(BACKOFF_INITIAL)
 
 
@@ -445,7 +447,7 @@ async def sample_stream(port: int, path: str, agent: Agent, stats: Stats,
                     raise BenchError("the stream ended")
 
 
-async def sample_calls(port: int, spec: dict[str, Any], stats: Stats) -> None:
+async def sample_calls(port: int, spec: dict[str, Any], stats: Stats, kind: str) -> None:
     host = "127.0.0.1"
     every = float(spec["rpc_every"])
     due = trio.current_time()
@@ -463,13 +465,13 @@ async def sample_calls(port: int, spec: dict[str, Any], stats: Stats) -> None:
                 await one_call(sock, conn, host, port)
             idle.append((sock, conn))
             if recording and stats.recording:
-                stats.rpcs["sample"].append((time.perf_counter() - t0) * 1000.0)
+                stats.rpcs[kind].append((time.perf_counter() - t0) * 1000.0)
         except (trio.TooSlowError, BenchError, OSError, trio.BrokenResourceError,
                 h11.ProtocolError) as exc:
             if sock is not None:
                 sock.socket.close()
             if recording and stats.recording:
-                stats.rpc_errors[f"sample: {exc or type(exc).__name__}"[:80]] += 1
+                stats.rpc_errors[f"{kind}: {exc or type(exc).__name__}"[:80]] += 1
         due += every
         await trio.sleep_until(max(due, trio.current_time()))
 
@@ -502,6 +504,8 @@ def summary(agents: list[Agent], stats: Stats) -> dict[str, Any]:
         "events": dist(stats.events),
         "events_raw": dist(stats.events_by_kind["raw"]),
         "events_sample": dist(stats.events_by_kind["sample"]),
+        "events_direct": dist(stats.events_by_kind["direct"]),
+        "rpc_direct": dist(stats.rpcs["direct"]),
         "agents_with_events": sum(1 for a in agents if a.latencies),
         "per_agent_p99": dist(per_agent),
         "rpc_raw": dist(stats.rpcs["raw"]), "rpc_sample": dist(stats.rpcs["sample"]),
@@ -543,6 +547,9 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
             nursery.start_soon(raw_agent, spec, agent, token.encode(), stats, connected)
         for agent, port in zip(samples, spec["samples"], strict=True):
             nursery.start_soon(sample_agent, int(port), agent, spec, stats)
+        if spec.get("direct"):  # one stream and the calls straight to the upstream
+            nursery.start_soon(sample_agent, int(spec["direct"]), Agent("direct", "direct"),
+                               spec, stats)
         for _ in raw:
             await connected.acquire()
         emit({"phase": "connected", "seconds": time.monotonic() - t0,

@@ -138,7 +138,7 @@ class Deployment:
     def start_swarm(self, timeout: float) -> None:
         spec = {"port": self.port, "tool": "bench", "sse_path": SSE_PATH,
                 "rpc_every": RPC_EVERY, "stream_phase": SSE_INTERVAL, "timeout": timeout,
-                "samples": self.sample_ports,
+                "samples": self.sample_ports, "direct": self.upstream_port,
                 "agents": [[n, self.tokens[n]] for n in self.names[SAMPLES:]]}
         self.swarm = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.swarm", json.dumps(spec)], cwd=str(ROOT),
@@ -315,6 +315,9 @@ def table(out: dict[str, Any], ev: dict[str, Any]) -> dict[str, Any]:
         ["event p99, raw agents / real agents",
          f"{_ms(sw['events_raw']['p99'])} / {_ms(sw['events_sample']['p99'])}", "–", "–"],
         ["worst agent's own event p99", _ms(sw["per_agent_p99"]["max"]), "–", "–"],
+        ["reference meanwhile: 1 stream / calls straight to the upstream, p50 / p99",
+         f"events {_ms(sw['events_direct']['p50'])} / {_ms(sw['events_direct']['p99'])}; "
+         f"calls {_ms(sw['rpc_direct']['p50'])} / {_ms(sw['rpc_direct']['p99'])}", "–", "–"],
         ["JSON-RPC p50 / p99 (raw; real agents)",
          f"{_ms(sw['rpc_raw']['p50'])} / {_ms(sw['rpc_raw']['p99'])}; "
          f"{_ms(sw['rpc_sample']['p50'])} / {_ms(sw['rpc_sample']['p99'])}; "
