@@ -194,7 +194,7 @@ async def raw_agent(spec: dict[str, Any], agent: Agent, token: bytes, stats: Sta
         wire: StampedWire | None = None
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
-                wire = await StampedWire.connect(int(spec["port"]))
+                wire = StampedWire((await Wire.connect(int(spec["port"]))).stream)
                 welcome = await wire.handshake(agent.name, token)
         except (OSError, LinkClosed, trio.TooSlowError, trio.BrokenResourceError,
                 ProtocolError) as exc:
@@ -214,6 +214,7 @@ async def raw_agent(spec: dict[str, Any], agent: Agent, token: bytes, stats: Sta
         if first is not None:
             first.release()
             first = None
+        assert wire is not None
         link = Link(wire, welcome.window, welcome.max_frame)
         try:
             await serve(spec, agent, link, stats, started)
@@ -274,7 +275,7 @@ async def rpc_loop(spec: dict[str, Any], agent: Agent, link: Link, stats: Stats)
 
 async def one_rpc(spec: dict[str, Any], link: Link, stats: Stats) -> None:
     rid = link.new_id()
-    done, error = trio.Event(), []
+    done, error = trio.Event(), list[str]()
     t0 = time.perf_counter()
     link.calls[rid] = (done, error)
     recording = stats.recording
