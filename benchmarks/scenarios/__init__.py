@@ -12,6 +12,7 @@ from . import (
     download,
     idle_streams,
     jsonrpc,
+    many_agents,
     masking,
     noisy_neighbour,
     shim,
@@ -28,6 +29,7 @@ SCENARIOS: list[ModuleType] = [
     masking,
     idle_streams,
     noisy_neighbour,
+    many_agents,
 ]
 
 BY_NAME = {m.NAME: m for m in SCENARIOS}

@@ -1,0 +1,602 @@
+"""The many-agents load generator: N agent sessions in one trio process.
+
+Run as ``python -m benchmarks.swarm SPEC_JSON`` (``port``: the server;
+``agents``: ``[[name, token], ...]`` spoken raw over the wire protocol;
+``samples``: local ports of real ``carapace-agent`` processes exposing the
+tool; ``tool``; ``sse_path``; ``rpc_every``; ``timeout``). Interactive, like
+the idle-streams client: it prints ``{"phase": ...}`` lines and reads
+commands on stdin:
+
+* at start it connects every raw agent (idle: no request), then prints
+  ``connected``;
+* ``go``: each agent opens one SSE stream and makes one JSON-RPC call every
+  ``rpc_every`` seconds; ``flowing`` once every agent has seen an event;
+* ``measure``: event and call latencies are recorded from now;
+* ``mark``: recording stops; the server is about to be restarted. ``back``
+  (with the seconds since the mark) once every agent has a new session (a
+  sample: a new stream) whose SSE stream delivered an event;
+* ``stop``: one ``{"result": ...}`` line, then exit.
+
+A raw agent behaves as the real one does where the server can tell: it
+answers pings with pongs, pings every 5 s with an ack, acks every 64 frames
+(so the server's replay buffer stays small), returns SSE and response credit
+as it reads, stops new requests on ``goaway``, and after a lost link dials
+again with the real agent's backoff (0.2 s doubling to 10 s, jitter 0.5–1×).
+It never resumes: after a server restart there is nothing to resume, so it
+starts a new session and sends its SSE request again. Event latency is
+arrival (``time.time()`` when the bytes were read) − the upstream's ``ts``;
+same host, same clock, and it includes this process's own scheduling delay
+(an upper bound for the server's share). Times shared with the harness are
+``time.monotonic()`` (one clock for every process on Linux).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import resource
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import h11
+import trio
+
+from carapace.protocol.errors import ProtocolError
+from carapace.protocol.flow import ReceiveWindow, flow_cost
+from carapace.protocol.keepalive import DEFAULT_IDLE_TIMEOUT, DEFAULT_PING_INTERVAL
+from carapace.protocol.messages import (
+    Ack,
+    Cancel,
+    Credit,
+    Data,
+    End,
+    GoAway,
+    HttpHead,
+    HttpRequest,
+    HttpResponse,
+    Message,
+    Ping,
+    Pong,
+    RequestFailed,
+    SseEvent,
+    SseEvents,
+)
+from carapace.protocol.resume import SessionLedger
+from carapace.protocol.sse import Event, SseParser
+
+from .client import READ, BenchError, connect, get_request
+from .neighbour_client import one_call
+from .wire import LinkClosed, Wire
+
+BACKOFF_INITIAL = 0.2
+BACKOFF_MAX = 10.0
+"""The real agent's reconnect backoff (agent/tunnel.py's LinkConfig defaults)."""
+HANDSHAKE_TIMEOUT = 10.0
+RPC_TIMEOUT = 5.0
+RPC_BODY = json.dumps({"jsonrpc": "2.0", "method": "version", "id": 1}).encode()
+RESTREAM_DELAY = 0.5
+"""Seconds before an agent whose SSE stream ended (its session did not) asks again."""
+
+
+@dataclass
+class Stats:
+    """What every agent saw, shared by all of them."""
+
+    recording: bool = False
+    go: trio.Event = field(default_factory=trio.Event)
+    mark: float | None = None
+    events: list[float] = field(default_factory=list)  # ms, while recording
+    events_by_kind: dict[str, list[float]] = field(default_factory=lambda: {
+        "raw": [], "sample": [], "direct": []})
+    per_agent_p99: list[float] = field(default_factory=list)
+    rpcs: dict[str, list[float]] = field(default_factory=lambda: {
+        "raw": [], "sample": [], "direct": []})
+    rpc_errors: Counter[str] = field(default_factory=Counter)
+    stream_errors: Counter[str] = field(default_factory=Counter)
+    connect_failures: Counter[str] = field(default_factory=Counter)  # reason, after the mark
+    connect_failures_before: Counter[str] = field(default_factory=Counter)
+    handshakes: int = 0
+
+
+@dataclass
+class Agent:
+    """One agent's state across its sessions."""
+
+    name: str
+    kind: str  # "raw", "sample", or "direct" (the reference: the upstream, no Carapace)
+    sessions: int = 0
+    flowing: bool = False  # its current stream has delivered an event
+    back_at: float | None = None  # monotonic time of its first event after the mark
+    latencies: list[float] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- raw agents
+
+
+class Link:
+    """One authenticated link of a raw agent: frames out under a lock, numbered."""
+
+    def __init__(self, wire: StampedWire, window: int, max_frame: int) -> None:
+        self.wire = wire
+        self.ledger = SessionLedger(max_frame=max_frame, peer="server")
+        self.window = window
+        self.lock = trio.StrictFIFOLock()
+        self.next_id = 0
+        self.accepting = True
+        self.flows: dict[int, ReceiveWindow] = {}
+        self.calls: dict[int, tuple[trio.Event, list[str]]] = {}
+        self.stream_id = 0
+        self.stream_done = trio.Event()
+        self.heard = time.monotonic()
+
+    async def send(self, msg: Message) -> None:
+        data = self.ledger.outgoing(msg)
+        async with self.lock:
+            await self.wire.send_raw(data)
+
+    def new_id(self) -> int:
+        self.next_id += 1
+        self.flows[self.next_id] = ReceiveWindow(self.window)
+        return self.next_id
+
+
+class StampedWire(Wire):
+    """A :class:`Wire` that remembers when it last read bytes."""
+
+    read_at = 0.0
+
+
+async def _receive(wire: StampedWire) -> tuple[Message, float]:
+    """The next message and when its bytes were read (``time.time()``)."""
+    while True:
+        msg = wire.decoder.next_message()
+        if msg is not None:
+            return msg, wire.read_at
+        try:
+            data = await wire.stream.receive_some(READ)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise LinkClosed(f"reset ({type(exc).__name__})") from None
+        if not data:
+            raise LinkClosed("closed")
+        wire.read_at = time.time()
+        wire.decoder.feed(data)
+
+
+def _classify(exc: BaseException) -> str:
+    text = str(exc)
+    if isinstance(exc, OSError):
+        # trio's open_tcp_stream wraps the attempts' errors in an ExceptionGroup cause
+        cause = exc.__cause__
+        causes = cause.exceptions if isinstance(cause, BaseExceptionGroup) else (cause,)
+        if isinstance(exc, ConnectionRefusedError) or any(
+                isinstance(c, ConnectionRefusedError) for c in causes):
+            return "connection refused (server down)"
+        return f"connect: {type(exc).__name__}: {text}"[:80]
+    if isinstance(exc, LinkClosed) and text.startswith("rejected"):
+        return text  # e.g. "rejected: limit" (--max-agents)
+    if isinstance(exc, LinkClosed):
+        return "closed before the challenge (an unauthenticated-connection cap)"
+    if isinstance(exc, trio.TooSlowError):
+        return "handshake timed out"
+    return f"{type(exc).__name__}: {text}"[:80]
+
+
+async def raw_agent(spec: dict[str, Any], agent: Agent, token: bytes, stats: Stats,
+                    connected: trio.Semaphore | None) -> None:
+    """Dial, serve, and on any failure dial again with the real agent's backoff, forever."""
+    delay = BACKOFF_INITIAL
+    first = connected
+    while True:
+        wire: StampedWire | None = None
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                wire = StampedWire((await Wire.connect(int(spec["port"]))).stream)
+                welcome = await wire.handshake(agent.name, token)
+        except (OSError, LinkClosed, trio.TooSlowError, trio.BrokenResourceError,
+                ProtocolError) as exc:
+            failures = stats.connect_failures if stats.mark is not None else \
+                stats.connect_failures_before
+            failures[_classify(exc)] += 1
+            if wire is not None:
+                await wire.aclose()
+            await trio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, BACKOFF_MAX)
+            continue
+        delay = BACKOFF_INITIAL
+        stats.handshakes += 1
+        agent.sessions += 1
+        agent.flowing = False
+        started = time.monotonic()
+        if first is not None:
+            first.release()
+            first = None
+        assert wire is not None
+        link = Link(wire, welcome.window, welcome.max_frame)
+        try:
+            await serve(spec, agent, link, stats, started)
+        except Exception:  # any end of the link (often an exception group): dial again
+            pass
+        finally:
+            await wire.aclose()
+        await trio.sleep(delay * random.uniform(0.5, 1.0))
+
+
+async def serve(spec: dict[str, Any], agent: Agent, link: Link, stats: Stats,
+                started: float) -> None:
+    """One link: read, keep alive, and (after ``go``) stream and call, until it drops."""
+    async with trio.open_nursery() as nursery:
+
+        async def traffic() -> None:
+            await stats.go.wait()
+            nursery.start_soon(rpc_loop, spec, agent, link, stats)
+            # Independent agents' streams do not tick in step: a random phase within one
+            # event interval, or the upstream would send every agent's event at one instant.
+            await trio.sleep(random.uniform(0, float(spec["stream_phase"])))
+            while link.accepting:
+                await open_stream(spec, link)
+                await link_stream_ended(link)
+                await trio.sleep(RESTREAM_DELAY)
+
+        nursery.start_soon(keepalive, link, nursery.cancel_scope)
+        nursery.start_soon(traffic)
+        try:
+            await read_loop(agent, link, stats, started)
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def open_stream(spec: dict[str, Any], link: Link) -> None:
+    rid = link.new_id()
+    link.stream_id = rid
+    link.stream_done = trio.Event()
+    await link.send(HttpRequest(id=rid, tool=spec["tool"], method="GET",
+                                target=spec["sse_path"], headers=(), body=b""))
+
+
+async def link_stream_ended(link: Link) -> None:
+    await link.stream_done.wait()
+
+
+async def rpc_loop(spec: dict[str, Any], agent: Agent, link: Link, stats: Stats) -> None:
+    """One call every ``rpc_every`` s on schedule, each bounded by ``RPC_TIMEOUT``."""
+    every = float(spec["rpc_every"])
+    await trio.sleep(random.uniform(0, every))  # spread the agents over the second
+    due = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        while link.accepting:
+            nursery.start_soon(one_rpc, spec, link, stats)
+            due += every
+            await trio.sleep_until(due)
+
+
+async def one_rpc(spec: dict[str, Any], link: Link, stats: Stats) -> None:
+    rid = link.new_id()
+    done, error = trio.Event(), list[str]()
+    t0 = time.perf_counter()
+    link.calls[rid] = (done, error)
+    recording = stats.recording
+    await link.send(HttpRequest(id=rid, tool=spec["tool"], method="POST", target="/api/v1/rpc",
+                                headers=((b"content-type", b"application/json"),),
+                                body=RPC_BODY))
+    with trio.move_on_after(RPC_TIMEOUT) as scope:
+        await done.wait()
+    if scope.cancelled_caught:  # the local client gave up: the real agent cancels the request
+        await link.send(Cancel(id=rid, reason="the client went away"))
+    link.calls.pop(rid, None)
+    link.flows.pop(rid, None)
+    if recording and stats.recording:
+        if scope.cancelled_caught:
+            stats.rpc_errors[f"no answer within {RPC_TIMEOUT:g} s"] += 1
+        elif error:
+            stats.rpc_errors[error[0]] += 1
+        else:
+            stats.rpcs["raw"].append((time.perf_counter() - t0) * 1000.0)
+
+
+async def keepalive(link: Link, scope: trio.CancelScope) -> None:
+    """A ping (with an ack of everything received) every 5 s; drop a link silent for 15 s."""
+    nonce = 0
+    while True:
+        await trio.sleep(DEFAULT_PING_INTERVAL)
+        if time.monotonic() - link.heard > DEFAULT_IDLE_TIMEOUT:
+            scope.cancel()
+            return
+        ack = link.ledger.ack()
+        nonce += 1
+        async with link.lock:
+            if ack is not None:
+                await link.wire.send_raw(link.ledger.outgoing(ack))
+            await link.wire.send_raw(link.ledger.outgoing(Ping(nonce=nonce)))
+
+
+def _event_ts(data: str | None) -> float | None:
+    if not data:
+        return None
+    try:
+        return float(json.loads(data)["ts"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def on_events(agent: Agent, stats: Stats, stamps: list[float], at: float,
+              started: float | None) -> None:
+    """Record the latency of events stamped ``stamps`` that arrived at ``at``."""
+    if not stamps:
+        return
+    if not agent.flowing:
+        agent.flowing = True
+        if stats.mark is not None and agent.back_at is None and started is not None \
+                and started > stats.mark:
+            agent.back_at = time.monotonic()
+    if stats.recording:
+        for ts in stamps:
+            ms = (at - ts) * 1000.0
+            stats.events_by_kind[agent.kind].append(ms)
+            if agent.kind != "direct":
+                stats.events.append(ms)
+                agent.latencies.append(ms)
+
+
+async def read_loop(agent: Agent, link: Link, stats: Stats, started: float) -> None:
+    while True:
+        msg, at = await _receive(link.wire)
+        link.heard = time.monotonic()
+        if isinstance(msg, Ping):
+            async with link.lock:
+                await link.wire.send_raw(link.ledger.outgoing(Pong(nonce=msg.nonce)))
+            continue
+        if isinstance(msg, Pong):
+            continue
+        link.ledger.incoming(msg)
+        if isinstance(msg, Ack):
+            link.ledger.on_ack(msg)
+        elif isinstance(msg, GoAway):
+            link.accepting = False
+        elif isinstance(msg, SseEvent | SseEvents | HttpHead | HttpResponse | Data | End
+                        | RequestFailed):
+            await on_request_frame(agent, link, stats, msg, at, started)
+        ack = link.ledger.ack_due()
+        if ack is not None:
+            async with link.lock:
+                await link.wire.send_raw(link.ledger.outgoing(ack))
+
+
+async def on_request_frame(agent: Agent, link: Link, stats: Stats, msg: Any, at: float,
+                           started: float) -> None:
+    rid = msg.id
+    cost = flow_cost(msg)
+    flow = link.flows.get(rid)
+    if cost and flow is not None:  # read at once: credit back as soon as half a window is in
+        flow.received(cost)
+        amount = flow.consumed(cost)
+        if amount:
+            await link.send(Credit(id=rid, amount=amount))
+    if rid == link.stream_id:
+        if isinstance(msg, SseEvent):
+            ts = _event_ts(msg.data)
+            on_events(agent, stats, [] if ts is None else [ts], at, started)
+        elif isinstance(msg, SseEvents):
+            stamps = [ts for _, data, _, _ in msg.events if (ts := _event_ts(data)) is not None]
+            on_events(agent, stats, stamps, at, started)
+        elif isinstance(msg, End | RequestFailed | HttpResponse):
+            why = f"{msg.status} {msg.code}" if isinstance(msg, RequestFailed) else \
+                ("HTTP " + str(msg.status) if isinstance(msg, HttpResponse) else "end")
+            if stats.recording:
+                stats.stream_errors[f"stream ended: {why}"] += 1
+            link.flows.pop(rid, None)
+            link.stream_done.set()
+        return
+    call = link.calls.get(rid)
+    if call is None:
+        return
+    done, error = call
+    if isinstance(msg, HttpResponse | End):
+        if isinstance(msg, HttpResponse) and msg.status != 200:
+            error.append(f"HTTP {msg.status}")
+        done.set()
+    elif isinstance(msg, RequestFailed):
+        error.append(f"{msg.status} {msg.code}")
+        done.set()
+
+
+# ----------------------------------------------------------------------------- samples
+
+
+async def sample_agent(port: int, agent: Agent, spec: dict[str, Any], stats: Stats) -> None:
+    """A real agent's exposed port: one SSE stream (reopened when it ends) and the calls."""
+    await stats.go.wait()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sample_calls, port, spec, stats, agent.kind)
+        await trio.sleep(random.uniform(0, float(spec["stream_phase"])))
+        while True:
+            opened = time.monotonic()
+            agent.flowing = False
+            try:
+                await sample_stream(port, spec["sse_path"], agent, stats, opened)
+            except (BenchError, OSError, trio.BrokenResourceError, h11.ProtocolError) as exc:
+                if stats.recording:
+                    stats.stream_errors[f"{agent.kind}: {exc}"[:80]] += 1
+            await trio.sleep(BACKOFF_INITIAL)
+
+
+async def sample_stream(port: int, path: str, agent: Agent, stats: Stats,
+                        opened: float) -> None:
+    host = "127.0.0.1"
+    sock = await connect(host, port)
+    async with sock:
+        conn, req = get_request(host, port, path)
+        await sock.send_all(req)
+        parser = SseParser()
+        while True:
+            data = await sock.receive_some(READ)
+            now = time.time()
+            if not data:
+                raise BenchError("the stream ended")
+            conn.receive_data(data)
+            while (ev := conn.next_event()) is not h11.NEED_DATA:
+                if isinstance(ev, h11.Response) and ev.status_code != 200:
+                    raise BenchError(f"HTTP {ev.status_code} for the stream")
+                if isinstance(ev, h11.Data):
+                    stamps = [ts for item in parser.feed(bytes(ev.data))
+                              if isinstance(item, Event) and (ts := _event_ts(item.data))]
+                    on_events(agent, stats, stamps, now, opened)
+                elif isinstance(ev, h11.EndOfMessage | h11.ConnectionClosed):
+                    raise BenchError("the stream ended")
+
+
+async def sample_calls(port: int, spec: dict[str, Any], stats: Stats, kind: str) -> None:
+    host = "127.0.0.1"
+    every = float(spec["rpc_every"])
+    due = trio.current_time()
+    idle: list[tuple[trio.SocketStream, h11.Connection]] = []
+    while True:
+        recording = stats.recording
+        t0 = time.perf_counter()
+        sock: trio.SocketStream | None = None
+        try:
+            with trio.fail_after(RPC_TIMEOUT):
+                if idle:
+                    sock, conn = idle.pop()
+                else:
+                    sock, conn = await connect(host, port), h11.Connection(h11.CLIENT)
+                await one_call(sock, conn, host, port)
+            idle.append((sock, conn))
+            if recording and stats.recording:
+                stats.rpcs[kind].append((time.perf_counter() - t0) * 1000.0)
+        except (trio.TooSlowError, BenchError, OSError, trio.BrokenResourceError,
+                h11.ProtocolError) as exc:
+            if sock is not None:
+                sock.socket.close()
+            if recording and stats.recording:
+                stats.rpc_errors[f"{kind}: {exc or type(exc).__name__}"[:80]] += 1
+        due += every
+        await trio.sleep_until(max(due, trio.current_time()))
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def emit(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q * len(ordered) - 1e-9))
+    return ordered[min(len(ordered), rank) - 1]
+
+
+def summary(agents: list[Agent], stats: Stats) -> dict[str, Any]:
+    def dist(values: list[float]) -> dict[str, Any]:
+        return {"n": len(values), "p50": pct(values, 0.5), "p99": pct(values, 0.99),
+                "max": max(values, default=None)}
+
+    per_agent = [p for a in agents if (p := pct(a.latencies, 0.99)) is not None]
+    back = [a.back_at - stats.mark for a in agents
+            if a.back_at is not None and stats.mark is not None]
+    return {
+        "events": dist(stats.events),
+        "events_raw": dist(stats.events_by_kind["raw"]),
+        "events_sample": dist(stats.events_by_kind["sample"]),
+        "events_direct": dist(stats.events_by_kind["direct"]),
+        "rpc_direct": dist(stats.rpcs["direct"]),
+        "agents_with_events": sum(1 for a in agents if a.latencies),
+        "per_agent_p99": dist(per_agent),
+        "rpc_raw": dist(stats.rpcs["raw"]), "rpc_sample": dist(stats.rpcs["sample"]),
+        "rpc_errors": dict(stats.rpc_errors.most_common(5)),
+        "rpc_failed": sum(stats.rpc_errors.values()),
+        "stream_errors": dict(stats.stream_errors.most_common(5)),
+        "back_seconds": dist(back), "back": len(back), "agents": len(agents),
+        "not_back": [a.name for a in agents if a.back_at is None][:10],
+        "connect_failures_storm": dict(stats.connect_failures.most_common(6)),
+        "connect_failures_start": dict(stats.connect_failures_before.most_common(6)),
+        "handshakes": stats.handshakes,
+    }
+
+
+async def wait_for(cond: Any, poll: float = 0.05) -> None:
+    while not cond():
+        await trio.sleep(poll)
+
+
+async def run(spec: dict[str, Any]) -> dict[str, Any]:
+    stats = Stats()
+    raw = [Agent(name, "raw") for name, _ in spec["agents"]]
+    samples = [Agent(f"sample-{port}", "sample") for port in spec["samples"]]
+    everyone = raw + samples
+    connected = trio.Semaphore(0)
+    lines = trio.open_memory_channel[str](16)
+
+    async def read_stdin() -> None:
+        while True:
+            line = await trio.to_thread.run_sync(sys.stdin.readline, abandon_on_cancel=True)
+            await lines[0].send(line.strip() or "stop")
+            if not line:
+                return
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_stdin)
+        t0 = time.monotonic()
+        for agent, (_, token) in zip(raw, spec["agents"], strict=True):
+            nursery.start_soon(raw_agent, spec, agent, token.encode(), stats, connected)
+        for agent, port in zip(samples, spec["samples"], strict=True):
+            nursery.start_soon(sample_agent, int(port), agent, spec, stats)
+        if spec.get("direct"):  # one stream and the calls straight to the upstream
+            nursery.start_soon(sample_agent, int(spec["direct"]), Agent("direct", "direct"),
+                               spec, stats)
+        for _ in raw:
+            await connected.acquire()
+        emit({"phase": "connected", "seconds": time.monotonic() - t0,
+              "failures": dict(stats.connect_failures_before)})
+        async for cmd in lines[1]:
+            if cmd == "go":
+                stats.go.set()
+                t1 = time.monotonic()
+                await wait_for(lambda: all(a.flowing for a in everyone))
+                emit({"phase": "flowing", "seconds": time.monotonic() - t1})
+            elif cmd == "measure":
+                stats.recording = True
+                emit({"phase": "measuring"})
+            elif cmd == "mark":
+                stats.recording = False
+                stats.mark = time.monotonic()
+                emit({"phase": "marked", "at": stats.mark})
+                nursery.start_soon(announce_back, everyone, stats)
+            else:
+                nursery.cancel_scope.cancel()
+                break
+    return summary(everyone, stats)
+
+
+async def announce_back(agents: list[Agent], stats: Stats) -> None:
+    await wait_for(lambda: all(a.back_at is not None for a in agents))
+    assert stats.mark is not None
+    emit({"phase": "back", "seconds": max(a.back_at or 0 for a in agents) - stats.mark})
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    async def bounded() -> dict[str, Any]:
+        with trio.fail_after(float(spec["timeout"])):
+            return await run(spec)
+
+    try:
+        result = trio.run(bounded)
+    except Exception as exc:
+        emit({"error": f"{type(exc).__name__}: {exc}"})
+        sys.exit(1)
+    emit({"result": result})
+
+
+if __name__ == "__main__":
+    main()
