@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..common import PEERS, Ctx, Row
+from ..upstreams import Served
 
 
 def na_for_missing(ctx: Ctx, row: Row) -> Row:
@@ -20,3 +21,20 @@ def rotate(order: list[str], k: int) -> list[str]:
 
 def ordered(values: dict[str, float | None]) -> dict[str, float | None]:
     return {p: values.get(p) for p in PEERS}
+
+
+def key_for(key: str, up: Served) -> str:
+    """A row's key: unchanged for the test upstream (the targets read those), else
+    ``key@upstream``."""
+    return key if up.name == "test" else f"{key}@{up.name}"
+
+
+def label_for(label: str, up: Served, several: bool) -> str:
+    """A row's label, led by its upstream's name when the scenario measures several."""
+    return f"{up.name}: {label}" if several else label
+
+
+def skipped_notes(ctx: Ctx, names: tuple[str, ...]) -> list[str]:
+    """Why each of a scenario's upstreams that is not running was left out."""
+    return [f"upstream {n} skipped: {ctx.upstream_skipped[n]}" for n in names
+            if n in ctx.upstream_skipped]
