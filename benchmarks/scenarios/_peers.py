@@ -38,3 +38,16 @@ def skipped_notes(ctx: Ctx, names: tuple[str, ...]) -> list[str]:
     """Why each of a scenario's upstreams that is not running was left out."""
     return [f"upstream {n} skipped: {ctx.upstream_skipped[n]}" for n in names
             if n in ctx.upstream_skipped]
+
+
+TUNNEL_CPU_NOTE = ("tunnel CPU = the tunnel's own processes only, from their CPU time: "
+                   "agent + server for Carapace, ssh client + sshd for ssh -L")
+
+
+def tunnel_vs_ssh(row: Row, up: Served, per: str) -> str | None:
+    """A note putting Carapace's own CPU against ssh -L's, when both were measured."""
+    c, s = row.values.get("carapace"), row.values.get("ssh")
+    if c is None or s is None or not s:
+        return None
+    return (f"{up.name}: tunnel CPU per {per}, Carapace {c:.1f} µs vs ssh -L {s:.1f} µs "
+            f"({c / s:.2f}× ssh's)")

@@ -3,6 +3,8 @@
 Peak RSS: before each download the harness resets the kernel's high-water mark
 (``echo 5 > /proc/PID/clear_refs``) and also samples VmRSS every 10 ms; the
 growth is the larger of (VmHWM after − VmRSS before) and (sampled max − before).
+Upstreams: the test upstream's ``/bytes`` (64 KiB writes) and nginx serving a
+static file of random bytes (sendfile), each with its own Carapace pair.
 """
 
 from __future__ import annotations

@@ -2,13 +2,26 @@
 
 Keep-alive connections, one per concurrent worker, h11 on raw trio sockets.
 A warm-up of requests precedes each measured run on the same connections.
+Upstreams: the test upstream's fake signal-cli, and nginx answering every call
+with a fixed ``return 200 '…'`` (a server that costs next to nothing, so the
+tunnel's share shows). Each with its own Carapace pair, one after the other.
+The tunnel's own CPU per call (agent + server, or ssh + sshd) is a row of its own.
 """
 
 from __future__ import annotations
 
 from ..common import Ctx, Row, ScenarioError, ScenarioResult, median, pct, timed
 from ..upstreams import Served
-from ._peers import key_for, label_for, na_for_missing, ordered, rotate, skipped_notes
+from ._peers import (
+    TUNNEL_CPU_NOTE,
+    key_for,
+    label_for,
+    na_for_missing,
+    ordered,
+    rotate,
+    skipped_notes,
+    tunnel_vs_ssh,
+)
 
 NAME = "jsonrpc"
 TITLE = "JSON-RPC request/response"
@@ -89,13 +102,15 @@ def measure(ctx: Ctx, up: Served, res: ScenarioResult, failures: list[str]) -> N
         label=label_for("c=32 CPU per request, all processes", up, several), unit="µs",
         values=ordered({p: median(v) for p, v in cpu[32].items()}), compare="ratio",
         decimals=0)))
-    res.rows.append(na_for_missing(ctx, Row(
-        key=key_for("rpc.c32.tunnel_cpu", up),
-        label=label_for("c=32 tunnel's own CPU per request (agent+server; ssh: ssh+sshd)",
-                        up, several), unit="µs",
-        values=ordered({p: median(v) for p, v in tunnel[32].items() if p != "direct"}),
-        decimals=0,
-        na={"direct": "no tunnel"})))
+    for conc in LEVELS:
+        row = na_for_missing(ctx, Row(
+            key=key_for(f"rpc.c{conc}.tunnel_cpu", up),
+            label=label_for(f"c={conc} tunnel CPU per request", up, several), unit="µs",
+            values=ordered({p: median(v) for p, v in tunnel[conc].items() if p != "direct"}),
+            decimals=0, na={"direct": "no tunnel"}))
+        res.rows.append(row)
+        if (note := tunnel_vs_ssh(row, up, f"call, c={conc}")) is not None:
+            failures.append(note)
     res.raw[key_for("requests_measured", up)] = measured
     res.raw[key_for("requests_per_s", up)] = rate
     res.raw[key_for("cpu_us_per_request", up)] = breakdown
@@ -113,7 +128,7 @@ def run(ctx: Ctx) -> ScenarioResult:
             failures.append(f"{up.name}: {exc}")
     if not res.rows:
         raise ScenarioError("no upstream measured: " + "; ".join(failures))
-    res.notes += failures
+    res.notes += [*failures, TUNNEL_CPU_NOTE]
     res.notes.append(f"up to {counts[1]:,} requests at c=1 and {counts[32]:,} at c=32 per run "
                      f"(or {max_seconds(ctx):.0f} s, whichever comes first); {rounds(ctx)} "
                      "round(s); keep-alive; method 'version' (nginx: a fixed answer)")

@@ -4,7 +4,10 @@ Latency of an event = the time the client read it (``time.time()`` after the
 ``receive_some`` that completed it) − the ``ts`` the upstream wrote into it
 just before its ``send_all``. The three streams run concurrently in one client
 process, started 1.67 ms apart so their events interleave instead of landing
-together; machine noise hits all three alike.
+together; machine noise hits all three alike. Upstreams: the test upstream
+(batched and per-event: for ``/sse`` the same writes, plus a comment every ten
+events) and uvicorn + sse-starlette; each with its own Carapace pair, one
+upstream after the other.
 """
 
 from __future__ import annotations

@@ -5,13 +5,28 @@ and ts) 32 to a write, which keeps it well above 100,000 events/s, so the
 direct column shows what the client and the machine can do. Peers run one
 after the other (never concurrently: each run wants both cores), in rounds
 whose starting peer rotates; the table shows each peer's median round.
+
+Upstreams: that batched test upstream, the same with ``--write-pattern
+per-event`` (one chunk per event, a comment every ten), and uvicorn +
+sse-starlette (one event per write). The last two are ~10x slower per event,
+so they send a quarter of the events. The tunnel's own CPU per event (agent +
+server, or ssh + sshd) is a row of its own, set against ssh -L's in a note.
 """
 
 from __future__ import annotations
 
 from ..common import Ctx, Row, ScenarioError, ScenarioResult, median, timed
 from ..upstreams import Served
-from ._peers import key_for, label_for, na_for_missing, ordered, rotate, skipped_notes
+from ._peers import (
+    TUNNEL_CPU_NOTE,
+    key_for,
+    label_for,
+    na_for_missing,
+    ordered,
+    rotate,
+    skipped_notes,
+    tunnel_vs_ssh,
+)
 
 NAME = "sse-throughput"
 TITLE = "SSE throughput (events/s)"
@@ -80,6 +95,7 @@ def run(ctx: Ctx) -> ScenarioResult:
     ups = ctx.upstreams_for(UPSTREAMS)
     several = len(ups) > 1
     failures: list[str] = skipped_notes(ctx, UPSTREAMS)
+    tunnel_notes: list[str] = []
     for up in ups:
         try:
             rate, cpu, tunnel, breakdown = measure(ctx, up, p, failures)
@@ -98,18 +114,21 @@ def run(ctx: Ctx) -> ScenarioResult:
                 label=label_for(f"CPU per event, all processes, {label}", up, several),
                 unit="µs", values=ordered({peer: median(v) for peer, v in cpu[kind].items()}),
                 compare="ratio", decimals=1)))
-        res.rows.append(na_for_missing(ctx, Row(
-            key=key_for("throughput.multi.tunnel_cpu", up),
-            label=label_for(f"tunnel's own CPU per event, {STREAMS} streams "
-                            "(agent+server; ssh: ssh+sshd)", up, several),
-            unit="µs", values=ordered({peer: median(v) for peer, v in tunnel["multi"].items()
-                                    if peer != "direct"}),
-            decimals=1, na={"direct": "no tunnel"})))
+        for kind, label in (("single", "1 stream"), ("multi", f"{STREAMS} streams")):
+            row = na_for_missing(ctx, Row(
+                key=key_for(f"throughput.{kind}.tunnel_cpu", up),
+                label=label_for(f"tunnel CPU per event, {label}", up, several), unit="µs",
+                values=ordered({peer: median(v) for peer, v in tunnel[kind].items()
+                                if peer != "direct"}),
+                decimals=1, na={"direct": "no tunnel"}))
+            res.rows.append(row)
+            if (note := tunnel_vs_ssh(row, up, f"event, {label}")) is not None:
+                tunnel_notes.append(note)
         res.raw[key_for("rounds", up)] = rate
         res.raw[key_for("cpu_us_per_event", up)] = breakdown
     if not res.rows:
         raise ScenarioError("no upstream measured: " + "; ".join(failures))
-    res.notes += failures
+    res.notes += failures + tunnel_notes + [TUNNEL_CPU_NOTE]
     res.notes.append(
         f"{p['single']:,} events on 1 stream; {STREAMS} × {p['multi_per_stream']:,} events "
         "(a quarter of that from the upstreams that write one event at a time); "
