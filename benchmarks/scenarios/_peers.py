@@ -30,8 +30,9 @@ def key_for(key: str, up: Served) -> str:
 
 
 def label_for(label: str, up: Served, several: bool) -> str:
-    """A row's label, led by its upstream's name when the scenario measures several."""
-    return f"{up.name}: {label}" if several else label
+    """A row's label, led by its upstream's name when the scenario measures several
+    or when it is not the test upstream."""
+    return f"{up.name}: {label}" if several or up.name != "test" else label
 
 
 def skipped_notes(ctx: Ctx, names: tuple[str, ...]) -> list[str]:
