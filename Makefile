@@ -49,8 +49,9 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 	$(BIN)/python -m pip install --quiet $(EDITABLE) -e '.[dev,bench]'
 	touch $(BENCH_STAMP)
 
-# The ssh -L column needs OpenSSH: installed from Debian's packages if missing (as
-# root); otherwise the column is skipped and the run says why.
+# The ssh -L column needs OpenSSH, the nginx upstream nginx: each installed from
+# Debian's packages if missing (as root); otherwise that column or upstream is
+# skipped and the run says why. uvicorn + sse-starlette come with the bench extra.
 bench: $(BENCH_STAMP)
 	@test -x /usr/sbin/sshd && command -v ssh >/dev/null 2>&1 \
 	  || if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -58,6 +59,12 @@ bench: $(BENCH_STAMP)
 	      openssh-server openssh-client >/dev/null) \
 	    || echo "installing OpenSSH failed: the ssh -L column will be skipped"; \
 	  else echo "OpenSSH is missing and this is not root: the ssh -L column will be skipped"; fi
+	@(test -x /usr/sbin/nginx || command -v nginx >/dev/null 2>&1) \
+	  || if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      nginx >/dev/null) \
+	    || echo "installing nginx failed: the nginx upstream will be skipped"; \
+	  else echo "nginx is missing and this is not root: the nginx upstream will be skipped"; fi
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
 
 # Interop tests with clients nobody on this team wrote: curl, the npm eventsource

@@ -21,9 +21,12 @@ from .harness import (
     cpu_seconds,
     server_supports,
 )
+from .upstreams import Served
 
 PEERS = ("direct", "ssh", "carapace")
 PEER_TITLES = {"direct": "direct", "ssh": "ssh -L", "carapace": "Carapace"}
+# The tunnel's own processes: what a peer adds besides the client and the upstream.
+TUNNEL_PROCESSES = ("agent", "server", "ssh", "sshd")
 
 
 class ScenarioError(Exception):
@@ -129,14 +132,27 @@ class Ctx:
     advance: Callable[[str], None] = lambda _desc: None
     profiler: Any = None  # profiling.Profiler or None
     deployments: int = 0
+    # Every upstream started for this run (``test`` included) and why others are not.
+    upstreams: dict[str, Served] = field(default_factory=dict)
+    upstream_skipped: dict[str, str] = field(default_factory=dict)
     _server_flags: dict[str, bool] = field(default_factory=dict)
 
     # -- peers ---------------------------------------------------------------------
-    def peer_ports(self, carapace: Carapace | None) -> dict[str, int]:
+    def upstreams_for(self, names: tuple[str, ...]) -> list[Served]:
+        """The running upstreams among ``names`` (a scenario's ``UPSTREAMS``), in order."""
+        return [self.upstreams[n] for n in names if n in self.upstreams]
+
+    def peer_ports(self, carapace: Carapace | None,
+                   up: Served | None = None) -> dict[str, int]:
         """Name -> local port, in the fixed order direct, ssh, carapace."""
-        out = {"direct": self.upstream.port}
-        if self.ssh is not None:
-            out["ssh"] = self.ssh.port
+        if up is None:
+            out = {"direct": self.upstream.port}
+            if self.ssh is not None:
+                out["ssh"] = self.ssh.port
+        else:
+            out = {"direct": up.port}
+            if up.ssh_port is not None:
+                out["ssh"] = up.ssh_port
         if carapace is not None:
             out["carapace"] = carapace.port
         return out
@@ -148,12 +164,15 @@ class Ctx:
 
     @contextlib.contextmanager
     def carapace(self, server_args: list[str] | None = None,
-                 agent_args: list[str] | None = None) -> Iterator[Carapace]:
-        """A fresh server + agent pair (so each scenario's RSS starts clean)."""
+                 agent_args: list[str] | None = None,
+                 up: Served | None = None) -> Iterator[Carapace]:
+        """A fresh server + agent pair (so each scenario's RSS starts clean), its tool
+        pointing at ``up`` (default: the test upstream)."""
         self.deployments += 1
         logdir = self.tmp / f"carapace-{self.deployments}"
         logdir.mkdir()
-        c = Carapace(logdir, self.upstream.port, server_args or [], agent_args or [])
+        port = self.upstream.port if up is None else up.port
+        c = Carapace(logdir, port, server_args or [], agent_args or [])
         try:
             c.start()
         except HarnessError as exc:
@@ -180,9 +199,10 @@ class Ctx:
             raise ScenarioError(f"client ({spec['mode']}) did not finish in time") from None
         return parse_client_output(proc.stdout, proc.stderr)
 
-    def path_pids(self, peer: str, carapace: Carapace | None) -> dict[str, int]:
+    def path_pids(self, peer: str, carapace: Carapace | None,
+                  up: Served | None = None) -> dict[str, int]:
         """The processes a request to ``peer`` crosses (besides the client)."""
-        pids = {"upstream": self.upstream.proc.pid}
+        pids = {"upstream": self.upstream.proc.pid} if up is None else up.pids()
         if peer == "ssh" and self.ssh is not None:
             pids.update(self.ssh.all_pids())
         elif peer == "carapace" and carapace is not None:
@@ -190,14 +210,16 @@ class Ctx:
         return pids
 
     def measure(self, peer: str, carapace: Carapace | None, spec: dict[str, Any],
-                timeout: float, profile: str | None = None) -> dict[str, Any]:
+                timeout: float, profile: str | None = None,
+                up: Served | None = None) -> dict[str, Any]:
         """Run the client against ``peer``; add the CPU each process on the path spent.
 
         ``cpu`` maps process → CPU seconds during the run (the client's own is its
         measured section only); ``cpu_us_per_unit`` is their sum per request,
-        event or byte (the client's ``units``).
+        event or byte (the client's ``units``); ``tunnel_us_per_unit`` the same for
+        the tunnel's own processes only (agent + server, or ssh + sshd).
         """
-        pids = self.path_pids(peer, carapace)
+        pids = self.path_pids(peer, carapace, up)
         before = {name: cpu_seconds(pid) for name, pid in pids.items()}
         if profile and peer == "carapace" and carapace is not None:
             with self.profile(profile, carapace.pids()):
@@ -207,12 +229,14 @@ class Ctx:
         cpu = {"client": float(out.get("cpu_s", 0.0))}
         for name, pid in pids.items():
             used = cpu_seconds(pid) - before[name]
-            key = "sshd" if name.startswith("sshd.") else name
+            key = name.split(".")[0]  # sshd.N → sshd, upstream.N (nginx workers) → upstream
             cpu[key] = cpu.get(key, 0.0) + max(0.0, used)
         out["cpu"] = cpu
         units = out.get("units")
         if units:
             out["cpu_us_per_unit"] = sum(cpu.values()) / units * 1e6
+            tunnel = sum(v for k, v in cpu.items() if k in TUNNEL_PROCESSES)
+            out["tunnel_us_per_unit"] = tunnel / units * 1e6
         return out
 
     def start_client(self, spec: dict[str, Any]) -> subprocess.Popen[str]:

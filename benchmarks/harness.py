@@ -183,10 +183,10 @@ def reset_peak_rss(pid: int) -> bool:
 class Upstream:
     """``python -m carapace.debug.upstream`` on a free port."""
 
-    def __init__(self, logdir: Path) -> None:
+    def __init__(self, logdir: Path, extra: Sequence[str] = ()) -> None:
         self.port = free_port()
         self.proc = Proc("upstream", [sys.executable, "-m", "carapace.debug.upstream",
-                                      "--port", str(self.port)], logdir)
+                                      "--port", str(self.port), *extra], logdir)
         self.proc.wait_port(self.port)
 
     def stop(self) -> None:
@@ -381,6 +381,19 @@ class SshForward:
         """``ssh HOST COMMAND`` over the forward's connection (ControlMaster): the
         remote-command alternative to a shim, without a key exchange per run."""
         return ["ssh", "-o", "ControlMaster=no", *self._login, *command]
+
+    def add_forward(self, upstream_port: int) -> int:
+        """One more ``-L`` on the running connection (``ssh -O forward``): same ssh
+        client, same sshd, so CPU accounting stays the same. Its local port."""
+        port = free_port()
+        out = subprocess.run(
+            ["ssh", "-O", "forward", "-L", f"{HOST}:{port}:{HOST}:{upstream_port}",
+             *self._login], capture_output=True, text=True, timeout=20)
+        if out.returncode != 0:
+            raise HarnessError((out.stderr or out.stdout).strip() or f"exit {out.returncode}")
+        if not port_open(port):
+            raise HarnessError(f"forward port {port} is not open")
+        return port
 
     def pids(self) -> dict[str, int]:
         out = {}

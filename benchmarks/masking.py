@@ -330,7 +330,9 @@ def scrubber_alone(n_secrets: int = 3) -> dict[str, float]:
 
 @contextlib.contextmanager
 def _deployment(secret_count: int = 1) -> Iterator[tuple[_Pair, _Pair, Path]]:
-    with tempfile.TemporaryDirectory(prefix="carapace-masking-bench-") as tmpdir:
+    # Not under /tmp: CLI tools run confined by default, with a private /tmp, and the CLI
+    # rows have the shim cat a file from here.
+    with tempfile.TemporaryDirectory(prefix="carapace-masking-bench-", dir="/var/tmp") as tmpdir:
         tmp = Path(tmpdir)
         procs = _Procs(tmp)
         try:

@@ -1,8 +1,11 @@
 """``make bench`` / ``python -m benchmarks.run``: every scenario, every peer, one run.
 
-Peers: a direct connection to the test upstream, an ``ssh -L`` forward to it
+Peers: a direct connection to the upstream, an ``ssh -L`` forward to it
 (OpenSSH on loopback with throwaway keys; skipped with the reason when sshd
 is missing or refuses to run), and Carapace (agent → server → upstream).
+Upstreams (``--upstream``): the test upstream, batched and per-event, and the
+third-party nginx (JSON-RPC, download) and uvicorn + sse-starlette (SSE); one
+that is not installed is skipped with the reason.
 Prints a table and the targets, writes JSON and a PNG of the latency
 distributions. Benchmarks never fail a build: the exit status is 0 unless the
 harness itself could not run.
@@ -30,6 +33,8 @@ from .common import PEERS, Ctx, ScenarioError, ScenarioResult
 from .harness import HarnessError, SshForward, Upstream, dumps, git_commit, machine_info
 from .profiling import Profiler, find_py_spy
 from .scenarios import BY_NAME, SCENARIOS
+from .upstreams import NAMES as UPSTREAM_NAMES
+from .upstreams import Served, start_all, stop_all
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -56,6 +61,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"run only these scenarios: {', '.join(names)}")
     p.add_argument("--skip", action="append", default=[], metavar="NAME[,NAME]",
                    help="leave these scenarios out")
+    p.add_argument("--upstream", action="append", default=[], metavar="NAME[,NAME]",
+                   help=f"measure through these upstreams where a scenario supports them: "
+                        f"{', '.join(UPSTREAM_NAMES)} or all (default all); scenarios "
+                        "with only the test upstream always use it")
     p.add_argument("--json", type=Path, default=REPO / "bench-results" / "latest.json",
                    help="where to write the results (default bench-results/latest.json)")
     p.add_argument("--png", type=Path, default=REPO / "bench-results" / "latest.png",
@@ -79,6 +88,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
     only, skip = names_of(args.only), names_of(args.skip)
     args.scenarios = [n for n in names if (not only or n in only) and n not in skip]
+    chosen = [n.strip() for v in args.upstream for n in v.split(",") if n.strip()]
+    unknown = [n for n in chosen if n not in (*UPSTREAM_NAMES, "all")]
+    if unknown:
+        p.error(f"unknown upstream(s) {', '.join(unknown)}; "
+                f"known: {', '.join(UPSTREAM_NAMES)}, all")
+    wanted = UPSTREAM_NAMES if not chosen or "all" in chosen else tuple(chosen)
+    used = {u for n in args.scenarios for u in getattr(BY_NAME[n], "UPSTREAMS", ("test",))}
+    args.upstreams = [u for u in UPSTREAM_NAMES if u in wanted and u in used]
     return args
 
 
@@ -97,12 +114,13 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(),
         "nofile_limit": nofile[0],
         "scenarios": args.scenarios,
-        "peers": {"direct": "the test upstream (python -m carapace.debug.upstream)",
+        "peers": {"direct": "the upstream itself (see upstreams)",
                   "ssh": "ssh -N -L through a private sshd on loopback",
                   "carapace": "carapace-agent → carapace-server → upstream"},
     }
     results: dict[str, ScenarioResult] = {}
     upstream: Upstream | None = None
+    served: dict[str, Served] = {}
     ssh: SshForward | None = None
     profiler: Profiler | None = None
     try:
@@ -136,8 +154,13 @@ def main(argv: list[str] | None = None) -> int:
                               "(.venv/bin/pip install py-spy); not profiling[/yellow]")
             else:
                 profiler = Profiler(args.profile, py_spy)
+        served, not_served = start_all(tmp, args.upstreams, upstream, ssh)
+        for name, why in not_served.items():
+            console.print(f"[yellow]upstream {name} skipped:[/yellow] {why}")
+        meta["upstreams"] = {name: "running" for name in served} | {
+            name: f"skipped: {why}" for name, why in not_served.items()}
         ctx = Ctx(quick=args.quick, tmp=tmp, upstream=upstream, ssh=ssh, ssh_reason=ssh_reason,
-                  profiler=profiler)
+                  profiler=profiler, upstreams=served, upstream_skipped=not_served)
         with Progress(TextColumn("{task.description}"), BarColumn(),
                       TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
                       console=console, refresh_per_second=4, transient=False) as progress:
@@ -167,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                 progress.update(task, description=f"{name}: {state}",
                                 completed=progress.tasks[task].total)
     finally:
+        stop_all(served)
         if ssh is not None:
             ssh.stop()
         if upstream is not None:

@@ -3,6 +3,8 @@
 Peak RSS: before each download the harness resets the kernel's high-water mark
 (``echo 5 > /proc/PID/clear_refs``) and also samples VmRSS every 10 ms; the
 growth is the larger of (VmHWM after − VmRSS before) and (sampled max − before).
+Upstreams: the test upstream's ``/bytes`` (64 KiB writes) and nginx serving a
+static file of random bytes (sendfile), each with its own Carapace pair.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ from contextlib import contextmanager
 
 from ..common import Ctx, Row, ScenarioError, ScenarioResult, median, timed
 from ..harness import proc_status, reset_peak_rss, rss_kib
-from ._peers import na_for_missing, ordered
+from ..upstreams import Served
+from ._peers import key_for, label_for, na_for_missing, ordered, skipped_notes
 
 NAME = "download"
 TITLE = "256 MiB download"
+UPSTREAMS = ("test", "nginx")
 
 
 def size(ctx: Ctx) -> int:
@@ -28,7 +32,7 @@ def rounds(ctx: Ctx) -> int:
 
 
 def steps(ctx: Ctx) -> int:
-    return (2 + (ctx.ssh is not None)) * rounds(ctx)
+    return (2 + (ctx.ssh is not None)) * rounds(ctx) * max(1, len(ctx.upstreams_for(UPSTREAMS)))
 
 
 @contextmanager
@@ -57,62 +61,85 @@ def peak_rss(pids: dict[str, int]) -> Iterator[dict[str, int]]:
             growth[name] = max(peak[name], hwm) - before[name]
 
 
-@timed
-def run(ctx: Ctx) -> ScenarioResult:
-    nbytes = size(ctx)
-    res = ScenarioResult(NAME, TITLE if not ctx.quick else f"{nbytes >> 20} MiB download")
-    path = f"/bytes?n={nbytes}"
+def measure(ctx: Ctx, up: Served, nbytes: int, failures: list[str]
+            ) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, list[int]]]:
+    """Every peer's rounds against ``up``: MB/s, CPU per MB, peak RSS growth (KiB)."""
+    path = up.download_path(nbytes)
+    warm = up.download_path(4 * 1024 * 1024)
     speeds: dict[str, list[float]] = {}
     growth: dict[str, list[int]] = {}
     cpu: dict[str, list[float]] = {}
-    failures: list[str] = []
-    with ctx.carapace() as carapace:
-        ports = ctx.peer_ports(carapace)
+    with ctx.carapace(up=up) as carapace:
+        ports = ctx.peer_ports(carapace, up)
         for port in ports.values():  # warm-up
             ctx.client({"mode": "download", "peer": ["127.0.0.1", port],
-                        "path": "/bytes?n=4194304", "bytes": 4194304}, 60)
+                        "path": warm, "bytes": 4 * 1024 * 1024}, 60)
         for rnd in range(rounds(ctx)):
             for peer, port in ports.items():
-                ctx.advance(f"download: via {peer}, round {rnd + 1}")
+                ctx.advance(f"download: {up.name} via {peer}, round {rnd + 1}")
                 watched = (carapace.pids() if peer == "carapace"
                            else ctx.ssh.all_pids() if peer == "ssh" and ctx.ssh else {})
                 try:
                     with peak_rss(watched) as grew:
                         out = ctx.measure(peer, carapace,
                                           {"mode": "download", "peer": ["127.0.0.1", port],
-                                           "path": path, "bytes": nbytes}, 300)
+                                           "path": path, "bytes": nbytes}, 300, up=up)
                 except ScenarioError as exc:
-                    failures.append(f"via {peer}: {exc}")
+                    failures.append(f"{up.name} via {peer}: {exc}")
                     continue
                 speeds.setdefault(peer, []).append(out["mb_per_s"])
-                cpu.setdefault(peer, []).append(out["cpu_us_per_unit"] * 1000)  # µs/byte → ms/MB
+                cpu.setdefault(peer, []).append(out["cpu_us_per_unit"] * 1000)  # µs/B → ms/MB
                 sshd = [kib for name, kib in grew.items() if name.startswith("sshd.")]
                 if sshd:  # the sshd processes serving the forward, together
                     growth.setdefault("sshd", []).append(sum(sshd))
                 for name, kib in grew.items():
                     if not name.startswith("sshd."):
                         growth.setdefault(name, []).append(kib)
-    res.rows.append(na_for_missing(ctx, Row(
-        key="download.mbps", label="throughput", unit="MB/s",
-        values=ordered({p: median(v) for p, v in speeds.items()}), compare="ratio",
-        decimals=0)))
-    res.rows.append(na_for_missing(ctx, Row(
-        key="download.cpu", label="CPU per MB, all processes", unit="ms",
-        values=ordered({p: median(v) for p, v in cpu.items()}), compare="ratio",
-        decimals=1)))
-    peak_mb = {name: max(v) / 1024 for name, v in growth.items()}
-    res.rows.append(na_for_missing(ctx, Row(
-        key="download.rss.agent", label="peak RSS growth, agent (ssh: client)", unit="MB",
-        values=ordered({"carapace": peak_mb.get("agent"), "ssh": peak_mb.get("ssh")}),
-        decimals=1, na={"direct": "no process between"})))
-    res.rows.append(na_for_missing(ctx, Row(
-        key="download.rss.server", label="peak RSS growth, server (ssh: sshd)", unit="MB",
-        values=ordered({"carapace": peak_mb.get("server"), "ssh": peak_mb.get("sshd")}),
-        decimals=1, na={"direct": "no process between"})))
+    return speeds, cpu, growth
+
+
+@timed
+def run(ctx: Ctx) -> ScenarioResult:
+    nbytes = size(ctx)
+    res = ScenarioResult(NAME, TITLE if not ctx.quick else f"{nbytes >> 20} MiB download")
+    failures: list[str] = skipped_notes(ctx, UPSTREAMS)
+    ups = ctx.upstreams_for(UPSTREAMS)
+    several = len(ups) > 1
+    for up in ups:
+        try:
+            speeds, cpu, growth = measure(ctx, up, nbytes, failures)
+        except (ScenarioError, OSError) as exc:  # warm-up or file: the others go on
+            failures.append(f"{up.name}: {exc}")
+            continue
+        if not speeds.get("direct"):
+            failures.append(f"{up.name}: the direct download failed")
+            continue
+        res.rows.append(na_for_missing(ctx, Row(
+            key=key_for("download.mbps", up), label=label_for("throughput", up, several),
+            unit="MB/s", values=ordered({p: median(v) for p, v in speeds.items()}),
+            compare="ratio", decimals=0)))
+        res.rows.append(na_for_missing(ctx, Row(
+            key=key_for("download.cpu", up),
+            label=label_for("CPU per MB, all processes", up, several), unit="ms",
+            values=ordered({p: median(v) for p, v in cpu.items()}), compare="ratio",
+            decimals=1)))
+        peak_mb = {name: max(v) / 1024 for name, v in growth.items()}
+        res.rows.append(na_for_missing(ctx, Row(
+            key=key_for("download.rss.agent", up),
+            label=label_for("peak RSS growth, agent (ssh: client)", up, several), unit="MB",
+            values=ordered({"carapace": peak_mb.get("agent"), "ssh": peak_mb.get("ssh")}),
+            decimals=1, na={"direct": "no process between"})))
+        res.rows.append(na_for_missing(ctx, Row(
+            key=key_for("download.rss.server", up),
+            label=label_for("peak RSS growth, server (ssh: sshd)", up, several), unit="MB",
+            values=ordered({"carapace": peak_mb.get("server"), "ssh": peak_mb.get("sshd")}),
+            decimals=1, na={"direct": "no process between"})))
+        res.raw[key_for("mb_per_s", up)] = speeds
+        res.raw[key_for("rss_growth_kib", up)] = growth
     res.notes += failures
-    res.notes.append(f"{nbytes >> 20} MiB from /bytes (64 KiB upstream writes), "
-                     f"{rounds(ctx)} round(s): median throughput, largest peak RSS growth")
-    res.raw = {"mb_per_s": speeds, "rss_growth_kib": growth}
-    if not speeds.get("direct"):
-        raise ScenarioError("direct download failed: " + "; ".join(failures))
+    res.notes.append(f"{nbytes >> 20} MiB (test upstream: /bytes, 64 KiB writes; nginx: a "
+                     f"static file, sendfile), {rounds(ctx)} round(s): median throughput, "
+                     "largest peak RSS growth")
+    if not res.rows:
+        raise ScenarioError("no download worked: " + "; ".join(failures))
     return res

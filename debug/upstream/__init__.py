@@ -45,7 +45,11 @@ generic
 
 Every accepted socket sets ``TCP_NODELAY``; each SSE event is written with one
 ``send_all`` the moment it is due; non-streaming responses keep the
-connection alive. A client that goes away cancels its request at once.
+connection alive. ``write_pattern="per-event"`` (``--write-pattern per-event``)
+makes ``/sse-flood`` write one chunk per event too (``batch`` is ignored), and
+every SSE route put a comment line in each tenth event, as production servers
+that flush each event and send keep-alive comments do. A client that goes
+away cancels its request at once.
 
 The package: ``server`` (listener and connections), ``http`` (reading a
 request, writing an answer), ``routes`` (the route table), and the routes by
@@ -57,10 +61,12 @@ from __future__ import annotations
 
 from .downloads import pattern_bytes
 from .server import UpstreamServer, serve_upstream
-from .state import DEFAULT_ACCOUNT, UpstreamStats
+from .state import DEFAULT_ACCOUNT, DEFAULT_WRITE_PATTERN, WRITE_PATTERNS, UpstreamStats
 
 __all__ = [
     "DEFAULT_ACCOUNT",
+    "DEFAULT_WRITE_PATTERN",
+    "WRITE_PATTERNS",
     "UpstreamServer",
     "UpstreamStats",
     "pattern_bytes",

@@ -11,7 +11,13 @@ import functools
 
 import trio
 
-from carapace.debug.upstream import DEFAULT_ACCOUNT, UpstreamServer, serve_upstream
+from carapace.debug.upstream import (
+    DEFAULT_ACCOUNT,
+    DEFAULT_WRITE_PATTERN,
+    WRITE_PATTERNS,
+    UpstreamServer,
+    serve_upstream,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -27,6 +33,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--interval-ms", type=float, default=100.0)
     parser.add_argument("--account", default=DEFAULT_ACCOUNT)
     parser.add_argument("--access-log", action="store_true", help="one stderr line per request")
+    parser.add_argument(
+        "--write-pattern",
+        choices=WRITE_PATTERNS,
+        default=DEFAULT_WRITE_PATTERN,
+        help="how SSE events are written: batched (/sse-flood writes `batch` events at "
+        "once) or per-event (one flushed chunk per event, a comment every ten events)",
+    )
     args = parser.parse_args(argv)
 
     async def run() -> None:
@@ -40,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
                     stream_interval_ms=args.interval_ms,
                     account=args.account,
                     access_log=args.access_log,
+                    write_pattern=args.write_pattern,
                 )
             )
             print(f"test upstream listening on {server.base_url}", flush=True)

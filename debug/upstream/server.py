@@ -21,7 +21,13 @@ from carapace.runtime.http import DISCONNECTS, ClientGone
 
 from .http import RECEIVE_SIZE, Responder, read_request
 from .routes import dispatch
-from .state import DEFAULT_ACCOUNT, Upstream, UpstreamStats
+from .state import (
+    DEFAULT_ACCOUNT,
+    DEFAULT_WRITE_PATTERN,
+    WRITE_PATTERNS,
+    Upstream,
+    UpstreamStats,
+)
 
 
 @dataclass
@@ -50,19 +56,25 @@ async def serve_upstream(
     stream_interval_ms: float = 100.0,
     account: str = DEFAULT_ACCOUNT,
     access_log: bool = False,
+    write_pattern: str = DEFAULT_WRITE_PATTERN,
 ) -> None:
     """Serve the test upstream on ``host:port`` (0 picks a free port) until cancelled.
 
     ``task_status.started()`` receives an :class:`UpstreamServer` with the real
     port and the live :class:`UpstreamStats`. ``stream_count`` (None: never
     ends) and ``stream_interval_ms`` are the defaults of ``/`` and ``/events``;
-    ``account`` is what ``listAccounts`` and ``/api/v1/events`` report.
+    ``account`` is what ``listAccounts`` and ``/api/v1/events`` report;
+    ``write_pattern`` (one of :data:`WRITE_PATTERNS`) is how SSE events are written.
     """
+    if write_pattern not in WRITE_PATTERNS:
+        raise ValueError(f"write_pattern must be one of {', '.join(WRITE_PATTERNS)}, "
+                         f"not {write_pattern!r}")
     upstream = Upstream(
         stream_count=stream_count,
         stream_interval_ms=stream_interval_ms,
         account=account,
         access_log=access_log,
+        write_pattern=write_pattern,
     )
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()

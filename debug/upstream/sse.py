@@ -15,7 +15,7 @@ from collections.abc import Callable
 import trio
 
 from .http import Request, Responder
-from .state import Upstream
+from .state import PER_EVENT_COMMENT_EVERY, Upstream
 
 SSE_HEADERS = [
     ("Content-Type", "text/event-stream"),
@@ -118,14 +118,18 @@ async def _sse_generic(
     comment = req.q_flag("comment")
     crlf = req.q_flag("crlf")
     first = req.last_event_id() + 1
+    per_event = up.write_pattern == "per-event"
 
     def block(seq: int) -> bytes:
+        comments = (f"comment {seq}",) if comment else ()
+        if per_event and seq % PER_EVENT_COMMENT_EVERY == 0:
+            comments += (f"tick {seq}",)
         return sse_block(
             data=padded_json(seq, time.time(), size, multiline),
             id=str(seq),
             event=event,
             retry=retry if seq == first else None,
-            comments=(f"comment {seq}",) if comment else (),
+            comments=comments,
             crlf=crlf,
         )
 
@@ -164,6 +168,9 @@ async def sse_flood(up: Upstream, req: Request, resp: Responder) -> None:
     size = req.q_int("size", 300, 0, 1024 * 1024)
     batch = req.q_int("batch", 32, 1, 100_000)
     first = req.last_event_id() + 1
+    if up.write_pattern == "per-event":
+        await _sse_flood_per_event(up, resp, first, count, size)
+        return
     # The same bytes as sse_block(data=padded_json(...), id=...), formatted in one go.
     pad = "x" * max(0, size - len(json.dumps({"seq": count, "ts": time.time(), "pad": ""})))
     await sse_start(up, resp)
@@ -177,6 +184,27 @@ async def sse_flood(up: Upstream, req: Request, resp: Responder) -> None:
             ]).encode())
             up.stats.events_sent += last - i + 1
             i = last + 1
+        await resp.end()
+    finally:
+        sse_done(up, resp)
+
+
+async def _sse_flood_per_event(
+    up: Upstream, resp: Responder, first: int, count: int, size: int
+) -> None:
+    """``/sse-flood`` written like a production server: one chunk per event, sent
+    at once, and a comment line in every tenth event (in the same chunk, so a
+    client counting blank lines still counts events)."""
+    pad = "x" * max(0, size - len(json.dumps({"seq": count, "ts": time.time(), "pad": ""})))
+    await sse_start(up, resp)
+    try:
+        for seq in range(first, count + 1):
+            tick = f": tick {seq}\n" if seq % PER_EVENT_COMMENT_EVERY == 0 else ""
+            await resp.write(
+                f'{tick}id: {seq}\ndata: {{"seq": {seq}, "ts": {time.time()!r}, '
+                f'"pad": "{pad}"}}\n\n'.encode()
+            )
+            up.stats.events_sent += 1
         await resp.end()
     finally:
         sse_done(up, resp)

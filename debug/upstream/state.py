@@ -12,6 +12,14 @@ from .http import Request, Responder
 
 DEFAULT_ACCOUNT = "+15550000001"
 
+# How the SSE routes write their events. "batched" is the fast path the
+# throughput benchmark was built on (``/sse-flood`` writes ``batch`` events at
+# once); "per-event" writes like a production server that flushes each event:
+# one chunk per event, and a comment line on every tenth event.
+WRITE_PATTERNS = ("batched", "per-event")
+DEFAULT_WRITE_PATTERN = "batched"
+PER_EVENT_COMMENT_EVERY = 10
+
 
 @dataclass
 class UpstreamStats:
@@ -57,13 +65,15 @@ class Upstream:
 
     ``stream_count`` (None: never ends) and ``stream_interval_ms`` are the
     defaults of ``/`` and ``/events``; ``account`` is what the fake
-    signal-cli reports; ``access_log`` prints one stderr line per request.
+    signal-cli reports; ``access_log`` prints one stderr line per request;
+    ``write_pattern`` is one of :data:`WRITE_PATTERNS`.
     """
 
     stream_count: int | None = None
     stream_interval_ms: float = 100.0
     account: str = DEFAULT_ACCOUNT
     access_log: bool = False
+    write_pattern: str = DEFAULT_WRITE_PATTERN
     stats: UpstreamStats = field(default_factory=UpstreamStats)
 
 
