@@ -1,16 +1,16 @@
 """The request pipeline: decide, limit, audit, [approve], run, complete — for HTTP and CLI alike.
 
-Each step has one place: the policy decides (``policy/``), the rate limits
-and the fair shares (``shares.py``: CLI processes and upstream connections
-one agent, and all together, may hold at once) may turn an allow into a
-deny, the decision record is written
-before anything runs (and the request is refused if it cannot be: the
-trail fails closed), a call the policy marks waits for a person
-(``approval_gate.py``; a rate-limited or denied call never asks), the
-allowed request runs (``upstream/relay.py`` or ``cli_runner.py``), and the
-completion record says how it ended. After a reload, a request the new
-policy still allows finishes as it was decided and recorded; one it denies
-is ended at once (``revocation.py``), also after it waited for a person.
+Each step has one place: the policy decides (``policy/``); the rate limits
+and the fair shares (``shares.py``: what one agent, and all together, may
+hold at once) may turn an allow into a deny; the decision record is written
+before anything runs (and the request is refused if it cannot be: the trail
+fails closed); a call the policy marks waits for a person
+(``approval_gate.py``; a rate-limited or denied call never asks); the
+allowed request runs (``upstream/relay.py``, ``cli_runner.py``, or
+``mcp/`` for an MCP server); and the completion record says how it ended.
+After a reload, a request the new policy still allows finishes as it was
+decided and recorded; one it denies is ended at once (``revocation.py``),
+also after it waited for a person.
 """
 
 from __future__ import annotations
