@@ -78,7 +78,7 @@ class Pending:
     agent: str
     tool: str
     kind: str
-    """``http`` or ``cli``."""
+    """``http``, ``cli`` or ``mcp`` (one ``tools/call`` of an MCP session)."""
     summary: str
     """What the call does, secrets masked and long values cut (``approval_gate.summary``)."""
     key: str
