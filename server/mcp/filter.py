@@ -175,6 +175,8 @@ class McpFilter:
         """Calls judged but held for approval, not yet handed to the waiting side."""
         self.waiting: dict[str, Gated] = {}
         """Every call held for approval, by id key, until :meth:`release` or :meth:`refuse`."""
+        self.withdrawn: list[str] = []
+        """Id keys of held calls the client cancelled (their approvals are withdrawn)."""
         self.dropped_from_server = 0
         """Lines of the host server that were not JSON-RPC (dropped, not relayed)."""
 
@@ -291,13 +293,14 @@ class McpFilter:
                                            now + self.timeout, outcome)
         return _line(gated.message)
 
-    def refuse(self, gated: Gated, message: str, outcome: str) -> bytes:
+    def refuse(self, gated: Gated, message: str, outcome: str,
+               call_outcome: str = "not_approved") -> bytes:
         """A call not approved: Carapace's error reply for the client (the server never
         sees it); ``outcome`` is the approval's (``denied``, ``timeout``, ...)."""
         if self.waiting.pop(gated.key, None) is None:
             return b""
         self.records.append(CallRecord("tools/call", gated.name, gated.decision,
-                                       "not_approved", self.clock() - gated.started,
+                                       call_outcome, self.clock() - gated.started,
                                        approval=outcome))
         return _line(error_reply(gated.msg_id, DENIED, message))
 
@@ -306,6 +309,9 @@ class McpFilter:
             key = _id_key(params.get("requestId"))
             if key is not None and key in self.pending:
                 self._abandon(key, "cancelled")
+            if key is not None and key in self.waiting:  # the server never saw it
+                self.withdrawn.append(key)
+                return None
             return True
         if method.startswith("notifications/"):
             return True
@@ -349,6 +355,7 @@ class McpFilter:
         for gated in list(self.waiting.values()):
             self.refuse(gated, "", "withdrawn")
         self.gated.clear()
+        self.withdrawn.clear()
         for key in list(self.pending):
             self._abandon(key, "unanswered")
 

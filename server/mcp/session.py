@@ -80,6 +80,8 @@ class McpHook:
         self._gated = trio.Event()
         """Set when a step held calls for approval (:meth:`run_gates` starts their waits)."""
         self._gates = trio.CancelScope()
+        self._waits: dict[str, trio.CancelScope] = {}
+        """The wait of each held call, by id key (a client's cancel ends it)."""
 
     async def _step(self, fn: Callable[[], Any], size: int = 0) -> Any:
         async with self._lock:
@@ -92,7 +94,7 @@ class McpHook:
                 raise HookRefusal(str(exc)) from None
             finally:
                 self.session.flush()
-                if self.filter.gated:
+                if self.filter.gated or self.filter.withdrawn:
                     self._gated.set()
 
     async def run_gates(self, deliver: Callable[[bytes, bytes], Awaitable[None]]) -> None:
@@ -106,12 +108,26 @@ class McpHook:
                     await self._gated.wait()
                     self._gated = trio.Event()
                     for gated in self.filter.take_gated():
-                        nursery.start_soon(self._gate, gated, deliver)
+                        self._waits[gated.key] = scope = trio.CancelScope()
+                        nursery.start_soon(self._gate, gated, scope, deliver)
+                    withdrawn, self.filter.withdrawn = self.filter.withdrawn, []
+                    for key in withdrawn:  # notifications/cancelled from the client
+                        if key in self._waits:
+                            self._waits[key].cancel()
 
-    async def _gate(self, gated: Gated,
+    async def _gate(self, gated: Gated, scope: trio.CancelScope,
                     deliver: Callable[[bytes, bytes], Awaitable[None]]) -> None:
-        verdict = await self.session.ask(gated)
+        verdict: Verdict | None = None
+        try:
+            with scope:
+                verdict = await self.session.ask(gated)
+        finally:
+            del self._waits[gated.key]
         async with self._lock:
+            if verdict is None:  # the client cancelled it: no answer is due
+                self.filter.refuse(gated, "", "withdrawn", "cancelled")
+                self.session.flush()
+                return
             out = self.session.settle(gated, verdict)
         await deliver(*out)
 

@@ -306,8 +306,8 @@ session's other messages go on both ways; over HTTP the request that carries
 it waits. Approved, it reaches the host server (its ``timeout_secs`` starts
 then); not approved, Carapace answers it with a JSON-RPC error with its id
 (code -32001, ``denied by NAME: REASON`` or ``not approved: nobody answered
-within N s ...``) and the host server never sees it. Ending the session
-withdraws what still waits.
+within N s ...``) and the host server never sees it. Ending the session, or
+the client's ``notifications/cancelled`` for it, withdraws what still waits.
 """
 
 

@@ -243,3 +243,16 @@ def test_approve_for_remembers_the_same_tool_and_arguments(
     assert len(grants) == 1
     assert debug(mcp, "deny", grants[0]["id"]).returncode == 0
     assert client.close() == 0
+
+
+def test_a_client_cancel_withdraws_the_approval_and_the_session_goes_on(
+        mcp: McpDeployment, client: McpClient) -> None:
+    ask(client, 42, "echo", text="never mind")
+    item = wait_pending(mcp)
+    client.send({"jsonrpc": "2.0", "method": "notifications/cancelled",
+                 "params": {"requestId": 42, "reason": "user gave up"}})
+    poll(lambda: not listing(mcp)["pending"], 15, "the approval to be withdrawn")
+    assert approval_record(mcp, item["id"])["outcome"] == "withdrawn"
+    # No answer is due for 42: the next line is the answer to the next call.
+    assert client.call("get_time")["result"]["content"][0]["text"]
+    assert client.close() == 0

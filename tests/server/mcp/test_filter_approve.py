@@ -102,3 +102,16 @@ def test_the_session_ending_records_held_calls_as_withdrawn(filt: McpFilter) -> 
     [record] = filt.records
     assert (record.outcome, record.approval) == ("not_approved", "withdrawn")
     assert not filt.waiting and not filt.gated
+
+
+def test_a_client_cancel_of_a_held_call_is_not_forwarded(filt: McpFilter) -> None:
+    filt.from_client(req(7, "echo"))
+    [gated] = filt.take_gated()
+    cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled",
+              "params": {"requestId": 7}}
+    to_server, replies = filt.from_client(json.dumps(cancel).encode() + b"\n")
+    assert (to_server, replies) == (b"", b"")
+    assert filt.withdrawn == ["7"]
+    filt.refuse(gated, "", "withdrawn", "cancelled")
+    [record] = filt.records
+    assert (record.outcome, record.approval) == ("cancelled", "withdrawn")
