@@ -10,6 +10,10 @@ for its answer), and waits. Every end is written as an ``approval`` audit
 record and counted in the metrics; a call that is not approved ends with
 ``failed`` code ``not_approved`` (403, shim exit 77).
 
+Each ``tools/call`` an MCP session holds waits through
+:meth:`ApprovalGate.ask_mcp` (the same registry, records and metrics); the
+session itself answers the client when the call is not approved.
+
 What the operator is shown (:func:`call_summary`) is built from the request
 with secrets masked: every secret the server holds, the values of params and
 flags whose names look secret (the same word rules as ``env_inject``), and

@@ -152,6 +152,8 @@ def test_a_gated_call_waits_while_the_session_goes_on_then_runs_once_approved(
     printed = debug(mcp, "approvals", "--json")
     assert printed.returncode == 0, printed.stderr
     assert item["id"] in printed.stdout and "tools/call echo" in printed.stdout
+    table = debug(mcp, "approvals")
+    assert table.returncode == 0 and "tools/call echo" in table.stdout, table.stderr
     # Another call of the same session is answered while the gated one waits.
     answer = client.call("get_time")
     assert answer["result"]["content"][0]["text"] == "2026-01-01T00:00:00Z"
