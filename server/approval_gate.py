@@ -10,6 +10,10 @@ for its answer), and waits. Every end is written as an ``approval`` audit
 record and counted in the metrics; a call that is not approved ends with
 ``failed`` code ``not_approved`` (403, shim exit 77).
 
+Each ``tools/call`` an MCP session holds waits through
+:meth:`ApprovalGate.ask_mcp` (the same registry, records and metrics); the
+session itself answers the client when the call is not approved.
+
 What the operator is shown (:func:`call_summary`) is built from the request
 with secrets masked: every secret the server holds, the values of params and
 flags whose names look secret (the same word rules as ``env_inject``), and
@@ -155,6 +159,20 @@ def call_key(req: HttpRequest | CliRequest) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def mcp_call_key(name: str, arguments: Any) -> str:
+    """An MCP ``tools/call``'s canonical form (hashed): the tool name and its arguments."""
+    text = json.dumps(["mcp", name, arguments], sort_keys=True, ensure_ascii=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def mcp_call_summary(name: str, arguments: Any, tool: policy_mod.McpTool,
+                     redactor: Redactor) -> str:
+    """``tools/call NAME {arguments}``, secrets masked as in :func:`call_summary`."""
+    masked = _masked_value(arguments, tool.audit.redact_patterns)
+    shown = "" if arguments is None else " " + json.dumps(masked, ensure_ascii=False)
+    return redactor.text(f"tools/call {name[:VALUE_CHARS]}{shown}")
+
+
 def vm_message(verdict: Verdict, pending: Pending | None = None) -> str:
     """What the VM is told when its call was not approved."""
     if verdict.outcome == "denied":
@@ -188,7 +206,8 @@ class ApprovalGate:
         if not decision.needs_approval:
             return True
         tool = policy.tools.get(req.tool)
-        config = (tool.approval if isinstance(tool, policy_mod.CliTool | policy_mod.HttpTool)
+        config = (tool.approval if isinstance(tool, policy_mod.CliTool | policy_mod.HttpTool
+                                               | policy_mod.McpTool)
                   else policy_mod.ApprovalConfig())
         key = call_key(req)
         grant = self.approvals.remembered(agent, req.tool, key)
@@ -230,6 +249,43 @@ class ApprovalGate:
         stream.fail(403, "not_approved", vm_message(verdict, pending))
         entry.completed(outcome="failed", error="not_approved", status=403)
         return False
+
+    async def ask_mcp(self, agent: str, tool: policy_mod.McpTool, name: str, arguments: Any,
+                      decision: policy_mod.Decision, entry: AuditEntry) -> Verdict:
+        """One gated MCP ``tools/call`` of a session: how its approval ended.
+
+        A cancelled wait (the session ended) is withdrawn, recorded, and re-raised.
+        """
+        key = mcp_call_key(name, arguments)
+        grant = self.approvals.remembered(agent, tool.name, key)
+        if grant is not None:
+            known = Verdict("remembered", by=grant.by, reason=grant.reason)
+            self._record(entry, known, 0.0, decision, grant=grant.id, mcp_tool=name)
+            return known
+        redactor = Redactor(self.secrets(), limit=SUMMARY_CHARS)
+        try:
+            pending = self.approvals.open(
+                agent=agent, tool=tool.name, kind="mcp",
+                summary=mcp_call_summary(name, arguments, tool, redactor), key=key,
+                request_id=entry.request_id, rule=decision.approval,
+                remember_secs=tool.approval.remember_secs)
+        except TooManyPending as exc:
+            log.warning("%s", exc)
+            self._emit({"ts": utc_timestamp(), "event": "limit", "limit": "max_pending_approvals",
+                        "agent": agent, "detail": f"an MCP call of {entry.request_id} refused"})
+            self.metrics.count_approval("refused", None)
+            return Verdict("refused", reason=str(exc))
+        log.info("approval %d: agent %s waits for approval of MCP tool %s on %s (%s)",
+                 pending.id, agent, name, tool.name, entry.request_id)
+        started = trio.current_time()
+        verdict: Verdict | None = None
+        try:
+            verdict = await self.approvals.wait(pending, tool.approval.timeout_secs)
+        finally:
+            final = verdict or pending.verdict or Verdict("withdrawn")
+            self._record(entry, final, trio.current_time() - started, decision,
+                         approval_id=pending.id, mcp_tool=name)
+        return verdict
 
     async def _wait(self, stream: ServerStream, req: HttpRequest | CliRequest, pending: Pending,
                     entry: AuditEntry, decision: policy_mod.Decision,

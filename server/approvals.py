@@ -15,8 +15,8 @@ one of these outcomes:
   the tool's ``remember_secs``) still covers the same call.
 
 A remembered approval is a :class:`Grant` keyed by agent, tool and the call's
-canonical form (argv, or method + params); it expires on the injected clock
-and a policy reload clears every grant. Each agent may hold at most
+canonical form (argv, method + params, or an MCP tool name + arguments); it
+expires on the injected clock and a policy reload clears every grant. Each agent may hold at most
 ``max_pending`` approvals at once, so a VM cannot flood the operator.
 
 The registry is trio-level but owns no tasks: each waiting request awaits
@@ -78,7 +78,7 @@ class Pending:
     agent: str
     tool: str
     kind: str
-    """``http`` or ``cli``."""
+    """``http``, ``cli`` or ``mcp`` (one ``tools/call`` of an MCP session)."""
     summary: str
     """What the call does, secrets masked and long values cut (``approval_gate.summary``)."""
     key: str

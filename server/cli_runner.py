@@ -35,7 +35,7 @@ import math
 import os
 import signal
 import subprocess
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -101,6 +101,11 @@ class StdioHook(Protocol):
     async def stdout_closed(self) -> bytes: ...
 
     def next_deadline(self) -> float | None: ...
+
+    async def run_gates(self, deliver: Callable[[bytes, bytes], Awaitable[None]]) -> None:
+        """Runs as long as the process: what the hook decides later (a call that waited for
+        approval) goes out through ``deliver`` (for the process's stdin, for the VM's stdout)."""
+        ...
 
     async def expire(self) -> bytes:
         """Replies for whatever is past its deadline now."""
@@ -232,6 +237,9 @@ class _Run:
         self.refused: str | None = None
         """Why the hook ended the run, if it did."""
         self._hook_poke = trio.Event()
+        self._stdin_lock = trio.Lock()
+        """Whole messages to the process's stdin: from the VM's frames and from the hook's
+        later decisions."""
         self._nursery: trio.Nursery | None = None
 
     def _killpg(self, signum: int) -> bool:
@@ -253,6 +261,7 @@ class _Run:
             self._nursery = nursery
             if self.hook is not None:
                 nursery.start_soon(self._hook_timer)
+                nursery.start_soon(self.hook.run_gates, self._hook_deliver)
             with trio.move_on_after(timeout) as timer:
                 returncode = await self.proc.wait()
                 if self._killpg(signal.SIGTERM):  # the leader is done: so is its group
@@ -403,15 +412,29 @@ class _Run:
                 await self._refuse(str(exc))
                 data = replies = b""
             self._hook_poke.set()
+            await self._hook_write(data)
+            await self._send_output(1, replies)
+        if isinstance(msg, Data):
+            self.stream.consumed(msg)
+        elif self.stdin_open:
+            async with self._stdin_lock:
+                self.stdin_open = False
+                await self.proc.stdin.aclose()
+
+    async def _hook_write(self, data: bytes) -> None:
+        assert self.proc.stdin is not None
+        async with self._stdin_lock:
             if data and self.stdin_open:
                 try:
                     await self.proc.stdin.send_all(data)
                     self.info.bytes_in += len(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     self.stdin_open = False
-            await self._send_output(1, replies)
-        if isinstance(msg, Data):
-            self.stream.consumed(msg)
-        elif self.stdin_open:
-            self.stdin_open = False
-            await self.proc.stdin.aclose()
+
+    async def _hook_deliver(self, data: bytes, replies: bytes) -> None:
+        """What the hook decided later: to the process (unless it was refused), to the VM."""
+        if self.refused is not None:
+            return
+        await self._hook_write(data)
+        self._hook_poke.set()  # a call just sent has a deadline
+        await self._send_output(1, replies)

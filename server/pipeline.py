@@ -343,7 +343,7 @@ class RequestPipeline:
             tool, agent, request_id, entry, audit=self.audit, metrics=self.metrics,
             observers=self.mcp_observers, max_message_bytes=self.mcp_max_message_bytes,
             max_pending=self.mcp_max_pending, limit=limit,
-            offload=lambda fn: self._decide(agent, fn, True))
+            offload=lambda fn: self._decide(agent, fn, True), gate=self.gate)
 
     async def _handle_mcp_http(self, agent: str, session_id: bytes, stream: ServerStream,
                                req: HttpRequest, policy: policy_mod.Policy) -> None:

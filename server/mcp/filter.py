@@ -72,9 +72,25 @@ class CallRecord:
     decision: Decision
     outcome: str
     """``answered``, ``error`` (the host server answered with an error), ``denied``,
-    ``timed_out``, ``cancelled`` (by the client) or ``unanswered`` (the session ended)."""
+    ``not_approved`` (held for a person, who did not say yes), ``timed_out``,
+    ``cancelled`` (by the client) or ``unanswered`` (the session ended)."""
     duration: float = 0.0
     result_bytes: int = 0
+    approval: str = ""
+    """How its approval ended, for a call held for one (``approved``, ``denied``, ...)."""
+
+
+@dataclass
+class Gated:
+    """An allowed ``tools/call`` that waits for a person before the host server sees it."""
+
+    msg_id: Any
+    key: str
+    name: str
+    arguments: Any
+    decision: Decision
+    message: dict[str, Any]
+    started: float
 
 
 @dataclass
@@ -84,6 +100,7 @@ class _Pending:
     decision: Decision
     started: float
     deadline: float
+    approval: str = ""
 
 
 def _id_key(msg_id: Any) -> str | None:
@@ -154,6 +171,12 @@ class McpFilter:
         self.abandoned: dict[str, None] = {}
         """Ids Carapace answered itself (timed out, cancelled): their late answers are dropped."""
         self.records: list[CallRecord] = []
+        self.gated: list[Gated] = []
+        """Calls judged but held for approval, not yet handed to the waiting side."""
+        self.waiting: dict[str, Gated] = {}
+        """Every call held for approval, by id key, until :meth:`release` or :meth:`refuse`."""
+        self.withdrawn: list[str] = []
+        """Id keys of held calls the client cancelled (their approvals are withdrawn)."""
         self.dropped_from_server = 0
         """Lines of the host server that were not JSON-RPC (dropped, not relayed)."""
 
@@ -229,7 +252,7 @@ class McpFilter:
         if key is None:
             raise McpProtocolError(f"the MCP client sent {what} whose id is not a string or "
                                    "an integer; the session is closed")
-        if key in self.pending or key in self.abandoned:
+        if key in self.pending or key in self.abandoned or key in self.waiting:
             raise McpProtocolError(f"the MCP client reused request id {key[:40]} while it is "
                                    "still in use; the session is closed")
         verdict = decide_mcp_request(self.tool, method, msg.get("params"))
@@ -239,20 +262,56 @@ class McpFilter:
         if not decision.allow:
             self.records.append(CallRecord(method, verdict.subject, decision, "denied"))
             return error_reply(msg["id"], DENIED, _vm_text(decision))
-        if len(self.pending) >= self.max_pending:
+        if len(self.pending) + len(self.waiting) >= self.max_pending:
             raise McpProtocolError(f"the MCP client has more than {self.max_pending} requests "
                                    "waiting for an answer (the server's --mcp-max-pending); "
                                    "the session is closed",
                                    "too_many_pending")
         now = self.clock()
+        if decision.needs_approval and method == "tools/call":
+            gated = Gated(msg["id"], key, verdict.subject or "",
+                          msg["params"].get("arguments"), decision, msg, now)
+            self.waiting[key] = gated
+            self.gated.append(gated)
+            return None
         self.pending[key] = _Pending(method, verdict.subject, decision, now, now + self.timeout)
         return True
+
+    # -- calls held for approval -------------------------------------------------------------
+
+    def take_gated(self) -> list[Gated]:
+        """The calls newly held for approval (each is then released or refused once)."""
+        gated, self.gated = self.gated, []
+        return gated
+
+    def release(self, gated: Gated, outcome: str = "approved") -> bytes:
+        """An approved call: its line for the host server; its timeout starts now."""
+        if self.waiting.pop(gated.key, None) is None:
+            return b""
+        now = self.clock()
+        self.pending[gated.key] = _Pending("tools/call", gated.name, gated.decision, now,
+                                           now + self.timeout, outcome)
+        return _line(gated.message)
+
+    def refuse(self, gated: Gated, message: str, outcome: str,
+               call_outcome: str = "not_approved") -> bytes:
+        """A call not approved: Carapace's error reply for the client (the server never
+        sees it); ``outcome`` is the approval's (``denied``, ``timeout``, ...)."""
+        if self.waiting.pop(gated.key, None) is None:
+            return b""
+        self.records.append(CallRecord("tools/call", gated.name, gated.decision,
+                                       call_outcome, self.clock() - gated.started,
+                                       approval=outcome))
+        return _line(error_reply(gated.msg_id, DENIED, message))
 
     def _client_notification(self, method: str, params: Any) -> bool | None:
         if method == "notifications/cancelled" and isinstance(params, dict):
             key = _id_key(params.get("requestId"))
             if key is not None and key in self.pending:
                 self._abandon(key, "cancelled")
+            if key is not None and key in self.waiting:  # the server never saw it
+                self.withdrawn.append(key)
+                return None
             return True
         if method.startswith("notifications/"):
             return True
@@ -270,7 +329,8 @@ class McpFilter:
             del self.abandoned[next(iter(self.abandoned))]
         if call.method in CALL_METHODS:
             self.records.append(CallRecord(call.method, call.subject, call.decision, outcome,
-                                           self.clock() - call.started))
+                                           self.clock() - call.started,
+                                           approval=call.approval))
         return call
 
     # -- timeouts ---------------------------------------------------------------------------
@@ -291,7 +351,11 @@ class McpFilter:
         return bytes(out)
 
     def session_ended(self) -> None:
-        """Record the calls left without an answer."""
+        """Record the calls left without an answer (or still waiting for approval)."""
+        for gated in list(self.waiting.values()):
+            self.refuse(gated, "", "withdrawn")
+        self.gated.clear()
+        self.withdrawn.clear()
         for key in list(self.pending):
             self._abandon(key, "unanswered")
 
@@ -360,7 +424,7 @@ class McpFilter:
                                         and msg["result"].get("isError") is True)
             self.records.append(CallRecord(call.method, call.subject, call.decision,
                                            "error" if failed else "answered",
-                                           self.clock() - call.started, size))
+                                           self.clock() - call.started, size, call.approval))
         return msg
 
 

@@ -60,6 +60,24 @@ def _merge(answer: bytes, replies: bytes) -> bytes:
                      *(mine if isinstance(mine, list) else [mine])]).rstrip(b"\n")
 
 
+def _join(lines: bytes) -> bytes:
+    """Lines of JSON-RPC messages as one line: one message, or a batch of them all."""
+    docs = [json.loads(line) for line in lines.splitlines() if line.strip()]
+    if len(docs) <= 1:
+        return _compact(docs[0]) if docs else b""
+    return _compact([m for d in docs for m in (d if isinstance(d, list) else [d])])
+
+
+async def _approvals(session: McpSession, forward: bytes, replies: bytes) -> tuple[bytes, bytes]:
+    """The calls of this request held for approval wait here (the request with them);
+    the approved ones join what goes to the server, the rest are answered here."""
+    for gated in session.filter.take_gated():
+        verdict = await session.ask(gated)
+        data, reply = session.settle(gated, verdict)
+        forward, replies = forward + data, replies + reply
+    return _join(forward), _join(replies)
+
+
 class _JsonAnswer:
     """A JSON answer, whole (held up to the message cap), through the filter at its end."""
 
@@ -158,6 +176,7 @@ async def forward_mcp_http(
             return
         finally:
             session.flush()
+        forward, replies = await _approvals(session, forward, replies)
         if not forward:
             await _answer(stream, req, 200 if replies else 202, replies.rstrip(b"\n"))
             return

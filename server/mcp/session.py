@@ -17,6 +17,8 @@ from typing import Any
 
 import trio
 
+from ..approval_gate import ApprovalGate, vm_message
+from ..approvals import Verdict
 from ..audit import AuditEntry, AuditTrail
 from ..cli_runner import HookRefusal, OutputFilter
 from ..masking import Scrubber
@@ -26,6 +28,7 @@ from .filter import (
     DEFAULT_MAX_MESSAGE_BYTES,
     MAX_PENDING,
     CallRecord,
+    Gated,
     McpFilter,
     McpProtocolError,
 )
@@ -74,6 +77,11 @@ class McpHook:
         self.filter = filt
         self.offload = offload
         self._lock = trio.Lock()
+        self._gated = trio.Event()
+        """Set when a step held calls for approval (:meth:`run_gates` starts their waits)."""
+        self._gates = trio.CancelScope()
+        self._waits: dict[str, trio.CancelScope] = {}
+        """The wait of each held call, by id key (a client's cancel ends it)."""
 
     async def _step(self, fn: Callable[[], Any], size: int = 0) -> Any:
         async with self._lock:
@@ -86,11 +94,48 @@ class McpHook:
                 raise HookRefusal(str(exc)) from None
             finally:
                 self.session.flush()
+                if self.filter.gated or self.filter.withdrawn:
+                    self._gated.set()
+
+    async def run_gates(self, deliver: Callable[[bytes, bytes], Awaitable[None]]) -> None:
+        """For the whole session: each call held for approval waits in a task of its own
+        (the session's other messages go on meanwhile); its line for the host server or
+        Carapace's reply goes out through ``deliver``. Cancelled (the client closed its
+        stdin, the session ended): every wait is withdrawn."""
+        with self._gates:
+            async with trio.open_nursery() as nursery:
+                while True:
+                    await self._gated.wait()
+                    self._gated = trio.Event()
+                    for gated in self.filter.take_gated():
+                        self._waits[gated.key] = scope = trio.CancelScope()
+                        nursery.start_soon(self._gate, gated, scope, deliver)
+                    withdrawn, self.filter.withdrawn = self.filter.withdrawn, []
+                    for key in withdrawn:  # notifications/cancelled from the client
+                        if key in self._waits:
+                            self._waits[key].cancel()
+
+    async def _gate(self, gated: Gated, scope: trio.CancelScope,
+                    deliver: Callable[[bytes, bytes], Awaitable[None]]) -> None:
+        verdict: Verdict | None = None
+        try:
+            with scope:
+                verdict = await self.session.ask(gated)
+        finally:
+            del self._waits[gated.key]
+        async with self._lock:
+            if verdict is None:  # the client cancelled it: no answer is due
+                self.filter.refuse(gated, "", "withdrawn", "cancelled")
+                self.session.flush()
+                return
+            out = self.session.settle(gated, verdict)
+        await deliver(*out)
 
     async def to_process(self, data: bytes) -> tuple[bytes, bytes]:
         return await self._step(lambda: self.filter.from_client(data), len(data))  # type: ignore[no-any-return]
 
     async def stdin_closed(self) -> tuple[bytes, bytes]:
+        self._gates.cancel()  # the client is gone: nobody waits for what it asked
         return await self._step(self.filter.client_closed, self.filter.held[0])  # type: ignore[no-any-return]
 
     async def from_process(self, data: bytes) -> bytes:
@@ -115,8 +160,11 @@ class McpSession:
                  limit: Callable[[Decision], Decision] | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  max_pending: int = MAX_PENDING,
-                 offload: Offload | None = None) -> None:
+                 offload: Offload | None = None,
+                 gate: ApprovalGate | None = None) -> None:
         self.tool = tool
+        self.gate = gate
+        """Where a call the policy holds for approval waits (none: it is refused)."""
         self.agent = agent
         self.request_id = request_id
         self.entry = entry
@@ -131,6 +179,22 @@ class McpSession:
                                 max_message_bytes=max_message_bytes,
                                 max_pending=max_pending, limit=limit)
         self.hook = McpHook(self, self.filter, offload)
+
+    async def ask(self, gated: Gated) -> Verdict:
+        """How the approval of one held call ended (cancelled: withdrawn and re-raised)."""
+        if self.gate is None:
+            return Verdict("refused", reason="this server has no approvals")
+        return await self.gate.ask_mcp(self.agent, self.tool, gated.name, gated.arguments,
+                                       gated.decision, self.entry)
+
+    def settle(self, gated: Gated, verdict: Verdict) -> tuple[bytes, bytes]:
+        """(the call's line for the host server, or Carapace's reply for the client)."""
+        try:
+            if verdict.approved:
+                return self.filter.release(gated, verdict.outcome), b""
+            return b"", self.filter.refuse(gated, vm_message(verdict), verdict.outcome)
+        finally:
+            self.flush()
 
     def refused(self, exc: McpProtocolError) -> None:
         self.refusal = str(exc)
@@ -155,6 +219,8 @@ class McpSession:
             "mcp_method": call.method, "mcp_tool": call.subject, "outcome": call.outcome,
             "duration_ms": round(call.duration * 1000, 3), "result_bytes": call.result_bytes,
         }
+        if call.approval:
+            fields["approval"] = call.approval
         self.audit.mcp_call(self.entry, call.decision, fields)
         self.metrics.count_mcp_call(self.tool.name, call.method, call.outcome,
                                     call.result_bytes)

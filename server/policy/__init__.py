@@ -294,6 +294,20 @@ JSON-RPC error; answers, JSON or event streams, are filtered message by
 message. GET (the server's event stream) and DELETE (the end of the MCP
 session) pass; any other method is refused. ``timeout_secs`` bounds the wait
 for the server's answer to begin.
+
+``tools_approve: [GLOB, ...]`` (globs over MCP tool names, as ``tools_allow``)
+makes an allowed ``tools/call`` (allowed by ``tools_allow``, not denied by
+``tools_deny``, its arguments past ``tool_param_filters``, within the rate
+limits) also wait for a person on the host, as the approvals above; a denied
+call never asks. ``approval: {timeout_secs, remember_secs}`` has the meaning
+it has on CLI and HTTP tools; a remembered yes covers the same MCP tool name
+with the same arguments. Over stdio a held call waits on its own while the
+session's other messages go on both ways; over HTTP the request that carries
+it waits. Approved, it reaches the host server (its ``timeout_secs`` starts
+then); not approved, Carapace answers it with a JSON-RPC error with its id
+(code -32001, ``denied by NAME: REASON`` or ``not approved: nobody answered
+within N s ...``) and the host server never sees it. Ending the session, or
+the client's ``notifications/cancelled`` for it, withdraws what still waits.
 """
 
 

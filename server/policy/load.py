@@ -69,6 +69,7 @@ _MCP_KEYS: Final = frozenset(
         "type", "command", "env_inject", "tools_allow", "tools_deny", "tool_param_filters",
         "resources_allow", "prompts_allow", "timeout_secs", "rate_limit", "audit", "agents",
         "url", "headers_inject", "global_rate_limit", "sandbox",
+        "tools_approve", "approval",
     }
 )
 
@@ -577,7 +578,8 @@ class _Loader:
                 self.fail(f"{path}.{key}", f"unknown key {_show(key)}",
                           hint or f"Allowed keys for an mcp tool: {', '.join(sorted(_MCP_KEYS))}.")
         opt: dict[str, Any] = self.mcp_server(raw, path)
-        for key in ("tools_allow", "tools_deny", "resources_allow", "prompts_allow"):
+        for key in ("tools_allow", "tools_deny", "resources_allow", "prompts_allow",
+                    "tools_approve"):
             if key in raw:
                 opt[key] = self.strings(raw[key], f"{path}.{key}")
         if "env_inject" in raw:
@@ -591,6 +593,8 @@ class _Loader:
                 for name, spec in self.mapping(raw["tool_param_filters"], fpath).items()})
         if "sandbox" in raw:
             opt["sandbox"] = load_tool_sandbox(self, raw["sandbox"], f"{path}.sandbox")
+        if "approval" in raw:
+            opt["approval"] = self.approval(raw["approval"], f"{path}.approval")
         return McpTool(name=tool_name, **opt, **self.common(raw, path))
 
     def mcp_server(self, raw: dict[str, Any], path: str) -> dict[str, Any]:

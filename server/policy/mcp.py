@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final
 
 from .decision import CliDecision, Decision, _cli_deny, _deny, _lookup, _rule
@@ -162,6 +162,12 @@ def _tool_call(tool: McpTool, params: Any) -> McpVerdict:
             return McpVerdict(_deny(reason, rule), name)
         verdict = Decision(allow=True, reason=f"{verdict.reason}; its arguments pass the filter",
                            rule=f"{verdict.rule}; {fpath}")
+    if verdict.allow:
+        gate = next((_rule(tool.name, "tools_approve", k, pattern)
+                     for k, pattern in enumerate(tool.tools_approve)
+                     if fnmatch.fnmatchcase(name, pattern)), "")
+        if gate:
+            verdict = replace(verdict, approval=gate)
     return McpVerdict(verdict, name)
 
 

@@ -285,6 +285,10 @@ class McpTool:
     """One budget of MCP calls shared by every agent (``rate_limit`` is each agent's own)."""
     sandbox: ToolSandbox = field(default_factory=ToolSandbox)
     """How a ``command`` server's process is confined, as a CLI tool's."""
+    tools_approve: tuple[str, ...] = ()
+    """Globs over MCP tool names: an allowed ``tools/call`` of one waits for a person."""
+    approval: ApprovalConfig = field(default_factory=ApprovalConfig)
+    """How long such a call waits, how long a yes lasts (as a CLI tool's ``approval``)."""
 
     @property
     def type(self) -> str:
