@@ -21,7 +21,6 @@ import secrets
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import textwrap
 from collections.abc import Callable, Iterator
@@ -31,6 +30,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from helpers.confined import REAL_PYTHON
 from helpers.procs import (
     CapturedProcess,
     free_port,
@@ -360,7 +360,7 @@ def test_rlimits_apply_to_the_tool(keyed: Host) -> None:
 @needs_bwrap
 def test_network_none_has_no_network(keyed: Host) -> None:
     port = keyed.debug.rsplit(":", 1)[1]
-    probe = (f"{sys.executable} -c \"import socket; socket.create_connection(('127.0.0.1', "
+    probe = (f"{REAL_PYTHON} -c \"import socket; socket.create_connection(('127.0.0.1', "
              f"{port}), timeout=5); print('connected')\"")
     assert keyed.sh(probe).stdout == b"connected\n"  # network: host (the default)
     cut = keyed.sh(probe, tool="shkeys")

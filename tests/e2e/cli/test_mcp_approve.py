@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import secrets
 import subprocess
-import sys
 import textwrap
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
+from helpers.confined import REAL_PYTHON, visible_copy
 from helpers.jsonlines import read_records
 from helpers.procs import free_port, poll, run_debug, script, start_process, stop_process
 
@@ -31,7 +31,8 @@ ANSWER_WITHIN = 20.0
 
 
 def policy_yaml(token: str, server_log: Path) -> str:
-    command = json.dumps([sys.executable, "-I", str(HELPER)])
+    # Confined, the server sees no /tmp, where this clone and its venv may be.
+    command = json.dumps([REAL_PYTHON, "-I", str(visible_copy(HELPER))])
     common = textwrap.dedent(f"""\
         command: {command}
         env_inject:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import secrets
 import subprocess
-import sys
 import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
+from helpers.confined import REAL_PYTHON, visible_copy
 from helpers.jsonlines import read_records
 from helpers.procs import (
     CapturedProcess,
@@ -119,8 +119,10 @@ class McpClient:
 
 
 def policy_yaml(token: str, server_log: Path) -> str:
-    command = json.dumps([sys.executable, "-I", str(HELPER)])
-    announce = json.dumps([sys.executable, "-I", str(HELPER), "--announce"])
+    # Confined, the server sees no /tmp, where this clone and its venv may be.
+    helper = str(visible_copy(HELPER))
+    command = json.dumps([REAL_PYTHON, "-I", helper])
+    announce = json.dumps([REAL_PYTHON, "-I", helper, "--announce"])
     common = textwrap.dedent(f"""\
         env_inject:
           CARAPACE_TEST_TOKEN: "{token}"
