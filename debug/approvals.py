@@ -41,6 +41,7 @@ from .client import (
     fail,
     make_debug_client,
 )
+from .terminal import printable_doc
 
 PATH = "/debug/approvals"
 WATCH_EVERY = 1.0
@@ -77,8 +78,8 @@ def _seconds(value: Any) -> str:
 
 def approvals_view(doc: dict[str, Any], address: str) -> Group:
     """The pending table (and the grants, if any) a person reads."""
-    pending = doc.get("pending") or []
-    grants = doc.get("grants") or []
+    pending = printable_doc(doc.get("pending") or [])
+    grants = printable_doc(doc.get("grants") or [])
     if pending:
         title = (f"{len(pending)} call{'' if len(pending) == 1 else 's'} waiting for approval "
                  f"(server at {address}) · carapace-debug approve ID [--for S] | deny ID")

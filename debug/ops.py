@@ -47,6 +47,7 @@ from .client import (
     make_debug_client,
     print_json,
 )
+from .terminal import printable_doc
 
 
 def _console() -> Console:
@@ -504,6 +505,7 @@ def _request_text(row: dict[str, Any]) -> str:
 
 
 def _row_cells(row: dict[str, Any]) -> dict[str, Any]:
+    row = printable_doc(row)
     when = record_time(row)
     done = row.get("completion")
     decision = str(row.get("decision") or "-")

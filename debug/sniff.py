@@ -56,6 +56,7 @@ from .client import (
     fail,
     make_debug_client,
 )
+from .terminal import printable_doc
 
 PROXY_MAX_FRAME = 64 * 1024 * 1024
 PROXY_QUEUE = 4096
@@ -121,6 +122,7 @@ class Renderer:
             self.out.flush()
             return
         self._header()
+        record = printable_doc(record)
         ts = record.get("ts")
         when = (datetime.fromtimestamp(ts).strftime("%H:%M:%S.%f")[:12]
                 if isinstance(ts, int | float) else "?")
@@ -148,7 +150,8 @@ class Renderer:
             self.out.write(json.dumps(record) + "\n")
             self.out.flush()
             return
-        self._print(Text(f"-- {record.get('summary', record)}", style="bold yellow"))
+        self._print(Text(f"-- {printable_doc(record.get('summary', record))}",
+                         style="bold yellow"))
 
 
 MESSAGE_ALIASES: dict[str, tuple[str, ...]] = {

@@ -123,6 +123,12 @@ def _render(data: bytes) -> str:
     return data.decode("utf-8", "backslashreplace").translate(_ESCAPES)
 
 
+def printable(text: str) -> str:
+    """``text`` with its control characters escaped (``\\x1b``, ``\\n``, ...): a VM-chosen
+    string shown on a terminal can neither drive it nor break its line."""
+    return text.translate(_ESCAPES)
+
+
 class Redactor:
     """Makes previews: cut to ``limit`` characters, with every secret replaced.
 
@@ -239,9 +245,10 @@ def _sse_size(*values: str | None) -> int:
 def _http_request(msg: HttpRequest, r: Redactor) -> tuple[_Fields, str]:
     target = r.text(msg.target)
     body = r.preview(msg.body)
-    fields = {"tool": msg.tool, "method": msg.method[:20], "target": target,
+    method = printable(msg.method[:20])
+    fields = {"tool": printable(msg.tool), "method": method, "target": target,
               "headers": r.headers(msg.headers), "bytes": len(msg.body), "body": body}
-    summary = f"{msg.method[:20]} {target}"
+    summary = f"{method} {target}"
     if msg.body:
         summary += f" ({human_bytes(len(msg.body))}) {body}"
     return fields, summary
@@ -317,12 +324,12 @@ def _end(msg: End, r: Redactor) -> tuple[_Fields, str]:
 def _cli_request(msg: CliRequest, r: Redactor) -> tuple[_Fields, str]:
     argv = r.argv(msg.argv)
     cwd = r.preview(msg.cwd)
-    fields = {"tool": msg.tool, "argv": argv, "argc": len(msg.argv), "cwd": cwd,
+    fields = {"tool": printable(msg.tool), "argv": argv, "argc": len(msg.argv), "cwd": cwd,
               "env_count": len(msg.env), "tty": list(msg.tty),
               # what the VM's agent says SO_PEERCRED told it: a claim, not a fact
               "vm_claimed_peer_uid": msg.peer_uid, "vm_claimed_peer_gid": msg.peer_gid,
               "vm_claimed_peer_pid": msg.peer_pid}
-    summary = (f"{shlex.quote(msg.tool)} {argv}".rstrip()
+    summary = (f"{shlex.quote(printable(msg.tool))} {argv}".rstrip()
                + f"  (cwd {cwd}, {len(msg.env)} env names)")
     return fields, summary
 
@@ -521,10 +528,11 @@ class RequestTracker:
         if not isinstance(msg, RequestMessage):
             return None
         if isinstance(msg, HttpRequest | CliRequest):
-            self._tools[msg.id] = msg.tool
+            shown = printable(msg.tool)  # as every summary shows it
+            self._tools[msg.id] = shown
             if len(self._tools) > self.max_ids:
                 del self._tools[next(iter(self._tools))]
-            return msg.tool
+            return shown
         if direction == "out" and isinstance(msg, _FINAL_OUT):
             tool = self._tools.pop(msg.id, None)
             if tool is not None:
