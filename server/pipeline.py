@@ -165,17 +165,8 @@ class RequestPipeline:
                         decision: policy_mod.Decision) -> None:
         self._counted("http", decision, agent, req.tool)
         entry = self.audit.http(agent, session_id, req, policy, decision)
-        if not await self._audited(entry, stream):
-            return
-        if not decision.allow:
-            log.log(entry.log_level, "denied http %s %s on tool %s for agent %s (%s): %s",
-                    req.method, req.target[:200], req.tool, agent, entry.request_id,
-                    decision.reason)
-            self._deny(stream, decision, agent, req.tool)
-            return
-        if not await self._approved(agent, stream, req, decision, entry, policy):
-            return
-        if not await self.still_allowed(stream, entry):
+        if not await self._admitted(agent, stream, req, policy, decision, entry,
+                                    f"http {req.method} {req.target[:200]} on tool"):
             return
         tool = policy.tools[req.tool]
         assert isinstance(tool, policy_mod.HttpTool)
@@ -221,18 +212,8 @@ class RequestPipeline:
                        decision: policy_mod.Decision) -> None:
         self._counted("cli", decision, agent, req.tool)
         entry = self.audit.cli(agent, session_id, req, policy, decision)
-        if not await self._audited(entry, stream):
-            return
-        if not decision.allow:
-            log.log(entry.log_level,
-                    "denied cli tool %s for agent %s (VM-claimed peer uid %s pid %s, %s): %s",
-                    req.tool, agent, req.peer_uid, req.peer_pid, entry.request_id,
-                    decision.reason)
-            self._deny(stream, decision, agent, req.tool)
-            return
-        if not await self._approved(agent, stream, req, decision, entry, policy):
-            return
-        if not await self.still_allowed(stream, entry):
+        if not await self._admitted(agent, stream, req, policy, decision, entry, "cli tool",
+                                    f"VM-claimed peer uid {req.peer_uid} pid {req.peer_pid}, "):
             return
         tool = policy.tools[req.tool]
         assert isinstance(tool, policy_mod.CliTool)
@@ -307,12 +288,7 @@ class RequestPipeline:
                        decision: policy_mod.Decision) -> None:
         self._counted("mcp", decision, agent, req.tool)
         entry = self.audit.cli(agent, session_id, req, policy, decision, kind="mcp")
-        if not await self._audited(entry, stream):
-            return
-        if not decision.allow:
-            log.log(entry.log_level, "denied mcp tool %s for agent %s (%s): %s", req.tool,
-                    agent, entry.request_id, decision.reason)
-            self._deny(stream, decision, agent, req.tool)
+        if not await self._admitted(agent, stream, req, policy, decision, entry, "mcp tool"):
             return
         tool = policy.tools[req.tool]
         assert isinstance(tool, policy_mod.McpTool)
@@ -351,12 +327,8 @@ class RequestPipeline:
         decision = policy_mod.decide_mcp_http(policy, agent, req.tool, req.method)
         self._counted("mcp", decision, agent, req.tool)
         entry = self.audit.http(agent, session_id, req, policy, decision, kind="mcp")
-        if not await self._audited(entry, stream):
-            return
-        if not decision.allow:
-            log.log(entry.log_level, "denied mcp %s on tool %s for agent %s (%s): %s",
-                    req.method, req.tool, agent, entry.request_id, decision.reason)
-            self._deny(stream, decision, agent, req.tool)
+        if not await self._admitted(agent, stream, req, policy, decision, entry,
+                                    f"mcp {req.method} on tool"):
             return
         tool = policy.tools[req.tool]
         assert isinstance(tool, policy_mod.McpTool)
@@ -377,6 +349,24 @@ class RequestPipeline:
             entry.completed(**http_completion_fields(stream.sent, len(req.body), aborted,
                                                      stream.cancel_reason),
                             mcp_refused=session.refusal)
+
+    async def _admitted(self, agent: str, stream: ServerStream, req: HttpRequest | CliRequest,
+                        policy: policy_mod.Policy, decision: policy_mod.Decision,
+                        entry: AuditEntry, what: str, claimed: str = "") -> bool:
+        """The steps from a decision record to the run, the same for every kind: the
+        record is written (else refuse), a deny is told, a marked call waits for a
+        person, and a reload that came meanwhile judges the request again. True: it
+        runs now, and a later reload reaches it (``revocation.py``)."""
+        if not await self._audited(entry, stream):
+            return False
+        if not decision.allow:
+            log.log(entry.log_level, "denied %s %s for agent %s (%s%s): %s", what, req.tool,
+                    agent, claimed, entry.request_id, decision.reason)
+            self._deny(stream, decision, agent, req.tool)
+            return False
+        if not await self._approved(agent, stream, req, decision, entry, policy):
+            return False
+        return await self.still_allowed(stream, entry)
 
     async def _audited(self, entry: AuditEntry, stream: ServerStream) -> bool:
         """Write the decision record before anything runs; if that fails, refuse (fail closed)."""
