@@ -317,7 +317,7 @@ class TunnelClient:
             now = trio.current_time()
             keepalive.heard(now)
             if isinstance(msg, Ping):
-                writer.send(Pong(nonce=msg.nonce))
+                writer.send(keepalive.on_ping(msg, now))
                 continue
             if isinstance(msg, Pong):
                 rtt = keepalive.on_pong(msg.nonce, now)

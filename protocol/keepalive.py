@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .messages import Ping
+from .errors import ProtocolError
+from .messages import Ping, Pong
 
 DEFAULT_IDLE_TIMEOUT = 15.0
 """Seconds of silence after which either side drops a link (the spec's 15 s)."""
@@ -75,13 +76,15 @@ class Keepalive:
     """One link's keepalive state; ``now`` is the caller's clock in seconds."""
 
     def __init__(self, interval: float, idle_timeout: float, now: float, *,
-                 last_heard: float | None = None) -> None:
+                 last_heard: float | None = None,
+                 ping_budget: PingBudget | None = None) -> None:
         """Start pinging: the first tick is due ``interval`` after ``now``.
 
         ``last_heard`` is when the peer was last heard if that was before
         ``now``; the server counts silence from the moment the connection
         opened, so a peer that goes quiet during the handshake gets no extra
-        time for it.
+        time for it. ``ping_budget`` bounds the peer's pings (the server's
+        side: its peer is the VM); without one every ping is answered.
         """
         self.interval = interval
         self.idle_timeout = idle_timeout
@@ -89,6 +92,7 @@ class Keepalive:
         self.next_tick = now + interval
         """When :meth:`tick` has something to say next."""
         self.expired = False
+        self.ping_budget = ping_budget
         self._nonce = 0
         self._sent: dict[int, float] = {}  # nonce -> when it was sent, oldest first
 
@@ -114,6 +118,13 @@ class Keepalive:
         self._sent[self._nonce] = now
         self._sent.pop(self._nonce - PINGS_REMEMBERED, None)
         return Ping(nonce=self._nonce)
+
+    def on_ping(self, ping: Ping, now: float) -> Pong:
+        """The pong owed for the peer's ``ping``; ProtocolError past its ping budget."""
+        if self.ping_budget is not None and not self.ping_budget.take(now):
+            raise ProtocolError(f"more than {PING_RATE_LIMIT:g} pings a second: a flood, not "
+                                "a keepalive (each is owed a pong)")
+        return Pong(nonce=ping.nonce)
 
     def on_pong(self, nonce: int, now: float) -> float | None:
         """The round trip time of the ping ``nonce`` answers, or None.

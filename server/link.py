@@ -17,7 +17,7 @@ import trio
 from carapace.protocol.errors import ProtocolError
 from carapace.protocol.framing import OversizedFrame
 from carapace.protocol.handshake import NONCE_SIZE, HandshakeError, ServerHandshake
-from carapace.protocol.keepalive import PING_RATE_LIMIT, Expired, Keepalive, PingBudget
+from carapace.protocol.keepalive import Expired, Keepalive, PingBudget
 from carapace.protocol.messages import Auth, Hello, Ping, Pong, Reject, Welcome
 from carapace.runtime.frames import FrameReader, FrameWriter, LinkClosed
 
@@ -225,9 +225,9 @@ class ServerLink:
         cfg = self.server.config
         # Silence counts from the connection's opening: the handshake is no free time.
         keepalive = Keepalive(cfg.ping_interval, cfg.idle_timeout, trio.current_time(),
-                              last_heard=self._opened_at)
+                              last_heard=self._opened_at,
+                              ping_budget=PingBudget(trio.current_time()))
         ledger = session.ledger
-        pings = PingBudget(trio.current_time())
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._keepalive, session, keepalive)
             try:
@@ -235,11 +235,7 @@ class ServerLink:
                     now = trio.current_time()
                     keepalive.heard(now)
                     if isinstance(msg, Ping):
-                        if not pings.take(now):
-                            raise ProtocolError(
-                                f"more than {PING_RATE_LIMIT:g} pings a second: a flood, not "
-                                "a keepalive (each is owed a pong)")
-                        self.writer.send(Pong(nonce=msg.nonce))
+                        self.writer.send(keepalive.on_ping(msg, now))
                         continue
                     if isinstance(msg, Pong):
                         rtt = keepalive.on_pong(msg.nonce, now)

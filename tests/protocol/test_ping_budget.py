@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from carapace.protocol.errors import ProtocolError
 from carapace.protocol.keepalive import (
     DEFAULT_PING_INTERVAL,
     PING_BURST,
     PING_RATE_LIMIT,
+    Keepalive,
     PingBudget,
 )
+from carapace.protocol.messages import Ping, Pong
 
 
 def test_a_keepalive_at_any_sane_interval_is_always_answered() -> None:
@@ -48,3 +52,14 @@ def test_never_more_than_the_burst_plus_the_rate_over_any_run(gaps: list[float])
         now += gap
         answered += budget.take(now)
     assert answered <= PING_BURST + now * PING_RATE_LIMIT + 1e-6
+
+
+def test_keepalive_answers_pings_and_ends_a_flood_only_with_a_budget() -> None:
+    guarded = Keepalive(5.0, 15.0, 0.0, ping_budget=PingBudget(0.0))
+    trusting = Keepalive(5.0, 15.0, 0.0)
+    for n in range(PING_BURST):
+        assert guarded.on_ping(Ping(nonce=n), 0.0) == Pong(nonce=n)
+    with pytest.raises(ProtocolError, match="pings a second"):
+        guarded.on_ping(Ping(nonce=PING_BURST), 0.0)
+    # the agent's side keeps no budget: its peer is the host it trusts
+    assert all(trusting.on_ping(Ping(nonce=n), 0.0) == Pong(nonce=n) for n in range(1000))
