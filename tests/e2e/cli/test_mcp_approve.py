@@ -9,7 +9,6 @@ approved never reached it). The operator answers with ``carapace-debug``.
 from __future__ import annotations
 
 import json
-import secrets
 import subprocess
 import textwrap
 from collections.abc import Iterator
@@ -22,10 +21,9 @@ import pytest
 
 from helpers.confined import REAL_PYTHON, visible_copy
 from helpers.jsonlines import read_records
-from helpers.procs import free_port, poll, run_debug, script, start_process, stop_process
+from helpers.procs import poll, run_debug
 
-from .conftest import install_shims, start_agent, wait_until
-from .test_mcp_stdio import HELPER, McpClient, McpDeployment
+from .test_mcp_stdio import HELPER, McpClient, McpDeployment, running_mcp
 
 ANSWER_WITHIN = 20.0
 
@@ -53,37 +51,11 @@ def policy_yaml(token: str, server_log: Path) -> str:
 @pytest.fixture(scope="module")
 def mcp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[McpDeployment]:
     tmp = tmp_path_factory.mktemp("mcp-approve")
-    token = "mcp-" + secrets.token_hex(20)
-    # Not beside the audit log: a confined tool never sees the audit log's directory.
-    server_log = tmp_path_factory.mktemp("mcp-approve-host") / "host-saw.log"
     notified = tmp / "notified.jsonl"
-    policy = tmp / "policy.yaml"
-    policy.write_text(policy_yaml(token, server_log))
-    token_file = tmp / "token"
-    token_file.write_text(f"default:{secrets.token_urlsafe(32)}\n")
-    token_file.chmod(0o600)
-    audit_log = tmp / "audit.jsonl"
-    port, debug_port = free_port(), free_port()
-    socket_path = tmp / "run" / "agent.sock"
-    server = start_process([script("carapace-server"), "--listen", f"127.0.0.1:{port}",
-                            "--policy", str(policy), "--token-file", str(token_file),
-                            "--audit-log", str(audit_log),
-                            "--debug-listen", f"127.0.0.1:{debug_port}",
-                            "--approval-notify", f"cat >> {notified}"])
-    agent = start_agent(socket_path, port, token_file)
-    try:
-        for proc, what in ((server, "listening on"), (agent, "connected to the Carapace server")):
-            wait_until(lambda p=proc, w=what: w in p.stderr_text() or p.poll() is not None,
-                       15, what)
-            assert proc.poll() is None, proc.output()
-        shims = install_shims(tmp / "bin", ("gated-mcp", "hasty-mcp"))
-        assert shims.returncode == 0, shims.stderr
-        yield McpDeployment(tmp, tmp / "bin", socket_path, server, agent, token, audit_log,
-                            server_log, debug_port)
-    finally:
-        for proc in (agent, server):
-            stop_process(proc)
-            print(proc.output())
+    with running_mcp(tmp, tmp_path_factory.mktemp("mcp-approve-host"), policy_yaml,
+                     ("gated-mcp", "hasty-mcp"),
+                     ["--approval-notify", f"cat >> {notified}"]) as deployment:
+        yield deployment
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ record names the rule); a session of a tool still allowed goes on answering.
 
 from __future__ import annotations
 
-import secrets
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,41 +14,16 @@ from pathlib import Path
 import pytest
 
 from helpers.jsonlines import read_records
-from helpers.procs import free_port, poll, script, start_process, stop_process
+from helpers.procs import poll
 
-from .conftest import install_shims, start_agent, wait_until
-from .test_mcp_stdio import McpDeployment, policy_yaml
+from .test_mcp_stdio import McpDeployment, policy_yaml, running_mcp
 
 
 @pytest.fixture
 def mcp(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[McpDeployment]:
-    token = "mcp-" + secrets.token_hex(20)
-    server_log = tmp_path_factory.mktemp("mcp-reload-host") / "host-saw.log"
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(policy_yaml(token, server_log))
-    token_file = tmp_path / "token"
-    token_file.write_text(f"default:{secrets.token_urlsafe(32)}\n")
-    token_file.chmod(0o600)
-    audit_log = tmp_path / "audit.jsonl"
-    port = free_port()
-    socket_path = tmp_path / "run" / "agent.sock"
-    server = start_process([script("carapace-server"), "--listen", f"127.0.0.1:{port}",
-                            "--policy", str(policy), "--token-file", str(token_file),
-                            "--audit-log", str(audit_log)])
-    agent = start_agent(socket_path, port, token_file)
-    try:
-        for proc, what in ((server, "listening on"), (agent, "connected to the Carapace server")):
-            wait_until(lambda p=proc, w=what: w in p.stderr_text() or p.poll() is not None,
-                       15, what)
-            assert proc.poll() is None, proc.output()
-        shims = install_shims(tmp_path / "bin", ("test-mcp", "slow-mcp"))
-        assert shims.returncode == 0, shims.stderr
-        yield McpDeployment(tmp_path, tmp_path / "bin", socket_path, server, agent, token,
-                            audit_log, server_log, 0)
-    finally:
-        for proc in (agent, server):
-            stop_process(proc)
-            print(proc.output())
+    with running_mcp(tmp_path, tmp_path_factory.mktemp("mcp-reload-host"), policy_yaml,
+                     ("test-mcp", "slow-mcp")) as deployment:
+        yield deployment
 
 
 def without_tool(policy_text: str, tool: str, next_tool: str) -> str:

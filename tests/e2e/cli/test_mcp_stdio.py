@@ -10,11 +10,12 @@ official SDK client is in ``tests/interop/test_mcp_sdk.py``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import subprocess
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,14 +144,19 @@ def policy_yaml(token: str, server_log: Path) -> str:
             f"  announce-mcp:\n    type: mcp\n    command: {announce}\n{body}")
 
 
-@pytest.fixture(scope="module")
-def mcp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[McpDeployment]:
-    tmp = tmp_path_factory.mktemp("mcp")
+@contextlib.contextmanager
+def running_mcp(tmp: Path, host_dir: Path, policy_text: Callable[[str, Path], str],
+                tools: Sequence[str], server_args: Sequence[str] = ()) -> Iterator[McpDeployment]:
+    """A server (with a debug listener) on ``policy_text(token, host log)``, an agent, and
+    shims for ``tools``; everything stopped on exit.
+
+    The host MCP server logs into ``host_dir``, apart from the audit log's directory,
+    which a confined tool never sees.
+    """
     token = "mcp-" + secrets.token_hex(20)
-    # Not beside the audit log: a confined tool never sees the audit log's directory.
-    server_log = tmp_path_factory.mktemp("mcp-host") / "host-saw.log"
+    server_log = host_dir / "host-saw.log"
     policy = tmp / "policy.yaml"
-    policy.write_text(policy_yaml(token, server_log))
+    policy.write_text(policy_text(token, server_log))
     token_file = tmp / "token"
     token_file.write_text(f"default:{secrets.token_urlsafe(32)}\n")
     token_file.chmod(0o600)
@@ -160,16 +166,14 @@ def mcp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[McpDeployment]:
     server = start_process([script("carapace-server"), "--listen", f"127.0.0.1:{port}",
                             "--policy", str(policy), "--token-file", str(token_file),
                             "--audit-log", str(audit_log),
-                            "--debug-listen", f"127.0.0.1:{debug_port}",
-                            "--mcp-max-message-bytes", str(MAX_MESSAGE),
-                            "--mcp-max-pending", str(MAX_PENDING)])
+                            "--debug-listen", f"127.0.0.1:{debug_port}", *server_args])
     agent = start_agent(socket_path, port, token_file)
     try:
         for proc, what in ((server, "listening on"), (agent, "connected to the Carapace server")):
             wait_until(lambda p=proc, w=what: w in p.stderr_text() or p.poll() is not None,
                        15, what)
             assert proc.poll() is None, proc.output()
-        shims = install_shims(tmp / "bin", ("test-mcp", "slow-mcp", "announce-mcp"))
+        shims = install_shims(tmp / "bin", tools)
         assert shims.returncode == 0, shims.stderr
         yield McpDeployment(tmp, tmp / "bin", socket_path, server, agent, token, audit_log,
                             server_log, debug_port)
@@ -177,6 +181,15 @@ def mcp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[McpDeployment]:
         for proc in (agent, server):
             stop_process(proc)
             print(proc.output())
+
+
+@pytest.fixture(scope="module")
+def mcp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[McpDeployment]:
+    with running_mcp(tmp_path_factory.mktemp("mcp"), tmp_path_factory.mktemp("mcp-host"),
+                     policy_yaml, ("test-mcp", "slow-mcp", "announce-mcp"),
+                     ["--mcp-max-message-bytes", str(MAX_MESSAGE),
+                      "--mcp-max-pending", str(MAX_PENDING)]) as deployment:
+        yield deployment
 
 
 @pytest.fixture
