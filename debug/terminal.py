@@ -2,8 +2,9 @@
 
 Tool names, methods, targets, reasons and summaries in the server's answers
 and in the audit log can hold any character a hostile VM sent, and rich
-passes escape sequences through to the terminal. The human views run every
-string of a record through :func:`printable_doc` before rendering it;
+passes escape sequences (and bidi overrides) through to the terminal. The
+human views run every string of a record through :func:`printable_doc` (the
+escaping the server's text log uses) before rendering it;
 ``--json`` output needs nothing, since JSON escapes control characters itself.
 """
 

@@ -123,10 +123,26 @@ def _render(data: bytes) -> str:
     return data.decode("utf-8", "backslashreplace").translate(_ESCAPES)
 
 
+_LINE_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_char(ch: str) -> str:
+    if ch in _LINE_ESCAPES:
+        return _LINE_ESCAPES[ch]
+    code = ord(ch)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
 def printable(text: str) -> str:
-    """``text`` with its control characters escaped (``\\x1b``, ``\\n``, ...): a VM-chosen
-    string shown on a terminal can neither drive it nor break its line."""
-    return text.translate(_ESCAPES)
+    """``text`` with every non-printable character escaped ``repr``-style (``\\n``,
+    ``\\x1b``, ``\\u2028``, a bidi override as ``\\u202e``): a VM-chosen string shown on
+    a terminal or written to a log can neither drive it nor break or forge a line.
+    Backslashes are not doubled, so a Windows path stays readable."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else _escape_char(ch) for ch in text)
 
 
 class Redactor:

@@ -23,29 +23,15 @@ import sys
 import time
 from typing import Final
 
+# One line, always: every non-printable character escaped, as the operator's views show
+# VM strings too.
+from carapace.protocol.summary import printable as escape
+
 MAX_MESSAGE: Final = 4096
 """Longest message logged, in characters; far above any message of ours with sane
 input (a policy error names a key and a line), far below a VM's 16 MiB frame."""
 CONTINUATION: Final = "  | "
 """Prefix of every line of a record after its first (tracebacks)."""
-
-_ESCAPES: Final = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-
-
-def _escape_char(ch: str) -> str:
-    if ch in _ESCAPES:
-        return _ESCAPES[ch]
-    code = ord(ch)
-    if code < 0x100:
-        return f"\\x{code:02x}"
-    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
-
-
-def escape(text: str) -> str:
-    """``text`` with every non-printable character escaped: one line, always."""
-    if text.isprintable():
-        return text
-    return "".join(ch if ch.isprintable() else _escape_char(ch) for ch in text)
 
 
 def bounded(text: str) -> str:
