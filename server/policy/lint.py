@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 from .cli import argv_matches
 from .flags import denied_flag, unlisted_flag
+from .mcp import tool_verdict
 from .model import CliTool, HttpTool, McpTool, Policy
 from .quoting import _show
 
@@ -154,6 +155,11 @@ def _lint_mcp(tool: McpTool, warn: Callable[..., None],
         if pattern and set(pattern) <= {"*"}:
             warn(tool.name, f"tools_allow[{k}] {_show(pattern)} allows every MCP tool, also "
                  "those a later version of the server adds")
+    for k, pattern in enumerate(tool.tools_approve):
+        why = _never_allowed(tool, pattern)
+        if why:
+            warn(tool.name, f"tools_approve[{k}] {_show(pattern)} never asks anyone: {why}; "
+                 "allow the MCP tool in tools_allow or drop the entry")
     if binary_problem is not None and tool.command:
         problem = binary_problem(tool.binary)
         if problem:
@@ -163,6 +169,31 @@ def _lint_mcp(tool: McpTool, warn: Callable[..., None],
             and host not in _LOOPBACK_HOSTS:
         warn(tool.name, "headers_inject over plain http to a non-loopback host: the "
              "credential crosses the network unencrypted")
+
+
+_GLOB_CHARS: Final = re.compile(r"[*?\[]")
+
+
+def _literal_prefix(pattern: str) -> str:
+    match = _GLOB_CHARS.search(pattern)
+    return pattern if match is None else pattern[:match.start()]
+
+
+def _never_allowed(tool: McpTool, pattern: str) -> str:
+    """Why no name ``pattern`` matches can pass tools_allow/tools_deny, or "" if one may.
+
+    Sound, not complete: two globs whose literal prefixes diverge match disjoint
+    names; anything subtler is left alone rather than warned about wrongly.
+    """
+    if not _GLOB_CHARS.search(pattern):
+        verdict = tool_verdict(tool, pattern)
+        return "" if verdict.allow else verdict.reason
+    prefix = _literal_prefix(pattern)
+    for allowed in tool.tools_allow:
+        other = _literal_prefix(allowed)
+        if other.startswith(prefix) or prefix.startswith(other):
+            return ""
+    return "no tools_allow pattern matches a name it matches"
 
 
 def _risky_args(tool: CliTool) -> list[str]:

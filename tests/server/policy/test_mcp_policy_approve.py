@@ -102,3 +102,28 @@ def test_cli_approval_keys_stay_errors_on_mcp_tools() -> None:
     with pytest.raises(PolicyError) as err:
         load_policy(BASE + '    approve_patterns: ["*"]\n')
     assert "approve_patterns" in str(err.value)
+
+
+def _lint(text: str) -> list[str]:
+    from carapace.server.policy import lint_policy
+    return [w.message for w in lint_policy(load_policy(text)) if "tools_approve" in w.message]
+
+
+def test_lint_names_an_approval_that_can_never_be_asked() -> None:
+    warnings = _lint(BASE)
+    # merge_* shares no prefix with any tools_allow glob: every such call is denied first.
+    assert len(warnings) == 1 and 'tools_approve[2] "merge_*" never asks anyone' in warnings[0]
+
+
+def test_lint_names_an_approved_literal_that_is_denied() -> None:
+    text = BASE.replace('tools_approve: ["create_*", "delete_*", "merge_*"]',
+                        'tools_approve: ["create_secret_key", "get_me"]')
+    warnings = _lint(text)
+    assert len(warnings) == 1
+    assert 'tools_approve[0] "create_secret_key"' in warnings[0]
+    assert "matches a deny pattern" in warnings[0]
+
+
+def test_lint_keeps_quiet_when_the_globs_may_overlap() -> None:
+    text = BASE.replace('"merge_*"', '"get_*"').replace('"delete_*"', '"d*"')
+    assert _lint(text) == []
