@@ -239,15 +239,21 @@ class ServerConnection:
             raise h11.LocalProtocolError(f"cannot send a response in state {self.our_state}")
         lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason_phrase(status))]
         length: bytes | None = None
+        names: list[bytes] = []
+        values: list[bytes] = []
         for name, value in headers:
-            if not _NAME_OK.match(name) or _VALUE_BAD.search(value):
-                raise h11.LocalProtocolError(f"illegal header {name!r}")
             lower = name.lower()
             if lower in _FRAMING:
                 if lower == b"content-length":
                     length = value
                 continue
+            names.append(name)
+            values.append(value)
             lines.append(b"%s: %s\r\n" % (name, value))
+        # One regex over all names (tokens joined are a token) and one over all values.
+        if names and (not _NAME_OK.match(b"".join(names)) or not all(names)
+                      or _VALUE_BAD.search(b"".join(values))):
+            raise h11.LocalProtocolError("illegal header in the answer")
         keep_alive = self._keep_alive and self.their_state is not h11.ERROR \
             and self.their_http_version is not None
         if length is not None:

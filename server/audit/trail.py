@@ -227,7 +227,8 @@ class AuditTrail:
              decision: Decision, kind: str = "http") -> AuditEntry:
         """An HTTP request's records (``kind`` ``mcp`` for one to an MCP server's url)."""
         cfg = self._config(policy, req.tool)
-        fields = http_decision_fields(req, cfg, decision)
+        # Without a log nothing is written: the decision's fields would be built for nothing.
+        fields = http_decision_fields(req, cfg, decision) if self.log is not None else {}
         base = base_fields(agent, session_id, req.id, req.tool, kind, decision)
         return AuditEntry(self, base, fields, write=cfg.enabled or not decision.allow)
 

@@ -172,7 +172,7 @@ def split_url(url: str) -> tuple[str, str]:
 class _Connection:
     """One socket to an upstream and its h11 state."""
 
-    __slots__ = ("broken", "h11", "idle_since", "origin", "reused", "sock", "stream")
+    __slots__ = ("_poller", "broken", "h11", "idle_since", "origin", "reused", "sock", "stream")
 
     def __init__(self, stream: trio.abc.Stream, sock: trio.socket.SocketType,
                  origin: Origin) -> None:
@@ -186,6 +186,8 @@ class _Connection:
         self.reused = False
         self.broken = False
         """Sending failed: whatever h11 thinks, this socket carries no further request."""
+        self._poller: select.poll | None = None
+        """Made on the first reuse and kept: one system call per check, no allocation."""
 
     def close(self) -> None:
         """Close the socket now (synchronous: safe in a cancelled or shielded finally)."""
@@ -194,8 +196,10 @@ class _Connection:
     def readable(self) -> bool:
         """Whether the idle socket has something to read: EOF, a reset, or stray bytes."""
         try:
-            poller = select.poll()
-            poller.register(self.sock.fileno(), select.POLLIN)
+            poller = self._poller
+            if poller is None:
+                poller = self._poller = select.poll()
+                poller.register(self.sock.fileno(), select.POLLIN)
             return bool(poller.poll(0))
         except (OSError, ValueError):
             return True

@@ -54,13 +54,17 @@ def request_bytes(method: bytes, target: bytes, headers: Sequence[tuple[bytes, b
         raise InvalidRequest(f"illegal method {method!r}")
     if not target or _TARGET_BAD.search(target):
         raise InvalidRequest(f"illegal request target {target!r}")
+    # One regex over all names (tokens joined are a token) and one over all values.
+    names = [name for name, _ in headers]
+    if headers and (not _TOKEN.match(b"".join(names)) or not all(names)
+                    or _VALUE_BAD.search(b"".join([value for _, value in headers]))):
+        for name, value in headers:
+            if not name or not _TOKEN.match(name):
+                raise InvalidRequest(f"illegal header name {name!r}")
+            if _VALUE_BAD.search(value):
+                raise InvalidRequest(f"illegal value in header {name!r}")
     lines = [b"%s %s HTTP/1.1\r\n" % (method, target)]
-    for name, value in headers:
-        if not _TOKEN.match(name):
-            raise InvalidRequest(f"illegal header name {name!r}")
-        if _VALUE_BAD.search(value):
-            raise InvalidRequest(f"illegal value in header {name!r}")
-        lines.append(b"%s: %s\r\n" % (name, value))
+    lines += [b"%s: %s\r\n" % pair for pair in headers]
     lines.append(b"\r\n")
     if body:
         lines.append(body)
