@@ -98,6 +98,7 @@ class ServerConnection:
         # The message being parsed.
         self._in_message = False
         self._in_head = False
+        self._began_in_this_feed = False
         self._head_bytes = 0
         self._url: list[bytes] = []
         self._headers: list[tuple[bytes, bytes]] = []
@@ -109,7 +110,8 @@ class ServerConnection:
 
     # -- llhttp's callbacks -------------------------------------------------------
     def on_message_begin(self) -> None:
-        self._in_message = self._in_head = True
+        self._in_message = self._in_head = self._began_in_this_feed = True
+        self._head_bytes = 0
         self._url = []
         self._headers = []
 
@@ -163,6 +165,7 @@ class ServerConnection:
             return
         if self._upgraded:
             return
+        self._began_in_this_feed = False
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -176,8 +179,12 @@ class ServerConnection:
         except httptools.HttpParserError as exc:
             self._fail(str(exc) or "malformed HTTP request")
         else:
-            if self._in_head:
+            if self._in_head and not self._began_in_this_feed:
                 # Bounds a head that arrives in pieces (llhttp keeps what it has seen).
+                # The read it began in is not counted (where in it the head began is
+                # not known, and the rest may be the body before it): a complete head is
+                # measured exactly later (LocalRequest.head_size), one still arriving at
+                # most one read late.
                 self._head_bytes += len(data)
                 if self._head_bytes > self.max_head_bytes:
                     self._fail("request head too large", 431)

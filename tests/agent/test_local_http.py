@@ -177,3 +177,17 @@ def test_an_error_answer_before_any_request_closes_the_connection() -> None:
     wire = conn.send_whole(408, [(b"Content-Length", b"0")], b"")
     assert wire.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
     assert b"Connection: close" in wire
+
+
+def test_a_pipelined_body_does_not_count_against_the_next_head() -> None:
+    conn = ServerConnection(1000)
+    body = b"x" * 5000
+    conn.receive_data(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5000\r\n\r\n" + body
+                      + b"GET /2 HTTP/1.1\r\nHo")
+    got = events(conn)
+    assert isinstance(got[-1], h11.EndOfMessage)
+    conn.send_whole(200, [(b"Content-Length", b"0")], b"")
+    conn.start_next_cycle()
+    conn.receive_data(b"st: a\r\n\r\n")
+    second = events(conn)
+    assert isinstance(second[0], LocalRequest) and second[0].target == b"/2"
