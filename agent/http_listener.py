@@ -1,4 +1,4 @@
-"""Local HTTP/1.1 listeners (h11): every request on one goes to one HTTP tool.
+"""Local HTTP/1.1 listeners (llhttp, local_http.py): every request on one goes to one HTTP tool.
 
 Paths and query strings pass unchanged, so a signal-cli client just points
 its base URL here. SSE answers are re-served as real ``text/event-stream``

@@ -1,4 +1,4 @@
-"""The server's HTTP/1.1 client for upstreams: h11 on trio, with an O(1) keep-alive pool.
+"""The server's HTTP/1.1 client for upstreams: trio, llhttp, and an O(1) keep-alive pool.
 
 Why not httpx: profiled under ``make bench``, httpx and httpcore took about
 half of the server's CPU at JSON-RPC concurrency 32, a quarter of it in
@@ -7,7 +7,9 @@ httpcore's pool scan
 with thousands of open SSE streams each holding a pooled connection, opening
 the next stream got slower with every one already open. This client does the
 one thing the server needs — send a request, stream the answer back — with
-h11 (no hand-written parser) and a pool whose every operation is O(1).
+llhttp parsing the answers (``wire.py``, which keeps h11's client interface
+and rules: h11 itself was a third of the server's CPU per call) and a pool
+whose every operation is O(1).
 
 Use::
 
@@ -55,7 +57,7 @@ Rules, in the order a request meets them:
   When writing a request to a *fresh* connection fails, its answer is still
   read if the upstream sent one before hanging up (a 413 to a body it would
   not take); that connection is never pooled.
-- **Response.** h11 frames it: Content-Length, chunked, or read until close;
+- **Response.** llhttp frames it: Content-Length, chunked, or read until close;
   HEAD, 1xx, 204 and 304 have no body; 1xx heads are skipped. The body is
   passed through raw (``Content-Encoding`` is not undone here; see
   :class:`ContentDecoder` for callers that must read it).
@@ -71,7 +73,7 @@ Rules, in the order a request meets them:
   (:class:`UpstreamTimeout`). ``body(idle_timeout)`` bounds each wait for
   the next chunk; ``None`` waits for ever (event streams).
 - **Errors.** :class:`UpstreamUnavailable` — refused, DNS, TLS, reset, or
-  closed before the head, or a head h11 cannot parse; :class:`UpstreamTimeout`
+  closed before the head, or a head that cannot be parsed; :class:`UpstreamTimeout`
   — no head in time, or a body idle too long; :class:`UpstreamBroken` — the
   body broke off (closed early, reset, or malformed framing). All are
   :class:`UpstreamError`.
