@@ -54,3 +54,12 @@ def test_no_secrets_at_all() -> None:
     trail = AuditTrail(None)
     record = {"ts": "t", "event": "decision", "path": "/x"}
     assert trail.encode(record) == slow(trail, record)
+
+
+def test_plain_fields_pass_the_caps_untouched_and_long_ones_are_still_cut() -> None:
+    trail = AuditTrail(None)
+    record = {"ts": "t", "event": "decision", "n": 3, "ok": True, "none": None, "f": 1.5,
+              "method": "M" * 100, "path": "p" * 3000}
+    data, cut = trail.encode(record)
+    assert sorted(cut) == ["method", "path"]
+    assert b'"n":3,"ok":true,"none":null,"f":1.5' in data
