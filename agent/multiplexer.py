@@ -9,10 +9,11 @@ back only its own stream: credit is returned only as it drains.
 from __future__ import annotations
 
 import logging
-import math
+from collections import deque
 from collections.abc import Callable
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
+import outcome
 import trio
 
 from carapace.protocol.flow import StreamFlow, flow_cost
@@ -40,6 +41,69 @@ class Link(Protocol):
     def send(self, msg: Message) -> None: ...
 
 
+T = TypeVar("T")
+
+
+class Inbox(Generic[T]):
+    """An unbounded queue with one reader: what a memory channel pair does here, lighter.
+
+    A trio memory channel pair per request (two channel objects, a shared
+    state, its statistics) was ~3 µs of the agent's ~100 µs of CPU per
+    JSON-RPC call; one reader task and one writer (the link reader) need only
+    a deque and the parked reader. Same rules as the channel: ``close`` ends
+    it after what is queued, ``get`` is a checkpoint.
+    """
+
+    __slots__ = ("_closed", "_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: deque[T] = deque()
+        self._waiter: trio.lowlevel.Task | None = None
+        self._closed = False
+
+    def put(self, item: T) -> None:
+        """Queue ``item`` (never blocks); ClosedResourceError once closed."""
+        if self._closed:
+            raise trio.ClosedResourceError("the inbox is closed")
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            trio.lowlevel.reschedule(waiter, outcome.Value(item))
+        else:
+            self._items.append(item)
+
+    def close(self) -> None:
+        """No more items: the reader gets what is queued, then EndOfChannel."""
+        self._closed = True
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            trio.lowlevel.reschedule(waiter, outcome.Error(trio.EndOfChannel()))
+
+    def get_nowait(self) -> T:
+        if self._items:
+            return self._items.popleft()
+        if self._closed:
+            raise trio.EndOfChannel
+        raise trio.WouldBlock
+
+    async def get(self) -> T:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._items or self._closed:
+            item = self.get_nowait()
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return item
+        if self._waiter is not None:
+            raise trio.BusyResourceError("another task is already reading this inbox")
+        self._waiter = trio.lowlevel.current_task()
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self._waiter = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        return await trio.lowlevel.wait_task_rescheduled(abort)  # type: ignore[no-any-return]
+
+
 class AgentStream:
     """One request as the local side sees it.
 
@@ -55,7 +119,7 @@ class AgentStream:
         self.id = request_id = opening.id
         self.request = RequestState.opened_by(opening)
         # None in the inbox is a nudge from a KeepaliveClock, never a frame.
-        self._inbox_send, self._inbox = trio.open_memory_channel[RequestMessage | None](math.inf)
+        self._inbox: Inbox[RequestMessage | None] = Inbox()
         self.flow = StreamFlow(request_id, window, peer="server")
         self._credit_changed = trio.Event()
         self.lost: str | None = None
@@ -71,18 +135,18 @@ class AgentStream:
             self._credit_changed = trio.Event()
             return
         self.flow.received(msg)
-        self._inbox_send.send_nowait(msg)
+        self._inbox.put(msg)
 
     def link_lost(self, reason: str) -> None:
         self.lost = reason
-        self._inbox_send.close()
+        self._inbox.close()
         self._credit_changed.set()
 
     # -- used by the local side ----------------------------------------------------------
     def keepalive_due(self) -> None:
         """Wake receive_or_keepalive() with None: the local client needs a keepalive."""
         try:
-            self._inbox_send.send_nowait(None)
+            self._inbox.put(None)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass  # the stream is ending; nothing to keep alive
 
@@ -90,7 +154,7 @@ class AgentStream:
         """The next frame for this request; StreamLost if the link dropped first."""
         try:
             while True:
-                msg = await self._inbox.receive()
+                msg = await self._inbox.get()
                 if msg is not None:
                     return msg
         except trio.EndOfChannel:
@@ -99,7 +163,7 @@ class AgentStream:
     async def receive_or_keepalive(self) -> RequestMessage | None:
         """Like receive(), or None once keepalive_due() was called."""
         try:
-            return await self._inbox.receive()
+            return await self._inbox.get()
         except trio.EndOfChannel:
             raise StreamLost(self.lost or "tunnel link lost") from None
 
@@ -110,7 +174,7 @@ class AgentStream:
     def receive_nowait(self) -> RequestMessage | None:
         """The next frame if one is queued, else None."""
         try:
-            return self._inbox.receive_nowait()
+            return self._inbox.get_nowait()
         except (trio.WouldBlock, trio.EndOfChannel):
             return None
 

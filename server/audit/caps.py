@@ -48,12 +48,17 @@ TRUNCATED_KEY: Final = "truncated"
 """Added to a record that had anything cut: the top-level keys whose values were cut."""
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)
+"""``json.dumps`` with these arguments, made once (dumps builds an encoder per call)."""
+_PLAIN = (int, float, bool, type(None))
+
+
 def encode_record(record: Mapping[str, Any]) -> bytes:
     """One record as it is written: a line of compact, ASCII-only JSON.
 
     ASCII only: U+2028/U+2029/U+0085 would be line breaks to some readers.
     """
-    return (json.dumps(record, separators=(",", ":"), default=str) + "\n").encode("ascii")
+    return (_ENCODER.encode(record) + "\n").encode("ascii")
 
 
 def _encoded_len(text: str) -> int:
@@ -144,6 +149,10 @@ class RecordCap:
                 capped[key] = value
                 continue
             limit = min(KEY_LIMITS.get(key, self.max_field_bytes), self.max_field_bytes)
+            kind = type(value)
+            if (kind is str and len(value) * 12 <= limit) or kind in _PLAIN:
+                capped[key] = value  # fits whatever it holds (cut_text's first test), or a number
+                continue
             capped[key], was_cut = cap_fields(value, limit)
             if was_cut:
                 cut_keys.append(key)

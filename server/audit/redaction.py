@@ -13,6 +13,8 @@ from typing import Any, Final
 from urllib.parse import unquote_plus
 
 REDACTED: Final = "[REDACTED]"
+_VERBATIM = re.compile(r'[ !#-\[\]-~]+')
+"""Printable ASCII without ``"`` and ``\\``: what JSON writes as itself."""
 
 
 def _name_matches(name: str, patterns: Sequence[str]) -> bool:
@@ -97,6 +99,9 @@ class AuditRedactor:
 
     def __init__(self) -> None:
         self._secrets: set[str] = set()
+        self.verbatim_in_json = True
+        """Every secret is written as itself inside a JSON string (printable ASCII without
+        ``"`` or ``\\``): then a line that does not contain one held none (:meth:`found_in`)."""
         self._regex: re.Pattern[str] | None = None
 
     def add(self, values: Iterable[str | bytes]) -> None:
@@ -109,11 +114,16 @@ class AuditRedactor:
         if not new:
             return
         self._secrets |= new
+        self.verbatim_in_json = all(_VERBATIM.fullmatch(s) for s in self._secrets)
         ordered = sorted(self._secrets, key=lambda s: (-len(s), s))
         self._regex = re.compile("|".join(re.escape(s) for s in ordered))
 
     def __len__(self) -> int:
         return len(self._secrets)
+
+    def found_in(self, text: str) -> bool:
+        """Whether ``text`` (a whole encoded record) contains a secret."""
+        return self._regex is not None and self._regex.search(text) is not None
 
     def text(self, value: str) -> str:
         if self._regex is None:

@@ -181,7 +181,16 @@ class AuditTrail:
     def encode(self, record: dict[str, Any]) -> tuple[bytes, list[str]]:
         """The record's line (secrets redacted, then cut to the size caps) and the keys
         that were cut."""
-        return self.cap.encode(self.redactor.redact(record))
+        redactor = self.redactor
+        if redactor.verbatim_in_json:
+            # The usual record holds no secret and needs no cut: encode it once and look
+            # for secrets in the line (one regex pass) instead of walking it to copy it.
+            # A secret in any string would be in the line as itself; a cut or a match
+            # takes the full path, so no cut ever splits a secret or digests one.
+            data, cut = self.cap.encode(record)
+            if not cut and not redactor.found_in(data.decode("ascii")):
+                return data, cut
+        return self.cap.encode(redactor.redact(record))
 
     def write(self, record: Mapping[str, Any], data: bytes, cut: list[str]) -> None:
         """Append an encoded record (raises AuditError); count and report what was cut."""
@@ -227,7 +236,8 @@ class AuditTrail:
              decision: Decision, kind: str = "http") -> AuditEntry:
         """An HTTP request's records (``kind`` ``mcp`` for one to an MCP server's url)."""
         cfg = self._config(policy, req.tool)
-        fields = http_decision_fields(req, cfg, decision)
+        # Without a log nothing is written: the decision's fields would be built for nothing.
+        fields = http_decision_fields(req, cfg, decision) if self.log is not None else {}
         base = base_fields(agent, session_id, req.id, req.tool, kind, decision)
         return AuditEntry(self, base, fields, write=cfg.enabled or not decision.allow)
 

@@ -1,4 +1,5 @@
-"""Talking to HTTP upstreams: the pooled h11 client, its errors, and Content-Encoding."""
+"""Talking to HTTP upstreams: the pooled client (llhttp on the wire), its errors, and
+Content-Encoding."""
 
 from .client import UpstreamClient, UpstreamResponse
 from .decoding import ContentDecoder

@@ -1,4 +1,4 @@
-"""The server's HTTP/1.1 client for upstreams: h11 on trio, with an O(1) keep-alive pool.
+"""The server's HTTP/1.1 client for upstreams: trio, llhttp, and an O(1) keep-alive pool.
 
 Why not httpx: profiled under ``make bench``, httpx and httpcore took about
 half of the server's CPU at JSON-RPC concurrency 32, a quarter of it in
@@ -7,7 +7,9 @@ httpcore's pool scan
 with thousands of open SSE streams each holding a pooled connection, opening
 the next stream got slower with every one already open. This client does the
 one thing the server needs — send a request, stream the answer back — with
-h11 (no hand-written parser) and a pool whose every operation is O(1).
+llhttp parsing the answers (``wire.py``, which keeps h11's client interface
+and rules: h11 itself was a third of the server's CPU per call) and a pool
+whose every operation is O(1).
 
 Use::
 
@@ -55,7 +57,7 @@ Rules, in the order a request meets them:
   When writing a request to a *fresh* connection fails, its answer is still
   read if the upstream sent one before hanging up (a 413 to a body it would
   not take); that connection is never pooled.
-- **Response.** h11 frames it: Content-Length, chunked, or read until close;
+- **Response.** llhttp frames it: Content-Length, chunked, or read until close;
   HEAD, 1xx, 204 and 304 have no body; 1xx heads are skipped. The body is
   passed through raw (``Content-Encoding`` is not undone here; see
   :class:`ContentDecoder` for callers that must read it).
@@ -71,7 +73,7 @@ Rules, in the order a request meets them:
   (:class:`UpstreamTimeout`). ``body(idle_timeout)`` bounds each wait for
   the next chunk; ``None`` waits for ever (event streams).
 - **Errors.** :class:`UpstreamUnavailable` — refused, DNS, TLS, reset, or
-  closed before the head, or a head h11 cannot parse; :class:`UpstreamTimeout`
+  closed before the head, or a head that cannot be parsed; :class:`UpstreamTimeout`
   — no head in time, or a body idle too long; :class:`UpstreamBroken` — the
   body broke off (closed early, reset, or malformed framing). All are
   :class:`UpstreamError`.
@@ -95,6 +97,7 @@ import trio
 from carapace.runtime.sockets import receive_some, send_all
 
 from .errors import UpstreamBroken, UpstreamTimeout, UpstreamUnavailable
+from .wire import ClientConnection, InvalidRequest, ResponseHead, request_bytes
 
 __all__ = ["UpstreamClient", "UpstreamResponse"]
 
@@ -171,18 +174,22 @@ def split_url(url: str) -> tuple[str, str]:
 class _Connection:
     """One socket to an upstream and its h11 state."""
 
-    __slots__ = ("broken", "h11", "idle_since", "origin", "reused", "sock", "stream")
+    __slots__ = ("_poller", "broken", "h11", "idle_since", "origin", "reused", "sock", "stream")
 
     def __init__(self, stream: trio.abc.Stream, sock: trio.socket.SocketType,
                  origin: Origin) -> None:
         self.stream = stream
         self.sock = sock
         self.origin = origin
-        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
+        # h11's client interface over llhttp (wire.py): h11 was a third of the server's
+        # CPU per JSON-RPC call.
+        self.h11 = ClientConnection(MAX_HEAD)
         self.idle_since = 0.0
         self.reused = False
         self.broken = False
         """Sending failed: whatever h11 thinks, this socket carries no further request."""
+        self._poller: select.poll | None = None
+        """Made on the first reuse and kept: one system call per check, no allocation."""
 
     def close(self) -> None:
         """Close the socket now (synchronous: safe in a cancelled or shielded finally)."""
@@ -191,8 +198,10 @@ class _Connection:
     def readable(self) -> bool:
         """Whether the idle socket has something to read: EOF, a reset, or stray bytes."""
         try:
-            poller = select.poll()
-            poller.register(self.sock.fileno(), select.POLLIN)
+            poller = self._poller
+            if poller is None:
+                poller = self._poller = select.poll()
+                poller.register(self.sock.fileno(), select.POLLIN)
             return bool(poller.poll(0))
         except (OSError, ValueError):
             return True
@@ -211,14 +220,14 @@ class UpstreamResponse:
 
     __slots__ = ("_client", "_conn", "_done", "headers", "http_version", "reason", "status")
 
-    def __init__(self, client: UpstreamClient, conn: _Connection, head: h11.Response) -> None:
+    def __init__(self, client: UpstreamClient, conn: _Connection, head: ResponseHead) -> None:
         self._client = client
         self._conn: _Connection | None = conn
         self._done = False
         self.status: int = head.status_code
         self.reason: bytes = head.reason
         self.http_version: bytes = head.http_version
-        self.headers: list[tuple[bytes, bytes]] = head.headers.raw_items()
+        self.headers: list[tuple[bytes, bytes]] = head.headers
         """As received: original case, order and repeats (for hop-by-hop filtering)."""
 
     def header(self, name: bytes) -> bytes | None:
@@ -416,28 +425,26 @@ class UpstreamClient:
         if body or method_b in _BODY_METHODS:
             out.append((b"Content-Length", b"%d" % len(body)))
         try:
-            request = h11.Request(method=method_b,
-                                  target=(origin.prefix + target).encode("ascii"),
-                                  headers=out)
-        except (h11.LocalProtocolError, UnicodeEncodeError) as exc:
+            request = request_bytes(method_b, (origin.prefix + target).encode("ascii"), out,
+                                    body)
+        except (InvalidRequest, UnicodeEncodeError) as exc:
             raise UpstreamUnavailable(f"the request is not valid HTTP/1.1: {exc}") from None
         if timeout is None:
-            return await self._send(origin, request, body, method_b)
+            return await self._send(origin, request, method_b)
         # move_on_after, not fail_after: this is per request, and fail_after's
         # generator-based context manager showed in the profile.
         with trio.move_on_after(timeout):
-            return await self._send(origin, request, body, method_b)
+            return await self._send(origin, request, method_b)
         raise UpstreamTimeout(f"no answer within {timeout:g} s")
 
-    async def _send(self, origin: Origin, request: h11.Request, body: bytes,
-                    method: bytes) -> UpstreamResponse:
+    async def _send(self, origin: Origin, request: bytes, method: bytes) -> UpstreamResponse:
         for _attempt in range(2):
             conn = self._checkout(origin)
             if conn is None:
                 conn = await self._connect(origin)
             self._active.add(conn)
             try:
-                head = await self._exchange(conn, request, body, method)
+                head = await self._exchange(conn, request, method)
             except _Retry:
                 self._discard(conn)
                 continue
@@ -447,16 +454,13 @@ class UpstreamClient:
             return UpstreamResponse(self, conn, head)
         raise AssertionError("unreachable: the second attempt is on a fresh connection")
 
-    async def _exchange(self, conn: _Connection, request: h11.Request, body: bytes,
-                        method: bytes) -> h11.Response:
+    async def _exchange(self, conn: _Connection, request: bytes,
+                        method: bytes) -> ResponseHead:
         h = conn.h11
-        data = h.send(request) or b""
-        if body:
-            data += h.send(h11.Data(data=body)) or b""
-        data += h.send(h11.EndOfMessage()) or b""
+        h.sent(method)
         send_error: BaseException | None = None
         try:
-            await send_all(conn.stream, data)
+            await send_all(conn.stream, request)
         except _CONNECTION_ERRORS as exc:
             if conn.reused:  # it was dead before the request went out
                 raise _Retry() from None
@@ -492,11 +496,9 @@ class UpstreamClient:
                 if received:
                     got_bytes = True
                 h.receive_data(received)  # type: ignore[arg-type]  # h11 takes any bytes-like
-            elif type(event) is h11.Response:
+            elif type(event) is ResponseHead:
                 return event
-            elif type(event) is h11.InformationalResponse:
-                continue  # 100 Continue and friends: the real head follows
-            else:  # pragma: no cover - h11 raises before anything else can come
+            else:  # pragma: no cover - the parser raises before anything else can come
                 raise UpstreamUnavailable(f"unexpected {type(event).__name__} before the head")
 
     async def _connect(self, origin: Origin) -> _Connection:
