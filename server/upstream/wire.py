@@ -97,6 +97,9 @@ class ClientConnection:
     def _new_cycle(self) -> None:
         self._parser = httptools.HttpResponseParser(self)
         self._events: deque[object] = deque()
+        self._pieces: list[bytes] = []
+        """Body bytes of the current read: one ``Data`` per read, however many chunks
+        it held (an event stream sends one chunk per event)."""
         self._error: h11.RemoteProtocolError | None = None
         self._head = True  # reading a head (an answer's, or a 1xx one's)
         self._head_bytes = 0
@@ -171,9 +174,17 @@ class ClientConnection:
         if self._complete:
             self._stray = True  # a body after a HEAD answer's head, or after the end
         else:
-            self._events.append(h11.Data(data=body))
+            self._pieces.append(body)
+
+    def _flush_body(self) -> None:
+        pieces = self._pieces
+        if pieces:
+            self._events.append(h11.Data(data=pieces[0] if len(pieces) == 1
+                                         else b"".join(pieces)))
+            pieces.clear()
 
     def on_message_complete(self) -> None:
+        self._flush_body()
         if self._informational:
             self._informational = False
         elif not self._complete:
@@ -209,12 +220,14 @@ class ClientConnection:
             else:
                 self._fail(f"malformed answer: {exc}")
         else:
+            self._flush_body()
             if self._head:
                 self._head_bytes += len(data)
                 if self._head_bytes > self.max_head:
                     self._fail(f"answer head over {self.max_head} bytes")
 
     def _fail(self, message: str) -> None:
+        self._flush_body()  # what arrived before the fault is still delivered, as h11 does
         self._error = h11.RemoteProtocolError(message)
 
     def next_event(self) -> object:

@@ -127,3 +127,31 @@ def test_connection_close_and_http10_answers_are_not_kept() -> None:
     assert conn.their_state is h11.MUST_CLOSE
     conn, _ = answer(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n")
     assert conn.their_state is h11.MUST_CLOSE
+
+
+def test_the_chunks_of_one_read_arrive_as_one_data_event() -> None:
+    # An event stream writes one chunk per event: one read's worth is handed on at once.
+    conn = ClientConnection(max_head=65536)
+    conn.sent(b"GET")
+    conn.receive_data(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                      b"3\r\nab\n\r\n3\r\ncd\n\r\n")
+    assert isinstance(conn.next_event(), ResponseHead)
+    event = conn.next_event()
+    assert isinstance(event, h11.Data) and bytes(event.data) == b"ab\ncd\n"
+    assert conn.next_event() is h11.NEED_DATA
+    conn.receive_data(b"2\r\nef\r\n0\r\n\r\n")
+    event = conn.next_event()
+    assert isinstance(event, h11.Data) and bytes(event.data) == b"ef"
+    assert isinstance(conn.next_event(), h11.EndOfMessage)
+
+
+def test_body_bytes_before_a_malformed_chunk_are_still_delivered() -> None:
+    conn = ClientConnection(max_head=65536)
+    conn.sent(b"GET")
+    conn.receive_data(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                      b"3\r\nab\n\r\nzz\r\n")
+    assert isinstance(conn.next_event(), ResponseHead)
+    event = conn.next_event()
+    assert isinstance(event, h11.Data) and bytes(event.data) == b"ab\n"
+    with pytest.raises(h11.RemoteProtocolError):
+        conn.next_event()
