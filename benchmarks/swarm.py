@@ -100,6 +100,9 @@ class Stats:
     connect_failures: Counter[str] = field(default_factory=Counter)  # reason, after the mark
     connect_failures_before: Counter[str] = field(default_factory=Counter)
     handshakes: int = 0
+    measure_from: float = 0.0  # time.time() when recording started
+    timeline: dict[tuple[str, int], list[float]] = field(default_factory=dict)
+    """(kind, whole seconds since recording started): latencies (ms); where stalls are."""
 
 
 @dataclass
@@ -112,6 +115,7 @@ class Agent:
     flowing: bool = False  # its current stream has delivered an event
     back_at: float | None = None  # monotonic time of its first event after the mark
     latencies: list[float] = field(default_factory=list)
+    source: str | None = None  # the loopback address it dials from (None: the default)
 
 
 # ----------------------------------------------------------------------------- raw agents
@@ -194,7 +198,7 @@ async def raw_agent(spec: dict[str, Any], agent: Agent, token: bytes, stats: Sta
         wire: StampedWire | None = None
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
-                wire = StampedWire((await Wire.connect(int(spec["port"]))).stream)
+                wire = StampedWire((await Wire.connect(int(spec["port"]), agent.source)).stream)
                 welcome = await wire.handshake(agent.name, token)
         except (OSError, LinkClosed, trio.TooSlowError, trio.BrokenResourceError,
                 ProtocolError) as exc:
@@ -333,8 +337,11 @@ def on_events(agent: Agent, stats: Stats, stamps: list[float], at: float,
                 and started > stats.mark:
             agent.back_at = time.monotonic()
     if stats.recording:
+        second = int(at - stats.measure_from)
+        bucket = stats.timeline.setdefault((agent.kind, second), [])
         for ts in stamps:
             ms = (at - ts) * 1000.0
+            bucket.append(ms)
             stats.events_by_kind[agent.kind].append(ms)
             if agent.kind != "direct":
                 stats.events.append(ms)
@@ -518,7 +525,15 @@ def summary(agents: list[Agent], stats: Stats) -> dict[str, Any]:
         "connect_failures_storm": dict(stats.connect_failures.most_common(6)),
         "connect_failures_start": dict(stats.connect_failures_before.most_common(6)),
         "handshakes": stats.handshakes,
+        "timeline": {f"{kind} {second}": [len(v), pct(v, 0.5), pct(v, 0.99), max(v)]
+                     for (kind, second), v in sorted(stats.timeline.items())},
     }
+
+
+def source_address(i: int) -> str:
+    """Agent ``i``'s own loopback address (127.1.0.1, 127.1.0.2, ...): each VM of a real
+    deployment dials from an address of its own, so per-address caps see one agent each."""
+    return f"127.1.{i // 250}.{i % 250 + 1}"
 
 
 async def wait_for(cond: Any, poll: float = 0.05) -> None:
@@ -528,7 +543,8 @@ async def wait_for(cond: Any, poll: float = 0.05) -> None:
 
 async def run(spec: dict[str, Any]) -> dict[str, Any]:
     stats = Stats()
-    raw = [Agent(name, "raw") for name, _ in spec["agents"]]
+    raw = [Agent(name, "raw", source=source_address(i) if spec.get("own_addresses") else None)
+           for i, (name, _) in enumerate(spec["agents"])]
     samples = [Agent(f"sample-{port}", "sample") for port in spec["samples"]]
     everyone = raw + samples
     connected = trio.Semaphore(0)
@@ -563,6 +579,7 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
                 emit({"phase": "flowing", "seconds": time.monotonic() - t1})
             elif cmd == "measure":
                 stats.recording = True
+                stats.measure_from = time.time()
                 emit({"phase": "measuring"})
             elif cmd == "mark":
                 stats.recording = False
