@@ -40,6 +40,8 @@ import json
 import math
 import random
 import resource
+import socket
+import struct
 import sys
 import time
 from collections import Counter
@@ -94,6 +96,8 @@ class Stats:
     events: list[float] = field(default_factory=list)  # ms, while recording
     events_by_kind: dict[str, list[float]] = field(default_factory=lambda: {
         "raw": [], "sample": [], "direct": []})
+    events_read: list[float] = field(default_factory=list)
+    """The same events, measured to when this process read them (its own delays in)."""
     per_agent_p99: list[float] = field(default_factory=list)
     rpcs: dict[str, list[float]] = field(default_factory=lambda: {
         "raw": [], "sample": [], "direct": []})
@@ -151,25 +155,55 @@ class Link:
         return self.next_id
 
 
+SO_TIMESTAMPNS = 35
+"""Linux: stamp each received packet with the kernel's clock (``time.time()``'s clock)."""
+_TIMESPEC = struct.Struct("qq")
+Arrival = tuple[float, float]
+"""When an event reached this process's socket (the kernel's receive timestamp), and when
+this process read it. The first is what the tunnel delivered; the second adds this one
+process's own scheduling delays, serving 500 agents on a shared machine."""
+
+
+def stamp_arrivals(sock: trio.socket.SocketType) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+
+
+async def receive_stamped(sock: trio.socket.SocketType) -> tuple[bytes, float, float]:
+    """Bytes from ``sock``, when the first of them reached it, and when they were read.
+
+    Only the first packet's timestamp comes with a read; the bytes of later packets in
+    the same read are given the read's time (an upper bound: never flattering)."""
+    data, ancillary, _, _ = await sock.recvmsg(READ, socket.CMSG_SPACE(_TIMESPEC.size))
+    read_at = time.time()
+    for level, kind, value in ancillary:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+            sec, nsec = _TIMESPEC.unpack(value[:_TIMESPEC.size])
+            return data, min(read_at, sec + nsec / 1e9), read_at
+    return data, read_at, read_at
+
+
 class StampedWire(Wire):
-    """A :class:`Wire` that remembers when it last read bytes."""
+    """A :class:`Wire` that knows when the bytes it decodes arrived."""
 
     read_at = 0.0
+    sock_at = 0.0
+    fresh = False  # the next message decoded is the first of the last read
 
 
-async def _receive(wire: StampedWire) -> tuple[Message, float]:
-    """The next message and when its bytes were read (``time.time()``)."""
+async def _receive(wire: StampedWire) -> tuple[Message, Arrival]:
+    """The next message and its :data:`Arrival`."""
     while True:
         msg = wire.decoder.next_message()
         if msg is not None:
-            return msg, wire.read_at
+            first, wire.fresh = wire.fresh, False
+            return msg, (wire.sock_at if first else wire.read_at, wire.read_at)
         try:
-            data = await wire.stream.receive_some(READ)
+            data, wire.sock_at, wire.read_at = await receive_stamped(wire.stream.socket)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise LinkClosed(f"reset ({type(exc).__name__})") from None
         if not data:
             raise LinkClosed("closed")
-        wire.read_at = time.time()
+        wire.fresh = True
         wire.decoder.feed(data)
 
 
@@ -208,6 +242,7 @@ async def raw_agent(spec: dict[str, Any], agent: Agent, token: bytes, stats: Sta
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 wire = StampedWire((await Wire.connect(int(spec["port"]), agent.source)).stream)
+                stamp_arrivals(wire.stream.socket)
                 welcome = await wire.handshake(agent.name, token)
         except (OSError, LinkClosed, trio.TooSlowError, trio.BrokenResourceError,
                 ProtocolError) as exc:
@@ -340,9 +375,9 @@ def _event_ts(data: str | None) -> float | None:
         return None
 
 
-def on_events(agent: Agent, stats: Stats, stamps: list[float], at: float,
+def on_events(agent: Agent, stats: Stats, stamps: list[float], arrival: Arrival,
               started: float | None) -> None:
-    """Record the latency of events stamped ``stamps`` that arrived at ``at``."""
+    """Record the latency of events stamped ``stamps`` that arrived at ``arrival``."""
     if not stamps:
         return
     if not agent.flowing:
@@ -351,6 +386,7 @@ def on_events(agent: Agent, stats: Stats, stamps: list[float], at: float,
                 and started > stats.mark:
             agent.back_at = time.monotonic()
     if stats.recording:
+        at, read_at = arrival
         second = int(at - stats.measure_from)
         bucket = stats.timeline.setdefault((agent.kind, second), [])
         for ts in stamps:
@@ -359,6 +395,7 @@ def on_events(agent: Agent, stats: Stats, stamps: list[float], at: float,
             stats.events_by_kind[agent.kind].append(ms)
             if agent.kind != "direct":
                 stats.events.append(ms)
+                stats.events_read.append((read_at - ts) * 1000.0)
                 agent.latencies.append(ms)
 
 
@@ -386,7 +423,7 @@ async def read_loop(agent: Agent, link: Link, stats: Stats, started: float) -> N
                 await link.wire.send_raw(link.ledger.outgoing(ack))
 
 
-async def on_request_frame(agent: Agent, link: Link, stats: Stats, msg: Any, at: float,
+async def on_request_frame(agent: Agent, link: Link, stats: Stats, msg: Any, at: Arrival,
                            started: float) -> None:
     rid = msg.id
     cost = flow_cost(msg)
@@ -450,11 +487,11 @@ async def sample_stream(port: int, path: str, agent: Agent, stats: Stats,
     sock = await connect(host, port)
     async with sock:
         conn, req = get_request(host, port, path)
+        stamp_arrivals(sock.socket)
         await sock.send_all(req)
         parser = SseParser()
         while True:
-            data = await sock.receive_some(READ)
-            now = time.time()
+            data, sock_at, now = await receive_stamped(sock.socket)
             if not data:
                 raise BenchError("the stream ended")
             conn.receive_data(data)
@@ -464,7 +501,10 @@ async def sample_stream(port: int, path: str, agent: Agent, stats: Stats,
                 if isinstance(ev, h11.Data):
                     stamps = [ts for item in parser.feed(bytes(ev.data))
                               if isinstance(item, Event) and (ts := _event_ts(item.data))]
-                    on_events(agent, stats, stamps, now, opened)
+                    # the first event of a read has the packet's time, the rest the read's
+                    on_events(agent, stats, stamps[:1], (sock_at, now), opened)
+                    on_events(agent, stats, stamps[1:], (now, now), opened)
+                    sock_at = now
                 elif isinstance(ev, h11.EndOfMessage | h11.ConnectionClosed):
                     raise BenchError("the stream ended")
 
@@ -524,6 +564,7 @@ def summary(agents: list[Agent], stats: Stats) -> dict[str, Any]:
             if a.back_at is not None and stats.mark is not None]
     return {
         "events": dist(stats.events),
+        "events_read": dist(stats.events_read),
         "events_raw": dist(stats.events_by_kind["raw"]),
         "events_sample": dist(stats.events_by_kind["sample"]),
         "events_direct": dist(stats.events_by_kind["direct"]),
