@@ -271,8 +271,11 @@ def measure(ctx: Ctx, dep: Deployment) -> dict[str, Any]:
     up = dep.start_server()
     out["storm_server_down_s"] = down - mark
     out["storm_server_up_s"] = up - mark
+    assert dep.server is not None and dep.swarm is not None
     try:
-        out["back"] = dep.ask("back", p["storm"])
+        with ctx.profile("many-agents storm", {"server": dep.server.pid,
+                                               "swarm": dep.swarm.pid}):
+            out["back"] = dep.ask("back", p["storm"])
     except ScenarioError as exc:
         out["back"] = {"error": str(exc)}
     dep.tell("stop")
