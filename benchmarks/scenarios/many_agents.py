@@ -348,6 +348,12 @@ def table(out: dict[str, Any], ev: dict[str, Any]) -> dict[str, Any]:
          "–", "–"],
         ["server CPU per streaming agent", f"{ev['cpu_active_pct_per_agent']:.3f} % of a core",
          "–", "–"],
+        ["server CPU per event delivered (with its share of the calls: 1 per 10 events)",
+         f"{out['active']['cpu_s'] / max(1, sw['events']['n']) * 1e6:.0f} µs", "–", "–"],
+        [f"seconds of the {len(out['active']['per_second'])} s window the whole machine was "
+         f"saturated (≥ {QUIET_BUSY_PCT:g} % busy)",
+         str(sum(1 for sec in out["active"]["per_second"] if sec[3] >= QUIET_BUSY_PCT)),
+         "–", "–"],
         ["meanwhile: server / load generator / upstream CPU",
          f"{out['active']['cpu_s'] / out['active']['seconds'] * 100:.0f} % / "
          f"{out['active']['swarm_cpu_pct']:.0f} % / {out['active']['upstream_cpu_pct']:.0f} %"
