@@ -107,6 +107,7 @@ class Stats:
     connect_failures: Counter[str] = field(default_factory=Counter)  # reason, after the mark
     connect_failures_before: Counter[str] = field(default_factory=Counter)
     handshakes: int = 0
+    storm_handshakes: list[float] = field(default_factory=list)  # ms, dial to welcome
     measure_from: float = 0.0  # time.time() when recording started
     quiet: set[int] = field(default_factory=set)  # seconds when the machine was not saturated
     timeline: dict[tuple[str, int], list[float]] = field(default_factory=dict)
@@ -284,6 +285,7 @@ async def raw_agent(spec: dict[str, Any], agent: Agent, token: bytes, stats: Sta
     first = connected
     while True:
         wire: StampedWire | None = None
+        dialled = time.monotonic()
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 wire = await StampedWire.dial(int(spec["port"]), agent.source)
@@ -304,6 +306,8 @@ async def raw_agent(spec: dict[str, Any], agent: Agent, token: bytes, stats: Sta
             delay = min(delay * 2, cap)
             continue
         delay = BACKOFF_INITIAL
+        if stats.mark is not None:  # dial to welcome, in the storm
+            stats.storm_handshakes.append((time.monotonic() - dialled) * 1000.0)
         stats.handshakes += 1
         agent.sessions += 1
         agent.flowing = False
@@ -624,6 +628,7 @@ def summary(agents: list[Agent], stats: Stats) -> dict[str, Any]:
         "connect_failures_storm": dict(stats.connect_failures.most_common(6)),
         "connect_failures_start": dict(stats.connect_failures_before.most_common(6)),
         "handshakes": stats.handshakes,
+        "storm_handshake_ms": dist(stats.storm_handshakes),
         "gc": GC.summary(),
         "events_quiet": dist([ms for (kind, second), v in stats.timeline.items()
                               if kind != "direct" and second in stats.quiet for ms in v]),

@@ -386,6 +386,9 @@ def table(out: dict[str, Any], ev: dict[str, Any]) -> dict[str, Any]:
          f"{out['storm_server_up_s']:.1f} s; median agent {sw['back_seconds']['p50']:.1f} s)",
          f"≤ {TARGET_BACK_S:g} s", yes(met["back"])],
         ["what the dialers met in the storm", bound, "–", "–"],
+        ["storm: dial to welcome (the accept loop and the handshake), p50 / p99 / max",
+         f"{_ms(sw['storm_handshake_ms']['p50'])} / {_ms(sw['storm_handshake_ms']['p99'])} / "
+         f"{_ms(sw['storm_handshake_ms']['max'])}", "–", "–"],
     ]
     return {"title": f"{TITLE}: {n} agents ({SAMPLES} real carapace-agent processes), "
                      "each 1 SSE stream at 10 ev/s + 1 JSON-RPC call/s",
