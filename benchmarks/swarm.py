@@ -3,7 +3,8 @@
 Run as ``python -m benchmarks.swarm SPEC_JSON`` (``port``: the server;
 ``agents``: ``[[name, token], ...]`` spoken raw over the wire protocol;
 ``samples``: local ports of real ``carapace-agent`` processes exposing the
-tool; ``tool``; ``sse_path``; ``rpc_every``; ``timeout``). Interactive, like
+tool; ``tool``; ``sse_path``; ``rpc_every``; ``timeout``; optional: ``rpc_tool``,
+``rpc_samples`` and ``rpc_direct``, where the calls go when not to ``tool``). Interactive, like
 the idle-streams client: it prints ``{"phase": ...}`` lines and reads
 commands on stdin:
 
@@ -380,7 +381,8 @@ async def one_rpc(spec: dict[str, Any], link: Link, stats: Stats) -> None:
     t0 = time.perf_counter()
     link.calls[rid] = (done, error)
     recording = stats.recording
-    await link.send(HttpRequest(id=rid, tool=spec["tool"], method="POST", target="/api/v1/rpc",
+    await link.send(HttpRequest(id=rid, tool=spec.get("rpc_tool", spec["tool"]), method="POST",
+                                target="/api/v1/rpc",
                                 headers=((b"content-type", b"application/json"),),
                                 body=RPC_BODY))
     with trio.move_on_after(RPC_TIMEOUT) as scope:
@@ -512,11 +514,12 @@ async def on_request_frame(agent: Agent, link: Link, stats: Stats, msg: Any, at:
 # ----------------------------------------------------------------------------- samples
 
 
-async def sample_agent(port: int, agent: Agent, spec: dict[str, Any], stats: Stats) -> None:
-    """A real agent's exposed port: one SSE stream (reopened when it ends) and the calls."""
+async def sample_agent(port: int, rpc_port: int, agent: Agent, spec: dict[str, Any],
+                       stats: Stats) -> None:
+    """A real agent's exposed ports: one SSE stream (reopened when it ends), the calls."""
     await stats.go.wait()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(sample_calls, port, spec, stats, agent.kind)
+        nursery.start_soon(sample_calls, rpc_port, spec, stats, agent.kind)
         await trio.sleep(random.uniform(0, float(spec["stream_phase"])))
         while True:
             opened = time.monotonic()
@@ -673,11 +676,13 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
         t0 = time.monotonic()
         for agent, (_, token) in zip(raw, spec["agents"], strict=True):
             nursery.start_soon(raw_agent, spec, agent, token.encode(), stats, connected)
-        for agent, port in zip(samples, spec["samples"], strict=True):
-            nursery.start_soon(sample_agent, int(port), agent, spec, stats)
-        if spec.get("direct"):  # one stream and the calls straight to the upstream
-            nursery.start_soon(sample_agent, int(spec["direct"]), Agent("direct", "direct"),
-                               spec, stats)
+        rpc_samples = spec.get("rpc_samples", spec["samples"])
+        for agent, port, rpc_port in zip(samples, spec["samples"], rpc_samples, strict=True):
+            nursery.start_soon(sample_agent, int(port), int(rpc_port), agent, spec, stats)
+        if spec.get("direct"):  # one stream and the calls straight to the upstreams
+            nursery.start_soon(sample_agent, int(spec["direct"]),
+                               int(spec.get("rpc_direct", spec["direct"])),
+                               Agent("direct", "direct"), spec, stats)
         for _ in raw:
             await connected.acquire()
         emit({"phase": "connected", "seconds": time.monotonic() - t0,

@@ -1,10 +1,12 @@
 """Many agents on one server: 500 sessions (100 with ``--quick``), each streaming and calling.
 
 One real ``carapace-server`` with the test upstream behind it as tool
-``bench``, and N agent identities (a generated ``NAME:TOKEN`` file). Three of
-them are real ``carapace-agent`` processes; the rest are raw agent sessions
-held by one load-generator process (:mod:`benchmarks.swarm`), which speaks
-the wire protocol as a compliant agent does (pongs, acks, credit, backoff).
+``bench`` (the event streams) and nginx, where installed, as tool ``rpc``
+(the calls; else the test upstream serves them too), and N agent
+identities (a generated ``NAME:TOKEN`` file). Three of them are real
+``carapace-agent`` processes; the rest are raw agent sessions held by one
+load-generator process (:mod:`benchmarks.swarm`), which speaks the wire
+protocol as a compliant agent does (pongs, acks, credit, backoff).
 ``--max-agents`` is raised to N; every other cap keeps its default. Each raw
 agent dials from a loopback address of its own (127.1.x.y), as each VM of a
 real deployment has its own, so the per-address cap on unauthenticated
@@ -49,6 +51,8 @@ from ..harness import HOST, HarnessError, Proc, cpu_seconds, free_port, port_ope
 from ..harness import script as find_script
 
 NAME = "many-agents"
+UPSTREAMS = ("test", "nginx")
+"""The test upstream serves the event streams; nginx, where it runs, the calls."""
 TITLE = "Many agents on one server"
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -91,6 +95,14 @@ class Deployment:
         self.tokens = {name: secrets.token_urlsafe(32) for name in self.names}
         self.upstream_port = ctx.upstream.port
         self.upstream_pid = ctx.upstream.proc.pid
+        nginx = ctx.upstreams.get("nginx")
+        # The calls go to nginx where it runs: the test upstream is one Python process,
+        # and 500 calls/s on top of 5,000 events/s made it the bound of every call
+        # (a new connection to it took up to 6 s); nginx answers as a real service does.
+        self.rpc_port = nginx.port if nginx is not None else self.upstream_port
+        self.rpc_pids = list(nginx.pids().values()) if nginx is not None else []
+        self.rpc_tool = "rpc" if nginx is not None else "bench"
+        self.rpc_ports: list[int] = []
         self.port = free_port()
         self.server: Proc | None = None
         self.restarts = 0
@@ -107,6 +119,10 @@ class Deployment:
               bench:
                 type: http
                 upstream: "http://{HOST}:{self.upstream_port}"
+                timeout_secs: 60
+              rpc:
+                type: http
+                upstream: "http://{HOST}:{self.rpc_port}"
                 timeout_secs: 60
             """))
 
@@ -132,14 +148,17 @@ class Deployment:
             tf = self.dir / f"{name}.token"
             tf.write_text(f"{name}:{self.tokens[name]}\n")
             tf.chmod(0o600)
-            port = free_port()
+            port, rpc_port = free_port(), free_port()
             proc = Proc(f"agent-{name}", [
                 find_script("carapace-agent"), "--server", f"{HOST}:{self.port}",
-                "--token-file", str(tf), "--expose", f"bench={HOST}:{port}"], self.dir)
+                "--token-file", str(tf), "--expose", f"bench={HOST}:{port}",
+                "--expose", f"rpc={HOST}:{rpc_port}"], self.dir)
             self.agents.append(proc)
             self.sample_ports.append(port)
+            self.rpc_ports.append(rpc_port)
             try:
                 proc.wait_port(port)
+                proc.wait_port(rpc_port)
             except HarnessError as exc:
                 raise ScenarioError(f"sample agent {i}: {exc}") from None
 
@@ -148,6 +167,9 @@ class Deployment:
                 "rpc_every": RPC_EVERY, "stream_phase": SSE_INTERVAL, "timeout": timeout,
                 "own_addresses": True,
                 "samples": self.sample_ports, "direct": self.upstream_port,
+                "rpc_tool": self.rpc_tool,
+                "rpc_samples": self.rpc_ports if self.rpc_tool == "rpc" else self.sample_ports,
+                "rpc_direct": self.rpc_port,
                 "agents": [[n, self.tokens[n]] for n in self.names[SAMPLES:]]}
         self.swarm = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.swarm", json.dumps(spec)], cwd=str(ROOT),
@@ -208,7 +230,8 @@ def _window(ctx: Ctx, dep: Deployment, seconds: float, label: str) -> dict[str, 
     shared machine takes cores from all three: then no one of them reads 100%)."""
     assert dep.server is not None and dep.swarm is not None
     pid = dep.server.pid
-    others = {"swarm": dep.swarm.pid, "upstream": dep.upstream_pid}
+    others = {"swarm": dep.swarm.pid, "upstream": dep.upstream_pid,
+              **{f"rpc_upstream.{i}": pid for i, pid in enumerate(dep.rpc_pids)}}
     before = {k: cpu_seconds(p) for k, p in others.items()}
     busy0, all0 = machine_cpu()
     cpu0, t0 = cpu_seconds(pid), time.monotonic()
@@ -336,6 +359,9 @@ def table(out: dict[str, Any], ev: dict[str, Any]) -> dict[str, Any]:
     def yes(ok: bool) -> str:
         return "yes" if ok else "no"
 
+    rpc_cpu = sum((v for k, v in out["active"].items() if k.startswith("rpc_upstream.")),
+                  start=0.0) if any(k.startswith("rpc_upstream.") for k in out["active"]) \
+        else None
     storm = sw["connect_failures_storm"]
     bound = "; ".join(f"{k} ×{v}" for k, v in storm.items()) or "no failed dial"
     back = ev["back_s"]
@@ -357,6 +383,7 @@ def table(out: dict[str, Any], ev: dict[str, Any]) -> dict[str, Any]:
         ["meanwhile: server / load generator / upstream CPU",
          f"{out['active']['cpu_s'] / out['active']['seconds'] * 100:.0f} % / "
          f"{out['active']['swarm_cpu_pct']:.0f} % / {out['active']['upstream_cpu_pct']:.0f} %"
+         + (f" (+ nginx for the calls {rpc_cpu:.0f} %)" if rpc_cpu is not None else "") +
          f" of a core; whole machine {out['active']['machine_busy_pct']:.0f} % busy "
          f"(load {out['active']['loadavg_1m']:.1f})", "–", "–"],
         [f"event latency p50 / p99, all {n} agents",
