@@ -18,6 +18,7 @@ from typing import Any
 import trio
 
 from carapace.protocol.messages import CliRequest, HttpRequest, Message
+from carapace.runtime.accept import serve_listeners
 from carapace.runtime.tokens import TokenFileError, load_server_tokens
 from carapace.runtime.transports import describe_local, describe_peer, listening, transport_of
 
@@ -384,8 +385,10 @@ class Server:
         with self._accept_scope:
             # Links run in the server's nursery, so that stopping the accept loop on
             # shutdown does not cut the links whose requests are draining.
-            await trio.serve_listeners(self._handle_connection, listeners,
-                                       handler_nursery=self._nursery)
+            # In batches: after a restart every agent dials at once (runtime/accept.py).
+            assert self._nursery is not None
+            await serve_listeners(self._handle_connection, listeners,
+                                  handler_nursery=self._nursery)
 
     async def _signals(self, scope: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
