@@ -36,19 +36,23 @@ _CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EN
 _SKIPPABLE_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 """A connection that went away while queued (or a firewall's refusal): take the next."""
 
-Handler = Callable[[trio.SocketStream], Awaitable[object]]
+Opener = Callable[[trio.SocketStream], Callable[[], Awaitable[object]]]
+"""Called at once for each accepted stream, in the order of the listener's queue; what
+it returns runs as the connection's task. The tasks of one batch start in any order
+(trio's scheduler), so whatever must follow arrival order (taking a slot under a cap)
+belongs in the opener."""
 
 
-async def serve_listeners(handler: Handler, listeners: Sequence[trio.SocketListener], *,
+async def serve_listeners(opener: Opener, listeners: Sequence[trio.SocketListener], *,
                           handler_nursery: trio.Nursery, batch: int = ACCEPT_BATCH) -> None:
-    """Like ``trio.serve_listeners``: ``handler(stream)`` in ``handler_nursery`` for each
-    connection, the stream closed when it returns; runs until cancelled."""
+    """Like ``trio.serve_listeners``: for each connection, ``opener(stream)()`` runs in
+    ``handler_nursery`` and the stream is closed when it returns; runs until cancelled."""
     async with trio.open_nursery() as nursery:
         for listener in listeners:
-            nursery.start_soon(_serve_one, listener, handler, handler_nursery, batch)
+            nursery.start_soon(_serve_one, listener, opener, handler_nursery, batch)
 
 
-async def _serve_one(listener: trio.SocketListener, handler: Handler,
+async def _serve_one(listener: trio.SocketListener, opener: Opener,
                      handler_nursery: trio.Nursery, batch: int) -> None:
     # A second descriptor of the same listening socket, for accepts without a checkpoint.
     # It shares the socket's non-blocking mode and is never switched to another one.
@@ -65,10 +69,10 @@ async def _serve_one(listener: trio.SocketListener, handler: Handler,
                               CAPACITY_RETRY)
                     await trio.sleep(CAPACITY_RETRY)
                     continue
-                handler_nursery.start_soon(_run, handler, stream)
+                _start(opener, stream, handler_nursery)
                 for sock in _drain(spare, batch - 1):
-                    handler_nursery.start_soon(
-                        _run, handler, trio.SocketStream(trio.socket.from_stdlib_socket(sock)))
+                    _start(opener, trio.SocketStream(trio.socket.from_stdlib_socket(sock)),
+                           handler_nursery)
 
 
 def _drain(spare: socket.socket, most: int) -> list[socket.socket]:
@@ -87,8 +91,17 @@ def _drain(spare: socket.socket, most: int) -> list[socket.socket]:
     return taken
 
 
-async def _run(handler: Handler, stream: trio.SocketStream) -> None:
+def _start(opener: Opener, stream: trio.SocketStream, nursery: trio.Nursery) -> None:
     try:
-        await handler(stream)
+        task = opener(stream)
+    except BaseException:
+        stream.socket.close()
+        raise
+    nursery.start_soon(_run, task, stream)
+
+
+async def _run(task: Callable[[], Awaitable[object]], stream: trio.SocketStream) -> None:
+    try:
+        await task()
     finally:
         await trio.aclose_forcefully(stream)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import socket
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
@@ -38,18 +39,27 @@ async def serve(listener: CountingListener, clients: list[socket.socket]) -> lis
     """Serve until every client was handled; what each handler saw."""
     seen: list[bytes] = []
 
-    async def handler(stream: trio.SocketStream) -> None:
-        seen.append(await stream.receive_some(16))
-        await stream.send_all(b"bye")
+    order: list[int] = []
+
+    def opener(stream: trio.SocketStream) -> Callable[[], Awaitable[None]]:
+        order.append(stream.socket.getpeername()[1] if listener.socket.family == socket.AF_INET
+                     else len(order))
+
+        async def handler() -> None:
+            seen.append(await stream.receive_some(16))
+            await stream.send_all(b"bye")
+        return handler
 
     for i, client in enumerate(clients):
         client.sendall(b"%d" % i)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(functools.partial(serve_listeners, handler, [listener],  # type: ignore[list-item]
+        nursery.start_soon(functools.partial(serve_listeners, opener, [listener],  # type: ignore[list-item]
                                              handler_nursery=nursery, batch=64))
         while len(seen) < len(clients):
             await trio.testing.wait_all_tasks_blocked()
         nursery.cancel_scope.cancel()
+    if listener.socket.family == socket.AF_INET:  # opened in the order they were queued
+        assert order == [c.getsockname()[1] for c in clients]
     return seen
 
 
