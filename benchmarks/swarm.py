@@ -38,15 +38,11 @@ from __future__ import annotations
 
 import gc
 import json
-import math
 import random
 import resource
 import socket
-import struct
 import sys
 import time
-from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any
 
 import h11
@@ -79,6 +75,20 @@ from carapace.runtime.sockets import send_all
 
 from .client import READ, BenchError, connect, get_request
 from .neighbour_client import one_call
+from .swarm_record import (
+    ANCILLARY,
+    GC,
+    SO_TIMESTAMPNS,
+    TIMESPEC,
+    Agent,
+    Arrival,
+    Stats,
+    event_ts,
+    on_events,
+    receive_stamped,
+    stamp_arrivals,
+    summary,
+)
 from .wire import LinkClosed, Wire
 
 HANDSHAKE_TIMEOUT = 10.0
@@ -86,46 +96,6 @@ RPC_TIMEOUT = 5.0
 RPC_BODY = json.dumps({"jsonrpc": "2.0", "method": "version", "id": 1}).encode()
 RESTREAM_DELAY = 0.5
 """Seconds before an agent whose SSE stream ended (its session did not) asks again."""
-
-
-@dataclass
-class Stats:
-    """What every agent saw, shared by all of them."""
-
-    recording: bool = False
-    go: trio.Event = field(default_factory=trio.Event)
-    mark: float | None = None
-    events: list[float] = field(default_factory=list)  # ms, while recording
-    events_by_kind: dict[str, list[float]] = field(default_factory=lambda: {
-        "raw": [], "sample": [], "direct": []})
-    events_read: list[float] = field(default_factory=list)
-    """The same events, measured to when this process read them (its own delays in)."""
-    per_agent_p99: list[float] = field(default_factory=list)
-    rpcs: dict[str, list[float]] = field(default_factory=lambda: {
-        "raw": [], "sample": [], "direct": []})
-    rpc_errors: Counter[str] = field(default_factory=Counter)
-    stream_errors: Counter[str] = field(default_factory=Counter)
-    connect_failures: Counter[str] = field(default_factory=Counter)  # reason, after the mark
-    connect_failures_before: Counter[str] = field(default_factory=Counter)
-    handshakes: int = 0
-    storm_handshakes: list[float] = field(default_factory=list)  # ms, dial to welcome
-    measure_from: float = 0.0  # time.time() when recording started
-    quiet: set[int] = field(default_factory=set)  # seconds when the machine was not saturated
-    timeline: dict[tuple[str, int], list[float]] = field(default_factory=dict)
-    """(kind, whole seconds since recording started): latencies (ms); where stalls are."""
-
-
-@dataclass
-class Agent:
-    """One agent's state across its sessions."""
-
-    name: str
-    kind: str  # "raw", "sample", or "direct" (the reference: the upstream, no Carapace)
-    sessions: int = 0
-    flowing: bool = False  # its current stream has delivered an event
-    back_at: float | None = None  # monotonic time of its first event after the mark
-    latencies: list[float] = field(default_factory=list)
-    source: str | None = None  # the loopback address it dials from (None: the default)
 
 
 # ----------------------------------------------------------------------------- raw agents
@@ -156,34 +126,6 @@ class Link:
         self.next_id += 1
         self.flows[self.next_id] = ReceiveWindow(self.window)
         return self.next_id
-
-
-SO_TIMESTAMPNS = 35
-"""Linux: stamp each received packet with the kernel's clock (``time.time()``'s clock)."""
-_TIMESPEC = struct.Struct("qq")
-_ANCILLARY = socket.CMSG_SPACE(_TIMESPEC.size)
-Arrival = tuple[float, float]
-"""When an event reached this process's socket (the kernel's receive timestamp), and when
-this process read it. The first is what the tunnel delivered; the second adds this one
-process's own scheduling delays, serving 500 agents on a shared machine."""
-
-
-def stamp_arrivals(sock: trio.socket.SocketType) -> None:
-    sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-
-
-async def receive_stamped(sock: trio.socket.SocketType) -> tuple[bytes, float, float]:
-    """Bytes from ``sock``, when the first of them reached it, and when they were read.
-
-    Only the first packet's timestamp comes with a read; the bytes of later packets in
-    the same read are given the read's time (an upper bound: never flattering)."""
-    data, ancillary, _, _ = await sock.recvmsg(READ, socket.CMSG_SPACE(_TIMESPEC.size))
-    read_at = time.time()
-    for level, kind, value in ancillary:
-        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
-            sec, nsec = _TIMESPEC.unpack(value[:_TIMESPEC.size])
-            return data, min(read_at, sec + nsec / 1e9), read_at
-    return data, read_at, read_at
 
 
 class StampedWire(Wire):
@@ -226,14 +168,14 @@ class StampedWire(Wire):
         while True:
             await trio.lowlevel.wait_readable(self.raw)
             try:
-                data, ancillary, _, _ = self.raw.recvmsg(READ, _ANCILLARY)
+                data, ancillary, _, _ = self.raw.recvmsg(READ, ANCILLARY)
                 break
             except BlockingIOError:
                 continue
         self.read_at = self.sock_at = time.time()
         for level, kind, value in ancillary:
             if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
-                sec, nsec = _TIMESPEC.unpack(value[:_TIMESPEC.size])
+                sec, nsec = TIMESPEC.unpack(value[:TIMESPEC.size])
                 self.sock_at = min(self.read_at, sec + nsec / 1e9)
         if not data:
             raise LinkClosed("closed")
@@ -416,39 +358,6 @@ async def keepalive(link: Link, scope: trio.CancelScope) -> None:
             await link.wire.send_raw(link.ledger.outgoing(Ping(nonce=nonce)))
 
 
-def _event_ts(data: str | None) -> float | None:
-    if not data:
-        return None
-    try:
-        return float(json.loads(data)["ts"])
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
-def on_events(agent: Agent, stats: Stats, stamps: list[float], arrival: Arrival,
-              started: float | None) -> None:
-    """Record the latency of events stamped ``stamps`` that arrived at ``arrival``."""
-    if not stamps:
-        return
-    if not agent.flowing:
-        agent.flowing = True
-        if stats.mark is not None and agent.back_at is None and started is not None \
-                and started > stats.mark:
-            agent.back_at = time.monotonic()
-    if stats.recording:
-        at, read_at = arrival
-        second = int(at - stats.measure_from)
-        bucket = stats.timeline.setdefault((agent.kind, second), [])
-        for ts in stamps:
-            ms = (at - ts) * 1000.0
-            bucket.append(ms)
-            stats.events_by_kind[agent.kind].append(ms)
-            if agent.kind != "direct":
-                stats.events.append(ms)
-                stats.events_read.append((read_at - ts) * 1000.0)
-                agent.latencies.append(ms)
-
-
 async def read_loop(agent: Agent, link: Link, stats: Stats, started: float) -> None:
     while True:
         msg, at = await _receive(link.wire)
@@ -485,10 +394,10 @@ async def on_request_frame(agent: Agent, link: Link, stats: Stats, msg: Any, at:
             await link.send(Credit(id=rid, amount=amount))
     if rid == link.stream_id:
         if isinstance(msg, SseEvent):
-            ts = _event_ts(msg.data)
+            ts = event_ts(msg.data)
             on_events(agent, stats, [] if ts is None else [ts], at, started)
         elif isinstance(msg, SseEvents):
-            stamps = [ts for _, data, _, _ in msg.events if (ts := _event_ts(data)) is not None]
+            stamps = [ts for _, data, _, _ in msg.events if (ts := event_ts(data)) is not None]
             on_events(agent, stats, stamps, at, started)
         elif isinstance(msg, End | RequestFailed | HttpResponse):
             why = f"{msg.status} {msg.code}" if isinstance(msg, RequestFailed) else \
@@ -551,7 +460,7 @@ async def sample_stream(port: int, path: str, agent: Agent, stats: Stats,
                     raise BenchError(f"HTTP {ev.status_code} for the stream")
                 if isinstance(ev, h11.Data):
                     stamps = [ts for item in parser.feed(bytes(ev.data))
-                              if isinstance(item, Event) and (ts := _event_ts(item.data))]
+                              if isinstance(item, Event) and (ts := event_ts(item.data))]
                     # the first event of a read has the packet's time, the rest the read's
                     on_events(agent, stats, stamps[:1], (sock_at, now), opened)
                     on_events(agent, stats, stamps[1:], (now, now), opened)
@@ -595,53 +504,6 @@ async def sample_calls(port: int, spec: dict[str, Any], stats: Stats, kind: str)
 def emit(obj: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(obj) + "\n")
     sys.stdout.flush()
-
-
-def pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q * len(ordered) - 1e-9))
-    return ordered[min(len(ordered), rank) - 1]
-
-
-def summary(agents: list[Agent], stats: Stats) -> dict[str, Any]:
-    def dist(values: list[float]) -> dict[str, Any]:
-        return {"n": len(values), "p50": pct(values, 0.5), "p99": pct(values, 0.99),
-                "max": max(values, default=None)}
-
-    per_agent = [p for a in agents if (p := pct(a.latencies, 0.99)) is not None]
-    back = [a.back_at - stats.mark for a in agents
-            if a.back_at is not None and stats.mark is not None]
-    return {
-        "events": dist(stats.events),
-        "events_read": dist(stats.events_read),
-        "events_raw": dist(stats.events_by_kind["raw"]),
-        "events_sample": dist(stats.events_by_kind["sample"]),
-        "events_direct": dist(stats.events_by_kind["direct"]),
-        "rpc_direct": dist(stats.rpcs["direct"]),
-        "agents_with_events": sum(1 for a in agents if a.latencies),
-        "per_agent_p99": dist(per_agent),
-        "rpc_raw": dist(stats.rpcs["raw"]), "rpc_sample": dist(stats.rpcs["sample"]),
-        "rpc_errors": dict(stats.rpc_errors.most_common(5)),
-        "rpc_failed": sum(stats.rpc_errors.values()),
-        "stream_errors": dict(stats.stream_errors.most_common(5)),
-        "back_seconds": dist(back), "back": len(back), "agents": len(agents),
-        "not_back": [a.name for a in agents if a.back_at is None][:10],
-        "connect_failures_storm": dict(stats.connect_failures.most_common(6)),
-        "connect_failures_start": dict(stats.connect_failures_before.most_common(6)),
-        "handshakes": stats.handshakes,
-        "storm_handshake_ms": dist(stats.storm_handshakes),
-        "gc": GC.summary(),
-        "events_quiet": dist([ms for (kind, second), v in stats.timeline.items()
-                              if kind != "direct" and second in stats.quiet for ms in v]),
-        "events_direct_quiet": dist([ms for (kind, second), v in stats.timeline.items()
-                                     if kind == "direct" and second in stats.quiet
-                                     for ms in v]),
-        "quiet_seconds": len(stats.quiet),
-        "timeline": {f"{kind} {second}": [len(v), pct(v, 0.5), pct(v, 0.99), max(v)]
-                     for (kind, second), v in sorted(stats.timeline.items())},
-    }
 
 
 def source_address(i: int) -> str:
@@ -714,34 +576,6 @@ async def announce_back(agents: list[Agent], stats: Stats) -> None:
     await wait_for(lambda: all(a.back_at is not None for a in agents))
     assert stats.mark is not None
     emit({"phase": "back", "seconds": max(a.back_at or 0 for a in agents) - stats.mark})
-
-
-class GcPauses:
-    """How long the cyclic collector held this process, per generation (a pause here
-    delays every agent's reads, so it shows up as latency that is not the server's)."""
-
-    def __init__(self) -> None:
-        self.started = 0.0
-        self.count: Counter[int] = Counter()
-        self.total: dict[int, float] = {}
-        self.worst: dict[int, float] = {}
-
-    def __call__(self, phase: str, info: dict[str, int]) -> None:
-        if phase == "start":
-            self.started = time.perf_counter()
-            return
-        ms = (time.perf_counter() - self.started) * 1000.0
-        gen = info["generation"]
-        self.count[gen] += 1
-        self.total[gen] = self.total.get(gen, 0.0) + ms
-        self.worst[gen] = max(self.worst.get(gen, 0.0), ms)
-
-    def summary(self) -> dict[str, Any]:
-        return {f"gen{g}": {"n": self.count[g], "total_ms": round(self.total[g], 1),
-                            "max_ms": round(self.worst[g], 1)} for g in sorted(self.count)}
-
-
-GC = GcPauses()
 
 
 def main() -> None:
