@@ -57,6 +57,21 @@ DEFAULT_RESUME_TIMEOUT = 30.0
 """Seconds open requests wait for a dropped link to come back: the server's default
 resume grace, so the agent gives up when the server would."""
 
+DEFAULT_BACKOFF_INITIAL = 0.2
+"""Seconds before the first retry after a link drops (times a jitter of 0.5-1):
+fast, since most drops are a passing outage or a restart."""
+DEFAULT_BACKOFF_MAX = 10.0
+"""The longest wait between attempts that failed for a reason that may mean load
+(a timeout, a connection closed by a server cap, a TLS failure): doubling up to
+this spreads a crowd of agents out instead of hammering a struggling server."""
+DEFAULT_BACKOFF_MAX_REFUSED = 2.0
+"""The longest wait while the connection is refused: nothing listens, so the server
+is restarting (a restart takes a second or two) or is gone. A refused dial costs the
+host one SYN and one RST, nothing of the server's; so the agent keeps trying every
+1-2 s and is back within about two seconds of the server, not up to ten."""
+REPEAT_LOG_INTERVAL = 60.0
+"""Seconds between repeats of one identical connection failure in the log."""
+
 
 @dataclass
 class LinkConfig:
@@ -67,8 +82,9 @@ class LinkConfig:
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
     ping_interval: float = DEFAULT_PING_INTERVAL
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
-    backoff_initial: float = 0.2
-    backoff_max: float = 10.0
+    backoff_initial: float = DEFAULT_BACKOFF_INITIAL
+    backoff_max: float = DEFAULT_BACKOFF_MAX
+    backoff_max_refused: float = DEFAULT_BACKOFF_MAX_REFUSED
     max_frame: int = DEFAULT_MAX_FRAME
     resume_timeout: float = DEFAULT_RESUME_TIMEOUT
     replay_limit: int = DEFAULT_REPLAY_LIMIT
@@ -116,9 +132,47 @@ class ClientSession:
 class _Outcome:
     """How one connection attempt ended, for the reconnect loop."""
 
-    def __init__(self, reason: str, *, resumable: bool = True) -> None:
+    def __init__(self, reason: str, *, resumable: bool = True, refused: bool = False) -> None:
         self.reason = reason
         self.resumable = resumable
+        self.refused = refused
+        """Nothing listened at the server's address (it restarts, or is gone)."""
+        self.quiet = False
+        """The failure repeated one logged moments ago: not logged again."""
+
+
+def next_backoff(delay: float, outcome: _Outcome, config: LinkConfig) -> tuple[float, float]:
+    """(seconds to sleep now, the delay after that) for a retry after ``outcome``:
+    jittered, doubling, capped lower while nothing listens (see the defaults)."""
+    cap = config.backoff_max_refused if outcome.refused else config.backoff_max
+    delay = min(delay, cap)
+    return delay * random.uniform(0.5, 1.0), min(delay * 2, cap)
+
+
+class RepeatLog:
+    """Logs a failure, then the same failure again at most once per interval (with how
+    many attempts met it meanwhile): a server down for an hour costs a few lines."""
+
+    def __init__(self, interval: float = REPEAT_LOG_INTERVAL) -> None:
+        self.interval = interval
+        self._last = ""
+        self._logged_at = float("-inf")
+        self._quiet = 0
+
+    def allow(self, reason: str, now: float) -> str | None:
+        """The line to log for ``reason`` now, or None to stay quiet (counted)."""
+        if reason == self._last and now - self._logged_at < self.interval:
+            self._quiet += 1
+            return None
+        quiet, self._quiet = self._quiet, 0
+        repeated = reason == self._last
+        self._last, self._logged_at = reason, now
+        if repeated and quiet:
+            return f"{reason} ({quiet} more attempt(s) failed the same way meanwhile)"
+        return reason
+
+    def reset(self) -> None:
+        self._last = ""
 
 
 class TunnelClient:
@@ -132,6 +186,7 @@ class TunnelClient:
         self.session: ClientSession | None = None
         self._suspended_since: float | None = None
         self._session_ok = False
+        self._failures = RepeatLog()
 
     async def run(self) -> None:
         """Connect, serve, and on any failure reconnect with backoff and jitter, forever."""
@@ -144,10 +199,11 @@ class TunnelClient:
                 self._after_link(outcome)
                 if self._session_ok:
                     delay = cfg.backoff_initial
-                sleep = delay * random.uniform(0.5, 1.0)
-                log.info("reconnecting to %s in %.1f s", cfg.server.describe(), sleep)
+                    self._failures.reset()
+                sleep, delay = next_backoff(delay, outcome, cfg)
+                log.log(logging.DEBUG if outcome.quiet else logging.INFO,
+                        "reconnecting to %s in %.1f s", cfg.server.describe(), sleep)
                 await trio.sleep(sleep)
-                delay = min(delay * 2, cfg.backoff_max)
 
     def _after_link(self, outcome: _Outcome) -> None:
         session = self.session
@@ -204,11 +260,16 @@ class TunnelClient:
                     stream = tls
         except (OSError, trio.TooSlowError) as exc:
             reason = f"cannot connect to {cfg.server.describe()}: {_why(exc)}"
-            log.warning("%s", reason)
             # Refused: nothing listens there, so the server restarted or is gone and
             # no session of ours survives; anything else may be a passing outage.
             refused = _is_refused(exc)
-            return _Outcome(reason, resumable=not refused)
+            outcome = _Outcome(reason, resumable=not refused, refused=refused)
+            line = self._failures.allow(reason, trio.current_time())
+            if line is None:
+                outcome.quiet = True
+            else:
+                log.warning("%s", line)
+            return outcome
         self.links += 1
         async with stream:
             writer = FrameWriter(stream)

@@ -74,7 +74,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-ssh", action="store_true", help="leave the ssh -L column out")
     p.add_argument("--profile", type=Path, default=None, metavar="DIR",
                    help="run py-spy on the agent and server while Carapace is measured "
-                        "(sse-throughput, jsonrpc); collapsed stacks and a summary go to DIR")
+                        "(sse-throughput, jsonrpc; many-agents: server, load generator, upstream); "
+                        "collapsed stacks and a summary go to DIR")
     p.add_argument("--keep-tmp", action="store_true",
                    help="keep the temporary directory with every process's log")
     args = p.parse_args(argv)

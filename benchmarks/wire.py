@@ -36,8 +36,9 @@ class Wire:
         self.sent_bytes = 0
 
     @classmethod
-    async def connect(cls, port: int) -> Wire:
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async def connect(cls, port: int, source: str | None = None) -> Wire:
+        """Dial the server on loopback, from ``source`` (any 127.x.y.z) if given."""
+        stream = await trio.open_tcp_stream("127.0.0.1", port, local_address=source)
         stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return cls(stream)
 

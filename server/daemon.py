@@ -7,22 +7,24 @@ the operator API and the metrics are given (``view.py``).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import trio
 
 from carapace.protocol.messages import CliRequest, HttpRequest, Message
+from carapace.runtime.accept import serve_listeners
 from carapace.runtime.tokens import TokenFileError, load_server_tokens
 from carapace.runtime.transports import describe_local, describe_peer, listening, transport_of
 
 from . import policy as policy_mod
-from .admission import HandshakeSlots, LogThrottle
+from .admission import HandshakeSlots, LogThrottle, Slot
 from .approval_gate import ApprovalGate
 from .approvals import Approvals
 from .audit import AuditError, AuditLog, AuditTrail, utc_timestamp
@@ -205,11 +207,18 @@ class Server:
         for observer in list(self.frame_observers):
             observer(session, direction, msg)
 
-    async def _handle_connection(self, stream: trio.SocketStream) -> None:
+    def _admit_connection(self, stream: trio.SocketStream
+                          ) -> Callable[[], Awaitable[None]]:
+        """Counted and given a slot (or not) at once, in the order connections were
+        accepted, however many are taken in one turn; then served in a task."""
         peer = describe_peer(stream.socket)
         self.stats.connections += 1
         self.stats.count_transport(transport_of(stream.socket))
         slot = self.admission.admit(admission_source(peer))
+        return functools.partial(self._handle_connection, stream, peer, slot)
+
+    async def _handle_connection(self, stream: trio.SocketStream, peer: str,
+                                 slot: Slot | str) -> None:
         if isinstance(slot, str):
             await self._turn_away(stream, peer, slot)
             return
@@ -384,8 +393,10 @@ class Server:
         with self._accept_scope:
             # Links run in the server's nursery, so that stopping the accept loop on
             # shutdown does not cut the links whose requests are draining.
-            await trio.serve_listeners(self._handle_connection, listeners,
-                                       handler_nursery=self._nursery)
+            # In batches: after a restart every agent dials at once (runtime/accept.py).
+            assert self._nursery is not None
+            await serve_listeners(self._admit_connection, listeners,
+                                  handler_nursery=self._nursery)
 
     async def _signals(self, scope: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
