@@ -29,6 +29,7 @@ from carapace.protocol.messages import (
     SseComment,
     SseEvent,
     SseEvents,
+    SseRaw,
 )
 from carapace.protocol.sse import Comment, serialize, serialize_event
 from carapace.runtime.errors import consists_of
@@ -472,7 +473,10 @@ class _Connection:
             out: list[bytes] = []
             cost = 0
             while msg is not None:
-                if isinstance(msg, SseEvents):
+                if isinstance(msg, SseRaw):  # whole blocks as the upstream wrote them
+                    out.append(msg.data)
+                    cost += flow_cost(msg)
+                elif isinstance(msg, SseEvents):
                     out.extend(serialize_event(*fields) for fields in msg.events)
                     cost += flow_cost(msg)
                 elif isinstance(msg, SseEvent):
@@ -488,7 +492,7 @@ class _Connection:
                 await self._send(h11.Data(data=b"".join(out)))
                 keepalives.wrote(stream)
                 stream.consumed(cost)
-            if msg is None or isinstance(msg, SseEvent | SseEvents | SseComment):
+            if msg is None or isinstance(msg, SseRaw | SseEvent | SseEvents | SseComment):
                 continue
             stream.close()
             await self._send(h11.EndOfMessage())

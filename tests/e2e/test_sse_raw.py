@@ -1,0 +1,81 @@
+"""Event blocks that need no rewriting travel as bytes (``sse_raw``) end to end: the client
+gets every event intact and in order, and the metrics and the audit count them exactly."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from carapace.protocol.sse import Event, SseParser
+from helpers.deployment import Deployment, deployment
+from helpers.jsonlines import read_records
+from helpers.procs import free_port, poll
+
+
+@pytest.fixture(scope="module")
+def dep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    tmp = tmp_path_factory.mktemp("raw")
+    debug_port = free_port()
+    audit = tmp / "audit.jsonl"
+    with deployment(tmp, server_args=["--debug-listen", f"127.0.0.1:{debug_port}",
+                                      "--audit-log", str(audit)]) as d:
+        d.debug_port = debug_port
+        d.extra["audit_log"] = audit
+        yield d
+
+
+Metrics = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def metrics(d: Deployment) -> Metrics:
+    r = httpx.get(f"http://127.0.0.1:{d.debug_port}/metrics", timeout=5)
+    out = {}
+    for family in text_string_to_metric_families(r.text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def frames(m: Metrics, kind: str) -> float:
+    return m.get(("carapace_frames_total", (("direction", "out"), ("type", kind))), 0.0)
+
+
+def events_of(body: bytes) -> list[Event]:
+    parser = SseParser()
+    return [i for i in [*parser.feed(body), *parser.close()] if isinstance(i, Event)]
+
+
+def completions(audit: Path) -> list[dict[str, object]]:
+    """The completion records of the event streams (``GET /sse``), oldest first."""
+    records = read_records(audit)
+    ids = {r["request_id"] for r in records
+           if r["event"] == "decision" and r.get("path") == "/sse"}
+    return [r for r in records if r["event"] == "completion" and r["request_id"] in ids]
+
+
+@pytest.mark.parametrize("variant", ["", "&crlf=1", "&multiline=1&event=tick"])
+def test_events_travel_as_bytes_and_are_counted_exactly(dep: Deployment, variant: str) -> None:
+    before = metrics(dep)
+    audited = len(completions(dep.extra["audit_log"]))  # type: ignore[arg-type]
+    path = f"/sse?count=30&interval_ms=1&comment=1{variant}"
+    r = httpx.get(dep.url(path), timeout=20)
+    assert r.status_code == 200 and b"\r" not in r.content
+    events = events_of(r.content)
+    assert [e.id for e in events] == [str(i) for i in range(1, 31)]
+    assert all(e.data and e.data.startswith("{") for e in events)
+    if "event=tick" in variant:
+        assert all(e.event == "tick" for e in events)
+    after = metrics(dep)
+    counted = after[("carapace_sse_events_total", ())] - before.get(
+        ("carapace_sse_events_total", ()), 0.0)
+    assert counted == 30
+    assert frames(after, "sse_raw") > frames(before, "sse_raw")
+    assert frames(after, "sse_event") == frames(before, "sse_event")
+    assert frames(after, "sse_events") == frames(before, "sse_events")
+    audit: Path = dep.extra["audit_log"]  # type: ignore[assignment]
+    done = poll(lambda: completions(audit)[audited:], 10, "the completion record")
+    assert [r["events"] for r in done] == [30]
