@@ -94,6 +94,7 @@ import trio
 
 from carapace.runtime.sockets import receive_some, send_all
 
+from .chunked import ChunkedDecoder, ChunkedError
 from .errors import UpstreamBroken, UpstreamTimeout, UpstreamUnavailable
 
 __all__ = ["UpstreamClient", "UpstreamResponse"]
@@ -209,12 +210,15 @@ class _Retry(Exception):
 class UpstreamResponse:
     """A response head, and its body as it arrives (:meth:`body`). Always :meth:`aclose` it."""
 
-    __slots__ = ("_client", "_conn", "_done", "headers", "http_version", "reason", "status")
+    __slots__ = ("_chunked", "_client", "_conn", "_done", "headers", "http_version", "reason",
+                 "status")
 
     def __init__(self, client: UpstreamClient, conn: _Connection, head: h11.Response) -> None:
         self._client = client
         self._conn: _Connection | None = conn
         self._done = False
+        self._chunked: ChunkedDecoder | None = None
+        """Set by :meth:`read_chunks_here`: the body is decoded here, not by h11."""
         self.status: int = head.status_code
         self.reason: bytes = head.reason
         self.http_version: bytes = head.http_version
@@ -251,6 +255,38 @@ class UpstreamResponse:
         """The whole rest of the body (for small answers and tests)."""
         return b"".join([chunk async for chunk in self.body(idle_timeout)])
 
+    def read_chunks_here(self, method: str) -> None:
+        """Decode the rest of a chunked body here rather than through h11 (no-op otherwise).
+
+        For a long body in many small chunks (an event stream, one chunk per
+        event) h11's per-chunk cost dominated. The connection is then closed
+        at the end instead of pooled. ``method`` is the request's: an answer
+        to HEAD, a 204 or a 304 has no body whatever its headers say.
+        """
+        conn = self._conn
+        if (conn is None or self._done or self._chunked is not None
+                or method.upper() == "HEAD" or self.status in (204, 304)
+                or self.header(b"transfer-encoding") is None):
+            return  # h11 accepted the head: a Transfer-Encoding it accepts is chunked
+        data, _ = conn.h11.trailing_data  # what came after the head, not yet read
+        decoder = ChunkedDecoder()
+        decoder.feed(data)
+        self._chunked = decoder
+        conn.broken = True  # h11 never sees the body end: the socket cannot be pooled
+
+    def _next_chunked(self, decoder: ChunkedDecoder) -> bytes | None:
+        try:
+            data = decoder.take()
+        except ChunkedError as exc:
+            self.close()
+            raise UpstreamBroken(f"the answer broke off: {exc}") from None
+        if data:
+            return data
+        if decoder.done:
+            self._done = True
+            return None
+        raise trio.WouldBlock
+
     def next_chunk_nowait(self) -> bytes | None:
         """The next body chunk if it has already arrived, or None at the end of the body.
 
@@ -259,6 +295,8 @@ class UpstreamResponse:
         conn = self._conn
         if self._done or conn is None:
             return None
+        if self._chunked is not None:
+            return self._next_chunked(self._chunked)
         h = conn.h11
         while True:
             try:
@@ -299,6 +337,13 @@ class UpstreamResponse:
             except BaseException:  # a timeout, or cancelled: the rest stays unread
                 self.close()
                 raise
+            if self._chunked is not None:
+                if not data:
+                    self.close()
+                    raise UpstreamBroken("the answer broke off: the connection closed in "
+                                         "the middle of the chunked body")
+                self._chunked.feed(data if type(data) is bytes else bytes(data))
+                continue
             conn.h11.receive_data(data)  # type: ignore[arg-type]  # h11 takes any bytes-like
 
     def close(self) -> None:

@@ -190,6 +190,7 @@ async def forward_http(
         head = HttpHead(id=req.id, status=response.status, headers=out_headers, sse=sse)
         if sse:
             stream.send_control(head)
+            response.read_chunks_here(req.method)  # one small chunk per event, typically
             await _relay_events(stream, req.id, response, decoder, scrubber, event_filter)
             stream.send_control(End(id=req.id))
         else:
