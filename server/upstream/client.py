@@ -58,7 +58,10 @@ Rules, in the order a request meets them:
 - **Response.** h11 frames it: Content-Length, chunked, or read until close;
   HEAD, 1xx, 204 and 304 have no body; 1xx heads are skipped. The body is
   passed through raw (``Content-Encoding`` is not undone here; see
-  :class:`ContentDecoder` for callers that must read it).
+  :class:`ContentDecoder` for callers that must read it). A caller may have
+  the rest of a chunked or long body framed here instead of by h11
+  (:meth:`UpstreamResponse.read_body_here`, bodies.py: an event stream, a
+  download); that connection is closed at the end, not pooled.
 - **Returning a connection.** :meth:`UpstreamResponse.aclose` puts it back
   in the pool only if the answer was read to its end and both sides allow
   keep-alive (h11's states are DONE/DONE, nothing unread); otherwise, and on
@@ -94,7 +97,7 @@ import trio
 
 from carapace.runtime.sockets import receive_some, send_all
 
-from .chunked import ChunkedDecoder, ChunkedError
+from .bodies import ChunkedDecoder, ChunkedError, LengthDecoder
 from .errors import UpstreamBroken, UpstreamTimeout, UpstreamUnavailable
 
 __all__ = ["UpstreamClient", "UpstreamResponse"]
@@ -210,15 +213,15 @@ class _Retry(Exception):
 class UpstreamResponse:
     """A response head, and its body as it arrives (:meth:`body`). Always :meth:`aclose` it."""
 
-    __slots__ = ("_chunked", "_client", "_conn", "_done", "headers", "http_version", "reason",
+    __slots__ = ("_body", "_client", "_conn", "_done", "headers", "http_version", "reason",
                  "status")
 
     def __init__(self, client: UpstreamClient, conn: _Connection, head: h11.Response) -> None:
         self._client = client
         self._conn: _Connection | None = conn
         self._done = False
-        self._chunked: ChunkedDecoder | None = None
-        """Set by :meth:`read_chunks_here`: the body is decoded here, not by h11."""
+        self._body: ChunkedDecoder | LengthDecoder | None = None
+        """Set by :meth:`read_body_here`: the body is framed here, not by h11."""
         self.status: int = head.status_code
         self.reason: bytes = head.reason
         self.http_version: bytes = head.http_version
@@ -255,26 +258,38 @@ class UpstreamResponse:
         """The whole rest of the body (for small answers and tests)."""
         return b"".join([chunk async for chunk in self.body(idle_timeout)])
 
-    def read_chunks_here(self, method: str) -> None:
-        """Decode the rest of a chunked body here rather than through h11 (no-op otherwise).
+    def read_body_here(self, method: str, *, chunked: bool = True,
+                       min_length: int | None = None) -> None:
+        """Frame the rest of the body here rather than through h11 (a no-op when it does not
+        apply): a ``chunked`` one, and one whose Content-Length is over ``min_length``.
 
         For a long body in many small chunks (an event stream, one chunk per
-        event) h11's per-chunk cost dominated. The connection is then closed
-        at the end instead of pooled. ``method`` is the request's: an answer
-        to HEAD, a 204 or a 304 has no body whatever its headers say.
+        event) h11's per-chunk cost dominated, and for a bulk body its copies.
+        The connection is then closed at the end instead of pooled (for a
+        small answer, pooling is worth more: hence the options). ``method`` is
+        the request's: an answer to HEAD, a 204 or a 304 has no body whatever
+        its headers say.
         """
         conn = self._conn
-        if (conn is None or self._done or self._chunked is not None
-                or method.upper() == "HEAD" or self.status in (204, 304)
-                or self.header(b"transfer-encoding") is None):
-            return  # h11 accepted the head: a Transfer-Encoding it accepts is chunked
+        if (conn is None or self._done or self._body is not None
+                or method.upper() == "HEAD" or self.status in (204, 304)):
+            return
+        body: ChunkedDecoder | LengthDecoder
+        if self.header(b"transfer-encoding") is not None:
+            if not chunked:
+                return
+            body = ChunkedDecoder()  # h11 accepted the head: its Transfer-Encoding is chunked
+        else:
+            length = self.header(b"content-length")
+            if min_length is None or length is None or int(length) <= min_length:
+                return  # h11 accepted the head: its Content-Length is one valid number
+            body = LengthDecoder(int(length))
         data, _ = conn.h11.trailing_data  # what came after the head, not yet read
-        decoder = ChunkedDecoder()
-        decoder.feed(data)
-        self._chunked = decoder
+        body.feed(data)
+        self._body = body
         conn.broken = True  # h11 never sees the body end: the socket cannot be pooled
 
-    def _next_chunked(self, decoder: ChunkedDecoder) -> bytes | None:
+    def _next_framed(self, decoder: ChunkedDecoder | LengthDecoder) -> bytes | None:
         try:
             data = decoder.take()
         except ChunkedError as exc:
@@ -295,8 +310,8 @@ class UpstreamResponse:
         conn = self._conn
         if self._done or conn is None:
             return None
-        if self._chunked is not None:
-            return self._next_chunked(self._chunked)
+        if self._body is not None:
+            return self._next_framed(self._body)
         h = conn.h11
         while True:
             try:
@@ -313,8 +328,10 @@ class UpstreamResponse:
                 self._done = True
                 return None
 
-    async def next_chunk(self, idle_timeout: float | None = None) -> bytes | None:
-        """The next body chunk, or None at the end of the body."""
+    async def next_chunk(self, idle_timeout: float | None = None,
+                         read_size: int = READ_SIZE) -> bytes | None:
+        """The next body chunk, or None at the end of the body; ``read_size`` bytes are
+        asked of the socket per read (larger for a bulk body: fewer reads)."""
         while True:
             try:
                 return self.next_chunk_nowait()
@@ -325,10 +342,10 @@ class UpstreamResponse:
             data: bytes | bytearray | None = None
             try:
                 if idle_timeout is None:
-                    data = await receive_some(conn.stream, READ_SIZE)
+                    data = await receive_some(conn.stream, read_size)
                 else:
                     with trio.move_on_after(idle_timeout):
-                        data = await receive_some(conn.stream, READ_SIZE)
+                        data = await receive_some(conn.stream, read_size)
                     if data is None:
                         raise UpstreamTimeout(f"no body bytes for {idle_timeout:g} s")
             except _CONNECTION_ERRORS as exc:
@@ -337,12 +354,12 @@ class UpstreamResponse:
             except BaseException:  # a timeout, or cancelled: the rest stays unread
                 self.close()
                 raise
-            if self._chunked is not None:
+            if self._body is not None:
                 if not data:
                     self.close()
                     raise UpstreamBroken("the answer broke off: the connection closed in "
-                                         "the middle of the chunked body")
-                self._chunked.feed(data if type(data) is bytes else bytes(data))
+                                         "the middle of the body")
+                self._body.feed(data if type(data) is bytes else bytes(data))
                 continue
             conn.h11.receive_data(data)  # type: ignore[arg-type]  # h11 takes any bytes-like
 

@@ -190,11 +190,12 @@ async def forward_http(
         head = HttpHead(id=req.id, status=response.status, headers=out_headers, sse=sse)
         if sse:
             stream.send_control(head)
-            response.read_chunks_here(req.method)  # one small chunk per event, typically
+            response.read_body_here(req.method)  # one small chunk per event, typically
             await _relay_events(stream, req.id, response, decoder, scrubber, event_filter)
             stream.send_control(End(id=req.id))
         else:
             scrub = scrubber.stream() if scrubber is not None else None
+            response.read_body_here(req.method, chunked=False, min_length=WHOLE_ANSWER_MAX)
             await _relay_body(stream, head, response, timeout,
                               _Chained(body_filter, scrub) if body_filter is not None else scrub,
                               decoder)
@@ -240,6 +241,12 @@ async def _request(
     return None
 
 
+BULK_READ = 256 * 1024
+"""Bytes asked of the upstream's socket per read of a plain body."""
+
+MAX_DATA = 64 * 1024
+"""Largest ``data`` frame: a quarter of the default window, so credit keeps flowing."""
+
 WHOLE_ANSWER_MAX = 64 * 1024
 """Largest body sent in one ``http_response`` frame; larger ones go as ``data`` frames."""
 
@@ -264,14 +271,17 @@ async def _relay_body(
             except trio.WouldBlock:
                 await stream.send_batch(ready)
                 ready = []
-                chunk = await response.next_chunk(idle)
+                chunk = await response.next_chunk(idle, BULK_READ)
             if chunk is None:
                 break
             if decoder is not None:
                 chunk = decoder.feed(chunk)
             if scrub is not None:
                 chunk = scrub.feed(chunk)
-            if chunk:
+            if len(chunk) > MAX_DATA:  # a bulk read: credit moves in window-sized steps
+                ready.extend(Data(id=request_id, data=chunk[i:i + MAX_DATA])
+                             for i in range(0, len(chunk), MAX_DATA))
+            elif chunk:
                 ready.append(Data(id=request_id, data=chunk))
         rest = decoder.flush() if decoder is not None else b""
     except UpstreamError:

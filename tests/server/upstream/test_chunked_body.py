@@ -1,5 +1,6 @@
-"""An event stream's chunked body decoded by the server itself (chunked.py): the same
-bytes as h11 would give, in any split, and as strict about what it refuses."""
+"""Bodies framed by the server itself (bodies.py): an event stream's chunked body and a
+bulk body of known length give the same bytes as h11 would, in any split, and the
+chunked decoder is as strict as h11 about what it refuses."""
 
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from carapace.server.upstream import UpstreamBroken, UpstreamClient
-from carapace.server.upstream.chunked import (
+from carapace.server.upstream.bodies import (
     MAX_CHUNK_LINE,
     MAX_TRAILERS,
     ChunkedDecoder,
     ChunkedError,
+    LengthDecoder,
 )
 
 from .test_upstream_client import answers, scripted
@@ -76,6 +78,23 @@ def test_bad_framing_is_refused(wire: bytes) -> None:
         decoder.take()
 
 
+def test_bad_framing_after_good_chunks_is_raised_once_they_are_taken() -> None:
+    decoder = ChunkedDecoder()
+    decoder.feed(b"5\r\nhello\r\nzz\r\n")
+    assert decoder.take() == b"hello"
+    with pytest.raises(ChunkedError, match="chunk size"):
+        decoder.take()
+
+
+def test_a_body_of_known_length() -> None:
+    decoder = LengthDecoder(10)
+    decoder.feed(b"abc")
+    assert decoder.take() == b"abc" and not decoder.done
+    decoder.feed(b"defghijEXTRA")
+    assert decoder.take() == b"defghij" and decoder.done
+    assert LengthDecoder(0).done
+
+
 def test_an_endless_size_line_is_refused_not_buffered() -> None:
     decoder = ChunkedDecoder()
     decoder.feed(b"5" * MAX_CHUNK_LINE)
@@ -121,7 +140,7 @@ async def client() -> UpstreamClient:
 async def read_here(client: UpstreamClient, url: str, method: str = "GET") -> bytes:
     resp = await client.request(method, url, [], b"", timeout=10)
     try:
-        resp.read_chunks_here(method)
+        resp.read_body_here(method)
         return await resp.read(idle_timeout=10)
     finally:
         await resp.aclose()
@@ -142,12 +161,13 @@ async def test_a_broken_or_cut_chunked_stream_is_broken(
         nursery: trio.Nursery, client: UpstreamClient, tail: bytes) -> None:
     server = await scripted(nursery, answers(SSE_HEAD, b"5\r\nabcde\r\n", tail))
     resp = await client.request("GET", server.url + "/sse", [], b"", timeout=10)
-    resp.read_chunks_here("GET")
-    assert await resp.next_chunk(10) == b"abcde"
+    resp.read_body_here("GET")
+    got = b""
     with pytest.raises(UpstreamBroken):
-        while await resp.next_chunk(10) is not None:
-            pass
+        while (chunk := await resp.next_chunk(10)) is not None:
+            got += chunk
     await resp.aclose()
+    assert got.startswith(b"abcde")  # what came before the break is delivered first
     assert client.active_connections == 0
 
 
@@ -156,3 +176,35 @@ async def test_an_answer_to_head_has_no_body_to_read(nursery: trio.Nursery,
     server = await scripted(nursery, answers(SSE_HEAD, then_close=False))
     with trio.fail_after(5):  # h11 knows there is no body; waiting for chunks would hang
         assert await read_here(client, server.url + "/sse", method="HEAD") == b""
+
+
+async def test_a_bulk_body_read_here_arrives_whole_and_a_small_one_keeps_pooling(
+        nursery: trio.Nursery, client: UpstreamClient) -> None:
+    big = bytes(range(256)) * 1024
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(big)
+    server = await scripted(nursery, answers(head + big[:1000], big[1000:], then_close=False))
+    resp = await client.request("GET", server.url + "/big", [], b"", timeout=10)
+    resp.read_body_here("GET", chunked=False, min_length=64 * 1024)
+    assert await resp.read(idle_timeout=10) == big and resp.complete
+    await resp.aclose()
+    assert client.idle_connections == 0  # framed here: not pooled
+
+    small = await scripted(nursery, answers(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
+                                            b"hello", then_close=False))
+    resp = await client.request("GET", small.url + "/", [], b"", timeout=10)
+    resp.read_body_here("GET", chunked=False, min_length=64 * 1024)
+    assert await resp.read(idle_timeout=10) == b"hello"
+    await resp.aclose()
+    assert client.idle_connections == 1  # h11 read it: pooled as ever
+
+
+async def test_a_bulk_body_cut_short_is_broken(nursery: trio.Nursery,
+                                               client: UpstreamClient) -> None:
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n"
+    server = await scripted(nursery, answers(head, b"x" * 5000))
+    resp = await client.request("GET", server.url + "/big", [], b"", timeout=10)
+    resp.read_body_here("GET", chunked=False, min_length=64 * 1024)
+    with pytest.raises(UpstreamBroken):
+        await resp.read(idle_timeout=10)
+    await resp.aclose()
+    assert not resp.complete and client.active_connections == 0
