@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import trio
 
+from carapace.protocol.flow import DEFAULT_WINDOW
 from carapace.protocol.messages import (
     Data,
     End,
@@ -244,8 +245,9 @@ async def _request(
 BULK_READ = 256 * 1024
 """Bytes asked of the upstream's socket per read of a plain body."""
 
-MAX_DATA = 64 * 1024
-"""Largest ``data`` frame: a quarter of the default window, so credit keeps flowing."""
+MAX_DATA = DEFAULT_WINDOW // 2
+"""Largest ``data`` frame (128 KiB): the credit the agent returns at a time, so one frame
+is being written to the local client while the next one travels."""
 
 WHOLE_ANSWER_MAX = 64 * 1024
 """Largest body sent in one ``http_response`` frame; larger ones go as ``data`` frames."""
@@ -278,7 +280,7 @@ async def _relay_body(
                 chunk = decoder.feed(chunk)
             if scrub is not None:
                 chunk = scrub.feed(chunk)
-            if len(chunk) > MAX_DATA:  # a bulk read: credit moves in window-sized steps
+            if len(chunk) > MAX_DATA:  # a bulk read
                 ready.extend(Data(id=request_id, data=chunk[i:i + MAX_DATA])
                              for i in range(0, len(chunk), MAX_DATA))
             elif chunk:
