@@ -262,12 +262,17 @@ _EVENT_STARTS = (b"data:", b"data\n", b"event:", b"event\n")
 """A block whose first line is one of these dispatches an event, whatever follows."""
 _ID_STARTS = (b"id:", b"id\n")
 """So does one whose first line is an ``id`` without NUL."""
+_SKIPPED = (b":", b"\n")
+"""First bytes of lines that set nothing: a comment, a blank line."""
 
 
 def _events_in(region: bytes) -> int:
     """How many events whole blocks (LF line ends, ending with a blank line) dispatch."""
     count = 0
     for block in region.split(b"\n\n"):
+        while block[:1] in _SKIPPED:  # comment lines and blank lines set no field
+            nl = block.find(b"\n")
+            block = block[nl + 1:] if nl >= 0 else b""
         if block.startswith(_EVENT_STARTS) or block in (b"data", b"event"):
             count += 1
         elif (block.startswith(_ID_STARTS) or block == b"id") and b"\x00" not in block:
