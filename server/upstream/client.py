@@ -289,7 +289,8 @@ class UpstreamResponse:
         self._body = body
         conn.broken = True  # h11 never sees the body end: the socket cannot be pooled
 
-    def _next_framed(self, decoder: ChunkedDecoder | LengthDecoder) -> bytes | None:
+    def _take_framed(self, decoder: ChunkedDecoder | LengthDecoder) -> bytes | None:
+        """What the framed body has ready: bytes, ``b""`` at its end, None if a read is due."""
         try:
             data = decoder.take()
         except ChunkedError as exc:
@@ -299,8 +300,14 @@ class UpstreamResponse:
             return data
         if decoder.done:
             self._done = True
-            return None
-        raise trio.WouldBlock
+            return b""
+        return None
+
+    def _next_framed(self, decoder: ChunkedDecoder | LengthDecoder) -> bytes | None:
+        data = self._take_framed(decoder)
+        if data is None:
+            raise trio.WouldBlock
+        return data or None
 
     def next_chunk_nowait(self) -> bytes | None:
         """The next body chunk if it has already arrived, or None at the end of the body.
@@ -333,10 +340,16 @@ class UpstreamResponse:
         """The next body chunk, or None at the end of the body; ``read_size`` bytes are
         asked of the socket per read (larger for a bulk body: fewer reads)."""
         while True:
-            try:
-                return self.next_chunk_nowait()
-            except trio.WouldBlock:
-                pass
+            body = self._body
+            if body is not None and self._conn is not None and not self._done:
+                chunk = self._take_framed(body)  # no WouldBlock round: once per event
+                if chunk is not None:
+                    return chunk or None
+            else:
+                try:
+                    return self.next_chunk_nowait()
+                except trio.WouldBlock:
+                    pass
             conn = self._conn
             assert conn is not None  # next_chunk_nowait() returns None once it is gone
             data: bytes | bytearray | None = None
