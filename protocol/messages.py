@@ -613,6 +613,11 @@ def message_from_map(obj: Any) -> Message:
     kind = obj.get("t")
     if type(kind) is not str:
         raise ProtocolError("frame has no message type (string key 't')")
+    fast = _FAST_PATHS.get(kind)
+    if fast is not None:
+        msg = fast(obj)
+        if msg is not None:
+            return msg
     cls = BY_TYPE.get(kind)
     if cls is None:
         raise ProtocolError(f"unknown message type {kind[:40]!r}")
@@ -724,4 +729,39 @@ _VALUE_RULES: dict[type[Message], Callable[[dict[str, Any]], str | None]] = {
     SseEvents: _sse_events_rule,
     SseComment: _sse_comment_rule,
     SseRaw: _sse_raw_rule,
+}
+
+
+# --------------------------------------------------------------------------
+# The streaming hot path: the frames that carry a body or an event stream are
+# checked by hand, the same checks as above in one step. Anything that is not
+# plainly valid goes the general way, which says what is wrong with it.
+
+
+def _fast_data(obj: dict[str, Any]) -> Message | None:
+    if len(obj) != 3:
+        return None
+    rid = obj.get("id")
+    data = obj.get("data")
+    if type(rid) is not int or not 1 <= rid <= MAX_REQUEST_ID or type(data) is not bytes:
+        return None
+    return Data(rid, data)
+
+
+def _fast_sse_raw(obj: dict[str, Any]) -> Message | None:
+    if len(obj) != 4:
+        return None
+    rid = obj.get("id")
+    data = obj.get("data")
+    events = obj.get("events")
+    if (type(rid) is not int or not 1 <= rid <= MAX_REQUEST_ID or type(data) is not bytes
+            or type(events) is not int or events < 0 or not data.endswith(b"\n\n")
+            or b"\r" in data):
+        return None
+    return SseRaw(rid, data, events)
+
+
+_FAST_PATHS: dict[str, Callable[[dict[str, Any]], Message | None]] = {
+    Data.TYPE: _fast_data,
+    SseRaw.TYPE: _fast_sse_raw,
 }

@@ -86,7 +86,9 @@ def test_the_client_sees_what_the_parser_makes_of_the_stream(case: tuple[bytes, 
     for region, count in zip(regions, counts, strict=True):
         assert region.endswith(b"\n\n") and b"\r" not in region
         region.decode("utf-8")
-        assert count == sum(type(i) is Event for i in parse_all(region))
+        mid_stream = SseParser(at_start=False)  # a BOM here is no BOM to strip
+        made = [*mid_stream.feed(region), *mid_stream.close()]
+        assert count == sum(type(i) is Event for i in made)
 
 
 @settings(max_examples=300)
