@@ -45,6 +45,7 @@ READ_SIZE = 64 * 1024
 # caching headers are the ones every SSE answer gets.
 SSE_HEADERS_DROP = HOP_BY_HOP | {b"cache-control", b"x-accel-buffering", b"content-length"}
 MAX_PIPELINED = 64 * 1024
+_CHUNKED_HEADER = b"\r\ntransfer-encoding: chunked\r\n"
 
 
 DEFAULT_SSE_KEEPALIVE = 15.0
@@ -445,7 +446,11 @@ class _Connection:
         stream.sse = True
         headers = [(k, v) for k, v in head.headers if k.lower() not in SSE_HEADERS_DROP]
         headers += [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
-        await self._send(response_head(head.status, headers))
+        sent = self.conn.send(response_head(head.status, headers)) or b""
+        # h11 chose the framing (chunked for an HTTP/1.1 client); events are then framed
+        # here, which costs a tenth of h11's Data round per write.
+        chunked = _CHUNKED_HEADER in sent.lower()
+        await send_all(self.sock, sent)
         if self.listener.mux.draining:
             # The agent is stopping: an event stream that only now got its head
             # ends at once (cleanly), like those already open when the drain began.
@@ -453,11 +458,12 @@ class _Connection:
         keepalives = self.listener.keepalives
         keepalives.wrote(stream)
         try:
-            await self._relay_events(stream, keepalives)
+            await self._relay_events(stream, keepalives, chunked)
         finally:
             keepalives.forget(stream)
 
-    async def _relay_events(self, stream: AgentStream, keepalives: KeepaliveClock) -> None:
+    async def _relay_events(self, stream: AgentStream, keepalives: KeepaliveClock,
+                            chunked: bool = False) -> None:
         while True:
             try:
                 msg = await stream.receive_or_keepalive()
@@ -489,7 +495,11 @@ class _Connection:
                     break
                 msg = stream.receive_nowait()
             if out:
-                await self._send(h11.Data(data=b"".join(out)))
+                body = b"".join(out)
+                if chunked:
+                    await send_all(self.sock, b"%x\r\n%s\r\n" % (len(body), body))
+                else:
+                    await self._send(h11.Data(data=body))
                 keepalives.wrote(stream)
                 stream.consumed(cost)
             if msg is None or isinstance(msg, SseRaw | SseEvent | SseEvents | SseComment):

@@ -3,9 +3,11 @@ gets every event intact and in order, and the metrics and the audit count them e
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+import h11
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -79,3 +81,27 @@ def test_events_travel_as_bytes_and_are_counted_exactly(dep: Deployment, variant
     audit: Path = dep.extra["audit_log"]  # type: ignore[assignment]
     done = poll(lambda: completions(audit)[audited:], 10, "the completion record")
     assert [r["events"] for r in done] == [30]
+
+
+@pytest.mark.parametrize("version", ["1.1", "1.0"])
+def test_the_local_framing_is_what_the_client_speaks(dep: Deployment, version: str) -> None:
+    """Events are chunk-framed by the agent itself for an HTTP/1.1 client (h11 checks the
+    framing here) and sent close-delimited to an HTTP/1.0 one."""
+    port = dep.tool_ports["signal-cli"]
+    conn = h11.Connection(h11.CLIENT)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(f"GET /sse?count=20&interval_ms=1 HTTP/{version}\r\n"
+                     "Host: x\r\n\r\n".encode())
+        body = b""
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(sock.recv(65536))
+            elif isinstance(event, h11.Response):
+                chunked = (b"transfer-encoding", b"chunked") in list(event.headers)
+                assert chunked == (version == "1.1")
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                break
+    assert [e.id for e in events_of(body)] == [str(i) for i in range(1, 21)]
