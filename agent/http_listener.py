@@ -17,7 +17,7 @@ import h11
 import trio
 
 from carapace.protocol.errors import ProtocolError
-from carapace.protocol.flow import flow_cost
+from carapace.protocol.flow import FRAME_OVERHEAD, flow_cost
 from carapace.protocol.messages import (
     Data,
     End,
@@ -26,6 +26,7 @@ from carapace.protocol.messages import (
     HttpRequest,
     HttpResponse,
     RequestFailed,
+    RequestMessage,
     SseComment,
     SseEvent,
     SseEvents,
@@ -34,9 +35,17 @@ from carapace.protocol.messages import (
 from carapace.protocol.sse import Comment, serialize, serialize_event
 from carapace.runtime.errors import consists_of
 from carapace.runtime.http import DISCONNECTS, HOP_BY_HOP, ClientGone, response_head
-from carapace.runtime.sockets import receive_some, send_all
+from carapace.runtime.sockets import receive_some, send_all, write_now
 
-from .multiplexer import AgentStream, FrameTooLarge, LinkDown, Multiplexer, StreamLost
+from .multiplexer import (
+    AgentStream,
+    FrameTooLarge,
+    LinkDown,
+    Multiplexer,
+    Sink,
+    StreamLost,
+    Unwritten,
+)
 
 log = logging.getLogger("carapace.agent")
 
@@ -462,38 +471,75 @@ class _Connection:
         finally:
             keepalives.forget(stream)
 
+    def _sink(self, stream: AgentStream, keepalives: KeepaliveClock) -> Sink | None:
+        """Writes an ``sse_raw`` frame as one chunk straight from the link reader, while
+        the relay task waits with nothing to write: no task switch per event. What the
+        socket does not take at once is left to the relay task (:class:`Unwritten`)."""
+        if not isinstance(self.sock, trio.SocketStream):
+            return None
+        sock = self.sock.socket
+
+        def sink(msg: object) -> bool:
+            if type(msg) is not SseRaw:
+                return False
+            data = msg.data
+            frame = b"%x\r\n%s\r\n" % (len(data), data)
+            written = write_now(sock, frame)
+            if not written:
+                return False  # full or closed: the relay task meets it as ever
+            cost = len(data) + FRAME_OVERHEAD
+            if written < len(frame):
+                stream.put_unwritten(frame[written:], cost)
+            else:
+                keepalives.wrote(stream)
+                stream.consumed(cost)
+            return True
+
+        return sink
+
     async def _relay_events(self, stream: AgentStream, keepalives: KeepaliveClock,
                             chunked: bool = False) -> None:
+        sink = self._sink(stream, keepalives) if chunked else None
         while True:
+            if sink is not None:
+                stream.arm(sink)
             try:
                 msg = await stream.receive_or_keepalive()
             except StreamLost:
                 # End cleanly: EventSource clients reconnect with Last-Event-ID.
                 await self._send(h11.EndOfMessage())
                 return
+            finally:
+                stream.sink = None
             if msg is None:
                 await self._send(h11.Data(data=b": keepalive\n\n"))
                 keepalives.wrote(stream)
                 continue
+            if isinstance(msg, Unwritten):  # the rest of a chunk the sink began
+                await send_all(self.sock, msg.data)
+                keepalives.wrote(stream)
+                stream.consumed(msg.cost)
+                continue
             # One write per wake-up: this event plus any that are already queued behind it.
             out: list[bytes] = []
             cost = 0
-            while msg is not None:
-                if isinstance(msg, SseRaw):  # whole blocks as the upstream wrote them
-                    out.append(msg.data)
-                    cost += flow_cost(msg)
-                elif isinstance(msg, SseEvents):
-                    out.extend(serialize_event(*fields) for fields in msg.events)
-                    cost += flow_cost(msg)
-                elif isinstance(msg, SseEvent):
-                    out.append(serialize_event(msg.event, msg.data, msg.sse_id, msg.retry))
-                    cost += flow_cost(msg)
-                elif isinstance(msg, SseComment):
-                    out.append(serialize(Comment(text=msg.text)))
-                    cost += flow_cost(msg)
+            item: RequestMessage | Unwritten | None = msg
+            while item is not None:
+                if isinstance(item, SseRaw):  # whole blocks as the upstream wrote them
+                    out.append(item.data)
+                    cost += flow_cost(item)
+                elif isinstance(item, SseEvents):
+                    out.extend(serialize_event(*fields) for fields in item.events)
+                    cost += flow_cost(item)
+                elif isinstance(item, SseEvent):
+                    out.append(serialize_event(item.event, item.data, item.sse_id, item.retry))
+                    cost += flow_cost(item)
+                elif isinstance(item, SseComment):
+                    out.append(serialize(Comment(text=item.text)))
+                    cost += flow_cost(item)
                 else:
                     break
-                msg = stream.receive_nowait()
+                item = stream.queued()
             if out:
                 body = b"".join(out)
                 if chunked:
@@ -502,7 +548,7 @@ class _Connection:
                     await self._send(h11.Data(data=body))
                 keepalives.wrote(stream)
                 stream.consumed(cost)
-            if msg is None or isinstance(msg, SseRaw | SseEvent | SseEvents | SseComment):
+            if item is None or isinstance(item, SseRaw | SseEvent | SseEvents | SseComment):
                 continue
             stream.close()
             await self._send(h11.EndOfMessage())

@@ -105,3 +105,27 @@ def test_the_local_framing_is_what_the_client_speaks(dep: Deployment, version: s
             elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
                 break
     assert [e.id for e in events_of(body)] == [str(i) for i in range(1, 21)]
+
+
+def test_a_client_that_reads_slowly_still_gets_every_event_whole_and_in_order(
+        dep: Deployment) -> None:
+    """Events are written to the client straight from the link reader while the relay
+    waits; a client that reads in small pieces fills its socket, so writes are cut short
+    and the relay task finishes them: nothing is lost, doubled or reordered."""
+    port = dep.tool_ports["signal-cli"]
+    count = 2000
+    conn = h11.Connection(h11.CLIENT)
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        sock.sendall(f"GET /sse-flood?count={count}&size=300 HTTP/1.1\r\nHost: x\r\n\r\n"
+                     .encode())
+        body = bytearray()
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(sock.recv(1024))
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                break
+    assert [e.id for e in events_of(bytes(body))] == [str(i) for i in range(1, count + 1)]
