@@ -761,7 +761,44 @@ def _fast_sse_raw(obj: dict[str, Any]) -> Message | None:
     return SseRaw(rid, data, events)
 
 
+def _plain_fields(event: Any, data: Any, sse_id: Any, retry: Any) -> bool:
+    """One event's fields hold what ``sse_event`` allows (_sse_fields_problem's rules)."""
+    return ((event is None or (type(event) is str and "\n" not in event and "\r" not in event))
+            and (data is None or type(data) is str)
+            and (sse_id is None or (type(sse_id) is str and "\n" not in sse_id
+                                    and "\r" not in sse_id and "\x00" not in sse_id))
+            and (retry is None or (type(retry) is int and retry >= 0)))
+
+
+_SSE_EVENT_KEYS = frozenset({"t", *SseEvent._FIELDS})
+
+
+def _fast_sse_event(obj: dict[str, Any]) -> Message | None:
+    if not obj.keys() <= _SSE_EVENT_KEYS:
+        return None
+    rid = obj.get("id")
+    fields = (obj.get("event"), obj.get("data"), obj.get("sse_id"), obj.get("retry"))
+    if type(rid) is not int or not 1 <= rid <= MAX_REQUEST_ID or not _plain_fields(*fields):
+        return None
+    return SseEvent(rid, *fields)
+
+
+def _fast_sse_events(obj: dict[str, Any]) -> Message | None:
+    if len(obj) != 3:
+        return None
+    rid = obj.get("id")
+    events = obj.get("events")
+    if type(rid) is not int or not 1 <= rid <= MAX_REQUEST_ID or type(events) is not list:
+        return None
+    if not events or not all(type(e) is list and len(e) == 4 and _plain_fields(*e)
+                             for e in events):
+        return None
+    return SseEvents(rid, tuple(map(tuple, events)))
+
+
 _FAST_PATHS: dict[str, Callable[[dict[str, Any]], Message | None]] = {
     Data.TYPE: _fast_data,
     SseRaw.TYPE: _fast_sse_raw,
+    SseEvent.TYPE: _fast_sse_event,
+    SseEvents.TYPE: _fast_sse_events,
 }
