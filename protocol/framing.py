@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import msgpack
 
 from .errors import ProtocolError
-from .messages import Message, message_from_map, message_to_map
+from .messages import Data, Message, SseRaw, message_from_map, message_to_map
 
 DEFAULT_MAX_FRAME = 16 * 1024 * 1024
 """Default cap on one frame's payload (16 MiB)."""
@@ -35,8 +35,34 @@ _pack = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 
 def encode(msg: Message) -> bytes:
     """The frame bytes (length prefix included) for one message."""
+    kind = type(msg)
+    if kind is Data or kind is SseRaw:
+        return _encode_bulk(msg)  # type: ignore[arg-type]
     payload: bytes = _pack(message_to_map(msg))
     return _LENGTH.pack(len(payload)) + payload
+
+
+_BULK_HEADS = {Data: b"\x83\xa1t\xa4data\xa2id", SseRaw: b"\x84\xa1t\xa7sse_raw\xa2id"}
+"""The msgpack bytes before the request id of a data and an sse_raw map."""
+_BIN8, _BIN16, _BIN32 = struct.Struct(">BB"), struct.Struct(">BH"), struct.Struct(">BI")
+
+
+def _encode_bulk(msg: Data | SseRaw) -> bytes:
+    """``data`` and ``sse_raw`` written out by hand, the same bytes as msgpack's in one copy
+    of the payload (msgpack and the length prefix made three: a download's bytes go here)."""
+    body = msg.data
+    size = len(body)
+    if size < 0x100:
+        bin_head = _BIN8.pack(0xC4, size)
+    elif size < 0x10000:
+        bin_head = _BIN16.pack(0xC5, size)
+    else:
+        bin_head = _BIN32.pack(0xC6, size)
+    parts = [b"", _BULK_HEADS[type(msg)], _pack(msg.id), b"\xa4data", bin_head, body]
+    if type(msg) is SseRaw:
+        parts += [b"\xa6events", _pack(msg.events)]
+    parts[0] = _LENGTH.pack(sum(map(len, parts)))
+    return b"".join(parts)
 
 
 def encode_payload(msg: Message) -> bytes:

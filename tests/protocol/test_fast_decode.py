@@ -1,16 +1,21 @@
 """The hand-written decoders of the streaming frames (data, sse_raw, sse_event,
 sse_events) accept exactly what the general schema walk accepts, and build the same
-messages; whatever they do not take goes the general way, which names the problem."""
+messages; whatever they do not take goes the general way, which names the problem. The
+hand-written encoder of data and sse_raw writes msgpack's own bytes."""
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
+import msgpack
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from carapace.protocol import messages as m
 from carapace.protocol.errors import ProtocolError
+from carapace.protocol.framing import encode
 
 ANY_VALUE = st.one_of(
     st.none(), st.booleans(), st.integers(-5, 2**64 - 1), st.binary(max_size=8),
@@ -68,3 +73,11 @@ def test_valid_streaming_frames_take_the_fast_way() -> None:
     for obj in objs:
         msg = m._FAST_PATHS[obj["t"]](obj)
         assert msg is not None and msg == general(obj)
+
+
+@pytest.mark.parametrize("size", [0, 1, 255, 256, 65535, 65536, 300_000])
+@pytest.mark.parametrize("rid", [1, 127, 128, 65536, 2**63 - 1])
+def test_bulk_frames_are_written_by_hand_as_msgpack_writes_them(size: int, rid: int) -> None:
+    for msg in (m.Data(rid, b"x" * size), m.SseRaw(rid, b"y" * size + b"\n\n", size)):
+        payload = msgpack.packb(m.message_to_map(msg), use_bin_type=True)
+        assert encode(msg) == struct.pack(">I", len(payload)) + payload
