@@ -14,7 +14,21 @@ from collections.abc import Iterator
 import msgpack
 
 from .errors import ProtocolError
-from .messages import Data, Message, SseRaw, message_from_map, message_to_map
+from .messages import (
+    MAX_REQUEST_ID,
+    Data,
+    Message,
+    SseEvent,
+    SseEvents,
+    SseRaw,
+    message_from_map,
+    message_to_map,
+)
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
 
 DEFAULT_MAX_FRAME = 16 * 1024 * 1024
 """Default cap on one frame's payload (16 MiB)."""
@@ -86,6 +100,18 @@ def decode_payload(payload: bytes) -> Message:
         raise ProtocolError(f"malformed msgpack in frame: {type(exc).__name__}") from None
     except RecursionError:
         raise ProtocolError("malformed msgpack in frame: nested too deeply") from None
+    return message_from_obj(obj)
+
+
+def message_from_obj(obj: Any) -> Message:
+    """:func:`message_from_map`, by hand for the streaming frames."""
+    if type(obj) is dict:
+        kind = obj.get("t")
+        fast = _FAST_PATHS.get(kind) if type(kind) is str else None
+        if fast is not None:
+            msg = fast(obj)
+            if msg is not None:
+                return msg
     return message_from_map(obj)
 
 
@@ -158,3 +184,76 @@ class FrameDecoder:
             raise ProtocolError(
                 f"connection closed in the middle of a frame ({self.buffered} bytes pending)"
             )
+
+
+# --------------------------------------------------------------------------
+# The streaming hot path: the frames that carry a body or an event stream are
+# checked by hand, the same checks as message_from_map's in one step (its walk
+# over the schema cost most of a frame's decoding). Anything that is not
+# plainly valid goes the general way, which says what is wrong with it.
+
+
+def _fast_data(obj: dict[str, Any]) -> Message | None:
+    if len(obj) != 3:
+        return None
+    rid = obj.get("id")
+    data = obj.get("data")
+    if type(rid) is not int or not 1 <= rid <= MAX_REQUEST_ID or type(data) is not bytes:
+        return None
+    return Data(rid, data)
+
+
+def _fast_sse_raw(obj: dict[str, Any]) -> Message | None:
+    if len(obj) != 4:
+        return None
+    rid = obj.get("id")
+    data = obj.get("data")
+    events = obj.get("events")
+    if (type(rid) is not int or not 1 <= rid <= MAX_REQUEST_ID or type(data) is not bytes
+            or type(events) is not int or events < 0 or not data.endswith(b"\n\n")
+            or b"\r" in data):
+        return None
+    return SseRaw(rid, data, events)
+
+
+def _plain_fields(event: Any, data: Any, sse_id: Any, retry: Any) -> bool:
+    """One event's fields hold what ``sse_event`` allows (_sse_fields_problem's rules)."""
+    return ((event is None or (type(event) is str and "\n" not in event and "\r" not in event))
+            and (data is None or type(data) is str)
+            and (sse_id is None or (type(sse_id) is str and "\n" not in sse_id
+                                    and "\r" not in sse_id and "\x00" not in sse_id))
+            and (retry is None or (type(retry) is int and retry >= 0)))
+
+
+_SSE_EVENT_KEYS = frozenset({"t", *SseEvent._FIELDS})
+
+
+def _fast_sse_event(obj: dict[str, Any]) -> Message | None:
+    if not obj.keys() <= _SSE_EVENT_KEYS:
+        return None
+    rid = obj.get("id")
+    fields = (obj.get("event"), obj.get("data"), obj.get("sse_id"), obj.get("retry"))
+    if type(rid) is not int or not 1 <= rid <= MAX_REQUEST_ID or not _plain_fields(*fields):
+        return None
+    return SseEvent(rid, *fields)
+
+
+def _fast_sse_events(obj: dict[str, Any]) -> Message | None:
+    if len(obj) != 3:
+        return None
+    rid = obj.get("id")
+    events = obj.get("events")
+    if type(rid) is not int or not 1 <= rid <= MAX_REQUEST_ID or type(events) is not list:
+        return None
+    if not events or not all(type(e) is list and len(e) == 4 and _plain_fields(*e)
+                             for e in events):
+        return None
+    return SseEvents(rid, tuple(map(tuple, events)))
+
+
+_FAST_PATHS: dict[str, Callable[[dict[str, Any]], Message | None]] = {
+    Data.TYPE: _fast_data,
+    SseRaw.TYPE: _fast_sse_raw,
+    SseEvent.TYPE: _fast_sse_event,
+    SseEvents.TYPE: _fast_sse_events,
+}

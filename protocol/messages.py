@@ -613,11 +613,6 @@ def message_from_map(obj: Any) -> Message:
     kind = obj.get("t")
     if type(kind) is not str:
         raise ProtocolError("frame has no message type (string key 't')")
-    fast = _FAST_PATHS.get(kind)
-    if fast is not None:
-        msg = fast(obj)
-        if msg is not None:
-            return msg
     cls = BY_TYPE.get(kind)
     if cls is None:
         raise ProtocolError(f"unknown message type {kind[:40]!r}")
@@ -731,74 +726,3 @@ _VALUE_RULES: dict[type[Message], Callable[[dict[str, Any]], str | None]] = {
     SseRaw: _sse_raw_rule,
 }
 
-
-# --------------------------------------------------------------------------
-# The streaming hot path: the frames that carry a body or an event stream are
-# checked by hand, the same checks as above in one step. Anything that is not
-# plainly valid goes the general way, which says what is wrong with it.
-
-
-def _fast_data(obj: dict[str, Any]) -> Message | None:
-    if len(obj) != 3:
-        return None
-    rid = obj.get("id")
-    data = obj.get("data")
-    if type(rid) is not int or not 1 <= rid <= MAX_REQUEST_ID or type(data) is not bytes:
-        return None
-    return Data(rid, data)
-
-
-def _fast_sse_raw(obj: dict[str, Any]) -> Message | None:
-    if len(obj) != 4:
-        return None
-    rid = obj.get("id")
-    data = obj.get("data")
-    events = obj.get("events")
-    if (type(rid) is not int or not 1 <= rid <= MAX_REQUEST_ID or type(data) is not bytes
-            or type(events) is not int or events < 0 or not data.endswith(b"\n\n")
-            or b"\r" in data):
-        return None
-    return SseRaw(rid, data, events)
-
-
-def _plain_fields(event: Any, data: Any, sse_id: Any, retry: Any) -> bool:
-    """One event's fields hold what ``sse_event`` allows (_sse_fields_problem's rules)."""
-    return ((event is None or (type(event) is str and "\n" not in event and "\r" not in event))
-            and (data is None or type(data) is str)
-            and (sse_id is None or (type(sse_id) is str and "\n" not in sse_id
-                                    and "\r" not in sse_id and "\x00" not in sse_id))
-            and (retry is None or (type(retry) is int and retry >= 0)))
-
-
-_SSE_EVENT_KEYS = frozenset({"t", *SseEvent._FIELDS})
-
-
-def _fast_sse_event(obj: dict[str, Any]) -> Message | None:
-    if not obj.keys() <= _SSE_EVENT_KEYS:
-        return None
-    rid = obj.get("id")
-    fields = (obj.get("event"), obj.get("data"), obj.get("sse_id"), obj.get("retry"))
-    if type(rid) is not int or not 1 <= rid <= MAX_REQUEST_ID or not _plain_fields(*fields):
-        return None
-    return SseEvent(rid, *fields)
-
-
-def _fast_sse_events(obj: dict[str, Any]) -> Message | None:
-    if len(obj) != 3:
-        return None
-    rid = obj.get("id")
-    events = obj.get("events")
-    if type(rid) is not int or not 1 <= rid <= MAX_REQUEST_ID or type(events) is not list:
-        return None
-    if not events or not all(type(e) is list and len(e) == 4 and _plain_fields(*e)
-                             for e in events):
-        return None
-    return SseEvents(rid, tuple(map(tuple, events)))
-
-
-_FAST_PATHS: dict[str, Callable[[dict[str, Any]], Message | None]] = {
-    Data.TYPE: _fast_data,
-    SseRaw.TYPE: _fast_sse_raw,
-    SseEvent.TYPE: _fast_sse_event,
-    SseEvents.TYPE: _fast_sse_events,
-}
