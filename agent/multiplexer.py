@@ -80,6 +80,9 @@ class Inbox(Generic[T]):
             self._waiter = None
             trio.lowlevel.reschedule(waiter, outcome.Error(trio.EndOfChannel()))
 
+    def empty(self) -> bool:
+        return not self._items
+
     def get_nowait(self) -> T:
         if self._items:
             return self._items.popleft()
@@ -104,6 +107,21 @@ class Inbox(Generic[T]):
         return await trio.lowlevel.wait_task_rescheduled(abort)  # type: ignore[no-any-return]
 
 
+class Unwritten:
+    """Bytes a :attr:`AgentStream.sink` began to write and the socket did not all take:
+    the consumer writes them first, then returns ``cost`` credit."""
+
+    __slots__ = ("cost", "data")
+
+    def __init__(self, data: bytes, cost: int) -> None:
+        self.data = data
+        self.cost = cost
+
+
+Sink = Callable[[RequestMessage], bool]
+"""Writes a frame straight to the local client from the link reader; False if it did not."""
+
+
 class AgentStream:
     """One request as the local side sees it.
 
@@ -119,7 +137,10 @@ class AgentStream:
         self.id = request_id = opening.id
         self.request = RequestState.opened_by(opening)
         # None in the inbox is a nudge from a KeepaliveClock, never a frame.
-        self._inbox: Inbox[RequestMessage | None] = Inbox()
+        self._inbox: Inbox[RequestMessage | Unwritten | None] = Inbox()
+        self.sink: Sink | None = None
+        """Set by a consumer parked on an empty inbox (:meth:`arm`): the link reader hands
+        it frames to write at once, instead of waking the consumer's task for each one."""
         self.flow = StreamFlow(request_id, window, peer="server")
         self._credit_changed = trio.Event()
         self.lost: str | None = None
@@ -135,16 +156,33 @@ class AgentStream:
             self._credit_changed = trio.Event()
             return
         self.flow.received(msg)
+        sink = self.sink
+        if sink is not None and sink(msg):
+            return
+        self.sink = None  # something waits in the inbox now: order is the consumer's again
         self._inbox.put(msg)
+
+    def arm(self, sink: Sink) -> None:
+        """The consumer is about to wait with nothing left to write: frames may go straight
+        to ``sink`` until the next one that it does not take (or a keepalive) is queued."""
+        if self._inbox.empty():
+            self.sink = sink
+
+    def put_unwritten(self, data: bytes, cost: int) -> None:
+        """The sink wrote part of a frame: the rest goes first when the consumer wakes."""
+        self.sink = None
+        self._inbox.put(Unwritten(data, cost))
 
     def link_lost(self, reason: str) -> None:
         self.lost = reason
+        self.sink = None
         self._inbox.close()
         self._credit_changed.set()
 
     # -- used by the local side ----------------------------------------------------------
     def keepalive_due(self) -> None:
         """Wake receive_or_keepalive() with None: the local client needs a keepalive."""
+        self.sink = None
         try:
             self._inbox.put(None)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
@@ -155,13 +193,14 @@ class AgentStream:
         try:
             while True:
                 msg = await self._inbox.get()
-                if msg is not None:
+                if msg is not None and not isinstance(msg, Unwritten):
                     return msg
         except trio.EndOfChannel:
             raise StreamLost(self.lost or "tunnel link lost") from None
 
-    async def receive_or_keepalive(self) -> RequestMessage | None:
-        """Like receive(), or None once keepalive_due() was called."""
+    async def receive_or_keepalive(self) -> RequestMessage | Unwritten | None:
+        """Like receive(), or None once keepalive_due() was called, or what a sink left
+        unwritten."""
         try:
             return await self._inbox.get()
         except trio.EndOfChannel:
@@ -173,6 +212,14 @@ class AgentStream:
 
     def receive_nowait(self) -> RequestMessage | None:
         """The next frame if one is queued, else None."""
+        msg = self.queued()
+        if isinstance(msg, Unwritten):  # pragma: no cover - only where a sink was armed
+            raise AssertionError("unwritten sink bytes on a stream without a sink")
+        return msg
+
+    def queued(self) -> RequestMessage | Unwritten | None:
+        """The next item if one is queued, else None: a frame, or on an event stream whose
+        consumer armed a sink, what the sink left :class:`Unwritten`."""
         try:
             return self._inbox.get_nowait()
         except (trio.WouldBlock, trio.EndOfChannel):
@@ -221,6 +268,7 @@ class AgentStream:
 
     def close(self) -> None:
         self.done = True
+        self.sink = None
         self.mux.forget(self.id)
 
     def stop(self, reason: str) -> None:

@@ -72,6 +72,7 @@ _TYPE_STYLES = {
     "http_response": "green",
     "sse_event": "magenta",
     "sse_events": "magenta",
+    "sse_raw": "magenta",
     "sse_comment": "dim magenta",
     "data": "blue",
     "output": "blue",
@@ -155,7 +156,7 @@ class Renderer:
 
 
 MESSAGE_ALIASES: dict[str, tuple[str, ...]] = {
-    "SseEvent": ("sse_event", "sse_events"),
+    "SseEvent": ("sse_event", "sse_events", "sse_raw"),
     "HttpRequest": ("http_request",),
     "HttpResponse": ("http_head", "http_response", "data", "end"),
     "CliRequest": ("cli_request",),
@@ -163,10 +164,11 @@ MESSAGE_ALIASES: dict[str, tuple[str, ...]] = {
     "Error": ("failed", "reject"),
 }
 """Message names of the Rust Carapace, which its users type, and the frames that carry
-the same thing here. One event may travel in an ``sse_events`` batch; a response is one
-``http_response`` when small, else ``http_head``, ``data`` chunks (``data`` also carries
-a CLI tool's stdin) and ``end``; a CLI result is ``output`` chunks and ``exit``. Our own
-names written in CamelCase (``SseComment``, ``GoAway``) need no entry."""
+the same thing here. One event may travel in an ``sse_events`` batch or as the bytes of
+an ``sse_raw``; a response is one ``http_response`` when small, else ``http_head``,
+``data`` chunks (``data`` also carries a CLI tool's stdin) and ``end``; a CLI result is
+``output`` chunks and ``exit``. Our own names written in CamelCase (``SseComment``,
+``GoAway``) need no entry."""
 
 
 def _squash(name: str) -> str:

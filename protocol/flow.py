@@ -15,7 +15,17 @@ from __future__ import annotations
 
 from .errors import ProtocolError
 from .framing import DEFAULT_MAX_FRAME
-from .messages import Credit, Data, HttpResponse, Message, Output, SseComment, SseEvent, SseEvents
+from .messages import (
+    Credit,
+    Data,
+    HttpResponse,
+    Message,
+    Output,
+    SseComment,
+    SseEvent,
+    SseEvents,
+    SseRaw,
+)
 
 DEFAULT_WINDOW = 256 * 1024
 """Initial per-stream window in bytes (each direction)."""
@@ -26,7 +36,7 @@ FRAME_OVERHEAD = 16
 
 def flow_cost(msg: Message) -> int:
     """Bytes a message spends from its stream's window (0 for control frames)."""
-    if isinstance(msg, Data | Output):
+    if isinstance(msg, Data | Output | SseRaw):
         return len(msg.data) + FRAME_OVERHEAD
     if isinstance(msg, HttpResponse):  # what its body would cost as a data frame
         return len(msg.body) + FRAME_OVERHEAD if msg.body else 0

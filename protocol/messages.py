@@ -305,6 +305,24 @@ class SseComment(RequestMessage):
 
 
 @message
+class SseRaw(RequestMessage):
+    """Server → agent: whole event blocks exactly as the upstream wrote them.
+
+    Sent instead of ``sse_event`` frames when nothing has to be rewritten
+    (no masking, no event filter): ``data`` is one upstream read's worth of
+    complete blocks (events, comment lines, blank lines) in UTF-8 with LF line
+    ends and ends with a blank line, so the agent writes it to its client as
+    it is and the client's parser is between events afterwards. ``events`` is
+    how many events (blocks that dispatch one) it holds, for the counts.
+    """
+
+    TYPE: ClassVar[str] = "sse_raw"
+    id: int
+    data: bytes
+    events: int
+
+
+@message
 class End(RequestMessage):
     """End of a response body (server → agent) or of stdin (agent → server)."""
 
@@ -410,6 +428,7 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     SseEvent,
     SseEvents,
     SseComment,
+    SseRaw,
     End,
     CliRequest,
     Output,
@@ -681,6 +700,16 @@ def _sse_events_rule(values: dict[str, Any]) -> str | None:
     return None
 
 
+def _sse_raw_rule(values: dict[str, Any]) -> str | None:
+    if values["events"] < 0:
+        return f"events: must not be negative, got {values['events']}"
+    if not values["data"].endswith(b"\n\n"):
+        return "data: does not end with a blank line (a whole event block)"
+    if b"\r" in values["data"]:
+        return "data: contains a CR (only LF line ends travel raw)"
+    return None
+
+
 def _sse_comment_rule(values: dict[str, Any]) -> str | None:
     if not _single_line(values["text"]):
         return "text: contains a line break"
@@ -694,4 +723,6 @@ _VALUE_RULES: dict[type[Message], Callable[[dict[str, Any]], str | None]] = {
     SseEvent: _sse_event_rule,
     SseEvents: _sse_events_rule,
     SseComment: _sse_comment_rule,
+    SseRaw: _sse_raw_rule,
 }
+

@@ -41,6 +41,7 @@ from .messages import (
     SseComment,
     SseEvent,
     SseEvents,
+    SseRaw,
 )
 
 
@@ -107,6 +108,7 @@ TRANSITIONS: dict[Role, dict[State, dict[Event, State]]] = {
             SseEvent: State.SEND_EVENTS,
             SseEvents: State.SEND_EVENTS,
             SseComment: State.SEND_EVENTS,
+            SseRaw: State.SEND_EVENTS,
             End: State.DONE,
             RequestFailed: State.FAILED,
         },

@@ -36,7 +36,16 @@ from dataclasses import dataclass
 
 from .errors import ProtocolError
 
-__all__ = ["DEFAULT_MAX_LINE", "MAX_RETRY", "Comment", "Event", "SseParser", "serialize"]
+__all__ = [
+    "DEFAULT_MAX_LINE",
+    "MAX_RETRY",
+    "RAW_PENDING_MAX",
+    "Comment",
+    "Event",
+    "SseBlocks",
+    "SseParser",
+    "serialize",
+]
 
 DEFAULT_MAX_LINE = 16 * 1024 * 1024
 """Default cap on one line of the stream, in bytes, without its line end (16 MiB)."""
@@ -101,11 +110,13 @@ class SseParser:
         "max_line",
     )
 
-    def __init__(self, max_line: int = DEFAULT_MAX_LINE) -> None:
+    def __init__(self, max_line: int = DEFAULT_MAX_LINE, *, at_start: bool = True) -> None:
         if max_line < 1:
             raise ValueError("max_line must be positive")
         self.max_line = max_line
         self._reset()
+        self._at_start = at_start
+        """``at_start=False``: the stream is already under way (no BOM to strip)."""
 
     def _reset(self) -> None:
         self._partial = bytearray()
@@ -240,6 +251,128 @@ class SseParser:
         self._retry = retry
         self._seen = seen
         return out
+
+
+RAW_PENDING_MAX = 256 * 1024
+"""Bytes of an unfinished block :class:`SseBlocks` holds before it leaves the stream to
+the parser (whose line limit then applies): far above real events, small enough that a
+frame of whole blocks stays a small step of credit."""
+
+_EVENT_STARTS = (b"data:", b"data\n", b"event:", b"event\n")
+"""A block whose first line is one of these dispatches an event, whatever follows."""
+_ID_STARTS = (b"id:", b"id\n")
+"""So does one whose first line is an ``id`` without NUL."""
+_SKIPPED = (b":", b"\n")
+"""First bytes of lines that set nothing: a comment, a blank line."""
+
+
+def _events_in(region: bytes) -> int:
+    """How many events whole blocks (LF line ends, ending with a blank line) dispatch."""
+    count = 0
+    for block in region.split(b"\n\n"):
+        while block[:1] in _SKIPPED:  # comment lines and blank lines set no field
+            nl = block.find(b"\n")
+            block = block[nl + 1:] if nl >= 0 else b""
+        if block.startswith(_EVENT_STARTS) or block in (b"data", b"event"):
+            count += 1
+        elif (block.startswith(_ID_STARTS) or block == b"id") and b"\x00" not in block:
+            count += 1
+        elif block:  # comments, blank lines, retry, unknown fields: the parser decides
+            parser = SseParser(at_start=False)
+            count += sum(type(item) is Event for item in parser.feed(block + b"\n\n"))
+    return count
+
+
+class SseBlocks:
+    """Finds the whole event blocks in event-stream bytes, so they can travel as they are.
+
+    :meth:`feed` returns the bytes up to and including the last blank line that
+    has arrived (each event leaves the moment its blank line is read; nothing
+    waits for more) and how many events they dispatch; the rest waits for its
+    blank line. CRLF line ends become LF. It returns None when the stream
+    cannot travel as bytes — a CR that is not part of a CRLF (or may be the
+    first half of one, at the end of the bytes), a possible byte order mark
+    at its start, bytes that are not UTF-8, an unfinished block over
+    ``max_pending`` — and from then on the caller parses: :meth:`handover`
+    gives the parser, already fed everything not returned, and what that
+    completed. Its events are exactly the parser's: a client that reads the
+    bytes sees the events that :class:`SseParser` would have made of them.
+    """
+
+    __slots__ = ("_fresh", "_pending", "_refused", "max_pending")
+
+    def __init__(self, max_pending: int = RAW_PENDING_MAX) -> None:
+        self.max_pending = max_pending
+        self._pending = bytearray()
+        """The unfinished block: starts right after a blank line (or the stream's start)."""
+        self._fresh = True
+        """Nothing accepted yet: the stream's first bytes are still to come."""
+        self._refused = b""
+        """Once :meth:`feed` returned None: every byte it did not return."""
+
+    def feed(self, data: bytes) -> tuple[bytes, int] | None:
+        """Take the next bytes; return the whole blocks now complete and their event count
+        (``b""``, 0 when none), or None if the stream has to be parsed from here on."""
+        if not data:
+            return b"", 0
+        if self._fresh and data[0] == _BOM[0]:
+            self._refuse(data)
+            return None
+        self._fresh = False
+        if b"\r" in data:
+            # A CR last may be half a CRLF, or a line end of its own that completes
+            # an event now: only the parser can tell without waiting for more.
+            lf_only = data.replace(b"\r\n", b"\n")
+            if data[-1] == _CR or b"\r" in lf_only:
+                self._refuse(data)
+                return None
+            data = lf_only
+        pending = self._pending
+        end = data.rfind(b"\n\n")
+        if end >= 0:
+            cut = end + 2
+        elif pending and pending[-1] == _LF and data[0] == _LF:
+            cut = 1  # the blank line began at the end of the last bytes
+        else:
+            pending += data
+            if len(pending) > self.max_pending:
+                self._refuse(b"")
+                return None
+            return b"", 0
+        if pending:
+            region = bytes(pending) + data[:cut]
+            pending.clear()
+        else:
+            region = data if cut == len(data) else data[:cut]
+        if cut < len(data):
+            pending += memoryview(data)[cut:]
+        if not region.isascii():
+            try:
+                region.decode("utf-8")
+            except UnicodeDecodeError:
+                self._refuse(b"", region)
+                return None
+        return region, _events_in(region)
+
+    def _refuse(self, raw: bytes, region: bytes = b"") -> None:
+        """Keep what has not been returned, in stream order, for :meth:`handover`."""
+        if region:  # the region was taken out of the pending bytes: it goes back first
+            self._refused = region + bytes(self._pending)
+        else:
+            self._refused = bytes(self._pending) + raw
+        self._pending.clear()
+        return None
+
+    def handover(
+        self, max_line: int = DEFAULT_MAX_LINE
+    ) -> tuple[SseParser, list[Event | Comment]]:
+        """The parser that goes on from here (after :meth:`feed` returned None, or at the
+        stream's end), fed what was not returned, and the events and comments that
+        completed."""
+        parser = SseParser(max_line, at_start=self._fresh)
+        rest, self._refused = self._refused + bytes(self._pending), b""
+        self._pending.clear()
+        return parser, parser.feed(rest)
 
 
 def _check_single_line(what: str, value: str, *, nul: bool = False) -> None:

@@ -63,6 +63,7 @@ from .messages import (
     SseComment,
     SseEvent,
     SseEvents,
+    SseRaw,
     Welcome,
 )
 
@@ -333,6 +334,13 @@ def _sse_comment(msg: SseComment, r: Redactor) -> tuple[_Fields, str]:
     return {"text": text}, f":{text}"
 
 
+def _sse_raw(msg: SseRaw, r: Redactor) -> tuple[_Fields, str]:
+    preview = r.preview(msg.data)
+    noun = "event" if msg.events == 1 else "events"
+    return ({"events": msg.events, "bytes": len(msg.data), "preview": preview},
+            f"{msg.events} {noun} as sent, {human_bytes(len(msg.data))} {preview}")
+
+
 def _end(msg: End, r: Redactor) -> tuple[_Fields, str]:
     return {}, "end"
 
@@ -445,6 +453,7 @@ _SUMMARIZERS: dict[type[Message], _Summarizer] = {
     SseEvent: _sse_event,
     SseEvents: _sse_events,
     SseComment: _sse_comment,
+    SseRaw: _sse_raw,
     End: _end,
     CliRequest: _cli_request,
     Output: _output,

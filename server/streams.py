@@ -19,6 +19,7 @@ from carapace.protocol.messages import (
     RequestMessage,
     SseEvent,
     SseEvents,
+    SseRaw,
 )
 from carapace.protocol.requests import ENDS_REQUEST
 
@@ -55,7 +56,8 @@ class ResponseSent:
         self.failed: str | None = None
         """The code of the ``failed`` frame that ended the request, if one did."""
         self.body_bytes = 0
-        """Response body bytes; for an event stream, the bytes of the events' data."""
+        """Response body bytes; for an event stream, the bytes of the events' data (of
+        the event-stream bytes, where they travel as they are: ``sse_raw``)."""
         self.events = 0
         """SSE events."""
 
@@ -65,7 +67,10 @@ class ResponseSent:
         frames: Sequence[Any] = msgs  # exact type tests below, which mypy does not narrow on
         for msg in frames:
             kind = type(msg)  # not isinstance: this runs for every frame of every request
-            if kind is SseEvent:
+            if kind is SseRaw:
+                events += msg.events
+                size += len(msg.data)
+            elif kind is SseEvent:
                 events += 1
                 size += _text_bytes(msg.data)
             elif kind is SseEvents:

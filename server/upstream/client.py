@@ -61,6 +61,8 @@ Rules, in the order a request meets them:
   HEAD, 1xx, 204 and 304 have no body; 1xx heads are skipped. The body is
   passed through raw (``Content-Encoding`` is not undone here; see
   :class:`ContentDecoder` for callers that must read it).
+  One read's worth of body is one chunk, however many chunks of the chunked
+  encoding it held (an event stream sends one per event).
 - **Returning a connection.** :meth:`UpstreamResponse.aclose` puts it back
   in the pool only if the answer was read to its end and both sides allow
   keep-alive (h11's states are DONE/DONE, nothing unread); otherwise, and on
@@ -284,8 +286,10 @@ class UpstreamResponse:
                 self._done = True
                 return None
 
-    async def next_chunk(self, idle_timeout: float | None = None) -> bytes | None:
-        """The next body chunk, or None at the end of the body."""
+    async def next_chunk(self, idle_timeout: float | None = None,
+                         read_size: int = READ_SIZE) -> bytes | None:
+        """The next body chunk, or None at the end of the body; ``read_size`` bytes are
+        asked of the socket per read (larger for a bulk body: fewer reads)."""
         while True:
             try:
                 return self.next_chunk_nowait()
@@ -296,10 +300,10 @@ class UpstreamResponse:
             data: bytes | bytearray | None = None
             try:
                 if idle_timeout is None:
-                    data = await receive_some(conn.stream, READ_SIZE)
+                    data = await receive_some(conn.stream, read_size)
                 else:
                     with trio.move_on_after(idle_timeout):
-                        data = await receive_some(conn.stream, READ_SIZE)
+                        data = await receive_some(conn.stream, read_size)
                     if data is None:
                         raise UpstreamTimeout(f"no body bytes for {idle_timeout:g} s")
             except _CONNECTION_ERRORS as exc:

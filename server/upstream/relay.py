@@ -2,9 +2,10 @@
 
 The upstream client is :mod:`.client` (h11, O(1) keep-alive pool;
 why not httpx is written there). A ``text/event-stream`` answer (recognised
-by its Content-Type, never by its path) is parsed as it arrives and each
-event leaves in its own frame the moment its blank line is read — the
-events of one upstream read go out together, with one credit check, one
+by its Content-Type, never by its path) is cut at its blank lines as it
+arrives and each event leaves the moment its blank line is read — the
+events of one upstream read go out together (as the bytes they came in when
+nothing rewrites them, else parsed into fields), with one credit check, one
 metrics update and one audit count; anything else is relayed as raw body
 chunks, content-encoding and all. Only the request's own headers go
 upstream (no ``Accept-Encoding`` is added), but an event stream must be
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import trio
 
+from carapace.protocol.flow import DEFAULT_WINDOW
 from carapace.protocol.messages import (
     Data,
     End,
@@ -38,8 +40,9 @@ from carapace.protocol.messages import (
     SseComment,
     SseEvent,
     SseEvents,
+    SseRaw,
 )
-from carapace.protocol.sse import Comment, Event, SseParser
+from carapace.protocol.sse import Comment, Event, SseBlocks, SseParser
 from carapace.runtime.http import HOP_BY_HOP
 
 from ..policy import DEFAULT_TIMEOUT_SECS
@@ -237,6 +240,13 @@ async def _request(
     return None
 
 
+BULK_READ = 256 * 1024
+"""Bytes asked of the upstream's socket per read of a plain body."""
+
+MAX_DATA = DEFAULT_WINDOW // 2
+"""Largest ``data`` frame (128 KiB): the credit the agent returns at a time, so one frame
+is being written to the local client while the next one travels."""
+
 WHOLE_ANSWER_MAX = 64 * 1024
 """Largest body sent in one ``http_response`` frame; larger ones go as ``data`` frames."""
 
@@ -261,14 +271,17 @@ async def _relay_body(
             except trio.WouldBlock:
                 await stream.send_batch(ready)
                 ready = []
-                chunk = await response.next_chunk(idle)
+                chunk = await response.next_chunk(idle, BULK_READ)
             if chunk is None:
                 break
             if decoder is not None:
                 chunk = decoder.feed(chunk)
             if scrub is not None:
                 chunk = scrub.feed(chunk)
-            if chunk:
+            if len(chunk) > MAX_DATA:  # a bulk read
+                ready.extend(Data(id=request_id, data=chunk[i:i + MAX_DATA])
+                             for i in range(0, len(chunk), MAX_DATA))
+            elif chunk:
                 ready.append(Data(id=request_id, data=chunk))
         rest = decoder.flush() if decoder is not None else b""
     except UpstreamError:
@@ -293,15 +306,21 @@ async def _relay_events(
     decoder: ContentDecoder | None = None, scrubber: Scrubber | None = None,
     event_filter: EventFilter | None = None,
 ) -> None:
-    """Parse the event stream as it arrives; send each upstream read's events together.
+    """Send the event stream on as it arrives: each upstream read's events together.
 
     No idle timeout: an event stream may be quiet for as long as it likes.
-    With a ``scrubber``, the bytes are scrubbed before they are parsed, then
-    the events pass the rule for a secret split across two events.
+    When nothing is rewritten, the whole blocks of each read travel as they
+    are (``sse_raw``: found by their blank lines, not parsed into fields and
+    re-serialised), as long as the stream allows (:class:`SseBlocks`); from
+    there on, and always with a ``scrubber`` or an ``event_filter``, it is
+    parsed into events. With a ``scrubber``, the bytes are scrubbed before
+    they are parsed, then the events pass the rule for a secret split across
+    two events.
     """
-    parser = SseParser()
     scrub = scrubber.stream() if scrubber is not None else None
     split = scrubber.events() if scrubber is not None else None
+    blocks = SseBlocks() if scrub is None and event_filter is None else None
+    parser = SseParser() if blocks is None else None
     while True:
         chunk = await response.next_chunk()
         if chunk is None:
@@ -311,7 +330,18 @@ async def _relay_events(
             chunk = decoder.feed(chunk)
         if scrub is not None:
             chunk = scrub.feed(chunk)
-        items = parser.feed(chunk)
+        if blocks is not None:
+            found = blocks.feed(chunk)
+            if found is not None:
+                if found[0]:
+                    await stream.send_batch(
+                        [SseRaw(id=request_id, data=found[0], events=found[1])], arrived)
+                continue
+            parser, items = blocks.handover()
+            blocks = None
+        else:
+            assert parser is not None
+            items = parser.feed(chunk)
         if items and event_filter is not None:
             items = _filtered(items, event_filter)
         if items:
@@ -319,8 +349,18 @@ async def _relay_events(
     rest = decoder.flush() if decoder is not None else b""
     if scrub is not None:
         rest = scrub.feed(rest) + scrub.flush() if rest else scrub.flush()
+    if blocks is not None:  # what never got its blank line is parsed, to go as below
+        found = blocks.feed(rest)
+        if found is not None and found[0]:
+            await stream.send_batch([SseRaw(id=request_id, data=found[0], events=found[1])])
+        parser, items = blocks.handover()
+        rest = b""
+    else:
+        items = []
+    assert parser is not None
     # What is left unterminated at the end: the event goes, a comment does not.
-    items = [*parser.feed(rest), *(i for i in parser.close() if not isinstance(i, Comment))]
+    items = [*items, *parser.feed(rest),
+             *(i for i in parser.close() if not isinstance(i, Comment))]
     if event_filter is not None:
         items = _filtered(items, event_filter)
     await _send_items(stream, request_id, items, split, None, last=True)

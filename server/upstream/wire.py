@@ -98,6 +98,10 @@ class ClientConnection:
         self._parser = httptools.HttpResponseParser(self)
         self._events: deque[object] = deque()
         self._pieces: list[bytes] = []
+        self._body_bytes = 0
+        self._framing = 0
+        """Bytes read since the last body byte: chunk lines, extensions, trailers. llhttp
+        keeps no bound on those and httptools buffers a header (trailer) as it grows."""
         """Body bytes of the current read: one ``Data`` per read, however many chunks
         it held (an event stream sends one chunk per event)."""
         self._error: h11.RemoteProtocolError | None = None
@@ -175,6 +179,7 @@ class ClientConnection:
             self._stray = True  # a body after a HEAD answer's head, or after the end
         else:
             self._pieces.append(body)
+            self._body_bytes += len(body)
 
     def _flush_body(self) -> None:
         pieces = self._pieces
@@ -207,6 +212,7 @@ class ClientConnection:
         if self._complete:
             self._stray = True
             return
+        body_before = self._body_bytes
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -225,6 +231,12 @@ class ClientConnection:
                 self._head_bytes += len(data)
                 if self._head_bytes > self.max_head:
                     self._fail(f"answer head over {self.max_head} bytes")
+            elif not self._complete:
+                body = self._body_bytes - body_before
+                self._framing = len(data) - body if body else self._framing + len(data)
+                if self._framing > self.max_head:
+                    self._fail(f"over {self.max_head} bytes of chunk framing or trailers "
+                               "without body bytes")
 
     def _fail(self, message: str) -> None:
         self._flush_body()  # what arrived before the fault is still delivered, as h11 does

@@ -171,7 +171,7 @@ def test_sniff_rejects_unknown_filter_types() -> None:
 def test_sniff_filter_takes_the_rust_message_names_in_any_case() -> None:
     from carapace.debug.sniff import resolve_frame_types
 
-    assert resolve_frame_types(["SseEvent"]) == {"sse_event", "sse_events"}
+    assert resolve_frame_types(["SseEvent"]) == {"sse_event", "sse_events", "sse_raw"}
     assert resolve_frame_types(["sseevent"]) == resolve_frame_types(["SSEEVENT"])
     assert resolve_frame_types(["HttpRequest", "CliRequest"]) == {"http_request", "cli_request"}
     assert resolve_frame_types(["HttpResponse"]) == {"http_head", "http_response", "data", "end"}

@@ -73,6 +73,8 @@ OVERRIDES: dict[tuple[type[Message], str], st.SearchStrategy[Any]] = {
                   st.none() | st.integers(0, UINT_MAX)),
         min_size=1, max_size=4,
     ).map(tuple),
+    (m.SseRaw, "data"): st.binary(max_size=20).map(lambda b: b.replace(b"\r", b"") + b"\n\n"),
+    (m.SseRaw, "events"): st.integers(0, UINT_MAX),
 }
 
 
@@ -121,6 +123,7 @@ def valid_value(annotation: Any) -> Any:
 
 VALID_OVERRIDES: dict[tuple[type[Message], str], Any] = {
     (m.CliRequest, "tty"): [False, True, False],
+    (m.SseRaw, "data"): b"data: b\n\n",
 }
 
 
@@ -371,6 +374,10 @@ def test_request_id_bounds_accepted() -> None:
         (m.SseEvents, "events", [["e", "d", "1\x00", None]]),
         (m.SseEvents, "events", [["e", "d", "1"]]),
         (m.SseEvents, "events", [["e", b"d", "1", None]]),
+        (m.SseRaw, "events", -1),
+        (m.SseRaw, "data", b"data: x\n"),
+        (m.SseRaw, "data", b""),
+        (m.SseRaw, "data", b"data: x\r\n\n"),
     ],
 )
 def test_value_rules(cls: type[Message], field: str, value: Any) -> None:

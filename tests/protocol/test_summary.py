@@ -34,6 +34,7 @@ from carapace.protocol.messages import (
     SseComment,
     SseEvent,
     SseEvents,
+    SseRaw,
     Welcome,
 )
 from carapace.protocol.summary import (
@@ -88,6 +89,7 @@ EXAMPLES: list[Message] = [
     SseEvents(id=1, events=(("receive", "token " + SECRET.decode(), "8", None),
                             (None, '{"seq": 3}', SECRET.decode(), 500),
                             ("receive", None, "10", None))),
+    SseRaw(id=1, data=b"id: 9\ndata: token " + SECRET + b"\n\n: ping\n\n", events=1),
     HttpResponse(id=4, status=200, headers=((b"Content-Type", b"application/json"),
                                             (b"Set-Cookie", SECRET)),
                  body=b'{"jsonrpc":"2.0","result":"' + SECRET + b'","id":1}'),

@@ -155,3 +155,21 @@ def test_body_bytes_before_a_malformed_chunk_are_still_delivered() -> None:
     assert isinstance(event, h11.Data) and bytes(event.data) == b"ab\n"
     with pytest.raises(h11.RemoteProtocolError):
         conn.next_event()
+
+
+@pytest.mark.parametrize("endless", [
+    b"5;" + b"x" * 70_000,                      # a chunk extension that never ends
+    b"0\r\nX-Trailer: " + b"y" * 70_000,         # a trailer that never ends
+    b"0\r\n" + b"X-T: y\r\n" * 10_000,           # trailers without end
+])
+def test_endless_chunk_framing_is_refused_not_buffered(endless: bytes) -> None:
+    conn = ClientConnection(max_head=65536)
+    conn.sent(b"GET")
+    conn.receive_data(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nab\n\r\n")
+    assert isinstance(conn.next_event(), ResponseHead)
+    assert bytes(conn.next_event().data) == b"ab\n"  # type: ignore[attr-defined]
+    for k in range(0, len(endless), 4096):
+        conn.receive_data(endless[k:k + 4096])
+    with pytest.raises(h11.RemoteProtocolError, match="chunk framing or trailers"):
+        while conn.next_event() is not h11.NEED_DATA:
+            pass
