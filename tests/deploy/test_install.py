@@ -251,10 +251,13 @@ def as_operator(host: Path, command: str) -> subprocess.CompletedProcess[str]:
 
 
 def sniffed_events(text: str, tool: str) -> int:
-    """Events in sniff's human lines: one per sse_event line, N per 'sse_events N events'."""
+    """Events in sniff's human lines: one per sse_event line, N per 'sse_events N events'
+    and per 'sse_raw N events as sent' (whole blocks forwarded unparsed)."""
     lines = [line for line in text.splitlines() if f" {tool} " in line]
     return (sum(1 for line in lines if re.search(r" sse_event +event=", line))
-            + sum(int(n) for line in lines for n in re.findall(r" sse_events +(\d+) events", line)))
+            + sum(int(n) for line in lines for n in re.findall(r" sse_events +(\d+) events", line))
+            + sum(int(n) for line in lines
+                  for n in re.findall(r" sse_raw +(\d+) events? as sent", line)))
 
 
 def interrupt(proc: CapturedProcess) -> int:
