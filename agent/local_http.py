@@ -107,6 +107,10 @@ class ServerConnection:
         self._keep_alive = True
         self._framing = _NONE
         self._left = 0
+        self._body_bytes = 0
+        self._chunk_framing = 0
+        """Bytes read since the last body byte (chunk lines, extensions, trailers): llhttp
+        keeps no bound on those and httptools buffers a growing trailer."""
 
     # -- llhttp's callbacks -------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -145,6 +149,7 @@ class ServerConnection:
 
     def on_body(self, body: bytes) -> None:
         self._events.append(h11.Data(data=body))
+        self._body_bytes += len(body)
 
     def on_message_complete(self) -> None:
         self._in_message = False
@@ -166,6 +171,7 @@ class ServerConnection:
         if self._upgraded:
             return
         self._began_in_this_feed = False
+        body_before = self._body_bytes
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -188,6 +194,14 @@ class ServerConnection:
                 self._head_bytes += len(data)
                 if self._head_bytes > self.max_head_bytes:
                     self._fail("request head too large", 431)
+            elif self._in_message and not self._in_head:
+                body = self._body_bytes - body_before
+                self._chunk_framing = (len(data) - body if body
+                                       else self._chunk_framing + len(data))
+                if self._chunk_framing > self.max_head_bytes:
+                    self._fail(f"over {self.max_head_bytes} bytes of chunk framing or "
+                               "trailers without body bytes; send the body in chunks "
+                               "with short size lines")
 
     def _fail(self, message: str, status: int = 400) -> None:
         self._error = h11.RemoteProtocolError(message, error_status_hint=status)

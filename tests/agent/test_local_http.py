@@ -191,3 +191,18 @@ def test_a_pipelined_body_does_not_count_against_the_next_head() -> None:
     conn.receive_data(b"st: a\r\n\r\n")
     second = events(conn)
     assert isinstance(second[0], LocalRequest) and second[0].target == b"/2"
+
+
+@pytest.mark.parametrize("endless", [
+    b"5;" + b"x" * 70_000,                      # a chunk extension that never ends
+    b"0\r\nX-Trailer: " + b"y" * 70_000,         # a trailer that never ends
+])
+def test_endless_chunk_framing_is_refused_not_buffered(endless: bytes) -> None:
+    conn = ServerConnection(65536)
+    conn.receive_data(b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                      b"3\r\nabc\r\n")
+    for k in range(0, len(endless), 4096):
+        conn.receive_data(endless[k:k + 4096])
+    with pytest.raises(h11.RemoteProtocolError, match="chunk framing or trailers"):
+        while conn.next_event() is not h11.NEED_DATA:
+            pass
