@@ -283,8 +283,9 @@ async def stdin30(spec: Spec, tally: Tally) -> None:
                     await wire.send(Data(id=rid, data=chunk))
             tally.extra["MiB of stdin sent"] = round(wire.sent_bytes / 2**20)
             await trio.sleep_forever()
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-        how[0] = f"send failed ({type(exc).__name__})"
+    except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as group:
+        # Raised inside the nursery, so it comes wrapped in an ExceptionGroup.
+        how[0] = f"send failed ({type(group.exceptions[0]).__name__})"
     finally:
         tally.extra.setdefault("MiB of stdin sent", round(wire.sent_bytes / 2**20))
         tally.ends[how[0]] += 1

@@ -68,6 +68,7 @@ from carapace.protocol.messages import (
     RequestFailed,
     SseEvent,
     SseEvents,
+    SseRaw,
 )
 from carapace.protocol.resume import SessionLedger
 from carapace.protocol.sse import Event, SseParser
@@ -373,8 +374,8 @@ async def read_loop(agent: Agent, link: Link, stats: Stats, started: float) -> N
             link.ledger.on_ack(msg)
         elif isinstance(msg, GoAway):
             link.accepting = False
-        elif isinstance(msg, SseEvent | SseEvents | HttpHead | HttpResponse | Data | End
-                        | RequestFailed):
+        elif isinstance(msg, SseEvent | SseEvents | SseRaw | HttpHead | HttpResponse | Data
+                        | End | RequestFailed):
             await on_request_frame(agent, link, stats, msg, at, started)
         ack = link.ledger.ack_due()
         if ack is not None:
@@ -398,6 +399,10 @@ async def on_request_frame(agent: Agent, link: Link, stats: Stats, msg: Any, at:
             on_events(agent, stats, [] if ts is None else [ts], at, started)
         elif isinstance(msg, SseEvents):
             stamps = [ts for _, data, _, _ in msg.events if (ts := event_ts(data)) is not None]
+            on_events(agent, stats, stamps, at, started)
+        elif isinstance(msg, SseRaw):  # whole blocks as the upstream wrote them
+            stamps = [ts for item in SseParser().feed(msg.data)
+                      if isinstance(item, Event) and (ts := event_ts(item.data)) is not None]
             on_events(agent, stats, stamps, at, started)
         elif isinstance(msg, End | RequestFailed | HttpResponse):
             why = f"{msg.status} {msg.code}" if isinstance(msg, RequestFailed) else \
