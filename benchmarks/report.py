@@ -355,7 +355,7 @@ def markdown(results: Results, targets: list[dict[str, Any]]) -> str:
     for spec in own_tables(results):
         lines += ["", f"**{spec['title']}**", "", "| " + " | ".join(spec["columns"]) + " |",
                   "|" + "---|" * len(spec["columns"])]
-        lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |"
+        lines += ["| " + " | ".join(" ".join(c.replace("|", "/").split()) for c in row) + " |"
                   for row in spec["rows"]]
     lines += ["", "| target | Carapace measured | met? |", "|---|--:|:-:|"]
     for t in targets:
