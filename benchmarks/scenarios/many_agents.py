@@ -76,7 +76,7 @@ def agents(ctx: Ctx) -> int:
 def phases(ctx: Ctx) -> dict[str, float]:
     """Seconds: idle window, warm-up, active window, storm deadline."""
     if ctx.quick:
-        return {"idle": 6.0, "warm": 2.0, "active": 10.0, "storm": 30.0}
+        return {"idle": 4.0, "warm": 2.0, "active": 6.0, "storm": 30.0}
     return {"idle": 16.0, "warm": 5.0, "active": 30.0, "storm": 60.0}
 
 

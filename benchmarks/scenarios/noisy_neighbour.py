@@ -5,7 +5,7 @@ with the test upstream behind it. B is a real ``carapace-agent`` exposing the
 JSON-RPC tool ``signal``; through it, :mod:`benchmarks.neighbour_client` holds
 a live SSE stream (50 events/s) and makes one JSON-RPC call every 100 ms.
 A is :mod:`benchmarks.attacker`, speaking the wire protocol raw, one attack
-at a time for 10 s (2 s with ``--quick``). Each attack, and a first run with
+at a time for 10 s (1 s with ``--quick``). Each attack, and a first run with
 no attack, gets a fresh server and agent B, so one attack's damage (or its
 crash) does not spill into the next row.
 
@@ -67,7 +67,7 @@ COLUMNS = ["attack", "B event p50", "B event p99", "B RPC p99", "B lost", "serve
 
 
 def seconds(ctx: Ctx) -> float:
-    return 2.0 if ctx.quick else 10.0
+    return 1.0 if ctx.quick else 10.0  # quick: the shape only, within --quick's 2 minutes
 
 
 def steps(ctx: Ctx) -> int:
