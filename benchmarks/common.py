@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import subprocess
 import sys
 import time
@@ -31,15 +30,6 @@ TUNNEL_PROCESSES = ("agent", "server", "ssh", "sshd")
 
 class ScenarioError(Exception):
     pass
-
-
-def pct(values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile (q in 0..1) of ``values``; None when empty."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q * len(ordered) - 1e-9))
-    return ordered[min(len(ordered), rank) - 1]
 
 
 def median(values: list[float]) -> float | None:

@@ -32,6 +32,7 @@ import trio
 from carapace.protocol.sse import Event, SseParser
 
 from .client import READ, BenchError, connect, get_request
+from .stats import pct
 
 RPC_EVERY = 0.1
 RPC_TIMEOUT = 5.0
@@ -169,14 +170,6 @@ async def commands(st: State, done: trio.Event) -> None:
     st.end = time.time()
     done.set()
 
-
-def pct(values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile, as in :func:`benchmarks.common.pct`."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q * len(ordered) - 1e-9))
-    return ordered[min(len(ordered), rank) - 1]
 
 
 def _events(st: State, interval_s: float) -> dict[str, Any]:

@@ -9,7 +9,6 @@ generator read them; the first is what the tunnel delivered.
 from __future__ import annotations
 
 import json
-import math
 import socket
 import struct
 import time
@@ -20,6 +19,7 @@ from typing import Any
 import trio
 
 from .client import READ
+from .stats import pct
 
 
 @dataclass
@@ -128,13 +128,6 @@ def on_events(agent: Agent, stats: Stats, stamps: list[float], arrival: Arrival,
                 stats.events_read.append((read_at - ts) * 1000.0)
                 agent.latencies.append(ms)
 
-
-def pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q * len(ordered) - 1e-9))
-    return ordered[min(len(ordered), rank) - 1]
 
 
 def summary(agents: list[Agent], stats: Stats) -> dict[str, Any]:

@@ -23,8 +23,9 @@ from typing import Any
 
 import httpx
 
-from ..common import Ctx, Row, ScenarioError, ScenarioResult, pct, timed
+from ..common import Ctx, Row, ScenarioError, ScenarioResult, timed
 from ..harness import rss_kib
+from ..stats import pct
 from ._peers import na_for_missing, ordered
 
 NAME = "idle-streams"

@@ -10,7 +10,8 @@ The tunnel's own CPU per call (agent + server, or ssh + sshd) is a row of its ow
 
 from __future__ import annotations
 
-from ..common import Ctx, Row, ScenarioError, ScenarioResult, median, pct, timed
+from ..common import Ctx, Row, ScenarioError, ScenarioResult, median, timed
+from ..stats import pct
 from ..upstreams import Served
 from ._peers import (
     TUNNEL_CPU_NOTE,

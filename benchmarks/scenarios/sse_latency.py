@@ -12,7 +12,8 @@ upstream after the other.
 
 from __future__ import annotations
 
-from ..common import Ctx, Row, ScenarioError, ScenarioResult, pct, timed
+from ..common import Ctx, Row, ScenarioError, ScenarioResult, timed
+from ..stats import pct
 from ..upstreams import Served
 from ._peers import key_for, label_for, na_for_missing, ordered, skipped_notes
 
