@@ -38,7 +38,7 @@ from collections.abc import Iterable, Sequence
 import h11
 import httptools
 
-from carapace.runtime.http import reason_phrase
+from carapace.runtime.http import ChunkFramingBound, reason_phrase
 
 __all__ = ["LocalRequest", "ServerConnection"]
 
@@ -108,9 +108,7 @@ class ServerConnection:
         self._framing = _NONE
         self._left = 0
         self._body_bytes = 0
-        self._chunk_framing = 0
-        """Bytes read since the last body byte (chunk lines, extensions, trailers): llhttp
-        keeps no bound on those and httptools buffers a growing trailer."""
+        self._chunk_framing = ChunkFramingBound(self.max_head_bytes)
 
     # -- llhttp's callbacks -------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -195,12 +193,8 @@ class ServerConnection:
                 if self._head_bytes > self.max_head_bytes:
                     self._fail("request head too large", 431)
             elif self._in_message and not self._in_head:
-                body = self._body_bytes - body_before
-                self._chunk_framing = (len(data) - body if body
-                                       else self._chunk_framing + len(data))
-                if self._chunk_framing > self.max_head_bytes:
-                    self._fail(f"over {self.max_head_bytes} bytes of chunk framing or "
-                               "trailers without body bytes; send the body in chunks "
+                if self._chunk_framing.exceeded(len(data), self._body_bytes - body_before):
+                    self._fail(f"{self._chunk_framing.problem()}; send the body in chunks "
                                "with short size lines")
 
     def _fail(self, message: str, status: int = 400) -> None:

@@ -80,3 +80,23 @@ class RequestHead:
             if k.lower() == lname:
                 found = v
         return found
+
+
+class ChunkFramingBound:
+    """Bytes read since the last body byte of a message: chunk-size lines, extensions,
+    trailers. llhttp keeps no bound on those and httptools buffers a growing trailer
+    (h11 bounded both), so a wrapper around either parser reports each read here."""
+
+    __slots__ = ("limit", "run")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.run = 0
+
+    def exceeded(self, read: int, body: int) -> bool:
+        """After a read of ``read`` bytes of which ``body`` were body: over the limit?"""
+        self.run = read - body if body else self.run + read
+        return self.run > self.limit
+
+    def problem(self) -> str:
+        return f"over {self.limit} bytes of chunk framing or trailers without body bytes"

@@ -34,6 +34,8 @@ from collections.abc import Sequence
 import h11
 import httptools
 
+from carapace.runtime.http import ChunkFramingBound
+
 __all__ = ["ClientConnection", "InvalidRequest", "ResponseHead", "request_bytes"]
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
@@ -99,9 +101,7 @@ class ClientConnection:
         self._events: deque[object] = deque()
         self._pieces: list[bytes] = []
         self._body_bytes = 0
-        self._framing = 0
-        """Bytes read since the last body byte: chunk lines, extensions, trailers. llhttp
-        keeps no bound on those and httptools buffers a header (trailer) as it grows."""
+        self._framing = ChunkFramingBound(self.max_head)
         """Body bytes of the current read: one ``Data`` per read, however many chunks
         it held (an event stream sends one chunk per event)."""
         self._error: h11.RemoteProtocolError | None = None
@@ -232,11 +232,8 @@ class ClientConnection:
                 if self._head_bytes > self.max_head:
                     self._fail(f"answer head over {self.max_head} bytes")
             elif not self._complete:
-                body = self._body_bytes - body_before
-                self._framing = len(data) - body if body else self._framing + len(data)
-                if self._framing > self.max_head:
-                    self._fail(f"over {self.max_head} bytes of chunk framing or trailers "
-                               "without body bytes")
+                if self._framing.exceeded(len(data), self._body_bytes - body_before):
+                    self._fail(self._framing.problem())
 
     def _fail(self, message: str) -> None:
         self._flush_body()  # what arrived before the fault is still delivered, as h11 does
