@@ -87,13 +87,20 @@ def _ratio(scenario: str, key: str) -> Callable[[Results], tuple[float | None, s
     return f
 
 
+def _carapace_and_ssh(results: Results, scenario: str, key: str) -> tuple[float, float] | None:
+    """Both peers' values in one row, or None when either is missing."""
+    row = _row(results, scenario, key)
+    c = row.values.get("carapace") if row else None
+    s = row.values.get("ssh") if row else None
+    return None if c is None or s is None else (c, s)
+
+
 def _tail_vs_ssh_at(key: str) -> Callable[[Results], tuple[float | None, str]]:
     def f(results: Results) -> tuple[float | None, str]:
-        row = _row(results, "sse-latency", key)
-        if row is None or row.values.get("carapace") is None or row.values.get("ssh") is None:
+        both = _carapace_and_ssh(results, "sse-latency", key)
+        if both is None:
             return None, "–"
-        c, s = row.values["carapace"], row.values["ssh"]
-        assert c is not None and s is not None
+        c, s = both
         return s - c, f"{c:.2f} vs {s:.2f} ms"
     return f
 
@@ -105,11 +112,10 @@ def _versus_ssh(scenario: str, key: str, unit: str,
                 decimals: int = 1) -> Callable[[Results], tuple[float | None, str]]:
     """Carapace's value over ssh -L's in one row (a cost: lower is better)."""
     def f(results: Results) -> tuple[float | None, str]:
-        row = _row(results, scenario, key)
-        c = row.values.get("carapace") if row else None
-        s = row.values.get("ssh") if row else None
-        if c is None or s is None or s <= 0:
+        both = _carapace_and_ssh(results, scenario, key)
+        if both is None or both[1] <= 0:
             return None, "–"
+        c, s = both
         return c / s, f"{fmt(c, decimals)} vs {fmt(s, decimals)} {unit} ({c / s:.1f}×)"
     return f
 
@@ -117,11 +123,10 @@ def _versus_ssh(scenario: str, key: str, unit: str,
 def _share_of_ssh(scenario: str, key: str) -> Callable[[Results], tuple[float | None, str]]:
     """Carapace's value as a share of ssh -L's (a rate: higher is better)."""
     def f(results: Results) -> tuple[float | None, str]:
-        row = _row(results, scenario, key)
-        c = row.values.get("carapace") if row else None
-        s = row.values.get("ssh") if row else None
-        if c is None or s is None or s <= 0:
+        both = _carapace_and_ssh(results, scenario, key)
+        if both is None or both[1] <= 0:
             return None, "–"
+        c, s = both
         return c / s, f"{c / s * 100:.0f}% of ssh -L ({fmt(c, 0)} vs {fmt(s, 0)})"
     return f
 
